@@ -1,6 +1,7 @@
 """Input checks for user-facing functions: every message names the argument, what it got and what it expected."""
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 
 import torch
@@ -47,7 +48,16 @@ def check_positive_int(name: str, value: object) -> int:
 def check_block_ptr(block_ptr: object, num_nodes: int) -> torch.Tensor:
     """Validate block offsets: 1-D int, starts at 0, non-decreasing, ends at num_nodes. Returns int64 on CPU."""
     if isinstance(block_ptr, (list, tuple)):
-        block_ptr = torch.tensor(block_ptr, dtype=torch.int64)
+        # torch.tensor(..., dtype=int64) would silently truncate 2.5 to 2: accept only integer entries.
+        offsets = []
+        for position, value in enumerate(block_ptr):
+            try:
+                if isinstance(value, bool):
+                    raise TypeError
+                offsets.append(operator.index(value))
+            except TypeError:
+                raise TypeError(f"block_ptr must hold integers, got {value!r} at position {position}") from None
+        block_ptr = torch.tensor(offsets, dtype=torch.int64)
     check_tensor("block_ptr", block_ptr, ndim=1)
     if block_ptr.is_floating_point() or block_ptr.dtype == torch.bool or block_ptr.is_complex():
         raise TypeError(f"block_ptr must be an integer tensor, got {block_ptr.dtype}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_positive_int, check_tensor
+from ._checks import check_block_ptr, check_positive_int, check_same_device, check_tensor
 from .graph import GraphLaplacian
 
 # Dense eigh of the whole graph is O(N^3); past this, use the Lanczos solver.
@@ -23,14 +23,17 @@ class SpectralBasis:
     def __init__(self, U: torch.Tensor, eigenvalues: torch.Tensor, block_ptr: torch.Tensor):
         check_tensor("U", U, ndim=2)
         check_tensor("eigenvalues", eigenvalues, ndim=2)
+        for name, value in (("U", U), ("eigenvalues", eigenvalues)):
+            if not value.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        check_same_device("eigenvalues", eigenvalues, "U", U)
+        block_ptr = check_block_ptr(block_ptr, U.shape[0])  # int64 on the CPU; must end at U's row count
         if eigenvalues.shape != (block_ptr.numel() - 1, U.shape[1]):
             raise ValueError(f"eigenvalues must have shape (B, k) = ({block_ptr.numel() - 1}, {U.shape[1]}), "
                              f"got {tuple(eigenvalues.shape)}")
-        if int(block_ptr[-1]) != U.shape[0]:
-            raise ValueError(f"U must have {int(block_ptr[-1])} rows (block_ptr ends there), got {U.shape[0]}")
         self.U = U
         self.eigenvalues = eigenvalues
-        self.block_ptr = block_ptr.to("cpu", torch.int64)
+        self.block_ptr = block_ptr
         self._device_ptr: dict[torch.device, torch.Tensor] = {}
 
     @classmethod
@@ -50,8 +53,10 @@ class SpectralBasis:
             blocks = laplacian.to_dense().unsqueeze(0)
         else:
             block_ptr = laplacian.block_ptr
-            # Padding gets an eigenvalue above the spectrum, so it sorts after every real frequency.
-            blocks = laplacian.diagonal_blocks(pad_value=laplacian.spectrum_bound() + 1.0)
+            # Padding gets an eigenvalue above the spectrum, so it sorts after every real frequency. The margin
+            # is relative: bound + 1 rounds to the bound in float32 once weights pass ~1e7, and an eigenvalue
+            # equal to the bound (even cycles) then sorted after the padding, losing that eigenvector.
+            blocks = laplacian.diagonal_blocks(pad_value=2.0 * laplacian.spectrum_bound() + 1.0)
         values, vectors = torch.linalg.eigh(blocks)  # (B, n_max), (B, n_max, n_max)
         return cls._pack(values, vectors, block_ptr, k)
 
@@ -116,6 +121,10 @@ class SpectralBasis:
     # ----------------------------------------------------------------------------------- helpers
     def block(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(U_b of shape (n_b, k_b), eigenvalues of shape (k_b,)) for block b."""
+        if isinstance(b, bool) or not isinstance(b, int):
+            raise TypeError(f"b must be an int block index, got {type(b).__name__}")
+        if not 0 <= b < self.num_blocks:
+            raise IndexError(f"b must be a block index in [0, {self.num_blocks}), got {b}")
         start, stop = int(self.block_ptr[b]), int(self.block_ptr[b + 1])
         kb = min(self.k, stop - start)
         return self.U[start:stop, :kb], self.eigenvalues[b, :kb]
@@ -133,6 +142,7 @@ class SpectralBasis:
     def reconstruct(self, coefficients: torch.Tensor) -> torch.Tensor:
         """Inverse of ``project``: (B, k, d) -> (N, d) = U_b c_b per block."""
         check_tensor("coefficients", coefficients, ndim=3)
+        self._check_float_device("coefficients", coefficients)
         if coefficients.shape[:2] != (self.num_blocks, self.k):
             raise ValueError(f"coefficients must have shape (B, k, d) = ({self.num_blocks}, {self.k}, d), "
                              f"got {tuple(coefficients.shape)}")
@@ -148,6 +158,12 @@ class SpectralBasis:
         if x.shape[0] != self.num_nodes:
             raise ValueError(f"{name} must have {self.num_nodes} rows (the basis has {self.num_nodes} nodes), "
                              f"got shape {tuple(x.shape)}")
+        self._check_float_device(name, x)
+
+    def _check_float_device(self, name: str, x: torch.Tensor) -> None:
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        check_same_device(name, x, "the basis (U)", self.U)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SpectralBasis:
         return SpectralBasis(self.U.to(device=device, dtype=dtype), self.eigenvalues.to(device=device, dtype=dtype),

@@ -160,6 +160,8 @@ class ParameterGraph:
             raise TypeError(f"matrix must be a scipy sparse matrix/array or numpy array, got {type(matrix).__name__}")
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
             raise ValueError(f"matrix must be square, got shape {matrix.shape}")
+        if matrix.dtype.kind not in "biuf":
+            raise TypeError(f"matrix must have a real (bool, int or float) dtype, got {matrix.dtype}")
         coo = scipy.sparse.coo_array(matrix)
         coo.sum_duplicates()
         if dtype is None:
