@@ -1,0 +1,16 @@
+"""Benchmark cases, one module per op. Each module defines ``OP`` (its name) and
+``cases(device, quick) -> list[Case]``; the runner imports a module only when its op is asked for."""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+OPS: dict[str, str] = {
+    "spectral_filter": "spectralkern.bench.cases.spectral_filter",
+}
+
+
+def load(op: str) -> ModuleType:
+    if op not in OPS:
+        raise ValueError(f"no benchmark for op {op!r}; available: {', '.join(sorted(OPS))}")
+    return importlib.import_module(OPS[op])
