@@ -324,11 +324,20 @@ def test_knn_is_deterministic_and_breaks_ties_by_index(seed):
         again = ParameterGraph.knn(weight.clone(), k=2, block_size=9)
         assert torch.equal(first.row, again.row) and torch.equal(first.col, again.col)
         assert torch.equal(first.weight, again.weight)
-    # rows 0, 6 are duplicates (cos = 1) in block [0, 9): node 0's best neighbour is 6
-    assert (0, 6) in edge_set(first)
-    # scaling rows does not change cosine similarity
-    scaled = ParameterGraph.knn(weight * torch.rand(18, 1, dtype=torch.float64).add(0.5), k=2, block_size=9)
-    assert edge_set(scaled) == edge_set(first)
+    # exact ties (cos = 1 to nodes 1 and 2, computed without rounding): the lower index wins
+    exact = torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [0.0, 1.0]])
+    g = ParameterGraph.knn(exact, k=1)
+    assert edge_set(g) == {(0, 1), (1, 0), (0, 2), (2, 0)}  # 0 -> 1, 1 -> 0, 2 -> 0; node 3 has cos 0 only
+    assert torch.all(g.weight == 1.0)
+
+
+def test_knn_is_scale_invariant(seed):
+    weight = torch.randn(20, 5, dtype=torch.float64)
+    scale = torch.rand(20, 1, dtype=torch.float64) * 10 + 0.1
+    a = ParameterGraph.knn(weight, k=3, block_size=7)
+    b = ParameterGraph.knn(weight * scale, k=3, block_size=7)
+    assert edge_set(a) == edge_set(b)
+    torch.testing.assert_close(a.weight, b.weight, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
