@@ -1,0 +1,78 @@
+"""Triton kernel of the fused spectral filter: y_b = h·x_b + U_b diag(g_b − h) U_bᵀ x_b for all blocks at once.
+
+One program per (block, column tile). Pass 1 accumulates the coefficients C = U_bᵀ x_b (k × tile) in
+registers, row chunk by row chunk; pass 2 rebuilds y = h·x + U_b diag(g − h) C chunk by chunk. C never goes to
+global memory. The second read of the x tile (only when h ≠ 0) comes straight after the first, from L2.
+
+The same kernel is the backward: the operator is symmetric, so grad_x is the filter applied to grad_y, and with
+GAIN_GRAD it also emits per-tile partial sums of (U_bᵀ grad_y) ⊙ (U_bᵀ x) for the gains' gradient.
+
+Loads are converted to the accumulation type right away (fp32, or fp64 for fp64 inputs): the interpreter gets
+bf16 arithmetic wrong, and the low-precision inputs gain nothing from staying narrow in registers.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def spectral_filter_kernel(
+    x_ptr, u_ptr, gains_ptr, block_ptr_ptr, y_ptr, saved_x_ptr, gain_grad_ptr,
+    d, k, num_col_tiles,
+    stride_xn, stride_xd, stride_un, stride_uk, stride_gb, stride_gk,
+    stride_yn, stride_yd, stride_sn, stride_sd,
+    passthrough,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, K_PAD: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_PASSTHROUGH: tl.constexpr, WRITE_Y: tl.constexpr, GAIN_GRAD: tl.constexpr,
+):
+    block = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1).to(tl.int64)
+    start = tl.load(block_ptr_ptr + block)
+    stop = tl.load(block_ptr_ptr + block + 1)
+
+    cols = tile * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < d
+    ks = tl.arange(0, K_PAD)
+    k_ok = ks < k
+    chunk = tl.arange(0, BLOCK_N)
+
+    # Pass 1: coefficients of x (and of the saved input, for the gains' gradient).
+    coef = tl.zeros((K_PAD, BLOCK_D), dtype=ACC_DTYPE)
+    saved_coef = tl.zeros((K_PAD, BLOCK_D), dtype=ACC_DTYPE)
+    for row0 in range(start, stop, BLOCK_N):
+        rows = row0 + chunk
+        row_ok = rows < stop
+        u = tl.load(u_ptr + rows[:, None] * stride_un + ks[None, :] * stride_uk,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(ACC_DTYPE)
+        tile_mask = row_ok[:, None] & col_ok[None, :]
+        xt = tl.load(x_ptr + rows[:, None] * stride_xn + cols[None, :] * stride_xd,
+                     mask=tile_mask, other=0.0).to(ACC_DTYPE)
+        coef += tl.dot(tl.trans(u), xt, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        if GAIN_GRAD:
+            st = tl.load(saved_x_ptr + rows[:, None] * stride_sn + cols[None, :] * stride_sd,
+                         mask=tile_mask, other=0.0).to(ACC_DTYPE)
+            saved_coef += tl.dot(tl.trans(u), st, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+
+    if GAIN_GRAD:
+        partial = tl.sum(coef * saved_coef, axis=1)  # (K_PAD,)
+        tl.store(gain_grad_ptr + (block * num_col_tiles + tile) * K_PAD + ks, partial)
+
+    if WRITE_Y:
+        gains = tl.load(gains_ptr + block * stride_gb + ks * stride_gk, mask=k_ok, other=0.0).to(ACC_DTYPE)
+        scaled = coef * (gains - passthrough)[:, None]
+        # Pass 2: y = h·x + U diag(g − h) C, chunk by chunk.
+        for row0 in range(start, stop, BLOCK_N):
+            rows = row0 + chunk
+            row_ok = rows < stop
+            u = tl.load(u_ptr + rows[:, None] * stride_un + ks[None, :] * stride_uk,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(ACC_DTYPE)
+            tile_mask = row_ok[:, None] & col_ok[None, :]
+            out = tl.dot(u, scaled, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            if HAS_PASSTHROUGH:
+                xt = tl.load(x_ptr + rows[:, None] * stride_xn + cols[None, :] * stride_xd,
+                             mask=tile_mask, other=0.0).to(ACC_DTYPE)
+                out += passthrough * xt
+            tl.store(y_ptr + rows[:, None] * stride_yn + cols[None, :] * stride_yd,
+                     out.to(y_ptr.dtype.element_ty), mask=tile_mask)

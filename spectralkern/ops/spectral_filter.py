@@ -1,0 +1,207 @@
+"""spectral_filter: y = h·x + U diag(g − h) Uᵀ x, block by block, as one torch custom op.
+
+Three layers: the plain-torch reference (also the CPU backend), the Triton launcher, and the custom ops
+``spectralkern::spectral_filter`` / ``spectralkern::spectral_filter_backward`` with fake and autograd
+registrations so the op works under autograd and torch.compile. ``_backend.backend_for`` picks the
+implementation. The public entry point is ``spectral_filter(x, basis, gains, passthrough)``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._backend import backend_for
+from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from ..basis import SpectralBasis
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ------------------------------------------------------------------------------------------ torch reference
+def spectral_filter_reference(x: torch.Tensor, U: torch.Tensor, block_ptr: torch.Tensor, gains: torch.Tensor,
+                              passthrough: float = 0.0) -> torch.Tensor:
+    """Plain-torch y = h·x + U_b diag(g_b − h) U_bᵀ x_b per block (a loop over blocks).
+
+    Shapes: x (N, d), U (N, k), block_ptr (B+1,), gains (B, k) -> y (N, d) in x's dtype. Computes in fp32 for
+    half-precision inputs and in fp64 for fp64 inputs.
+    """
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xs, Us, gs = x.to(acc), U.to(acc), gains.to(acc)
+    y = passthrough * xs
+    offsets = block_ptr.tolist()
+    for b, (start, stop) in enumerate(zip(offsets[:-1], offsets[1:])):
+        if stop > start:
+            U_b = Us[start:stop]
+            y[start:stop] += U_b @ ((gs[b] - passthrough).unsqueeze(1) * (U_b.T @ xs[start:stop]))
+    return y.to(x.dtype)
+
+
+def spectral_filter_gains_grad_reference(grad_y: torch.Tensor, x: torch.Tensor, U: torch.Tensor,
+                                         block_ptr: torch.Tensor) -> torch.Tensor:
+    """d⟨grad_y, y⟩/d gains: (B, k), entry (b, j) = Σ_columns (U_bᵀ grad_y_b)_j (U_bᵀ x_b)_j."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    gys, xs, Us = grad_y.to(acc), x.to(acc), U.to(acc)
+    offsets = block_ptr.tolist()
+    out = torch.zeros(len(offsets) - 1, U.shape[1], dtype=acc, device=x.device)
+    for b, (start, stop) in enumerate(zip(offsets[:-1], offsets[1:])):
+        if stop > start:
+            U_b = Us[start:stop]
+            out[b] = ((U_b.T @ gys[start:stop]) * (U_b.T @ xs[start:stop])).sum(dim=1)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ triton launcher
+def _tiles(k_pad: int, acc: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_D). Register use scales with K_PAD × BLOCK_D (the coefficients stay on chip).
+    Not yet tuned on a GPU: starting points sized so the fp32/fp64 sm_80 builds fit in shared memory."""
+    if acc == torch.float64:
+        return 32, 32
+    return 64, (128 if k_pad <= 32 else 64)
+
+
+def _launch_triton(x: torch.Tensor, U: torch.Tensor, block_ptr: torch.Tensor, gains: torch.Tensor,
+                   passthrough: float, *, saved_x: torch.Tensor | None = None,
+                   write_y: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the fused kernel over all blocks × column tiles. Returns (y or empty, gains grad (B, k) or None)."""
+    import triton
+    import triton.language as tl
+
+    from ._triton_spectral_filter import spectral_filter_kernel
+
+    n, d = x.shape
+    k = U.shape[1]
+    num_blocks = block_ptr.numel() - 1
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    k_pad = max(16, triton.next_power_of_2(k))
+    block_n, block_d = _tiles(k_pad, acc)
+    num_col_tiles = triton.cdiv(d, block_d)
+    y = torch.empty((n, d) if write_y else (0, 0), dtype=x.dtype, device=x.device)
+    gain_grad = saved_x is not None
+    partial = torch.empty((num_blocks, num_col_tiles, k_pad) if gain_grad else (0,), dtype=acc, device=x.device)
+    if num_blocks == 0 or n == 0 or d == 0:
+        grads = torch.zeros(num_blocks, k, dtype=acc, device=x.device) if gain_grad else None
+        return (y.zero_() if write_y else y), grads
+    y_strides = y.stride() if write_y else (0, 0)
+    saved = saved_x if gain_grad else x
+    spectral_filter_kernel[(num_blocks, num_col_tiles)](
+        x, U, gains, block_ptr, y, saved, partial,
+        d, k, num_col_tiles,
+        x.stride(0), x.stride(1), U.stride(0), U.stride(1), gains.stride(0), gains.stride(1),
+        y_strides[0], y_strides[1], saved.stride(0), saved.stride(1),
+        float(passthrough),
+        BLOCK_N=block_n, BLOCK_D=block_d, K_PAD=k_pad,
+        ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32,
+        # tf32x3 keeps fp32 inputs at ~fp32 accuracy on tensor cores; fp16/bf16 inputs are already rounded
+        # coarser than tf32, so one tf32 pass loses nothing.
+        DOT_PRECISION="ieee" if acc == torch.float64 else ("tf32x3" if x.dtype == torch.float32 else "tf32"),
+        HAS_PASSTHROUGH=passthrough != 0.0, WRITE_Y=write_y, GAIN_GRAD=gain_grad,
+    )
+    grads = partial.sum(dim=1)[:, :k] if gain_grad else None
+    return y, grads
+
+
+# ------------------------------------------------------------------------------------------ custom ops
+def _backend(x: torch.Tensor) -> str:
+    implemented = ("triton", "torch") if x.dtype in _TRITON_DTYPES else ("torch",)
+    return backend_for(x.device, implemented)
+
+
+@torch.library.custom_op("spectralkern::spectral_filter", mutates_args=())
+def _spectral_filter_op(x: torch.Tensor, U: torch.Tensor, block_ptr: torch.Tensor, gains: torch.Tensor,
+                        passthrough: float) -> torch.Tensor:
+    if _backend(x) == "triton":
+        return _launch_triton(x, U, block_ptr, gains, passthrough)[0]
+    return spectral_filter_reference(x, U, block_ptr, gains, passthrough).contiguous()
+
+
+@_spectral_filter_op.register_fake
+def _(x, U, block_ptr, gains, passthrough):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("spectralkern::spectral_filter_backward", mutates_args=())
+def _spectral_filter_backward_op(grad_y: torch.Tensor, x: torch.Tensor, U: torch.Tensor, block_ptr: torch.Tensor,
+                                 gains: torch.Tensor, passthrough: float, need_x_grad: bool,
+                                 need_gains_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x (N, d) or empty, grad_gains (B, k) or empty). ``x`` is only read when need_gains_grad."""
+    empty = grad_y.new_empty(0)
+    if _backend(grad_y) == "triton":
+        grad_x, grad_gains = _launch_triton(grad_y, U, block_ptr, gains, passthrough,
+                                            saved_x=x if need_gains_grad else None, write_y=need_x_grad)
+    else:
+        grad_x = spectral_filter_reference(grad_y, U, block_ptr, gains, passthrough) if need_x_grad else None
+        grad_gains = (spectral_filter_gains_grad_reference(grad_y, x, U, block_ptr) if need_gains_grad else None)
+    grad_x = grad_x.contiguous() if need_x_grad else empty
+    grad_gains = grad_gains.to(gains.dtype).contiguous() if need_gains_grad else gains.new_empty(0)
+    return grad_x, grad_gains
+
+
+@_spectral_filter_backward_op.register_fake
+def _(grad_y, x, U, block_ptr, gains, passthrough, need_x_grad, need_gains_grad):
+    grad_x = torch.empty_like(grad_y, memory_format=torch.contiguous_format) if need_x_grad else grad_y.new_empty(0)
+    grad_gains = gains.new_empty(gains.shape) if need_gains_grad else gains.new_empty(0)
+    return grad_x, grad_gains
+
+
+def _setup_context(ctx, inputs, output):
+    x, U, block_ptr, gains, passthrough = inputs
+    ctx.passthrough = passthrough
+    ctx.need_x_grad = ctx.needs_input_grad[0]
+    ctx.need_gains_grad = ctx.needs_input_grad[3]
+    # x is only needed for the gains' gradient.
+    ctx.save_for_backward(x if ctx.need_gains_grad else None, U, block_ptr, gains)
+
+
+def _backward(ctx, grad_y):
+    x, U, block_ptr, gains = ctx.saved_tensors
+    grad_x, grad_gains = torch.ops.spectralkern.spectral_filter_backward(
+        grad_y, x if x is not None else grad_y.new_empty(0), U, block_ptr, gains, ctx.passthrough,
+        ctx.need_x_grad, ctx.need_gains_grad)
+    return (grad_x if ctx.need_x_grad else None, None, None,
+            grad_gains if ctx.need_gains_grad else None, None)
+
+
+_spectral_filter_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------ public API
+def spectral_filter(x: torch.Tensor, basis: SpectralBasis, gains: torch.Tensor,
+                    passthrough: float = 0.0) -> torch.Tensor:
+    """Filter x along its node dimension in the spectral basis of each block.
+
+        y_b = h·x_b + U_b diag(g_b − h) U_bᵀ x_b,     h = passthrough
+
+    Args:
+        x: (N, d) or (N,), float16/bfloat16/float32/float64, any strides. N = basis.num_nodes.
+        basis: the SpectralBasis (U of shape (N, k), B blocks).
+        gains: (B, k) per-block gains or (k,) shared by all blocks, e.g. ``filters.heat(1.0)(basis.eigenvalues)``;
+            differentiable (learnable filters). Entries past a block's k_b = min(k, n_b) have no effect.
+        passthrough: h, the gain of the frequencies the basis does not hold (0: pure low-pass projection).
+            A constant, not differentiated.
+    Returns:
+        y with x's shape and dtype (contiguous). Differentiable w.r.t. x and gains; accumulation is fp32
+        (fp64 for fp64 inputs).
+    """
+    if not isinstance(basis, SpectralBasis):
+        raise TypeError(f"basis must be a SpectralBasis, got {type(basis).__name__}")
+    check_tensor("x", x, ndim=(1, 2), dtypes=FLOAT_DTYPES)
+    if x.shape[0] != basis.num_nodes:
+        raise ValueError(f"x must have {basis.num_nodes} rows (the basis has {basis.num_nodes} nodes), "
+                         f"got shape {tuple(x.shape)}")
+    check_same_device("x", x, "basis.U", basis.U)
+    check_tensor("gains", gains, ndim=(1, 2), dtypes=FLOAT_DTYPES)
+    check_same_device("gains", gains, "basis.U", basis.U)
+    num_blocks, k = basis.num_blocks, basis.k
+    if gains.dim() == 1 and gains.shape[0] != k:
+        raise ValueError(f"gains of shape (k,) must have k = {k} entries (the basis' k), got shape {tuple(gains.shape)}")
+    if gains.dim() == 2 and tuple(gains.shape) != (num_blocks, k):
+        raise ValueError(f"gains must have shape (B, k) = ({num_blocks}, {k}) or (k,) = ({k},), "
+                         f"got {tuple(gains.shape)}")
+    if isinstance(passthrough, bool) or not isinstance(passthrough, (int, float)) or not math.isfinite(passthrough):
+        raise TypeError(f"passthrough must be a finite float, got {passthrough!r}")
+    vector = x.dim() == 1
+    x2 = x.unsqueeze(1) if vector else x
+    gains2 = gains.expand(num_blocks, k)  # a view: autograd sums the per-block gradient back to (k,)
+    y = torch.ops.spectralkern.spectral_filter(x2, basis.U, basis.block_ptr_on(x.device), gains2, float(passthrough))
+    return y.squeeze(1) if vector else y
