@@ -2,9 +2,15 @@
 
 Layers (each only looks down): graph → basis → ops → (optim / peft) → bench / demo → cli.
 """
+from . import filters
 from .basis import SpectralBasis
+from .filters import heat, learnable_gains, low_pass, tikhonov
 from .graph import GraphLaplacian, ParameterGraph
+from .ops.spectral_filter import spectral_filter, spectral_filter_reference
 
 __version__ = "0.1.0"
 
-__all__ = ["GraphLaplacian", "ParameterGraph", "SpectralBasis", "__version__"]
+__all__ = [
+    "GraphLaplacian", "ParameterGraph", "SpectralBasis", "filters", "heat", "learnable_gains", "low_pass",
+    "spectral_filter", "spectral_filter_reference", "tikhonov", "__version__",
+]

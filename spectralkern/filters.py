@@ -1,0 +1,85 @@
+"""Gain functions g(λ) of the graph frequencies, for ``spectral_filter(x, basis, gains)``.
+
+Each filter is a callable: ``gains = heat(t=2.0)(basis.eigenvalues)`` maps eigenvalues of any shape to gains
+of the same shape and dtype. ``learnable_gains`` makes a trainable parameter instead.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .basis import SpectralBasis
+
+
+def _finite(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _non_negative(name: str, value: object) -> float:
+    if _finite(name, value) < 0:
+        raise ValueError(f"{name} must be non-negative, got {value}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class LowPass:
+    """Ideal low-pass: g(λ) = 1 for λ ≤ cutoff, else 0."""
+    cutoff: float
+
+    def __call__(self, eigenvalues: torch.Tensor) -> torch.Tensor:
+        return (eigenvalues <= self.cutoff).to(eigenvalues.dtype)
+
+
+@dataclass(frozen=True)
+class Heat:
+    """Heat kernel: g(λ) = exp(−t·λ)."""
+    t: float
+
+    def __call__(self, eigenvalues: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-self.t * eigenvalues)
+
+
+@dataclass(frozen=True)
+class Tikhonov:
+    """Tikhonov (graph-smoothness) filter: g(λ) = 1 / (1 + τ·λ)."""
+    tau: float
+
+    def __call__(self, eigenvalues: torch.Tensor) -> torch.Tensor:
+        return 1.0 / (1.0 + self.tau * eigenvalues)
+
+
+def low_pass(cutoff: float) -> LowPass:
+    return LowPass(_finite("cutoff", cutoff))
+
+
+def heat(t: float) -> Heat:
+    return Heat(_non_negative("t", t))
+
+
+def tikhonov(tau: float) -> Tikhonov:
+    return Tikhonov(_non_negative("tau", tau))
+
+
+def learnable_gains(basis: SpectralBasis, init: float | LowPass | Heat | Tikhonov = 1.0, *,
+                    shared: bool = False) -> torch.nn.Parameter:
+    """A trainable gain tensor for ``basis``: (k,) when ``shared`` across blocks, else (B, k).
+
+    ``init`` is a constant or a filter evaluated at the basis' eigenvalues (with ``shared``, at the mean
+    eigenvalue of each slot over the blocks that hold it).
+    """
+    if not isinstance(basis, SpectralBasis):
+        raise TypeError(f"basis must be a SpectralBasis, got {type(basis).__name__}")
+    eigenvalues = basis.eigenvalues.detach()
+    if callable(init):
+        values = init(eigenvalues)
+        if shared:
+            held = (torch.arange(basis.k).unsqueeze(0) < basis.block_k.unsqueeze(1)).to(values)  # (B, k)
+            values = (values * held).sum(0) / held.sum(0).clamp_min(1)
+    else:
+        values = torch.full((basis.k,) if shared else tuple(eigenvalues.shape), _finite("init", init), dtype=eigenvalues.dtype,
+                            device=eigenvalues.device)
+    return torch.nn.Parameter(values.clone())
