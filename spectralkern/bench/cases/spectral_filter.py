@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..._backend import backend_for
+from ...ops.spectral_filter import spectral_filter
 from ..case import Case, Prepared, Provider
 from ..inputs import ragged_block_ptr, random_basis, uniform_block_ptr
 
@@ -127,8 +128,6 @@ def _bmm(x: torch.Tensor, U3: torch.Tensor, gains: torch.Tensor, h: float) -> to
 
 # ------------------------------------------------------------------------------------------ setup
 def _prepare(cfg: _Config, dtype: torch.dtype, quick: bool, device: torch.device) -> Prepared:
-    import spectralkern
-
     gen = torch.Generator().manual_seed(_SEED)
     basis = random_basis(cfg.block_ptr, cfg.k, dtype=dtype, device=device, generator=gen)
     gains = torch.exp(-basis.eigenvalues).contiguous()  # heat filter, t = 1; (B, k) fp32
@@ -146,7 +145,7 @@ def _prepare(cfg: _Config, dtype: torch.dtype, quick: bool, device: torch.device
         skipped["spectralkern"] = "the Triton interpreter computes bf16 wrongly (no numpy bf16); run bf16 on a GPU"
     else:
         providers.append(Provider("spectralkern", backend,
-                                  lambda: spectralkern.spectral_filter(x, basis, gains, passthrough=h)))
+                                  lambda: spectral_filter(x, basis, gains, passthrough=h)))
 
     providers.append(Provider("torch_loop", "torch", lambda: _loop_eager(x, U, block_gains, spans, h)))
     uniform = len({hi - lo for lo, hi, _ in spans}) == 1 and len(spans) == cfg.block_ptr.numel() - 1
