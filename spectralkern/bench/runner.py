@@ -86,20 +86,22 @@ def _measure(provider: Provider, device: torch.device, budget: TimerBudget, refe
     return timing, err, measure_peak_memory(provider.fn, device)
 
 
-def run_case(case: Case, device: torch.device, budget: TimerBudget, ceilings: Ceilings, env: Environment,
-             run_id: str, quick: bool, only: set[str] | None) -> tuple[list[Record], list[str]]:
-    """Time every provider of one case; returns (records, failure messages)."""
-    print(f"{case.op} {case.name} {case.dtype_name}", flush=True)
+def _time_providers(case: Case, device: torch.device, budget: TimerBudget, only: set[str] | None
+                    ) -> tuple[dict[str, tuple[str, Timing, float, tuple[int, str]]], list[str]]:
+    """Prepare one case and time its providers: ({name: (backend, timing, rel err, memory)}, failure messages).
+
+    Only plain results leave this function, so the case's tensors are freed when it returns."""
+    title = f"{case.op} {case.name} {case.dtype_name}"
+    print(title, flush=True)
     try:
         prepared = case.prepare(device)
     except Exception as exc:
         traceback.print_exc()
-        return [], [f"{case.op} {case.name} {case.dtype_name}: setup failed: {exc!r}"]
+        return {}, [f"{title}: setup failed: {exc!r}"]
     for name, why in prepared.skipped.items():
         if only is None or name in only:
             print(f"  {name}: not run ({why})", flush=True)
-    results: dict[str, tuple[Provider, Timing, float, tuple[int, str]]] = {}
-    failures = []
+    results, failures = {}, []
     for provider in prepared.providers:
         if only is not None and provider.name not in only:
             continue
@@ -107,25 +109,30 @@ def run_case(case: Case, device: torch.device, budget: TimerBudget, ceilings: Ce
             timing, err, memory = _measure(provider, device, budget, prepared.reference, prepared.tolerance)
         except Exception as exc:
             traceback.print_exc()
-            failures.append(f"{case.op} {case.name} {case.dtype_name} {provider.label}: {exc!r}")
+            failures.append(f"{title} {provider.label}: {exc!r}")
             print(f"  {provider.label}: FAILED ({exc!r})", flush=True)
             continue
-        results[provider.name] = (provider, timing, err, memory)
+        results[provider.name] = (provider.backend, timing, err, memory)
         print(f"  {provider.label:<22} {timing.median_ms:10.4g} ms  "
               f"{case.bytes / timing.median_ms / 1e6:8.1f} GB/s  rel err {err:.1e}", flush=True)
-    del prepared
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    return results, failures
 
+
+def run_case(case: Case, device: torch.device, budget: TimerBudget, ceilings: Ceilings, env: Environment,
+             run_id: str, quick: bool, only: set[str] | None) -> tuple[list[Record], list[str]]:
+    """Time every provider of one case; returns (records, failure messages)."""
+    results, failures = _time_providers(case, device, budget, only)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the next case starts from a clean pool (peak-memory numbers, large shapes)
     ratios = peer_ratios({name: timing.median_ms for name, (_, timing, _, _) in results.items()})
     matmul_tflops, matmul_peak = ceilings.matmul_rate(case.compute_kind)
     records = []
-    for name, (provider, timing, err, (mem_bytes, mem_kind)) in results.items():
+    for name, (backend, timing, err, (mem_bytes, mem_kind)) in results.items():
         gbps = case.bytes / (timing.median_ms * 1e-3) / 1e9
         tflops = case.flops / (timing.median_ms * 1e-3) / 1e12
         records.append(Record(
             op=case.op, case=case.name, layout=case.layout, shape=dict(case.shape), dtype=case.dtype_name,
-            provider=name, backend=provider.backend,
+            provider=name, backend=backend,
             median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, timer=timing.method,
             bytes=case.bytes, gbps=gbps, copy_gbps=ceilings.copy_gbps, pct_copy=100 * gbps / ceilings.copy_gbps,
             flops=case.flops, tflops=tflops, matmul_tflops=matmul_tflops, matmul_peak=matmul_peak,
