@@ -83,6 +83,8 @@ def measure_matmul(device: torch.device, kind: str, n: int, budget: TimerBudget)
 def measure_ceilings(device: torch.device, kinds: set[str], *, quick: bool) -> Ceilings:
     """Measure copy bandwidth and the matmul rates that the compute kinds in ``kinds`` need.
 
+    On CUDA fp32, tf32 and bf16 are always measured (about a second together), so every run's ceilings record
+    holds the rates the torch peers run at too; on the CPU only what ``kinds`` needs.
     Sizes: on CUDA a 1 GiB copy (far past any L2) and n = 8192 products; on the CPU a 64 MiB copy (256 MiB in
     full mode) and n = 1024 products (512 for 16-bit types, which are slow on most CPUs).
     """
@@ -90,7 +92,8 @@ def measure_ceilings(device: torch.device, kinds: set[str], *, quick: bool) -> C
     budget = TimerBudget(warmup_ms=25, rep_ms=200) if on_gpu else TimerBudget(warmup_ms=50, rep_ms=300, min_reps=3)
     copy_bytes = 2**30 if on_gpu else (64 if quick else 256) * 2**20
     ceilings = Ceilings(device.type, measure_copy(device, copy_bytes, budget), copy_bytes)
-    for base in sorted({_resolve(kind, device.type)[0] for kind in kinds}):
+    bases = {_resolve(kind, device.type)[0] for kind in kinds} | ({"fp32", "tf32", "bf16"} if on_gpu else set())
+    for base in sorted(bases):
         n = 8192 if on_gpu else (1024 if base == "fp32" else 512)
         ceilings.matmul_tflops[base] = measure_matmul(device, base, n, budget)
         ceilings.matmul_n[base] = n
