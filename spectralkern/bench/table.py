@@ -10,6 +10,10 @@ def _label(record: Record) -> str:
     return f"{record.provider}[{record.backend}]" if record.provider == "spectralkern" else record.provider
 
 
+def _ratio(value: float) -> str:
+    return f"{value:.2f}x" if value >= 0.01 else f"{value:.1e}x"  # the interpreter can be 1000x slower
+
+
 def format_table(records: Sequence[Record]) -> str:
     """Rows grouped by op (a banner line each). Column "vs P" holds P's median / this row's median: > 1 means this
     row's provider is that many times faster than P in the same case."""
@@ -23,7 +27,7 @@ def format_table(records: Sequence[Record]) -> str:
         for r in rows:
             table.append([r.case, r.dtype, _label(r), f"{r.median_ms:.4g}", f"{r.p20_ms:.4g}-{r.p80_ms:.4g}",
                           f"{r.gbps:.1f}", f"{r.pct_copy:.1f}", f"{r.tflops:.3g}", f"{r.pct_matmul:.1f}",
-                          *[f"{r.ratios[p]:.2f}x" if p in r.ratios else "" for p in peers]])
+                          *[_ratio(r.ratios[p]) if p in r.ratios else "" for p in peers]])
         widths = [max(len(row[i]) for row in table) for i in range(len(header))]
         first = rows[0]
         matmul = {r.dtype: f"{r.dtype}: {r.matmul_peak} = {r.matmul_tflops:.3g} TFLOP/s" for r in rows}
