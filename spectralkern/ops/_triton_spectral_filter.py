@@ -16,6 +16,14 @@ import triton
 import triton.language as tl
 
 
+def tile_sizes(k_pad: int, fp64: bool) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_D). Registers scale with K_PAD × BLOCK_D (the coefficients stay on chip).
+    Not yet tuned on a GPU: starting points sized so every variant fits sm_80 shared memory."""
+    if fp64:
+        return 32, 32
+    return 64, (128 if k_pad <= 32 else 64)
+
+
 @triton.jit
 def spectral_filter_kernel(
     x_ptr, u_ptr, gains_ptr, block_ptr_ptr, y_ptr, saved_x_ptr, gain_grad_ptr,
@@ -76,3 +84,27 @@ def spectral_filter_kernel(
                 out += passthrough * xt
             tl.store(y_ptr + rows[:, None] * stride_yn + cols[None, :] * stride_yd,
                      out.to(y_ptr.dtype.element_ty), mask=tile_mask)
+
+
+def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object]]]:
+    """The specialisations the launcher can produce, for ahead-of-time compile checks on real GPU targets.
+
+    Returns (label, signature, constexprs) per variant; see ``spectralkern.ops._aot``.
+    """
+    variants = []
+    for x_type, acc, precision in (("fp32", "fp32", "tf32x3"), ("bf16", "fp32", "tf32"),
+                                   ("fp16", "fp32", "tf32"), ("fp64", "fp64", "ieee")):
+        for k_pad, backward in ((16, False), (128, False), (64, True)):
+            block_n, block_d = tile_sizes(k_pad, fp64=acc == "fp64")
+            pointer_types = {"x_ptr": x_type, "u_ptr": "fp32", "gains_ptr": "fp32", "block_ptr_ptr": "i64",
+                             "y_ptr": x_type, "saved_x_ptr": x_type, "gain_grad_ptr": acc}
+            constexprs = dict(BLOCK_N=block_n, BLOCK_D=block_d, K_PAD=k_pad,
+                              ACC_DTYPE=tl.float64 if acc == "fp64" else tl.float32, DOT_PRECISION=precision,
+                              HAS_PASSTHROUGH=True, WRITE_Y=True, GAIN_GRAD=backward)
+            signature = {name: "constexpr" if name in constexprs else
+                         f"*{pointer_types[name]}" if name in pointer_types else
+                         "fp32" if name == "passthrough" else
+                         "i64" if name.startswith("stride") else "i32"
+                         for name in spectral_filter_kernel.arg_names}
+            variants.append((f"{x_type} K_PAD={k_pad}{' backward' if backward else ''}", signature, constexprs))
+    return variants

@@ -52,36 +52,30 @@ def spectral_filter_gains_grad_reference(grad_y: torch.Tensor, x: torch.Tensor, 
 
 
 # ------------------------------------------------------------------------------------------ triton launcher
-def _tiles(k_pad: int, acc: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_D). Register use scales with K_PAD × BLOCK_D (the coefficients stay on chip).
-    Not yet tuned on a GPU: starting points sized so the fp32/fp64 sm_80 builds fit in shared memory."""
-    if acc == torch.float64:
-        return 32, 32
-    return 64, (128 if k_pad <= 32 else 64)
-
-
 def _launch_triton(x: torch.Tensor, U: torch.Tensor, block_ptr: torch.Tensor, gains: torch.Tensor,
-                   passthrough: float, *, saved_x: torch.Tensor | None = None,
-                   write_y: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launch the fused kernel over all blocks × column tiles. Returns (y or empty, gains grad (B, k) or None)."""
+                   passthrough: float, *, saved_x: torch.Tensor | None = None, write_y: bool = True,
+                   out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the fused kernel over all blocks × column tiles. Returns (y or empty, gains grad (B, k) or None).
+
+    ``out``: an (N, d) tensor of x's dtype to write y into (any strides) instead of a new one.
+    """
     import triton
     import triton.language as tl
 
-    from ._triton_spectral_filter import spectral_filter_kernel
+    from ._triton_spectral_filter import spectral_filter_kernel, tile_sizes
 
     n, d = x.shape
     k = U.shape[1]
     num_blocks = block_ptr.numel() - 1
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     k_pad = max(16, triton.next_power_of_2(k))
-    block_n, block_d = _tiles(k_pad, acc)
+    block_n, block_d = tile_sizes(k_pad, fp64=acc == torch.float64)
     num_col_tiles = triton.cdiv(d, block_d)
-    y = torch.empty((n, d) if write_y else (0, 0), dtype=x.dtype, device=x.device)
+    y = out if out is not None else torch.empty((n, d) if write_y else (0, 0), dtype=x.dtype, device=x.device)
     gain_grad = saved_x is not None
     partial = torch.empty((num_blocks, num_col_tiles, k_pad) if gain_grad else (0,), dtype=acc, device=x.device)
-    if num_blocks == 0 or n == 0 or d == 0:
-        grads = torch.zeros(num_blocks, k, dtype=acc, device=x.device) if gain_grad else None
-        return (y.zero_() if write_y else y), grads
+    if n == 0 or d == 0:  # nothing to launch (no nodes implies only empty blocks)
+        return y, torch.zeros(num_blocks, k, dtype=acc, device=x.device) if gain_grad else None
     y_strides = y.stride() if write_y else (0, 0)
     saved = saved_x if gain_grad else x
     spectral_filter_kernel[(num_blocks, num_col_tiles)](
