@@ -298,3 +298,14 @@ def test_gpu_matches_float64_reference(seed, dtype):
     y = sk.spectral_filter(x, basis, gains, passthrough=0.25)
     expected = dense_reference(x.cpu(), basis.to("cpu"), gains.cpu(), 0.25)
     assert relative_error(y.cpu(), expected) <= TOLERANCE[dtype]
+
+
+def test_large_k_goes_to_the_torch_backend(monkeypatch, seed):
+    from spectralkern.ops.spectral_filter import TRITON_MAX_K, spectral_filter_backend
+    monkeypatch.delenv("SPECTRALKERN_BACKEND", raising=False)
+    x = torch.randn(4, 2)
+    assert spectral_filter_backend(x, TRITON_MAX_K + 1) == "torch"
+    basis = ragged_basis([TRITON_MAX_K + 3], k=TRITON_MAX_K + 1, dtype=torch.float32)
+    x = torch.randn(basis.num_nodes, 2)
+    gains = torch.rand(basis.k)
+    assert relative_error(sk.spectral_filter(x, basis, gains), dense_reference(x, basis, gains, 0.0)) <= 1e-5

@@ -19,7 +19,7 @@ import triton.language as tl
 def tile_sizes(k_pad: int, fp64: bool) -> tuple[int, int]:
     """(BLOCK_N, BLOCK_D). Registers scale with K_PAD × BLOCK_D (the coefficients stay on chip).
     Not yet tuned on a GPU: starting points sized so every variant fits sm_80 shared memory."""
-    if fp64:
+    if fp64 or k_pad >= 256:
         return 32, 32
     return 64, (128 if k_pad <= 32 else 64)
 
@@ -94,9 +94,12 @@ def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object]]]:
     variants = []
     for x_type, acc, precision in (("fp32", "fp32", "tf32x3"), ("bf16", "fp32", "tf32"),
                                    ("fp16", "fp32", "tf32"), ("fp64", "fp64", "ieee")):
-        for k_pad, backward in ((16, False), (128, False), (64, True)):
+        # 256: the largest K_PAD the launcher uses (spectral_filter.TRITON_MAX_K).
+        for k_pad, backward in ((16, False), (128, False), (64, True), (256, True)):
             block_n, block_d = tile_sizes(k_pad, fp64=acc == "fp64")
-            pointer_types = {"x_ptr": x_type, "u_ptr": "fp32", "gains_ptr": "fp32", "block_ptr_ptr": "i64",
+            # U is usually fp32; a basis cast to the half dtype of x (to halve U's traffic) is the other case.
+            u_type = x_type if (x_type in ("bf16", "fp16") and k_pad == 128) else "fp32"
+            pointer_types = {"x_ptr": x_type, "u_ptr": u_type, "gains_ptr": "fp32", "block_ptr_ptr": "i64",
                              "y_ptr": x_type, "saved_x_ptr": x_type, "gain_grad_ptr": acc}
             constexprs = dict(BLOCK_N=block_n, BLOCK_D=block_d, K_PAD=k_pad,
                               ACC_DTYPE=tl.float64 if acc == "fp64" else tl.float32, DOT_PRECISION=precision,
@@ -106,5 +109,6 @@ def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object]]]:
                          "fp32" if name == "passthrough" else
                          "i64" if name.startswith("stride") else "i32"
                          for name in spectral_filter_kernel.arg_names}
-            variants.append((f"{x_type} K_PAD={k_pad}{' backward' if backward else ''}", signature, constexprs))
+            variants.append((f"x {x_type}, U {u_type}, K_PAD={k_pad}{' backward' if backward else ''}", signature,
+                             constexprs))
     return variants

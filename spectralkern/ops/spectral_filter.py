@@ -16,6 +16,8 @@ from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ..basis import SpectralBasis
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The kernel keeps the (K_PAD × BLOCK_D) coefficients in registers; past this k they would spill.
+TRITON_MAX_K = 256
 
 
 # ------------------------------------------------------------------------------------------ torch reference
@@ -96,15 +98,16 @@ def _launch_triton(x: torch.Tensor, U: torch.Tensor, block_ptr: torch.Tensor, ga
 
 
 # ------------------------------------------------------------------------------------------ custom ops
-def _backend(x: torch.Tensor) -> str:
-    implemented = ("triton", "torch") if x.dtype in _TRITON_DTYPES else ("torch",)
-    return backend_for(x.device, implemented)
+def spectral_filter_backend(x: torch.Tensor, k: int) -> str:
+    """The backend that runs the filter for an input like ``x`` and a basis with ``k`` columns."""
+    triton_ok = x.dtype in _TRITON_DTYPES and k <= TRITON_MAX_K
+    return backend_for(x.device, ("triton", "torch") if triton_ok else ("torch",))
 
 
 @torch.library.custom_op("spectralkern::spectral_filter", mutates_args=())
 def _spectral_filter_op(x: torch.Tensor, U: torch.Tensor, block_ptr: torch.Tensor, gains: torch.Tensor,
                         passthrough: float) -> torch.Tensor:
-    if _backend(x) == "triton":
+    if spectral_filter_backend(x, U.shape[1]) == "triton":
         return _launch_triton(x, U, block_ptr, gains, passthrough)[0]
     return spectral_filter_reference(x, U, block_ptr, gains, passthrough).contiguous()
 
@@ -120,7 +123,7 @@ def _spectral_filter_backward_op(grad_y: torch.Tensor, x: torch.Tensor, U: torch
                                  need_gains_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_x (N, d) or empty, grad_gains (B, k) or empty). ``x`` is only read when need_gains_grad."""
     empty = grad_y.new_empty(0)
-    if _backend(grad_y) == "triton":
+    if spectral_filter_backend(grad_y, U.shape[1]) == "triton":
         grad_x, grad_gains = _launch_triton(grad_y, U, block_ptr, gains, passthrough,
                                             saved_x=x if need_gains_grad else None, write_y=need_x_grad)
     else:

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..._backend import backend_for
-from ...ops.spectral_filter import spectral_filter
+from ...ops.spectral_filter import spectral_filter, spectral_filter_backend
 from ..case import Case, Prepared, Provider
 from ..inputs import ragged_block_ptr, random_basis, uniform_block_ptr
 
@@ -140,7 +139,7 @@ def _prepare(cfg: _Config, dtype: torch.dtype, quick: bool, device: torch.device
     reference = _loop_eager(x.double(), U.double(), block_gains.double(), spans, h)
     providers, skipped = [], {}
 
-    backend = backend_for(device, ("triton", "torch"))
+    backend = spectral_filter_backend(x, cfg.k)
     if backend == "triton" and device.type == "cpu" and dtype == torch.bfloat16:
         skipped["spectralkern"] = "the Triton interpreter computes bf16 wrongly (no numpy bf16); run bf16 on a GPU"
     else:
