@@ -43,8 +43,9 @@ class Environment:
 
 
 @dataclass(frozen=True)
-class Record:
-    """One measurement. Every field is required and never None (``REQUIRED_KEYS``)."""
+class Record(Environment):
+    """One measurement, flat: the environment's fields plus these. Every field is required and never None
+    (``REQUIRED_KEYS``)."""
 
     op: str
     case: str
@@ -73,15 +74,6 @@ class Record:
     quick: bool
     run_id: str
     timestamp: str                    # ISO 8601, UTC
-    device: str
-    device_type: str
-    torch_version: str
-    triton_version: str
-    python_version: str
-    git_sha: str
-    git_dirty: bool
-    float32_matmul_precision: str
-    cpu_threads: int
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
