@@ -6,11 +6,14 @@ from . import filters
 from .basis import SpectralBasis
 from .filters import heat, learnable_gains, low_pass, tikhonov
 from .graph import GraphLaplacian, ParameterGraph
+from .ops.laplacian_quadratic import laplacian_quadratic, laplacian_quadratic_reference
 from .ops.spectral_filter import spectral_filter, spectral_filter_reference
+from .optim import SpectralAdamW, SpectralGradientFilter
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GraphLaplacian", "ParameterGraph", "SpectralBasis", "filters", "heat", "learnable_gains", "low_pass",
     "spectral_filter", "spectral_filter_reference", "tikhonov", "__version__",
+    "laplacian_quadratic", "laplacian_quadratic_reference", "SpectralAdamW", "SpectralGradientFilter",
 ]

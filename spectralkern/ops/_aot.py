@@ -11,7 +11,10 @@ import importlib
 import os
 import sys
 
-KERNEL_MODULES = ("spectralkern.ops._triton_spectral_filter",)
+KERNEL_MODULES = ("spectralkern.ops._triton_spectral_filter",
+                  "spectralkern.ops._triton_laplacian_quadratic",
+                  "spectralkern.ops._triton_spectral_adamw",
+                  "spectralkern.ops._triton_adamw")
 TARGETS = (("cuda", 80, 32), ("cuda", 90, 32))
 
 

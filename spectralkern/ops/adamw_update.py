@@ -1,0 +1,149 @@
+"""One AdamW update of one parameter, optionally on the spectrally filtered gradient, in place.
+
+    g̃ = h·g + U diag(gains − h) Uᵀ g      per block (skipped without a basis)
+    p ← p·(1 − lr·wd);  m ← m + (1 − β1)(g̃ − m);  v ← β2·v + (1 − β2)·g̃²
+    p ← p − (lr / (1 − β1^t)) · m / (√v / √(1 − β2^t) + ε)
+
+This is exactly torch.optim.AdamW's non-amsgrad step (decoupled weight decay, same operation order as its
+single-tensor path), so the torch backend is bit-identical to torch AdamW on the CPU.
+
+Backends (``_backend.backend_for``):
+    triton  with a basis: ``_triton_spectral_adamw`` — one program per (block, column tile) keeps Uᵀg on chip and
+            reads g, m, v, p once and writes m, v, p once (g is read a second time, from L2, only when h ≠ 0);
+            without a basis: ``_triton_adamw``, a flat elementwise kernel.
+    torch   the reference: filter into a temporary, then the AdamW ops of torch's single-tensor path.
+Parameters in fp16/bf16 keep their states in fp32 and are updated in fp32 then rounded once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .._backend import backend_for
+from ..basis import SpectralBasis
+from .spectral_filter import spectral_filter_reference
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The fused kernel keeps the (K_PAD × BLOCK_D) coefficients in registers; past this k they would spill.
+TRITON_MAX_K = 256
+
+
+@dataclass(frozen=True)
+class AdamWHyper:
+    """Hyper-parameters of one step; ``step`` is t after its increment (1 on the first step)."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    step: float
+
+    @property
+    def bias_correction1(self) -> float:
+        return 1 - self.beta1 ** self.step
+
+    @property
+    def bias_correction2_sqrt(self) -> float:
+        return (1 - self.beta2 ** self.step) ** 0.5
+
+
+def state_dtype(param: torch.Tensor) -> torch.dtype:
+    """dtype of m and v for ``param``: fp32 for half-precision parameters, the parameter's own otherwise."""
+    return torch.float32 if param.dtype in (torch.float16, torch.bfloat16) else param.dtype
+
+
+# ------------------------------------------------------------------------------------------ torch reference
+def adamw_update_reference_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
+                            exp_avg_sq: torch.Tensor, hyper: AdamWHyper, basis: SpectralBasis | None = None,
+                            gains: torch.Tensor | None = None, passthrough: float = 0.0) -> None:
+    """The update in plain torch (in place on param, exp_avg, exp_avg_sq). gains: (B, k) when basis is given."""
+    work = exp_avg.dtype
+    g = grad
+    if basis is not None:
+        g = spectral_filter_reference(g, basis.U, basis.block_ptr, gains, passthrough)
+    g = g.to(work)
+    p = param if param.dtype == work else param.to(work)
+    if hyper.weight_decay != 0:
+        p.mul_(1 - hyper.lr * hyper.weight_decay)
+    exp_avg.lerp_(g, 1 - hyper.beta1)
+    exp_avg_sq.mul_(hyper.beta2).addcmul_(g, g, value=1 - hyper.beta2)
+    step_size = hyper.lr / hyper.bias_correction1
+    denom = (exp_avg_sq.sqrt() / hyper.bias_correction2_sqrt).add_(hyper.eps)
+    p.addcdiv_(exp_avg, denom, value=-step_size)
+    if p is not param:
+        param.copy_(p)
+
+
+# ------------------------------------------------------------------------------------------ triton launchers
+def _launch_spectral(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                     hyper: AdamWHyper, basis: SpectralBasis, gains: torch.Tensor, passthrough: float) -> None:
+    import triton
+
+    from ._triton_spectral_adamw import spectral_adamw_kernel, tile_sizes
+
+    n, d = param.shape
+    if n == 0 or d == 0:
+        return
+    k = basis.k
+    k_pad = max(16, triton.next_power_of_2(k))
+    block_n, block_d = tile_sizes(k_pad)
+    U = basis.U
+    ptr = basis.block_ptr_on(param.device)
+    spectral_adamw_kernel[(basis.num_blocks, triton.cdiv(d, block_d))](
+        grad, param, exp_avg, exp_avg_sq, U, gains, ptr,
+        d, k,
+        grad.stride(0), grad.stride(1), param.stride(0), param.stride(1), exp_avg.stride(0), exp_avg.stride(1),
+        U.stride(0), U.stride(1), gains.stride(0), gains.stride(1),
+        float(passthrough), *_scalars(hyper),
+        BLOCK_N=block_n, BLOCK_D=block_d, K_PAD=k_pad,
+        # tf32x3 keeps fp32 gradients at ~fp32 accuracy on tensor cores; half gradients fit one tf32 pass.
+        DOT_PRECISION="tf32x3" if grad.dtype == torch.float32 else "tf32",
+        HAS_PASSTHROUGH=passthrough != 0.0,
+    )
+
+
+def _launch_plain(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                  hyper: AdamWHyper) -> None:
+    import triton
+
+    from ._triton_adamw import BLOCK, adamw_kernel
+
+    numel = param.numel()
+    if numel == 0:
+        return
+    adamw_kernel[(triton.cdiv(numel, BLOCK),)](
+        grad.contiguous(), param, exp_avg, exp_avg_sq, numel, *_scalars(hyper), BLOCK=BLOCK)
+
+
+def _scalars(hyper: AdamWHyper) -> tuple[float, ...]:
+    """(1 − β1, β2, 1 − β2, ε, 1 − lr·wd, lr / bc1, √bc2), rounded to fp32 by the launch as torch rounds them."""
+    return (1 - hyper.beta1, hyper.beta2, 1 - hyper.beta2, hyper.eps, 1 - hyper.lr * hyper.weight_decay,
+            hyper.lr / hyper.bias_correction1, hyper.bias_correction2_sqrt)
+
+
+# ------------------------------------------------------------------------------------------ dispatch
+def adamw_update_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                  hyper: AdamWHyper, basis: SpectralBasis | None = None, gains: torch.Tensor | None = None,
+                  passthrough: float = 0.0) -> str:
+    """Apply one AdamW step in place, on the filtered gradient when ``basis`` is given; returns the backend used.
+
+    Shapes: param, grad (N, d) with a basis (N = basis.num_nodes), any shape without; exp_avg, exp_avg_sq like
+    param, dtype ``state_dtype(param)``; gains (B, k) on the basis' device. grad is only read.
+    """
+    triton_ok = param.dtype in _TRITON_DTYPES and (basis is None or basis.k <= TRITON_MAX_K)
+    implemented = ("triton", "torch") if triton_ok else ("torch",)
+    backend = backend_for(param.device, implemented)
+    # The kernels index p, m and v with one set of strides (m, v) and assume flat, dense storage without a basis.
+    same_layout = exp_avg.stride() == param.stride() == exp_avg_sq.stride() and param.is_contiguous()
+    if backend == "triton" and same_layout:
+        with torch.no_grad():
+            if basis is not None:
+                _launch_spectral(param, grad, exp_avg, exp_avg_sq, hyper, basis, gains, passthrough)
+            else:
+                _launch_plain(param, grad, exp_avg, exp_avg_sq, hyper)
+        return "triton"
+    with torch.no_grad():
+        adamw_update_reference_(param, grad, exp_avg, exp_avg_sq, hyper, basis, gains, passthrough)
+    return "torch"

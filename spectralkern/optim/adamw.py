@@ -1,0 +1,136 @@
+"""SpectralAdamW: AdamW whose update of the targeted weights uses the spectrally filtered gradient, fused.
+
+    opt = sk.SpectralAdamW(model.parameters(), lr=1e-3, weight_decay=0.01, spectral_filter=filt)
+    loss.backward(); opt.step(); opt.zero_grad()          # no filt.step(): the optimizer filters and counts
+
+For each weight targeted by ``spectral_filter`` the step is torch.optim.AdamW applied to
+h·g + U diag(g(λ) − h) Uᵀ g; on CUDA it runs as one Triton kernel per weight that keeps Uᵀg on chip and reads
+g, m, v, p once and writes m, v, p once (``ops/_triton_spectral_adamw.py``). Every other parameter gets the plain
+AdamW update (a flat Triton kernel on CUDA). ``.grad`` is left as it was (the raw gradient).
+
+Compatibility with torch.optim.AdamW: same constructor arguments (amsgrad must stay False), param groups, lr
+read from the groups at every step (LR schedulers work), state keys 'step', 'exp_avg', 'exp_avg_sq' (a torch
+AdamW state_dict loads, and ours loads into torch's). Differences: fp16/bf16 parameters keep fp32 moments (torch
+keeps them in the parameter's dtype); maximize, foreach, fused, capturable and differentiable are not offered.
+On the CPU the update is the torch reference, bit-identical to torch.optim.AdamW (fp32 and fp64 parameters;
+half-precision parameters are updated in fp32 and rounded once).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from itertools import chain
+
+import torch
+
+from ..ops.adamw_update import AdamWHyper, adamw_update_, state_dtype
+from .gradient_filter import SpectralGradientFilter
+
+
+class SpectralAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, torch's defaults) fused with a SpectralGradientFilter.
+
+    Args:
+        params: parameters or param groups, as for torch.optim.AdamW.
+        lr, betas, eps, weight_decay: as torch.optim.AdamW (read from the param groups at every step).
+        amsgrad: must be False (not implemented; raises ValueError).
+        spectral_filter: the SpectralGradientFilter whose targets get the filtered update, or None (plain
+            AdamW). It must not be in hook mode, and ``filt.step()`` must not be called: the optimizer filters
+            inside its update and advances the filter's step count (and refreshes its bases when due).
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 amsgrad: bool = False, *, spectral_filter: SpectralGradientFilter | None = None):
+        _check_hyper(lr, betas, eps, weight_decay, amsgrad)
+        if spectral_filter is not None and not isinstance(spectral_filter, SpectralGradientFilter):
+            raise TypeError(f"spectral_filter must be a SpectralGradientFilter or None, "
+                            f"got {type(spectral_filter).__name__}")
+        if spectral_filter is not None and spectral_filter.hook:
+            raise ValueError("spectral_filter is in hook mode, which already filters the gradients during backward; "
+                             "SpectralAdamW would filter them a second time. Build the filter with hook=False "
+                             "(or call filt.remove_hooks())")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+        super().__init__(params, defaults)
+        self.spectral_filter = spectral_filter
+        if spectral_filter is not None:
+            mine = {id(p) for p in chain.from_iterable(g["params"] for g in self.param_groups)}
+            missing = [name for name, p in spectral_filter.targets if id(p) not in mine]
+            if missing:
+                raise ValueError(f"spectral_filter targets {', '.join(missing)}, which this optimizer does not "
+                                 "update; pass every targeted parameter to SpectralAdamW")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One AdamW step (filtered for the targeted weights); advances the spectral filter by one step."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        filt = self.spectral_filter
+        if filt is not None and filt._explicit_pending:
+            filt._explicit_pending = False
+            raise RuntimeError("spectral_filter.step() was called before SpectralAdamW.step(): the gradients are "
+                               "already filtered and would be filtered twice. With SpectralAdamW do not call "
+                               "filt.step(); the optimizer filters and counts the step itself")
+        for group in self.param_groups:
+            if group.get("amsgrad", False):
+                raise ValueError("SpectralAdamW does not implement amsgrad; the param group has amsgrad=True")
+            if group.get("maximize", False):
+                raise ValueError("SpectralAdamW does not implement maximize; the param group has maximize=True")
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("SpectralAdamW does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    # 'step' as torch keeps it for non-capturable, non-fused AdamW: a CPU float32 scalar.
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype(p),
+                                                           memory_format=torch.preserve_format)
+                state["step"] += 1
+                hyper = AdamWHyper(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
+                                   eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+                                   step=float(state["step"]))
+                target = filt._target_of(p) if filt is not None else None
+                if target is None:
+                    adamw_update_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], hyper)
+                else:
+                    filt._observe(target, p.grad)
+                    adamw_update_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], hyper, target.basis,
+                                  target.gains, filt.passthrough)
+        if filt is not None:
+            filt._advance()
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but fp16/bf16 parameters keep fp32 moments (torch would cast them to the parameter's dtype)."""
+        saved_groups = state_dict["param_groups"]
+        saved_ids = list(chain.from_iterable(g["params"] for g in saved_groups))
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        super().load_state_dict(state_dict)
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id)
+            if saved is None or state_dtype(p) == p.dtype:
+                continue
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in saved:
+                    self.state[p][key] = saved[key].to(device=p.device, dtype=state_dtype(p), copy=True)
+
+
+def _check_hyper(lr: float, betas: tuple[float, float], eps: float, weight_decay: float, amsgrad: bool) -> None:
+    if isinstance(lr, torch.Tensor):
+        raise TypeError("lr must be a float (tensor learning rates are not supported)")
+    for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for index, beta in enumerate(betas):
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"betas[{index}] must be in [0, 1), got {beta!r}")
+    if amsgrad:
+        raise ValueError("amsgrad=True is not implemented by SpectralAdamW; use amsgrad=False")
