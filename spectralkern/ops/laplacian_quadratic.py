@@ -147,9 +147,9 @@ def _matmul_torch(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val: t
 
 # ------------------------------------------------------------------------------------------ triton launcher
 def _launch_triton(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, dense: torch.Tensor,
-                   tiles: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+                   tiles: torch.Tensor, scale: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
     """scale None: the forward, Σ (x ⊙ Lx) as a 0-dim tensor of val's dtype, Lx never written.
-    scale given (0-dim tensor): returns scale · L x, shape (N, d), x's dtype."""
+    scale given (0-dim tensor): returns scale · L x, shape (N, d), x's dtype (into ``out`` when given)."""
     import triton
     import triton.language as tl
 
@@ -162,7 +162,8 @@ def _launch_triton(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val: 
     num_tiles = tiles.shape[0]
     num_col_tiles = triton.cdiv(d, block_d)
     reduce = scale is None
-    out = torch.empty((n, d) if not reduce else (0, 0), dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty((n, d) if not reduce else (0, 0), dtype=x.dtype, device=x.device)
     partial = torch.empty((num_tiles, num_col_tiles) if reduce else (0,), dtype=acc, device=x.device)
     if num_tiles == 0 or d == 0:
         return torch.zeros((), dtype=acc, device=x.device) if reduce else out.zero_()
@@ -183,6 +184,7 @@ def _launch_triton(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val: 
 def _backend(x: torch.Tensor) -> str:
     implemented = ("triton", "torch") if x.dtype in _TRITON_DTYPES else ("torch",)
     return backend_for(x.device, implemented)
+
 
 
 @torch.library.custom_op("spectralkern::laplacian_quadratic", mutates_args=())
@@ -265,11 +267,20 @@ def laplacian_quadratic(delta: torch.Tensor, L: GraphLaplacian) -> torch.Tensor:
     if not isinstance(L, GraphLaplacian):
         raise TypeError(f"L must be a GraphLaplacian (from ParameterGraph.laplacian()), got {type(L).__name__}")
     check_tensor("delta", delta, ndim=(1, 2), dtypes=FLOAT_DTYPES)
-    if delta.shape[0] != L.num_nodes:
-        raise ValueError(f"delta must have {L.num_nodes} rows (L has {L.num_nodes} nodes), "
-                         f"got shape {tuple(delta.shape)}")
-    if delta.device != L.device:
-        raise ValueError(f"delta is on {delta.device} but L is on {L.device}; move L with L.to(delta.device)")
     x = delta.unsqueeze(1) if delta.dim() == 1 else delta
-    plan = _plan_for(L, delta.device, _acc_dtype(delta.dtype), _backend(x))
-    return torch.ops.spectralkern.laplacian_quadratic(x, plan.crow, plan.col, plan.val, plan.dense, plan.tiles)
+    plan = _plan_tensors(L, tuple(delta.shape), delta.device, delta.dtype)
+    return torch.ops.spectralkern.laplacian_quadratic(x, *plan)
+
+
+@torch._dynamo.assume_constant_result
+def _plan_tensors(L: GraphLaplacian, shape: tuple[int, ...], device: torch.device,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Checks delta against L and returns the cached plan's tensors. Run eagerly even under torch.compile (the
+    CSR matrix and the cache are not traceable); the compiled graph holds the plan as constants."""
+    if shape[0] != L.num_nodes:
+        raise ValueError(f"delta must have {L.num_nodes} rows (L has {L.num_nodes} nodes), got shape {shape}")
+    if device != L.device:
+        raise ValueError(f"delta is on {device} but L is on {L.device}; move L with L.to(delta.device)")
+    implemented = ("triton", "torch") if dtype in _TRITON_DTYPES else ("torch",)
+    plan = _plan_for(L, device, _acc_dtype(dtype), backend_for(device, implemented))
+    return plan.crow, plan.col, plan.val, plan.dense, plan.tiles
