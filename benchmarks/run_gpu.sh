@@ -5,8 +5,12 @@
 #   bash benchmarks/run_gpu.sh                 # from anywhere; works on a checkout that is not pip-installed
 #   OUT=/some/dir bash benchmarks/run_gpu.sh   # results there instead of benchmarks/results
 #
-# Writes into ${OUT:-benchmarks/results} (six files, all flat):
+# Steps: build the CUDA extension (csrc/) in place for sm_90, the test suite (the CUDA backend's tests included),
+# compute-sanitizer memcheck over the CUDA backend's GPU tests, the full benchmark (cuda vs triton vs torch).
+#
+# Writes into ${OUT:-benchmarks/results} (seven files, all flat):
 #   nvidia-smi.txt         the card as found (read-only query)
+#   cuda.log               the CUDA extension's build, `spectralkern info`, then the compute-sanitizer report
 #   gpu-tests.log          pytest output
 #   bench.log              the benchmark's output; its last lines are the results table
 #   <op>.jsonl             one JSON record per (op, case, provider), appended
@@ -17,7 +21,10 @@
 #   BENCH_ARGS="..."       extra arguments for `python -m spectralkern.bench`, e.g. "--quick" or
 #                          "--providers spectralkern torch_bmm" (torch_compile's warm-up is most of the full run)
 #   SPECTRALKERN_GIT_SHA   the commit to record when the tree travels without .git
-# Exit status: non-zero when the tests or the benchmark failed; both always run.
+#   SPECTRALKERN_CUDA_ARCHS  the extension's targets (default here: 90, the H100/H200)
+#   SKIP_CUDA_BUILD=1      keep the extension already built in spectralkern/ (or none)
+#   SKIP_SANITIZER=1       no compute-sanitizer pass
+# Exit status: non-zero when the build, the tests, the sanitizer or the benchmark failed; all always run.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -25,8 +32,8 @@ RESULTS="${OUT:-benchmarks/results}"
 mkdir -p "$RESULTS"
 PYTHON="${PYTHON:-python3}"
 
-# This checkout, installed or not: the repository root goes first on the import path. (Once csrc/ has CUDA code,
-# build it here first: pip install -e . --no-deps --no-build-isolation.)
+# This checkout, installed or not: the repository root goes first on the import path, so the extension built in
+# place below (spectralkern/_C*.so + _build_info.json) is the one the tests and the benchmark load.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET  # compile the kernels for the GPU
@@ -37,10 +44,31 @@ if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() el
 fi
 nvidia-smi >"$RESULTS/nvidia-smi.txt" 2>&1 || echo "nvidia-smi failed (see $RESULTS/nvidia-smi.txt)"
 
+build_status=0
+: >"$RESULTS/cuda.log"
+if [[ "${SKIP_CUDA_BUILD:-0}" != 1 ]]; then
+    echo "== CUDA extension build (log: $RESULTS/cuda.log)"
+    SPECTRALKERN_CUDA_ARCHS="${SPECTRALKERN_CUDA_ARCHS:-90}" "$PYTHON" setup.py build_ext --inplace \
+        >>"$RESULTS/cuda.log" 2>&1 || build_status=$?
+    tail -n 3 "$RESULTS/cuda.log"
+fi
+"$PYTHON" -m spectralkern info 2>&1 | tee -a "$RESULTS/cuda.log"  # the archs it carries and whether it is live
+
 tests_status=0
 if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
     echo "== tests (log: $RESULTS/gpu-tests.log)"
     "$PYTHON" -m pytest tests -x -q -rs -p no:cacheprovider 2>&1 | tee "$RESULTS/gpu-tests.log" || tests_status=$?
+fi
+
+sanitizer_status=0
+if [[ "${SKIP_SANITIZER:-0}" != 1 ]]; then
+    echo "== compute-sanitizer memcheck over the CUDA backend's GPU tests (log: $RESULTS/cuda.log)"
+    # Without torch's caching allocator every tensor is its own allocation, so memcheck sees out-of-bounds accesses
+    # that would otherwise land inside a cached block. opcheck/compile are left out: inductor under memcheck is slow.
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 50 \
+        "$PYTHON" -m pytest tests/test_cuda_ext.py -m gpu -k "not opcheck_and_compile" -q -rs -p no:cacheprovider \
+        >>"$RESULTS/cuda.log" 2>&1 || sanitizer_status=$?
+    tail -n 5 "$RESULTS/cuda.log"
 fi
 
 echo "== benchmarks (log: $RESULTS/bench.log)"
@@ -48,5 +76,6 @@ bench_status=0
 # shellcheck disable=SC2086  # BENCH_ARGS is split on purpose
 "$PYTHON" -m spectralkern.bench --out "$RESULTS" ${BENCH_ARGS:-} 2>&1 | tee "$RESULTS/bench.log" || bench_status=$?
 
-echo "== tests exit status $tests_status, benchmark exit status $bench_status; results in $RESULTS"
-[[ $tests_status == 0 && $bench_status == 0 ]]
+echo "== exit status: CUDA build $build_status, tests $tests_status, compute-sanitizer $sanitizer_status," \
+     "benchmark $bench_status; results in $RESULTS"
+[[ $build_status == 0 && $tests_status == 0 && $sanitizer_status == 0 && $bench_status == 0 ]]

@@ -50,9 +50,12 @@ def triton_status() -> BackendStatus:
 
 @functools.cache
 def cuda_ext_status() -> BackendStatus:
-    if importlib.util.find_spec("spectralkern._C") is None:
-        return BackendStatus("cuda", False, "the CUDA extension is not built (pure-Python install)")
-    return BackendStatus("cuda", False, "the CUDA extension is present but no op uses it yet")
+    """The compiled extension (spectralkern._C): built or not, the CUDA version and archs it carries, and why it
+    is not live when it is not (see ``_cuda_ext``; a present but unusable build warns once)."""
+    from . import _cuda_ext  # loads nothing at import of spectralkern: the first dispatch or `info` gets here
+
+    status = _cuda_ext.status()
+    return BackendStatus("cuda", status.live, status.reason)
 
 
 def torch_status() -> BackendStatus:

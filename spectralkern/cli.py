@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from . import _backend
+from . import _backend, _cuda_ext
 
 
 def _version(package: str) -> str:
@@ -28,6 +28,7 @@ def info() -> int:
     for package in ("torch", "triton", "numpy", "scipy", "cupy"):
         print(f"{package:<12} {_version(package)}")
     print(f"torch CUDA   {torch.version.cuda or 'none (CPU build)'}")
+    print(f"cuda ext     {_cuda_ext.describe_build()}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             major, minor = torch.cuda.get_device_capability(i)
@@ -48,7 +49,7 @@ def info() -> int:
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for device in devices:
         try:
-            chosen = _backend.backend_for(device, ("triton", "torch"))
+            chosen = _backend.backend_for(device, _backend.BACKENDS)
         except RuntimeError as exc:
             chosen = f"error: {exc}"
         print(f"spectral_filter on {device.type}: {chosen}")

@@ -1,8 +1,8 @@
 """spectral_filter: y = h·x + U diag(g − h) Uᵀ x, block by block, as one torch custom op.
 
-Three layers: the plain-torch reference (also the CPU backend), the Triton launcher, and the custom ops
-``spectralkern::spectral_filter`` / ``spectralkern::spectral_filter_backward`` with fake and autograd
-registrations so the op works under autograd and torch.compile. ``_backend.backend_for`` picks the
+Three layers: the plain-torch reference (also the CPU backend), the Triton and compiled-CUDA (csrc/) launchers,
+and the custom ops ``spectralkern::spectral_filter`` / ``spectralkern::spectral_filter_backward`` with fake and
+autograd registrations so the op works under autograd and torch.compile. ``_backend.backend_for`` picks the
 implementation. The public entry point is ``spectral_filter(x, basis, gains, passthrough)``.
 """
 from __future__ import annotations
@@ -97,17 +97,69 @@ def _launch_triton(x: torch.Tensor, U: torch.Tensor, block_ptr: torch.Tensor, ga
     return y, grads
 
 
+# ------------------------------------------------------------------------------------------ CUDA launcher
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CUDA_MAX_K = 128  # the widest basis the compiled kernels instantiate (csrc/spectral_filter.h, kMaxK)
+
+
+def _tensor_desc(t: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """A 2-D tensor as the extension takes it: (data_ptr, rows, cols, stride0, stride1), strides in elements."""
+    return t.data_ptr(), t.shape[0], t.shape[1], t.stride(0), t.stride(1)
+
+
+def _launch_cuda(x: torch.Tensor, U: torch.Tensor, block_ptr: torch.Tensor, gains: torch.Tensor,
+                 passthrough: float, *, saved_x: torch.Tensor | None = None, write_y: bool = True,
+                 out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The compiled kernels (csrc/) over all blocks × column tiles; the same contract as ``_launch_triton``.
+
+    x (and saved_x) float32/float16/bfloat16, any strides; U and gains are read as float32 (converted here when
+    they are not), block_ptr as int64 on x's device. The kernel runs on torch's current stream of x's device and
+    writes into torch-allocated memory; the gains' gradient comes back as per-tile partial sums, added up here.
+    """
+    from .. import _cuda_ext
+
+    ext = _cuda_ext.module()
+    n, d = x.shape
+    k = U.shape[1]
+    num_blocks = block_ptr.numel() - 1
+    y = out if out is not None else torch.empty((n, d) if write_y else (0, 0), dtype=x.dtype, device=x.device)
+    gain_grad = saved_x is not None
+    if n == 0 or d == 0:  # nothing to launch (no nodes implies only empty blocks)
+        return y, torch.zeros(num_blocks, k, dtype=torch.float32, device=x.device) if gain_grad else None
+    U32, gains32 = U.to(torch.float32), gains.to(torch.float32)
+    offsets = block_ptr.to(device=x.device, dtype=torch.int64)
+    saved = saved_x.to(x.dtype) if gain_grad else None
+    partial = (torch.empty((num_blocks, -(-d // ext.TILE_D), k), dtype=torch.float32, device=x.device)
+               if gain_grad else None)
+    with torch.cuda.device(x.device):
+        ext.spectral_filter(
+            x=_tensor_desc(x), U=_tensor_desc(U32), gains=_tensor_desc(gains32),
+            block_ptr=(offsets.data_ptr(), offsets.numel()), y=_tensor_desc(y) if write_y else None,
+            saved_x=_tensor_desc(saved) if gain_grad else None,
+            gain_grad=(partial.data_ptr(), partial.numel()) if gain_grad else None,
+            dtype=ext.DTYPES[str(x.dtype).removeprefix("torch.")], passthrough=float(passthrough),
+            device=x.device.index, stream=torch.cuda.current_stream(x.device).cuda_stream)
+    return y, partial.sum(dim=1) if gain_grad else None
+
+
 # ------------------------------------------------------------------------------------------ custom ops
 def spectral_filter_backend(x: torch.Tensor, k: int) -> str:
     """The backend that runs the filter for an input like ``x`` and a basis with ``k`` columns."""
-    triton_ok = x.dtype in _TRITON_DTYPES and k <= TRITON_MAX_K
-    return backend_for(x.device, ("triton", "torch") if triton_ok else ("torch",))
+    implemented = ("torch",)
+    if x.dtype in _TRITON_DTYPES and k <= TRITON_MAX_K:
+        implemented = ("triton",) + implemented
+    if x.dtype in _CUDA_DTYPES and k <= CUDA_MAX_K:  # listed even when not built: forcing it then says why
+        implemented = ("cuda",) + implemented
+    return backend_for(x.device, implemented)
 
 
 @torch.library.custom_op("spectralkern::spectral_filter", mutates_args=())
 def _spectral_filter_op(x: torch.Tensor, U: torch.Tensor, block_ptr: torch.Tensor, gains: torch.Tensor,
                         passthrough: float) -> torch.Tensor:
-    if spectral_filter_backend(x, U.shape[1]) == "triton":
+    backend = spectral_filter_backend(x, U.shape[1])
+    if backend == "cuda":
+        return _launch_cuda(x, U, block_ptr, gains, passthrough)[0]
+    if backend == "triton":
         return _launch_triton(x, U, block_ptr, gains, passthrough)[0]
     return spectral_filter_reference(x, U, block_ptr, gains, passthrough).contiguous()
 
@@ -123,7 +175,11 @@ def _spectral_filter_backward_op(grad_y: torch.Tensor, x: torch.Tensor, U: torch
                                  need_gains_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_x (N, d) or empty, grad_gains (B, k) or empty). ``x`` is only read when need_gains_grad."""
     empty = grad_y.new_empty(0)
-    if spectral_filter_backend(grad_y, U.shape[1]) == "triton":
+    backend = spectral_filter_backend(grad_y, U.shape[1])
+    if backend == "cuda":
+        grad_x, grad_gains = _launch_cuda(grad_y, U, block_ptr, gains, passthrough,
+                                          saved_x=x if need_gains_grad else None, write_y=need_x_grad)
+    elif backend == "triton":
         grad_x, grad_gains = _launch_triton(grad_y, U, block_ptr, gains, passthrough,
                                             saved_x=x if need_gains_grad else None, write_y=need_x_grad)
     else:

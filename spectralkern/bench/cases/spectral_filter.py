@@ -1,7 +1,9 @@
 """Benchmark of the spectral filter y = h·x + U diag(g − h) Uᵀ x, block by block.
 
 Providers:
-    spectralkern    ``spectralkern.spectral_filter`` (label shows the backend that ran: triton or torch)
+    spectralkern    ``spectralkern.spectral_filter`` (label shows the backend that ran: cuda, triton or torch)
+    spectralkern_triton  the Triton kernel launched directly, timed beside the compiled one when ``spectralkern``
+                    ran on the CUDA extension (csrc/)
     torch_loop      eager torch, a Python loop over blocks: two GEMMs per block, h·x fused into the second
                     (``addmm`` with beta = h) and written straight into one preallocated output
     torch_bmm       eager torch for uniform blocks only: bmm → scale → baddbmm over (B, n, ·) views, no copies
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...ops.spectral_filter import spectral_filter, spectral_filter_backend
+from ...ops.spectral_filter import _launch_triton, spectral_filter, spectral_filter_backend
 from ..case import Case, Prepared, Provider
 from ..inputs import ragged_block_ptr, random_basis, uniform_block_ptr
 
@@ -145,6 +147,10 @@ def _prepare(cfg: _Config, dtype: torch.dtype, quick: bool, device: torch.device
     else:
         providers.append(Provider("spectralkern", backend,
                                   lambda: spectral_filter(x, basis, gains, passthrough=h)))
+    if backend == "cuda":
+        block_ptr = basis.block_ptr_on(device)
+        providers.append(Provider("spectralkern_triton", "triton",
+                                  lambda: _launch_triton(x, U, block_ptr, gains, h)[0]))
 
     providers.append(Provider("torch_loop", "torch", lambda: _loop_eager(x, U, block_gains, spans, h)))
     uniform = len({hi - lo for lo, hi, _ in spans}) == 1 and len(spans) == cfg.block_ptr.numel() - 1
