@@ -1,10 +1,14 @@
 """Parameter-efficient adapters (SMoA, ...) and the model-patching helpers they share."""
-from ._patching import (BaseWeightMismatchError, ParameterReport, find_target_modules, fingerprint_tensors,
-                        freeze_all_except, is_linear_like, linear_features, linear_like_names, linear_weight,
-                        replace_module, trainable_parameters)
+from ._patching import (BaseWeightMismatchError, ParameterReport, combine_fingerprints, find_target_modules,
+                        fingerprint_tensors, freeze_all_except, is_linear_like, linear_features, linear_like_names,
+                        linear_weight, replace_module, trainable_parameters)
+from .smoa import (SMoAConfig, SMoALinear, apply_smoa, load_smoa, merge_smoa, save_smoa, smoa_layers,
+                   smoa_parameter_count, unmerge_smoa)
 
 __all__ = [
-    "BaseWeightMismatchError", "ParameterReport", "find_target_modules", "fingerprint_tensors",
+    "BaseWeightMismatchError", "ParameterReport", "combine_fingerprints", "find_target_modules", "fingerprint_tensors",
     "freeze_all_except", "is_linear_like", "linear_features", "linear_like_names", "linear_weight",
     "replace_module", "trainable_parameters",
+    "SMoAConfig", "SMoALinear", "apply_smoa", "load_smoa", "merge_smoa", "save_smoa", "smoa_layers",
+    "smoa_parameter_count", "unmerge_smoa",
 ]

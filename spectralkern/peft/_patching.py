@@ -194,6 +194,18 @@ def fingerprint_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def combine_fingerprints(fingerprints: Mapping[str, str]) -> str:
+    """One sha256 (hex) for several named fingerprints (e.g. one per adapted layer), order-independent.
+
+    Lets an adapter fingerprint each layer once, when it wraps it, and combine them later (after merges the
+    stored weights no longer match, but the cached per-layer fingerprints still describe the base).
+    """
+    digest = hashlib.sha256()
+    for name in sorted(fingerprints):
+        digest.update(f"{name}={fingerprints[name]}\n".encode())
+    return digest.hexdigest()
+
+
 # ------------------------------------------------------------------------------------------ safetensors I/O
 def save_adapter_file(path: str | Path, tensors: Mapping[str, torch.Tensor], *, method: str, fingerprint: str,
                       config: Mapping[str, object]) -> Path:
