@@ -14,7 +14,9 @@ import sys
 KERNEL_MODULES = ("spectralkern.ops._triton_spectral_filter",
                   "spectralkern.ops._triton_laplacian_quadratic",
                   "spectralkern.ops._triton_spectral_adamw",
-                  "spectralkern.ops._triton_adamw")
+                  "spectralkern.ops._triton_adamw",
+                  "spectralkern.ops._triton_smoa_fwd",
+                  "spectralkern.ops._triton_smoa_bwd")
 TARGETS = (("cuda", 80, 32), ("cuda", 90, 32))
 
 
