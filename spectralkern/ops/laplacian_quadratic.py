@@ -272,7 +272,6 @@ def laplacian_quadratic(delta: torch.Tensor, L: GraphLaplacian) -> torch.Tensor:
     return torch.ops.spectralkern.laplacian_quadratic(x, *plan)
 
 
-@torch._dynamo.assume_constant_result
 def _plan_tensors(L: GraphLaplacian, shape: tuple[int, ...], device: torch.device,
                   dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """Checks delta against L and returns the cached plan's tensors. Run eagerly even under torch.compile (the
@@ -284,3 +283,8 @@ def _plan_tensors(L: GraphLaplacian, shape: tuple[int, ...], device: torch.devic
     implemented = ("triton", "torch") if dtype in _TRITON_DTYPES else ("torch",)
     plan = _plan_for(L, device, _acc_dtype(dtype), backend_for(device, implemented))
     return plan.crow, plan.col, plan.val, plan.dense, plan.tiles
+
+
+# What torch.compiler.assume_constant_result(_plan_tensors) does, minus its import of torch._dynamo (seconds at
+# `import spectralkern`); the torch.compile test guards this.
+_plan_tensors._dynamo_marked_constant = True

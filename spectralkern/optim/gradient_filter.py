@@ -202,9 +202,10 @@ class SpectralGradientFilter:
             if graph_.num_edges == 0 and param.shape[0] > 1:
                 edgeless.append(name)
         if edgeless:
-            warnings.warn(f"the kNN graphs of {', '.join(edgeless)} have no edges (all-zero rows, e.g. a freshly "
-                          "initialised LoRA B): until a refresh builds a graph from the trained weights, their "
-                          "gradients are projected onto k arbitrary basis vectors per block", stacklevel=2)
+            warnings.warn(f"the kNN graphs of {', '.join(edgeless)} have no edges (no two rows of a block with a "
+                          "positive cosine similarity, e.g. the all-zero rows of a freshly initialised LoRA B): "
+                          "until a refresh builds a graph from the trained weights, their gradients are projected "
+                          "onto k arbitrary basis vectors per block", stacklevel=2)
         if hook:
             for target in self._targets:
                 self._hooks.append(target.param.register_post_accumulate_grad_hook(self._make_hook(target)))
