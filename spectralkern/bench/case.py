@@ -32,6 +32,12 @@ class Prepared:
     reference: torch.Tensor            # float64 result on the same (already rounded) inputs
     tolerance: float                   # largest acceptable ‖out − ref‖ / ‖ref‖ for this dtype
     skipped: dict[str, str] = field(default_factory=dict)
+    # Answers for providers that compute something else than ``reference`` (another algorithm timed in the same
+    # case, e.g. a GaLore step beside AdamW steps), by provider name.
+    references: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def reference_for(self, provider: str) -> torch.Tensor:
+        return self.references.get(provider, self.reference)
 
 
 @dataclass(frozen=True)

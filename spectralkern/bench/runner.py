@@ -106,7 +106,8 @@ def _time_providers(case: Case, device: torch.device, budget: TimerBudget, only:
         if only is not None and provider.name not in only:
             continue
         try:
-            timing, err, memory = _measure(provider, device, budget, prepared.reference, prepared.tolerance)
+            timing, err, memory = _measure(provider, device, budget, prepared.reference_for(provider.name),
+                                           prepared.tolerance)
         except Exception as exc:
             traceback.print_exc()
             failures.append(f"{title} {provider.label}: {exc!r}")
