@@ -5,6 +5,7 @@ its optimizer, and the objective. Built in:
 
     full               full fine-tuning with torch.optim.AdamW (word-embedding table frozen, see MethodConfig)
     lora               LoRA adapters (peft) on the attention query/value projections + the classification head
+    smoa               SMoA adapters (spectralkern.peft, paper 002) on the same targets with LoRA's budget + head
     spectral           ours: full fine-tuning whose encoder Linear weights get the spectral gradient filter
                        (paper 001's U g(Λ) Uᵀ ∇), fused into SpectralAdamW; objective = task loss
     spectral_reg       ours: the same plus the Laplacian regulariser, joint loss L_task + λ·tr(ΔᵀLΔ)
@@ -43,6 +44,7 @@ class MethodConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.1
     lora_targets: tuple[str, ...] = ("query", "value")
+    smoa_blocks: int = 2                   # SMoA: K spectral blocks; rank K·lora_r keeps LoRA's parameter budget
     spectral_targets: tuple[str, ...] = ("query", "key", "value", "output.dense", "intermediate.dense")
     graph: str = "knn"
     block_size: int = 128
@@ -175,6 +177,18 @@ def build_lora(model: SentenceClassifier, config: MethodConfig) -> TrainSetup:
     return TrainSetup(model, optimizer)
 
 
+def build_smoa(model: SentenceClassifier, config: MethodConfig) -> TrainSetup:
+    """SMoA (paper 002) on LoRA's targets with LoRA's trainable budget: rank K·lora_r split over K blocks gives
+    K·lora_r·(in + out)/K = lora_r·(in + out) parameters per layer; alpha scaled alike (same alpha / r)."""
+    from ..peft import SMoAConfig, apply_smoa, trainable_parameters
+    blocks = config.smoa_blocks
+    smoa = SMoAConfig(r=config.lora_r * blocks, alpha=config.lora_alpha * blocks, num_blocks=blocks,
+                      dropout=config.lora_dropout, target_modules=list(config.lora_targets))
+    apply_smoa(model.encoder, smoa)   # freezes every encoder weight except the SMoA factors
+    optimizer = torch.optim.AdamW(_param_groups(model, config.lora_lr, config))
+    return TrainSetup(model, optimizer, notes={"smoa_trainable": trainable_parameters(model.encoder).trainable})
+
+
 def make_spectral_filter(model: nn.Module, config: MethodConfig, target_modules: tuple[str, ...] | None = None):
     """The SpectralGradientFilter the spectral methods use, from ``config``."""
     from ..filters import heat
@@ -217,6 +231,8 @@ register_method(Method("full", "Full FT (AdamW)", build_full,
                        "all encoder weights (word-embedding table frozen) + head, torch.optim.AdamW"))
 register_method(Method("lora", "LoRA (peft)", build_lora,
                        "LoRA r=8 on query/value (peft) + head; encoder frozen"))
+register_method(Method("smoa", "SMoA (fused)", build_smoa,
+                       "SMoA, K=2 spectral blocks, rank 2·lora_r on query/value (LoRA's budget) + head"))
 register_method(Method("spectral", "Spectral filter (ours)", build_spectral,
                        "full FT with the spectral gradient filter on the encoder Linear weights (SpectralAdamW)"))
 register_method(Method("spectral_reg", "Spectral filter + reg. (ours)", build_spectral_reg,

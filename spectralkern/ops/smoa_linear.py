@@ -151,7 +151,7 @@ def _delta_weight(weight, b_packed, a_packed, index, block_sizes, scale, dtype=N
         cols = parts.col_perm[c_ptr[k]:c_ptr[k + 1]]
         anchor = w[rows][:, cols]  # M_k, recomputed from the base weight
         block = (b[r_ptr[k]:r_ptr[k + 1]] @ a[:, c_ptr[k]:c_ptr[k + 1]]) * anchor
-        delta = delta.index_put((rows[:, None], cols[None, :]), block)
+        delta[rows[:, None], cols[None, :]] = block  # in place on a fresh tensor: autograd-safe, no copies
     return delta * scale
 
 

@@ -219,8 +219,9 @@ class SMoALinear(nn.Module):
         weight = linear_weight(self.base_layer)
         b, a = self.packed_factors()
         if self.impl == "reference":
-            delta = smoa_delta_weight(weight, b, a, self.layout, self.scaling, dtype=b.dtype)
-            return self.base_layer(x) + F.linear(self.dropout(x).to(delta.dtype), delta).to(x.dtype)
+            # As the authors: ΔW built in the factors' dtype, applied in x's dtype.
+            delta = smoa_delta_weight(weight, b, a, self.layout, self.scaling, dtype=b.dtype).to(x.dtype)
+            return self.base_layer(x) + F.linear(self.dropout(x), delta)
         bias = self.base_layer.bias
         if isinstance(self.dropout, nn.Identity) or not self.training:
             return smoa_linear(x, weight, bias, b, a, self.layout, self.scaling, include_base=True)
