@@ -481,3 +481,29 @@ def test_gpu_half_precision_matches_float64(seed, dtype):
     expected = torch.autograd.grad(y64, (x_gpu, b, a), grad_y.double())
     for g, e in zip(got, expected):
         assert relative_error(g, e) <= 1e-2
+
+
+# ------------------------------------------------------------------------------------------ integrations
+def test_bench_case_peers_agree_and_share_the_budget(seed):
+    pytest.importorskip("peft")
+    from spectralkern.bench.cases import smoa as smoa_case
+
+    cfg = smoa_case._Config(out_features=40, in_features=24, tokens=9, rank=4, num_blocks=2, mode="fwd_bwd")
+    prepared = smoa_case._prepare(cfg, torch.float32, torch.device("cpu"))
+    names = [p.name for p in prepared.providers]
+    assert names == ["spectralkern", "smoa_eager", "lora_peft", "lora_peft_nocast"]
+    for provider in prepared.providers:  # LoRA on W + ΔW with B = 0 gives SMoA's grad_x
+        assert relative_error(provider.fn(), prepared.reference) <= 1e-5, provider.name
+    assert smoa_case._lora(torch.zeros(40, 24), torch.zeros(40), 2, 4.0, True).get_nb_trainable_parameters()[0] \
+        == 4 * (40 + 24) // 2
+
+
+def test_finetune_registry_builds_smoa_with_loras_budget(minilm, seed):
+    from spectralkern.finetune.methods import MethodConfig, get_method
+    from spectralkern.finetune.model import SentenceClassifier
+
+    config = MethodConfig()
+    setups = {name: get_method(name).build(SentenceClassifier(copy.deepcopy(minilm), 3), config)
+              for name in ("smoa", "lora")}
+    assert setups["smoa"].trainable_parameters() == setups["lora"].trainable_parameters()
+    assert len(smoa_layers(setups["smoa"].model.encoder)) == 12
