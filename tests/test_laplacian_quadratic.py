@@ -112,7 +112,8 @@ def test_plan_splits_dense_blocks_and_csr_exactly(seed):
         assert longest == int((plan.crow[row_start + 1:row_stop + 1] - plan.crow[row_start:row_stop]).max())
         if nb and block_start not in seen:
             seen.add(block_start)
-            rebuilt[block_start:block_start + nb, block_start:block_start + nb] += plan.dense[off:off + nb * nb].view(nb, nb)
+            window = slice(block_start, block_start + nb)
+            rebuilt[window, window] += plan.dense[off:off + nb * nb].view(nb, nb)
     assert seen == {0, 11, 12}  # blocks of 3, 1 and 5 rows are dense; the 8-row block is over the limit
     torch.testing.assert_close(rebuilt, L.to_dense(), rtol=0, atol=0)
 

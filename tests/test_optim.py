@@ -152,6 +152,21 @@ def test_refresh_rebuilds_graph_and_basis_from_current_weights(seed):
     assert not torch.allclose(refreshed.eigenvalues, first.eigenvalues)  # the weights moved in step 1
 
 
+def test_refresh_warm_starts_the_eigensolver_when_the_package_has_one(seed, monkeypatch):
+    calls = []
+
+    def fake_lowest_eigenpairs(L, k, *, v0=None):
+        calls.append(v0)
+        return sk.SpectralBasis.from_laplacian(L, k)
+    monkeypatch.setattr(sk, "lowest_eigenpairs", fake_lowest_eigenpairs, raising=False)
+    model = tiny_model(seed)
+    filt = sk.SpectralGradientFilter(model, ["0"], block_size=8, k=3, knn=3, refresh_every=1)
+    first = filt.bases()["0.weight"]
+    task_loss(model, 0).backward()
+    filt.step()
+    assert calls == [None, first]  # cold at construction, warm-started from the last basis at the refresh
+
+
 def test_gradient_correlation_graph_is_the_top_knn_of_the_ema(seed):
     model = tiny_model(seed, hidden=10)
     filt = sk.SpectralGradientFilter(model, ["0"], graph="gradient_correlation", block_size=4, k=2, knn=2,
@@ -322,6 +337,22 @@ def test_bf16_parameters_keep_fp32_moments(seed, monkeypatch):
     opt2 = sk.SpectralAdamW(model.parameters(), lr=1e-2)
     opt2.load_state_dict(opt.state_dict())
     assert torch.equal(opt2.state[model[0].weight]["exp_avg_sq"], state["exp_avg_sq"])
+
+
+def test_bf16_states_on_request(seed, monkeypatch):
+    monkeypatch.setenv("SPECTRALKERN_BACKEND", "torch")
+    model = tiny_model(seed, dtype=torch.bfloat16)
+    opt = sk.SpectralAdamW(model.parameters(), lr=1e-2, state_dtype=torch.bfloat16)
+    task_loss(model, 0).backward()
+    grad = model[0].weight.grad.float()
+    opt.step()
+    state = opt.state[model[0].weight]
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+    # fp32 arithmetic, one rounding of each moment.
+    expected_m = torch.zeros_like(grad).lerp_(grad, 0.1).to(torch.bfloat16)
+    assert torch.equal(state["exp_avg"], expected_m)
+    with pytest.raises(ValueError, match="state_dtype must be torch.float32 or torch.bfloat16"):
+        sk.SpectralAdamW(model.parameters(), state_dtype=torch.float16)
 
 
 # ------------------------------------------------------------------------------------------------ resume

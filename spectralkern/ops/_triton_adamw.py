@@ -1,7 +1,7 @@
 """Triton kernel: the AdamW update of one flat, contiguous parameter (the path for parameters without a graph).
 
-Elementwise, BLOCK elements per program: g, p, m, v read once; p, m, v written once; fp32 arithmetic with
-IEEE-rounded sqrt and divisions, the operation order of torch.optim.AdamW.
+Elementwise, BLOCK elements per program: g, p, m, v read once; p, m, v written once; fp32 arithmetic (whatever
+the storage dtypes) with IEEE-rounded sqrt and divisions, the operation order of torch.optim.AdamW.
 """
 from __future__ import annotations
 
@@ -22,27 +22,27 @@ def adamw_kernel(
     ok = offs < numel
     g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     p = tl.load(p_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=ok, other=0.0)
-    v = tl.load(v_ptr + offs, mask=ok, other=0.0)
+    m = tl.load(m_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     p = p * decay
     m = m + one_minus_beta1 * (g - m)
     v = v * beta2 + one_minus_beta2 * g * g
     denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
     p = p + tl.div_rn(-step_size * m, denom)
-    tl.store(m_ptr + offs, m, mask=ok)
-    tl.store(v_ptr + offs, v, mask=ok)
+    tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=ok)
+    tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=ok)
     tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=ok)
 
 
 def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object]]]:
-    """fp32, bf16 and fp16 parameters (states always fp32), for the AOT compile check."""
+    """fp32, bf16 and fp16 parameters with fp32 states, and bf16 with bf16 states, for the AOT compile check."""
     variants = []
-    for p_type in ("fp32", "bf16", "fp16"):
-        pointer_types = {"g_ptr": p_type, "p_ptr": p_type, "m_ptr": "fp32", "v_ptr": "fp32"}
+    for p_type, s_type in (("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32"), ("bf16", "bf16")):
+        pointer_types = {"g_ptr": p_type, "p_ptr": p_type, "m_ptr": s_type, "v_ptr": s_type}
         constexprs = dict(BLOCK=BLOCK)
         signature = {name: "constexpr" if name in constexprs else
                      f"*{pointer_types[name]}" if name in pointer_types else
                      "i64" if name == "numel" else "fp32"
                      for name in adamw_kernel.arg_names}
-        variants.append((f"p {p_type}", signature, constexprs))
+        variants.append((f"p {p_type}, m/v {s_type}", signature, constexprs))
     return variants

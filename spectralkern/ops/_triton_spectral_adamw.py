@@ -6,8 +6,9 @@ rows again: the filtered gradient g̃ = h·g + U_b diag(gains − h) C is formed
 h ≠ 0, straight after pass 1, from L2), then p, m, v are read, updated as torch.optim.AdamW does, and written.
 Traffic per element: g, m, v, p read once; m, v, p written once; no full-size temporary.
 
-p, m and v share one set of strides (m, v are allocated like p). Loads are converted to fp32 right away (the
-interpreter gets bf16 arithmetic wrong); sqrt and the two divisions are IEEE-rounded, as torch's are.
+p, m and v share one set of strides (m, v are allocated like p); m and v are fp32, or bf16 on request (the
+optimizer's state_dtype). Loads are converted to fp32 right away (the interpreter gets bf16 arithmetic wrong);
+sqrt and the two divisions are IEEE-rounded, as torch's are.
 """
 from __future__ import annotations
 
@@ -70,15 +71,15 @@ def spectral_adamw_kernel(
         p_off = rows[:, None] * stride_pn + cols[None, :] * stride_pd
         s_off = rows[:, None] * stride_sn + cols[None, :] * stride_sd
         p = tl.load(p_ptr + p_off, mask=tile_mask, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + s_off, mask=tile_mask, other=0.0)
-        v = tl.load(v_ptr + s_off, mask=tile_mask, other=0.0)
+        m = tl.load(m_ptr + s_off, mask=tile_mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + s_off, mask=tile_mask, other=0.0).to(tl.float32)
         p = p * decay
         m = m + one_minus_beta1 * (g - m)
         v = v * beta2 + one_minus_beta2 * g * g
         denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
         p = p + tl.div_rn(-step_size * m, denom)
-        tl.store(m_ptr + s_off, m, mask=tile_mask)
-        tl.store(v_ptr + s_off, v, mask=tile_mask)
+        tl.store(m_ptr + s_off, m.to(m_ptr.dtype.element_ty), mask=tile_mask)
+        tl.store(v_ptr + s_off, v.to(v_ptr.dtype.element_ty), mask=tile_mask)
         tl.store(p_ptr + p_off, p.to(p_ptr.dtype.element_ty), mask=tile_mask)
 
 
@@ -86,10 +87,11 @@ def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object]]]:
     """The specialisations the launcher produces (fp32 / bf16 / fp16 parameters, small and large k, with and
     without pass-through), for the AOT compile check."""
     variants = []
-    for p_type, precision in (("fp32", "tf32x3"), ("bf16", "tf32"), ("fp16", "tf32")):
+    for p_type, s_type, precision in (("fp32", "fp32", "tf32x3"), ("bf16", "fp32", "tf32"), ("fp16", "fp32", "tf32"),
+                                      ("bf16", "bf16", "tf32")):
         for k_pad, passthrough in ((16, False), (32, True), (128, False), (256, False)):
             block_n, block_d = tile_sizes(k_pad)
-            pointer_types = {"g_ptr": p_type, "p_ptr": p_type, "m_ptr": "fp32", "v_ptr": "fp32", "u_ptr": "fp32",
+            pointer_types = {"g_ptr": p_type, "p_ptr": p_type, "m_ptr": s_type, "v_ptr": s_type, "u_ptr": "fp32",
                              "gains_ptr": "fp32", "block_ptr_ptr": "i64"}
             constexprs = dict(BLOCK_N=block_n, BLOCK_D=block_d, K_PAD=k_pad, DOT_PRECISION=precision,
                               HAS_PASSTHROUGH=passthrough)
@@ -98,6 +100,6 @@ def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object]]]:
                          "i64" if name.startswith("stride") else
                          "i32" if name in ("d", "k") else "fp32"
                          for name in spectral_adamw_kernel.arg_names}
-            variants.append((f"p {p_type}, K_PAD={k_pad}{', passthrough' if passthrough else ''}", signature,
-                             constexprs))
+            label = f"p {p_type}, m/v {s_type}, K_PAD={k_pad}{', passthrough' if passthrough else ''}"
+            variants.append((label, signature, constexprs))
     return variants

@@ -12,7 +12,8 @@ Backends (``_backend.backend_for``):
             reads g, m, v, p once and writes m, v, p once (g is read a second time, from L2, only when h ≠ 0);
             without a basis: ``_triton_adamw``, a flat elementwise kernel.
     torch   the reference: filter into a temporary, then the AdamW ops of torch's single-tensor path.
-Parameters in fp16/bf16 keep their states in fp32 and are updated in fp32 then rounded once.
+All arithmetic is fp32 (fp64 for fp64 parameters) whatever the storage: fp16/bf16 parameters are updated in fp32
+and rounded once; their moments are fp32 by default, or bf16 (rounded once per step) when asked for.
 """
 from __future__ import annotations
 
@@ -49,9 +50,10 @@ class AdamWHyper:
         return (1 - self.beta2 ** self.step) ** 0.5
 
 
-def state_dtype(param: torch.Tensor) -> torch.dtype:
-    """dtype of m and v for ``param``: fp32 for half-precision parameters, the parameter's own otherwise."""
-    return torch.float32 if param.dtype in (torch.float16, torch.bfloat16) else param.dtype
+def state_dtype(param: torch.Tensor, half_state_dtype: torch.dtype = torch.float32) -> torch.dtype:
+    """dtype of m and v for ``param``: ``half_state_dtype`` (fp32 by default) for fp16/bf16 parameters, the
+    parameter's own dtype otherwise."""
+    return half_state_dtype if param.dtype in (torch.float16, torch.bfloat16) else param.dtype
 
 
 # ------------------------------------------------------------------------------------------ torch reference
@@ -59,21 +61,22 @@ def adamw_update_reference_(param: torch.Tensor, grad: torch.Tensor, exp_avg: to
                             exp_avg_sq: torch.Tensor, hyper: AdamWHyper, basis: SpectralBasis | None = None,
                             gains: torch.Tensor | None = None, passthrough: float = 0.0) -> None:
     """The update in plain torch (in place on param, exp_avg, exp_avg_sq). gains: (B, k) when basis is given."""
-    work = exp_avg.dtype
+    work = torch.float64 if param.dtype == torch.float64 else torch.float32
     g = grad
     if basis is not None:
         g = spectral_filter_reference(g, basis.U, basis.block_ptr, gains, passthrough)
     g = g.to(work)
-    p = param if param.dtype == work else param.to(work)
+    p, m, v = (t if t.dtype == work else t.to(work) for t in (param, exp_avg, exp_avg_sq))
     if hyper.weight_decay != 0:
         p.mul_(1 - hyper.lr * hyper.weight_decay)
-    exp_avg.lerp_(g, 1 - hyper.beta1)
-    exp_avg_sq.mul_(hyper.beta2).addcmul_(g, g, value=1 - hyper.beta2)
+    m.lerp_(g, 1 - hyper.beta1)
+    v.mul_(hyper.beta2).addcmul_(g, g, value=1 - hyper.beta2)
     step_size = hyper.lr / hyper.bias_correction1
-    denom = (exp_avg_sq.sqrt() / hyper.bias_correction2_sqrt).add_(hyper.eps)
-    p.addcdiv_(exp_avg, denom, value=-step_size)
-    if p is not param:
-        param.copy_(p)
+    denom = (v.sqrt() / hyper.bias_correction2_sqrt).add_(hyper.eps)
+    p.addcdiv_(m, denom, value=-step_size)
+    for stored, worked in ((param, p), (exp_avg, m), (exp_avg_sq, v)):
+        if worked is not stored:
+            stored.copy_(worked)
 
 
 # ------------------------------------------------------------------------------------------ triton launchers
@@ -130,7 +133,7 @@ def adamw_update_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor
     """Apply one AdamW step in place, on the filtered gradient when ``basis`` is given; returns the backend used.
 
     Shapes: param, grad (N, d) with a basis (N = basis.num_nodes), any shape without; exp_avg, exp_avg_sq like
-    param, dtype ``state_dtype(param)``; gains (B, k) on the basis' device. grad is only read.
+    param (fp32, or bf16 for half-precision parameters); gains (B, k) on the basis' device. grad is only read.
     """
     triton_ok = param.dtype in _TRITON_DTYPES and (basis is None or basis.k <= TRITON_MAX_K)
     implemented = ("triton", "torch") if triton_ok else ("torch",)

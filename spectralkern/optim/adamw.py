@@ -11,7 +11,8 @@ AdamW update (a flat Triton kernel on CUDA). ``.grad`` is left as it was (the ra
 Compatibility with torch.optim.AdamW: same constructor arguments (amsgrad must stay False), param groups, lr
 read from the groups at every step (LR schedulers work), state keys 'step', 'exp_avg', 'exp_avg_sq' (a torch
 AdamW state_dict loads, and ours loads into torch's). Differences: fp16/bf16 parameters keep fp32 moments (torch
-keeps them in the parameter's dtype); maximize, foreach, fused, capturable and differentiable are not offered.
+keeps them in the parameter's dtype; ``state_dtype=torch.bfloat16`` does the same for bf16 parameters, with
+fp32 arithmetic); maximize, foreach, fused, capturable and differentiable are not offered.
 On the CPU the update is the torch reference, bit-identical to torch.optim.AdamW (fp32 and fp64 parameters;
 half-precision parameters are updated in fp32 and rounded once).
 """
@@ -37,12 +38,19 @@ class SpectralAdamW(torch.optim.Optimizer):
         spectral_filter: the SpectralGradientFilter whose targets get the filtered update, or None (plain
             AdamW). It must not be in hook mode, and ``filt.step()`` must not be called: the optimizer filters
             inside its update and advances the filter's step count (and refreshes its bases when due).
+        state_dtype: storage of the moments of fp16/bf16 parameters: torch.float32 (default; 8 bytes per
+            parameter) or torch.bfloat16 (4 bytes, as torch.optim.AdamW keeps them for bf16 parameters). fp32 and
+            fp64 parameters always keep moments in their own dtype. The arithmetic is fp32 either way.
     """
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 amsgrad: bool = False, *, spectral_filter: SpectralGradientFilter | None = None):
+                 amsgrad: bool = False, *, spectral_filter: SpectralGradientFilter | None = None,
+                 state_dtype: torch.dtype = torch.float32):
         _check_hyper(lr, betas, eps, weight_decay, amsgrad)
+        if state_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype!r}")
+        self.half_state_dtype = state_dtype
         if spectral_filter is not None and not isinstance(spectral_filter, SpectralGradientFilter):
             raise TypeError(f"spectral_filter must be a SpectralGradientFilter or None, "
                             f"got {type(spectral_filter).__name__}")
@@ -88,9 +96,9 @@ class SpectralAdamW(torch.optim.Optimizer):
                 if not state:
                     # 'step' as torch keeps it for non-capturable, non-fused AdamW: a CPU float32 scalar.
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype(p),
-                                                           memory_format=torch.preserve_format)
+                    dtype = state_dtype(p, self.half_state_dtype)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 state["step"] += 1
                 hyper = AdamWHyper(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
                                    eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
@@ -107,18 +115,20 @@ class SpectralAdamW(torch.optim.Optimizer):
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """As torch's, but fp16/bf16 parameters keep fp32 moments (torch would cast them to the parameter's dtype)."""
+        """As torch's, but the moments of fp16/bf16 parameters keep ``state_dtype`` (torch would cast them to the
+        parameter's dtype)."""
         saved_groups = state_dict["param_groups"]
         saved_ids = list(chain.from_iterable(g["params"] for g in saved_groups))
         params = list(chain.from_iterable(g["params"] for g in self.param_groups))
         super().load_state_dict(state_dict)
         for saved_id, p in zip(saved_ids, params):
             saved = state_dict["state"].get(saved_id)
-            if saved is None or state_dtype(p) == p.dtype:
+            dtype = state_dtype(p, self.half_state_dtype)
+            if saved is None or dtype == p.dtype:
                 continue
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in saved:
-                    self.state[p][key] = saved[key].to(device=p.device, dtype=state_dtype(p), copy=True)
+                    self.state[p][key] = saved[key].to(device=p.device, dtype=dtype, copy=True)
 
 
 def _check_hyper(lr: float, betas: tuple[float, float], eps: float, weight_decay: float, amsgrad: bool) -> None:

@@ -8,7 +8,8 @@ g(λ). After ``backward()``:
 
 and the joint loss uses ``filt.regularization()`` = reg_weight · Σ_W tr(Δᵀ L Δ), Δ = W − W₀ (W₀: the weights when
 the filter was built). Every ``refresh_every`` steps the graphs are rebuilt from the current state and the bases
-recomputed (warm-started from the previous basis when the eigensolver supports it).
+recomputed: by ``sk.lowest_eigenpairs`` warm-started from the previous basis once the package exports it, by the
+exact dense per-block ``eigh`` (``SpectralBasis.from_laplacian``) until then.
 
 Graphs (``graph=``):
     "knn"                    cosine kNN of the current rows (``ParameterGraph.knn``, ``knn`` neighbours), within
@@ -365,7 +366,7 @@ class SpectralGradientFilter:
         """Each row keeps its ``knn`` largest EMA entries inside its block; symmetrised with the larger weight."""
         corr = t.correlation
         block_ptr = t.graph.block_ptr
-        num_blocks, n_max = corr.shape[0], corr.shape[-1]
+        n_max = corr.shape[-1]
         sizes = (block_ptr[1:] - block_ptr[:-1]).to(corr.device)
         local = torch.arange(n_max, device=corr.device)
         valid = local[None, :] < sizes[:, None]                                            # (B, n_max)
@@ -385,16 +386,26 @@ class SpectralGradientFilter:
         return ParameterGraph(n, block_ptr, r, c, w)
 
     def _basis(self, laplacian: GraphLaplacian, previous: SpectralBasis | None) -> SpectralBasis:
-        return SpectralBasis.from_laplacian(laplacian, self.k)
+        """The k lowest eigenpairs per block: ``sk.lowest_eigenpairs`` warm-started from the previous basis when the
+        package exports it (the partial eigensolver), else the exact dense ``SpectralBasis.from_laplacian``."""
+        import spectralkern
+
+        solver = getattr(spectralkern, "lowest_eigenpairs", None)
+        if solver is None:
+            return SpectralBasis.from_laplacian(laplacian, self.k)
+        warm = (previous is not None and previous.k == self.k and previous.num_nodes == laplacian.num_nodes
+                and torch.equal(previous.block_ptr, laplacian.block_ptr) and previous.dtype == laplacian.dtype
+                and previous.device == laplacian.device and not laplacian.has_cross_block_edges)
+        return solver(laplacian, self.k, v0=previous if warm else None)
 
     def _gains_for(self, name: str, basis: SpectralBasis) -> torch.Tensor:
         gains = self.gains
         if callable(gains):
             values = gains(basis.eigenvalues)
             if not isinstance(values, torch.Tensor) or values.shape != basis.eigenvalues.shape:
+                got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
                 raise ValueError(f"gains(eigenvalues) must return a tensor of the eigenvalues' shape "
-                                 f"{tuple(basis.eigenvalues.shape)}, got "
-                                 f"{tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__}")
+                                 f"{tuple(basis.eigenvalues.shape)}, got {got}")
         else:
             if gains.dim() == 1 and gains.shape[0] != basis.k:
                 raise ValueError(f"gains of shape (k,) must have k = {basis.k} entries, got {tuple(gains.shape)}")

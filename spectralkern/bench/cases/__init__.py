@@ -8,6 +8,7 @@ from types import ModuleType
 OPS: dict[str, str] = {
     "spectral_filter": "spectralkern.bench.cases.spectral_filter",
     "smoa": "spectralkern.bench.cases.smoa",
+    "optimizer": "spectralkern.bench.cases.optimizer",
 }
 
 
