@@ -173,7 +173,9 @@ def probe(*, find_spec: Callable = importlib.util.find_spec, import_module: Call
     if reason is not None:
         return ExtStatus(False, reason, module=None, info=info, warn=True)
     names = ", ".join(f"{name} (sm_{cap[0]}{cap[1]})" for _, name, cap in devices)
-    return ExtStatus(True, f"{built} on {names}", module=module, info=info)
+    driver = int(module.driver_cuda_version())
+    return ExtStatus(True, f"{built} on {names}; driver for CUDA {driver // 1000}.{driver % 1000 // 10}, torch built "
+                           f"for CUDA {torch.version.cuda}", module=module, info=info)
 
 
 @functools.cache

@@ -127,7 +127,7 @@ def _launch_cuda(x: torch.Tensor, U: torch.Tensor, block_ptr: torch.Tensor, gain
     if n == 0 or d == 0:  # nothing to launch (no nodes implies only empty blocks)
         return y, torch.zeros(num_blocks, k, dtype=torch.float32, device=x.device) if gain_grad else None
     U32, gains32 = U.to(torch.float32), gains.to(torch.float32)
-    offsets = block_ptr.to(device=x.device, dtype=torch.int64)
+    offsets = block_ptr.to(device=x.device, dtype=torch.int64).contiguous()  # the kernel indexes it densely
     saved = saved_x.to(x.dtype) if gain_grad else None
     partial = (torch.empty((num_blocks, -(-d // ext.TILE_D), k), dtype=torch.float32, device=x.device)
                if gain_grad else None)
