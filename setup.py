@@ -27,7 +27,7 @@ they skip the CUDA build with a message. Wheels and regular installs build the f
 Why: the README's test command is an editable install, and CI runs it on 2 CPU cores with nvcc present and no GPU.
 Measured here (2 cores shared with other jobs, load average ≈ 8, nvcc 13.0): the full default list (6 SASS
 targets + PTX) took 175 s of compiler CPU time, 8.3 min wall on the loaded machine (an estimated 1.5 min on two
-idle cores); sm_90 alone 52 s of CPU time. A compiler process peaked at 0.45 GiB. In the editable install the full
+idle cores); sm_90 alone 52 s of CPU time. A compiler process peaked at 0.45 GB. In the editable install the full
 build would add minutes to every CI run for a binary that cannot run there; the compile check in
 tests/test_cuda_ext.py already puts every kernel variant through nvcc and ptxas for sm_90, which is what catches
 a broken kernel.
@@ -63,7 +63,7 @@ MIN_ARCH = 80
 MIN_NVCC = (11, 8)
 # First nvcc release that knows each default arch: the fallback when `nvcc --list-gpu-arch` is unavailable.
 ARCH_SINCE = {80: (11, 0), 86: (11, 1), 89: (11, 8), 90: (11, 8), 100: (12, 8), 120: (12, 8)}
-GIB_PER_JOB = 1.0  # a compiler process peaked at 0.45 GiB here; 2x headroom for other hosts and nvcc versions
+GIB_PER_JOB = 1.0  # a compiler process peaked at 0.45 GB here; 2x headroom for other hosts and nvcc versions
 
 
 # ------------------------------------------------------------------------------------------ configuration
