@@ -6,6 +6,8 @@ from . import filters
 from .basis import SpectralBasis
 from .filters import heat, learnable_gains, low_pass, tikhonov
 from .graph import GraphLaplacian, ParameterGraph
+from .lambda_max import estimate_lambda_max
+from .ops.chebyshev_filter import chebyshev_filter, chebyshev_filter_reference
 from .ops.laplacian_quadratic import laplacian_quadratic, laplacian_quadratic_reference
 from .ops.spectral_filter import spectral_filter, spectral_filter_reference
 from .optim import SpectralAdamW, SpectralGradientFilter
@@ -16,4 +18,5 @@ __all__ = [
     "GraphLaplacian", "ParameterGraph", "SpectralBasis", "filters", "heat", "learnable_gains", "low_pass",
     "spectral_filter", "spectral_filter_reference", "tikhonov", "__version__",
     "laplacian_quadratic", "laplacian_quadratic_reference", "SpectralAdamW", "SpectralGradientFilter",
+    "chebyshev_filter", "chebyshev_filter_reference", "estimate_lambda_max",
 ]

@@ -83,3 +83,39 @@ def learnable_gains(basis: SpectralBasis, init: float | LowPass | Heat | Tikhono
         values = torch.full((basis.k,) if shared else tuple(eigenvalues.shape), _finite("init", init), dtype=eigenvalues.dtype,
                             device=eigenvalues.device)
     return torch.nn.Parameter(values.clone())
+
+
+def chebyshev_coefficients(gain, order: int, lambda_max: float) -> torch.Tensor:
+    """Coefficients c_0..c_K of the Chebyshev interpolant of ``gain`` on [0, λ_max], for ``chebyshev_filter``.
+
+    g(λ) ≈ Σ_{m=0..K} c_m T_m(2λ/λ_max − 1), exact at the K+1 Chebyshev nodes λ_j = λ_max/2 (1 + cos θ_j),
+    θ_j = π (j + ½) / (K + 1). Same nodes and quadrature as PyGSP's ``compute_cheby_coeff``, but with the full
+    weight on c_0 (PyGSP stores 2·c_0 and halves it when filtering).
+
+    Args:
+        gain: a callable mapping a float64 tensor of λ values to gains of the same shape (``heat(1.0)``, ...).
+        order: K ≥ 0.
+        lambda_max: the interval's end, > 0.
+    Returns:
+        (K + 1,) float64 tensor on the CPU.
+    """
+    if not callable(gain):
+        raise TypeError(f"gain must be a callable g(λ) (e.g. spectralkern.heat(1.0)), got {type(gain).__name__}")
+    if isinstance(order, bool) or not isinstance(order, int):
+        raise TypeError(f"order must be an int, got {type(order).__name__}")
+    if order < 0:
+        raise ValueError(f"order must be non-negative, got {order}")
+    if _finite("lambda_max", lambda_max) <= 0:
+        raise ValueError(f"lambda_max must be positive, got {lambda_max}")
+    count = order + 1
+    theta = math.pi * (torch.arange(count, dtype=torch.float64) + 0.5) / count
+    nodes = 0.5 * float(lambda_max) * (torch.cos(theta) + 1.0)
+    values = torch.as_tensor(gain(nodes), dtype=torch.float64)
+    if values.shape != nodes.shape:
+        raise ValueError(f"gain must return one value per λ: given {count} values it returned shape "
+                         f"{tuple(values.shape)}")
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(f"gain returned non-finite values on [0, {lambda_max}]: {values.tolist()}")
+    coeffs = (2.0 / count) * (torch.cos(torch.outer(torch.arange(count, dtype=torch.float64), theta)) @ values)
+    coeffs[0] *= 0.5
+    return coeffs

@@ -16,7 +16,9 @@ KERNEL_MODULES = ("spectralkern.ops._triton_spectral_filter",
                   "spectralkern.ops._triton_spectral_adamw",
                   "spectralkern.ops._triton_adamw",
                   "spectralkern.ops._triton_smoa_fwd",
-                  "spectralkern.ops._triton_smoa_bwd")
+                  "spectralkern.ops._triton_smoa_bwd",
+                  "spectralkern.ops._triton_chebyshev_block",
+                  "spectralkern.ops._triton_chebyshev_step")
 TARGETS = (("cuda", 80, 32), ("cuda", 90, 32))
 
 
@@ -38,9 +40,10 @@ def compile_variants(module_name: str, target: tuple[str, int, int]) -> list[tup
                            f"found {len(kernels)}")
     kernel = kernels[0]
     compiled = []
-    for label, signature, constexprs in module.aot_variants():
+    for label, signature, constexprs, *options in module.aot_variants():
+        # An optional 4th element holds compile options the launcher passes too (num_warps, num_stages).
         binary = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                                target=GPUTarget(*target))
+                                target=GPUTarget(*target), options=options[0] if options else None)
         compiled.append((label, binary.metadata.shared))
     return compiled
 
