@@ -18,7 +18,9 @@ KERNEL_MODULES = ("spectralkern.ops._triton_spectral_filter",
                   "spectralkern.ops._triton_smoa_fwd",
                   "spectralkern.ops._triton_smoa_bwd",
                   "spectralkern.ops._triton_chebyshev_block",
-                  "spectralkern.ops._triton_chebyshev_step")
+                  "spectralkern.ops._triton_chebyshev_step",
+                  "spectralkern.ops._triton_fourier_analysis",
+                  "spectralkern.ops._triton_fourier_synthesis")
 TARGETS = (("cuda", 80, 32), ("cuda", 90, 32))
 
 

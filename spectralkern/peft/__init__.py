@@ -4,6 +4,10 @@ from ._patching import (BaseWeightMismatchError, ParameterReport, combine_finger
                         linear_weight, replace_module, trainable_parameters)
 from .smoa import (SMoAConfig, SMoALinear, apply_smoa, load_smoa, merge_smoa, save_smoa, smoa_layers,
                    smoa_parameter_count, unmerge_smoa)
+from .fourier_moe import (FourierFTConfig, FourierMoEConfig, FourierMoELinear, apply_fourier_moe,
+                          fourier_moe_aux_loss, fourier_moe_layers, fourier_moe_parameter_count, from_peft_fourierft,
+                          from_peft_fourierft_model, load_fourier_moe, merge_fourier_moe, save_fourier_moe,
+                          unmerge_fourier_moe)
 
 __all__ = [
     "BaseWeightMismatchError", "ParameterReport", "combine_fingerprints", "find_target_modules", "fingerprint_tensors",
@@ -11,4 +15,7 @@ __all__ = [
     "replace_module", "trainable_parameters",
     "SMoAConfig", "SMoALinear", "apply_smoa", "load_smoa", "merge_smoa", "save_smoa", "smoa_layers",
     "smoa_parameter_count", "unmerge_smoa",
+    "FourierFTConfig", "FourierMoEConfig", "FourierMoELinear", "apply_fourier_moe", "fourier_moe_aux_loss",
+    "fourier_moe_layers", "fourier_moe_parameter_count", "from_peft_fourierft", "from_peft_fourierft_model",
+    "load_fourier_moe", "merge_fourier_moe", "save_fourier_moe", "unmerge_fourier_moe",
 ]

@@ -1,0 +1,443 @@
+"""fourier_adapter: ΔW·x for a sparse-spectrum (Fourier) weight update, without ever building ΔW.
+
+For a target layer of shape (out × in), n frequency positions (u_j, v_j) (row frequency u_j < out, column
+frequency v_j < in), complex effective coefficients C_j (scale and normalisation folded in), experts owning
+contiguous ranges of j (``expert_ptr``) and per-token gates G (tokens × experts):
+
+    y[t, p] = base[t, p] + Σ_j G[t, e(j)] · Re(C_j · e^{2πi u_j p / out} · z[t, j]),
+    z[t, j] = Σ_q x[t, q] · e^{2πi v_j q / in}
+
+This is y = base + Σ_e G_e · ΔW_e x with ΔW_e[p, q] = Σ_{j∈e} Re(C_j e^{2πi (u_j p / out + v_j q / in)}), the
+real inverse DFT of a conjugate-symmetric spectrum (see ``spectralkern.peft.fourier_moe`` for how C_j is built
+from the trainable coefficients). Cost per token: O(n·(in + out)) instead of the O(in·out) of a dense ΔW.
+
+Backends (one dispatcher, ``_backend.backend_for``):
+* ``triton``: two kernels per token chunk — analysis (z, scaled by C and G, written as a T × n complex
+  workspace) then synthesis (y) — with twiddles generated on chip; the backward runs the same two kernels
+  (analysis of grad_y at the row frequencies, fused with the coefficient/gate gradients; synthesis at the column
+  frequencies for grad_x). Dims up to ``TRITON_MAX_DIM`` (the in-kernel phase reduction is int32).
+* ``torch``: the same maths through ``torch.fft`` — rfft of x, gather at v, scale, scatter at u, irfft —
+  O(in log in + out log out + n) per token; the CPU path and the fallback.
+
+Tokens are processed in chunks so the workspace stays under ``WORKSPACE_BYTES`` whatever the batch.
+
+Gate semantics: a gate entry equal to zero means "token not routed to that expert" (top-k). Its gradient is
+returned as zero, which is what a top-k router needs (the entry is not a function of the logits) and lets the
+kernels skip experts no token of a tile is routed to. Pass strictly non-zero gates to get the full gradient.
+
+Exposed as the custom ops ``spectralkern::fourier_adapter`` / ``spectralkern::fourier_adapter_backward`` with
+fake and autograd registrations (torch.compile-clean). Public entry point: :func:`fourier_adapter`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._backend import backend_for
+from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The kernels reduce index·frequency modulo the dimension in int32: (dim + 64)·dim must stay below 2^31.
+TRITON_MAX_DIM = 46000
+# Upper bound for the per-chunk workspace (the T × n complex spectrum, or the FFT buffers of the torch path).
+WORKSPACE_BYTES = 32 * 2**20
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _complex_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.complex128 if dtype == torch.float64 else torch.complex64
+
+
+def _chunks(num_tokens: int, bytes_per_token: int, multiple: int) -> list[tuple[int, int]]:
+    """Token ranges [a, b) whose workspace fits WORKSPACE_BYTES (at least ``multiple`` tokens each)."""
+    size = max(multiple, (WORKSPACE_BYTES // max(bytes_per_token, 1)) // multiple * multiple)
+    return [(a, min(a + size, num_tokens)) for a in range(0, num_tokens, size)]
+
+
+def expert_of_frequency(expert_ptr: torch.Tensor, num_freqs: int) -> torch.Tensor:
+    """(n,) int64 expert index of every frequency, from the (E+1,) offsets (no host sync)."""
+    positions = torch.arange(num_freqs, device=expert_ptr.device, dtype=expert_ptr.dtype)
+    return torch.searchsorted(expert_ptr[1:].contiguous(), positions, right=True)
+
+
+# ------------------------------------------------------------------------------------------ torch backend (FFT)
+def spectral_analysis(signal: torch.Tensor, freqs: torch.Tensor, size: int) -> torch.Tensor:
+    """z[t, j] = Σ_q signal[t, q] e^{+2πi f_j q / size} for real ``signal`` (T, size) -> complex (T, n).
+
+    One rfft per row: rfft gives X_k = Σ_q s_q e^{−2πi k q/size} for k ≤ size/2; z at f is conj(X_f) there and
+    X_{size − f} above (the spectrum of a real signal is Hermitian).
+    """
+    spectrum = torch.fft.rfft(signal, dim=-1)
+    upper = freqs > size // 2
+    picked = spectrum[:, torch.where(upper, size - freqs, freqs)]
+    return torch.where(upper, picked, picked.conj().resolve_conj())
+
+
+def spectral_synthesis(coeffs: torch.Tensor, freqs: torch.Tensor, size: int) -> torch.Tensor:
+    """y[t, p] = Re Σ_j coeffs[t, j] e^{+2πi f_j p / size} -> real (T, size), through one irfft per row.
+
+    Each term is folded into the half spectrum irfft reads: a frequency above size/2 becomes the conjugate at
+    size − f; irfft doubles the interior bins, so those get half the coefficient (the 0 and size/2 bins, read once
+    and with their imaginary part dropped, get all of it — Re(a·(±1)) = ±Re a is exactly their term).
+    """
+    upper = freqs > size // 2
+    folded = torch.where(upper, size - freqs, freqs)
+    values = torch.where(upper, coeffs.conj().resolve_conj(), coeffs)
+    edge = (folded == 0) | (2 * folded == size)
+    values = values * torch.where(edge, 1.0, 0.5).to(values.real.dtype)
+    half = torch.zeros(coeffs.shape[0], size // 2 + 1, dtype=coeffs.dtype, device=coeffs.device)
+    half.index_add_(1, folded, values)
+    return torch.fft.irfft(half, n=size, dim=-1, norm="forward")
+
+
+def _token_gates(gates: torch.Tensor | None, expert_of: torch.Tensor, acc: torch.dtype) -> torch.Tensor | None:
+    return None if gates is None else gates.to(acc).index_select(1, expert_of)
+
+
+def fourier_adapter_reference(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, coef_re: torch.Tensor,
+                              coef_im: torch.Tensor, expert_ptr: torch.Tensor, out_features: int,
+                              gates: torch.Tensor | None = None, base: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain-torch forward through torch.fft (the torch backend). x (T, in) -> y (T, out) in x's dtype.
+
+    Computes in fp32 (fp64 for fp64 inputs), chunked over tokens; see the module docstring for the formula.
+    """
+    acc, num_tokens, in_features = _acc_dtype(x.dtype), x.shape[0], x.shape[1]
+    coef = torch.complex(coef_re.to(acc), coef_im.to(acc))
+    token_gates = _token_gates(gates, expert_of_frequency(expert_ptr, rows.numel()), acc)
+    y = torch.empty(num_tokens, out_features, dtype=x.dtype, device=x.device)
+    per_token = 8 * (in_features + out_features + 4 * rows.numel()) * (2 if acc == torch.float64 else 1)
+    for a, b in _chunks(num_tokens, per_token, 1):
+        spec = spectral_analysis(x[a:b].to(acc), cols, in_features) * coef
+        if token_gates is not None:
+            spec = spec * token_gates[a:b]
+        out = spectral_synthesis(spec, rows, out_features)
+        if base is not None:
+            out += base[a:b].to(acc)
+        y[a:b] = out.to(x.dtype)
+    return y
+
+
+def fourier_adapter_backward_reference(grad_y: torch.Tensor, x: torch.Tensor | None, in_features: int,
+                                       rows: torch.Tensor, cols: torch.Tensor, coef_re: torch.Tensor,
+                                       coef_im: torch.Tensor, expert_ptr: torch.Tensor, gates: torch.Tensor | None,
+                                       need_x: bool, need_params: bool) -> tuple:
+    """Plain-torch backward: (grad_x or None, grad_coef_re or None, grad_coef_im or None, grad_gates or None).
+
+    With Y = analysis of grad_y at the row frequencies and Z = analysis of x at the column frequencies:
+    grad_x = synthesis of G·C·Y at the column frequencies; grad_C_re = Σ_t G Re(ZY), grad_C_im = −Σ_t G Im(ZY);
+    grad_G[t, e] = Σ_{j∈e} Re(C Z Y), zero where G is zero. ``x`` (T, in) is read only when need_params.
+    """
+    acc = _acc_dtype(grad_y.dtype)
+    num_tokens, out_features = grad_y.shape
+    n = rows.numel()
+    coef = torch.complex(coef_re.to(acc), coef_im.to(acc))
+    expert_of = expert_of_frequency(expert_ptr, n)
+    token_gates = _token_gates(gates, expert_of, acc)
+    grad_x = grad_y.new_empty(num_tokens, in_features) if need_x else None
+    grad_coef = torch.zeros(n, dtype=coef.dtype, device=grad_y.device) if need_params else None
+    grad_gates = (torch.zeros(num_tokens, gates.shape[1], dtype=acc, device=grad_y.device)
+                  if need_params and gates is not None else None)
+    per_token = 8 * (in_features + out_features + 6 * n) * (2 if acc == torch.float64 else 1)
+    for a, b in _chunks(num_tokens, per_token, 1):
+        spec_gy = spectral_analysis(grad_y[a:b].to(acc), rows, out_features)
+        if need_x:
+            scaled = spec_gy * coef if token_gates is None else spec_gy * coef * token_gates[a:b]
+            grad_x[a:b] = spectral_synthesis(scaled, cols, in_features).to(grad_x.dtype)
+        if need_params:
+            product = spectral_analysis(x[a:b].to(acc), cols, in_features) * spec_gy
+            if grad_gates is not None:
+                grad_gates[a:b].index_add_(1, expert_of, (coef * product).real)
+            weighted = product if token_gates is None else product * token_gates[a:b]
+            grad_coef += weighted.sum(dim=0)
+    if grad_gates is not None:
+        grad_gates = torch.where(gates != 0, grad_gates, 0.0).to(gates.dtype)
+    if grad_coef is None:
+        return grad_x, None, None, None
+    return grad_x, grad_coef.real.to(coef_re.dtype), (-grad_coef.imag).to(coef_im.dtype), grad_gates
+
+
+# ------------------------------------------------------------------------------------------ triton launchers
+def _dot_precision(dtype: torch.dtype) -> str:
+    # tf32x3 keeps fp32 inputs at ~fp32 accuracy on tensor cores; fp16/bf16 inputs are rounded coarser than tf32.
+    return {torch.float64: "ieee", torch.float32: "tf32x3"}.get(dtype, "tf32")
+
+
+def _or(tensor: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor is not None else stand_in
+
+
+def _analysis_launch(sig, freq, size, sig2, freq2, size2, coef_re, coef_im, gates, expert_ptr, a, coef_grad,
+                     gate_grad, *, dtype: torch.dtype) -> None:
+    """Analysis kernel over all (token tile, frequency tile) programs. ``a`` (2, T, n) is written when given;
+    ``coef_grad`` (token tiles, 2, n) and ``gate_grad`` (T, E) turn on the parameter backward (sig2 = x)."""
+    import triton
+    import triton.language as tl
+
+    from ._triton_fourier_analysis import fourier_analysis_kernel, tile_sizes
+
+    acc = _acc_dtype(dtype)
+    block_t, block_j, block_q = tile_sizes(fp64=acc == torch.float64)
+    num_tokens, n, num_experts = sig.shape[0], freq.numel(), expert_ptr.numel() - 1
+    # Tiles never straddle experts: at most cdiv(n, BLOCK_J) + E of them; the surplus programs do nothing.
+    grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(n, block_j) + num_experts)
+    # Pointers the flags leave unused get a stand-in (never dereferenced) and zero strides.
+    a_strides = a.stride()[:2] if a is not None else (0, 0)
+    coef_grad_strides = coef_grad.stride()[:2] if coef_grad is not None else (0, 0)
+    gate_strides = gates.stride() if gates is not None else (0, 0)
+    fourier_analysis_kernel[grid](
+        sig, freq, sig2, freq2, coef_re, coef_im, _or(gates, coef_re), expert_ptr, _or(a, coef_re),
+        _or(coef_grad, coef_re), _or(gate_grad, coef_re),
+        num_tokens, size, size2, num_experts,
+        sig.stride(0), sig.stride(1), sig2.stride(0), sig2.stride(1), *gate_strides, *a_strides,
+        *coef_grad_strides,
+        BLOCK_T=block_t, BLOCK_J=block_j, BLOCK_Q=block_q,
+        ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32, DOT_PRECISION=_dot_precision(dtype),
+        HAS_GATE=gates is not None, WRITE_A=a is not None, PARAM_GRAD=coef_grad is not None,
+    )
+
+
+def _synthesis_launch(a, freq, size, gates, expert_ptr, base, y, *, dtype: torch.dtype) -> None:
+    import triton
+    import triton.language as tl
+
+    from ._triton_fourier_synthesis import fourier_synthesis_kernel, tile_sizes
+
+    acc = _acc_dtype(dtype)
+    block_t, block_p, block_j = tile_sizes(fp64=acc == torch.float64)
+    num_tokens = y.shape[0]
+    grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(size, block_p))
+    fourier_synthesis_kernel[grid](
+        a, freq, gates if gates is not None else a, expert_ptr, base if base is not None else y, y,
+        num_tokens, size, expert_ptr.numel() - 1,
+        a.stride(0), a.stride(1),
+        gates.stride(0) if gates is not None else 0, gates.stride(1) if gates is not None else 0,
+        base.stride(0) if base is not None else 0, base.stride(1) if base is not None else 0,
+        y.stride(0), y.stride(1),
+        BLOCK_T=block_t, BLOCK_P=block_p, BLOCK_J=block_j,
+        ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32, DOT_PRECISION=_dot_precision(dtype),
+        HAS_GATE=gates is not None, HAS_BASE=base is not None,
+    )
+
+
+def _triton_forward(x, rows, cols, coef_re, coef_im, expert_ptr, gates, base, out_features) -> torch.Tensor:
+    from ._triton_fourier_analysis import tile_sizes
+
+    acc = _acc_dtype(x.dtype)
+    num_tokens, in_features = x.shape
+    n = rows.numel()
+    coef_re, coef_im = coef_re.to(acc).contiguous(), coef_im.to(acc).contiguous()
+    gates = gates.to(acc) if gates is not None else None
+    y = torch.empty(num_tokens, out_features, dtype=x.dtype, device=x.device)
+    elem = torch.empty(0, dtype=acc).element_size()
+    for a, b in _chunks(num_tokens, 2 * n * elem, tile_sizes(acc == torch.float64)[0]):
+        spec = torch.empty(2, b - a, n, dtype=acc, device=x.device)
+        g = gates[a:b] if gates is not None else None
+        _analysis_launch(x[a:b], cols, in_features, x[a:b], cols, in_features, coef_re, coef_im, g, expert_ptr,
+                         spec, None, None, dtype=x.dtype)
+        _synthesis_launch(spec, rows, out_features, g, expert_ptr, base[a:b] if base is not None else None,
+                          y[a:b], dtype=x.dtype)
+    return y
+
+
+def _triton_backward(grad_y, x, in_features, rows, cols, coef_re, coef_im, expert_ptr, gates, need_x,
+                     need_params) -> tuple:
+    from ._triton_fourier_analysis import tile_sizes
+
+    acc = _acc_dtype(grad_y.dtype)
+    num_tokens, out_features = grad_y.shape
+    n = rows.numel()
+    coef_re_a, coef_im_a = coef_re.to(acc).contiguous(), coef_im.to(acc).contiguous()
+    gates_a = gates.to(acc) if gates is not None else None
+    block_t = tile_sizes(acc == torch.float64)[0]
+    grad_x = grad_y.new_empty(num_tokens, in_features) if need_x else None
+    grad_coef = torch.zeros(2, n, dtype=acc, device=grad_y.device) if need_params else None
+    grad_gates = (torch.zeros(num_tokens, gates.shape[1], dtype=acc, device=grad_y.device)
+                  if need_params and gates is not None else None)
+    elem = torch.empty(0, dtype=acc).element_size()
+    for a, b in _chunks(num_tokens, 2 * n * elem, block_t):
+        g = gates_a[a:b] if gates_a is not None else None
+        spec = torch.empty(2, b - a, n, dtype=acc, device=grad_y.device) if need_x else None
+        partial = (torch.empty(-(-(b - a) // block_t), 2, n, dtype=acc, device=grad_y.device) if need_params
+                   else None)
+        sig2 = x[a:b] if need_params else grad_y[a:b]  # x is only read for the parameter gradients
+        _analysis_launch(grad_y[a:b], rows, out_features, sig2, cols, in_features, coef_re_a, coef_im_a, g,
+                         expert_ptr, spec, partial, grad_gates[a:b] if grad_gates is not None else None,
+                         dtype=grad_y.dtype)
+        if need_x:
+            _synthesis_launch(spec, cols, in_features, g, expert_ptr, None, grad_x[a:b], dtype=grad_y.dtype)
+        if need_params:
+            grad_coef += partial.sum(dim=0)
+    if grad_gates is not None:
+        grad_gates = grad_gates.to(gates.dtype)
+    if grad_coef is None:
+        return grad_x, None, None, None
+    # copies: the two rows of one buffer must not leave the custom op as aliases of each other
+    return grad_x, grad_coef[0].to(coef_re.dtype, copy=True), grad_coef[1].to(coef_im.dtype, copy=True), grad_gates
+
+
+# ------------------------------------------------------------------------------------------ custom ops
+def fourier_adapter_backend(x: torch.Tensor, in_features: int, out_features: int) -> str:
+    """The backend that runs the adapter for an input like ``x`` on a layer of this shape."""
+    triton_ok = x.dtype in _TRITON_DTYPES and max(in_features, out_features) <= TRITON_MAX_DIM
+    return backend_for(x.device, ("triton", "torch") if triton_ok else ("torch",))
+
+
+@torch.library.custom_op("spectralkern::fourier_adapter", mutates_args=())
+def _fourier_adapter_op(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, coef_re: torch.Tensor,
+                        coef_im: torch.Tensor, expert_ptr: torch.Tensor, gates: Optional[torch.Tensor],
+                        base: Optional[torch.Tensor], out_features: int) -> torch.Tensor:
+    if x.shape[0] == 0 or rows.numel() == 0:
+        if base is not None:
+            return base.clone(memory_format=torch.contiguous_format)
+        return x.new_zeros(x.shape[0], out_features)
+    if fourier_adapter_backend(x, x.shape[1], out_features) == "triton":
+        return _triton_forward(x, rows, cols, coef_re, coef_im, expert_ptr, gates, base, out_features)
+    return fourier_adapter_reference(x, rows, cols, coef_re, coef_im, expert_ptr, out_features, gates, base)
+
+
+@_fourier_adapter_op.register_fake
+def _(x, rows, cols, coef_re, coef_im, expert_ptr, gates, base, out_features):
+    return x.new_empty(x.shape[0], out_features)
+
+
+@torch.library.custom_op("spectralkern::fourier_adapter_backward", mutates_args=())
+def _fourier_adapter_backward_op(grad_y: torch.Tensor, x: torch.Tensor, in_features: int, rows: torch.Tensor,
+                                 cols: torch.Tensor, coef_re: torch.Tensor, coef_im: torch.Tensor,
+                                 expert_ptr: torch.Tensor, gates: Optional[torch.Tensor], need_x: bool,
+                                 need_params: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x (T, in) or empty, grad_coef_re (n,), grad_coef_im (n,), grad_gates (T, E)); the last three are
+    empty unless need_params (grad_gates also when there are no gates). ``x`` (T, in) is read only when
+    need_params; otherwise it may be an empty tensor."""
+    num_tokens, n = grad_y.shape[0], rows.numel()
+    x_in = x if need_params else None
+    if num_tokens == 0 or n == 0:
+        results = (grad_y.new_zeros(num_tokens, in_features) if need_x else None,
+                   torch.zeros_like(coef_re) if need_params else None,
+                   torch.zeros_like(coef_im) if need_params else None,
+                   torch.zeros_like(gates) if need_params and gates is not None else None)
+    elif fourier_adapter_backend(grad_y, in_features, grad_y.shape[1]) == "triton":
+        results = _triton_backward(grad_y, x_in, in_features, rows, cols, coef_re, coef_im, expert_ptr, gates,
+                                   need_x, need_params)
+    else:
+        results = fourier_adapter_backward_reference(grad_y, x_in, in_features, rows, cols, coef_re, coef_im,
+                                                     expert_ptr, gates, need_x, need_params)
+    empty = grad_y.new_empty(0)
+    return tuple(r.contiguous() if r is not None else empty for r in results)
+
+
+@_fourier_adapter_backward_op.register_fake
+def _(grad_y, x, in_features, rows, cols, coef_re, coef_im, expert_ptr, gates, need_x, need_params):
+    empty = grad_y.new_empty(0)
+    return (grad_y.new_empty(grad_y.shape[0], in_features) if need_x else empty,
+            coef_re.new_empty(coef_re.shape) if need_params else empty,
+            coef_im.new_empty(coef_im.shape) if need_params else empty,
+            gates.new_empty(gates.shape) if need_params and gates is not None else empty)
+
+
+def _setup_context(ctx, inputs, output):
+    x, rows, cols, coef_re, coef_im, expert_ptr, gates, base, out_features = inputs
+    ctx.need_x = ctx.needs_input_grad[0]
+    ctx.need_params = any(ctx.needs_input_grad[i] for i in (3, 4, 6))
+    ctx.need_base = ctx.needs_input_grad[7]
+    ctx.in_features = x.shape[1]
+    # x is read by the backward only for the coefficients' and gates' gradients.
+    ctx.save_for_backward(x if ctx.need_params else None, rows, cols, coef_re, coef_im, expert_ptr, gates)
+
+
+def _backward(ctx, grad_y):
+    x, rows, cols, coef_re, coef_im, expert_ptr, gates = ctx.saved_tensors
+    grad_base = grad_y if ctx.need_base else None
+    if not (ctx.need_x or ctx.need_params):
+        return None, None, None, None, None, None, None, grad_base, None
+    grad_x, grad_re, grad_im, grad_gates = torch.ops.spectralkern.fourier_adapter_backward(
+        grad_y.contiguous(), x if x is not None else grad_y.new_empty(0), ctx.in_features, rows, cols, coef_re,
+        coef_im, expert_ptr, gates, ctx.need_x, ctx.need_params)
+    return (grad_x if ctx.need_x else None, None, None,
+            grad_re if ctx.need_params else None, grad_im if ctx.need_params else None, None,
+            grad_gates if ctx.need_params and gates is not None else None, grad_base, None)
+
+
+_fourier_adapter_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------ public API
+def _check_index_vector(name: str, value: object, n: int | None, bound: int) -> torch.Tensor:
+    check_tensor(name, value, ndim=1)
+    if value.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be an int32 or int64 tensor, got {value.dtype}")
+    if n is not None and value.numel() != n:
+        raise ValueError(f"{name} must have {n} entries (one per frequency), got {value.numel()}")
+    if value.numel() and (int(value.min()) < 0 or int(value.max()) >= bound):
+        raise ValueError(f"{name} must hold frequencies in [0, {bound}), got values in "
+                         f"[{int(value.min())}, {int(value.max())}]")
+    return value.to(torch.int32).contiguous()
+
+
+def fourier_adapter(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, coef_re: torch.Tensor,
+                    coef_im: torch.Tensor, out_features: int, *, expert_ptr: torch.Tensor | None = None,
+                    gates: torch.Tensor | None = None, base: torch.Tensor | None = None) -> torch.Tensor:
+    """y = base + Σ_j G[t, e(j)] · Re(C_j e^{2πi u_j p/out} Σ_q x[t, q] e^{2πi v_j q/in}), ΔW never built.
+
+    Args:
+        x: (..., in) float16/bfloat16/float32/float64, the layer input.
+        rows: (n,) int32/int64 row frequencies u_j in [0, out).
+        cols: (n,) int32/int64 column frequencies v_j in [0, in).
+        coef_re, coef_im: (n,) real and imaginary parts of the effective coefficients C_j (scale and
+            normalisation included); differentiable.
+        out_features: out, the number of output features (the row dimension of ΔW).
+        expert_ptr: (E+1,) int offsets: expert e owns frequencies [expert_ptr[e], expert_ptr[e+1]).
+            Default: one expert owning all n.
+        gates: (..., E) per-token expert weights; zero means "not routed" (gradient returned as zero there,
+            see the module docstring). Default: every expert with weight 1. Differentiable.
+        base: (..., out) added to the result (e.g. the frozen layer's W x + b), fused into the output write.
+    Returns:
+        (..., out) in x's dtype. Accumulation in fp32 (fp64 for fp64 inputs). This function validates the index
+        ranges (one device sync); modules that validated them once call the custom op directly.
+    """
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    if x.dim() == 0:
+        raise ValueError("x must have at least 1 dimension (..., in), got a 0-D tensor")
+    if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features <= 0:
+        raise ValueError(f"out_features must be a positive int, got {out_features!r}")
+    in_features = x.shape[-1]
+    rows = _check_index_vector("rows", rows, None, out_features)
+    n = rows.numel()
+    cols = _check_index_vector("cols", cols, n, max(in_features, 1))
+    for name, value in (("coef_re", coef_re), ("coef_im", coef_im)):
+        check_tensor(name, value, ndim=1, dtypes=(torch.float32, torch.float64))
+        if value.numel() != n:
+            raise ValueError(f"{name} must have n = {n} entries (one per frequency), got {value.numel()}")
+        check_same_device(name, value, "x", x)
+    for name, value in (("rows", rows), ("cols", cols)):
+        check_same_device(name, value, "x", x)
+    if expert_ptr is None:
+        expert_ptr = torch.tensor([0, n], dtype=torch.int32, device=x.device)
+    else:
+        check_tensor("expert_ptr", expert_ptr, ndim=1)
+        ptr = expert_ptr.tolist()
+        if len(ptr) < 2 or ptr[0] != 0 or ptr[-1] != n or any(b < a for a, b in zip(ptr[:-1], ptr[1:])):
+            raise ValueError(f"expert_ptr must be non-decreasing offsets from 0 to n = {n}, got {ptr}")
+        expert_ptr = expert_ptr.to(device=x.device, dtype=torch.int32).contiguous()
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    num_experts = expert_ptr.numel() - 1
+    if gates is not None:
+        check_tensor("gates", gates, dtypes=FLOAT_DTYPES)
+        if tuple(gates.shape) != (*lead, num_experts):
+            raise ValueError(f"gates must have shape {(*lead, num_experts)} (tokens × experts), "
+                             f"got {tuple(gates.shape)}")
+        check_same_device("gates", gates, "x", x)
+        gates = gates.reshape(-1, num_experts)
+    if base is not None:
+        check_tensor("base", base, dtypes=FLOAT_DTYPES)
+        if tuple(base.shape) != (*lead, out_features):
+            raise ValueError(f"base must have shape {(*lead, out_features)}, got {tuple(base.shape)}")
+        check_same_device("base", base, "x", x)
+        base = base.reshape(-1, out_features).to(x.dtype)
+    y = torch.ops.spectralkern.fourier_adapter(x2, rows, cols, coef_re, coef_im, expert_ptr, gates, base,
+                                               out_features)
+    return y.reshape(*lead, out_features)
