@@ -308,12 +308,29 @@ def block_layout_fits(L: GraphLaplacian) -> bool:
     return not L.has_cross_block_edges and (sizes.numel() == 0 or int(sizes.max()) <= MAX_BLOCK_NODES)
 
 
+def chebyshev_filter_path(x: torch.Tensor, L: GraphLaplacian, order: int) -> str:
+    """Which implementation ``chebyshev_filter(x, L, ...)`` of this order runs: "torch", "triton-csr" (kernel 2),
+    "triton-block" (kernel 1, recursion per tile) or "triton-block-materialized" (kernel 1 builds p(Ã_b), then
+    applies it). For benchmark labels and logs."""
+    if _backend(x) != "triton" or order == 0:  # order 0 is c_0·x, plain torch
+        return "torch"
+    if not block_layout_fits(L):
+        return "triton-csr"
+    d = x.shape[1] if x.dim() == 2 else 1
+    return "triton-block-materialized" if should_materialize(order, _padded_block_size(L), d) else "triton-block"
+
+
+def _padded_block_size(L: GraphLaplacian) -> int:
+    """n_pad: the largest block rounded up to a power of two, at least 16 (tl.dot's smallest tile)."""
+    sizes = L.block_ptr[1:] - L.block_ptr[:-1]
+    n_max = int(sizes.max()) if sizes.numel() else 0
+    return max(16, 1 << max(n_max - 1, 0).bit_length())
+
+
 def _packed_blocks(L: GraphLaplacian, crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
     """Ã = L̂ − I per block in the packed layout (N, n_pad); n_pad = max(16, next power of two ≥ n_max)."""
     n = L.num_nodes
-    sizes = L.block_ptr[1:] - L.block_ptr[:-1]
-    n_max = int(sizes.max()) if sizes.numel() else 0
-    n_pad = max(16, 1 << max(n_max - 1, 0).bit_length())
+    n_pad = _padded_block_size(L)
     device = val.device
     nodes = torch.arange(n, device=device)
     node_block = torch.searchsorted(L.block_ptr.to(device), nodes, right=True) - 1

@@ -9,6 +9,7 @@ OPS: dict[str, str] = {
     "spectral_filter": "spectralkern.bench.cases.spectral_filter",
     "smoa": "spectralkern.bench.cases.smoa",
     "optimizer": "spectralkern.bench.cases.optimizer",
+    "chebyshev_filter": "spectralkern.bench.cases.chebyshev",
 }
 
 
