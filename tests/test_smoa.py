@@ -90,8 +90,8 @@ class Problem:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 @pytest.mark.parametrize("include_base", [True, False])
 def test_forward_matches_float64_reference_on_ragged_blocks(backend, seed, dtype, include_base):
-    # 3 blocks: one row / one column blocks, a rank-0 branch, tiles with tails on every axis.
-    prob = Problem([1, 40, 29], [20, 1, 50], ranks=[2, 0, 3], dtype=dtype)
+    # One row / one column blocks, an empty block, a rank-0 branch, tiles with tails on every axis.
+    prob = Problem([1, 40, 0, 29], [20, 1, 0, 50], ranks=[2, 0, 1, 3], dtype=dtype)
     x = torch.randn(37, prob.inn, dtype=torch.float64).to(dtype)
     b, a = prob.packed()
     y = smoa_linear(x, prob.weight, prob.bias, b, a, prob.layout, prob.scale, include_base)
@@ -102,7 +102,7 @@ def test_forward_matches_float64_reference_on_ragged_blocks(backend, seed, dtype
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_gradients_match_float64_autograd(backend, seed, dtype):
-    prob = Problem([9, 30, 25], [33, 17, 14], ranks=[1, 3, 2], dtype=dtype)
+    prob = Problem([9, 30, 0, 25], [33, 17, 0, 14], ranks=[1, 3, 1, 2], dtype=dtype)
     x = torch.randn(2, 11, prob.inn, dtype=dtype, requires_grad=True)  # leading dims are flattened
     weight, bias = prob.weight.clone().requires_grad_(), prob.bias.clone().requires_grad_()
     b, a = prob.packed(requires_grad=True)
@@ -115,8 +115,8 @@ def test_gradients_match_float64_autograd(backend, seed, dtype):
     # The op's semantics on dense packed factors: every block uses all R columns of its rows of B.
     r_ptr = np.cumsum([0] + [len(rb) for rb in prob.row_blocks])
     c_ptr = np.cumsum([0] + [len(cb) for cb in prob.col_blocks])
-    Bs = [b64[r_ptr[k]:r_ptr[k + 1]] for k in range(3)]
-    As = [a64[:, c_ptr[k]:c_ptr[k + 1]] for k in range(3)]
+    Bs = [b64[r_ptr[k]:r_ptr[k + 1]] for k in range(len(r_ptr) - 1)]
+    As = [a64[:, c_ptr[k]:c_ptr[k + 1]] for k in range(len(c_ptr) - 1)]
     expected_y = prob.dense_forward(x64, Bs, As, weight=w64, bias=bias64)
     expected = torch.autograd.grad(expected_y, (x64, w64, bias64, b64, a64), grad_y.double())
     for name, g, e in zip(("x", "weight", "bias", "B", "A"), got, expected):
@@ -142,6 +142,10 @@ def test_opcheck(backend, seed):
     x = torch.randn(7, prob.inn, requires_grad=True)
     torch.library.opcheck(torch.ops.spectralkern.smoa_linear.default,
                           (x, prob.weight, prob.bias, b, a, prob.layout.index, prob.layout.block_sizes, 0.5, True))
+    grad_y = torch.randn(7, prob.out)
+    torch.library.opcheck(torch.ops.spectralkern.smoa_linear_backward.default,
+                          (grad_y, x.detach(), prob.weight, b.detach(), a.detach(), prob.layout.index,
+                           prob.layout.block_sizes, 0.5, False, True, False, True))
 
 
 def test_reference_equals_dense_formula(seed):
@@ -190,6 +194,7 @@ def test_empty_tokens_and_non_contiguous_inputs(backend, seed):
        tokens=st.integers(1, 40), include_base=st.booleans(), data_seed=st.integers(0, 2**31 - 1))
 def test_hypothesis_shapes_triton(sizes, tokens, include_base, data_seed):
     torch.manual_seed(data_seed)
+    saved_backend = os.environ.get("SPECTRALKERN_BACKEND")  # hypothesis cannot use the monkeypatch fixture
     os.environ["SPECTRALKERN_BACKEND"] = "triton"
     try:
         prob = Problem([s[0] for s in sizes], [s[1] for s in sizes], ranks=[s[2] for s in sizes],
@@ -203,7 +208,10 @@ def test_hypothesis_shapes_triton(sizes, tokens, include_base, data_seed):
         y_ref = smoa_linear(x, prob.weight, prob.bias, b, a, prob.layout, prob.scale, include_base)
         expected = torch.autograd.grad(y_ref, (x, b, a), grad_y)
     finally:
-        os.environ.pop("SPECTRALKERN_BACKEND", None)
+        if saved_backend is None:
+            os.environ.pop("SPECTRALKERN_BACKEND", None)
+        else:
+            os.environ["SPECTRALKERN_BACKEND"] = saved_backend
     torch.testing.assert_close(y, y_ref, rtol=1e-11, atol=1e-11)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)

@@ -359,6 +359,7 @@ def load_smoa(model: nn.Module, path: str | Path, *, impl: str | None = None) ->
 
     If ``model`` has no SMoA layers yet, they are created from the saved config and block layouts (no SVD);
     otherwise the saved factors replace the current ones. Anchors always come from ``model``'s base weights.
+    ``impl`` ("fused" / "reference") overrides the saved config's implementation.
 
     Raises:
         BaseWeightMismatchError: the targeted base weights differ from those the adapter was trained on
@@ -371,6 +372,10 @@ def load_smoa(model: nn.Module, path: str | Path, *, impl: str | None = None) ->
         config = SMoAConfig.from_dict({**config.to_dict(), "impl": impl})
     layer_meta: dict = meta["layers"]
     layers = smoa_layers(model)
+    merged = [name for name, layer in layers.items() if layer.merged]
+    if merged:
+        raise ValueError(f"SMoA layers {merged} are merged into their base weights; unmerge_smoa(model) first "
+                         "(the anchors are read from the unmerged base)")
     if layers:
         if set(layers) != set(layer_meta):
             raise ValueError(f"the adapter file has SMoA layers {sorted(layer_meta)}, the model has {sorted(layers)}")
