@@ -25,6 +25,10 @@ the quotient is estimated with an fp32 reciprocal (off by at most one for these 
 selects, then centred to [−L/2, L/2) so cos/sin see arguments in [−π, π). Converting q·f to fp32 first would
 lose the phase entirely once q·f ≫ 2^24.
 
+cos/sin: with ``FAST_TRIG`` (fp32 on a GPU) the MUFU approximations ``__nv_fast_cosf/sinf`` (absolute error
+≈ 2^-21 on [−π, π], which the centring guarantees); the precise ``tl.cos/tl.sin`` otherwise (fp64, and the
+interpreter, which has no libdevice).
+
 Loads are converted to the accumulation type right away (fp32, or fp64 for fp64 inputs): the interpreter gets
 bf16 arithmetic wrong, and the twiddles need more than 8 mantissa bits anyway.
 """
@@ -32,14 +36,19 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 
 def tile_sizes(fp64: bool) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_J, BLOCK_Q). Untuned (no GPU measurement yet): 64 tokens amortise each twiddle tile
-    over 64 rows of the two dots; 32 × 32 twiddle tiles keep the backward's four accumulators in registers."""
+    """(BLOCK_T, BLOCK_J, BLOCK_Q). Untuned (no GPU measurement yet): each twiddle element feeds 2·BLOCK_T
+    multiply-adds, so 128 tokens (8 warps) keep its generation (two MUFU ops + ~10 integer/float ops) under the
+    tensor-core time; 32 × 32 twiddle tiles keep the backward's four accumulators at 64 registers a thread."""
     if fp64:
         return 32, 16, 16
-    return 64, 32, 32
+    return 128, 32, 32
+
+
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -50,7 +59,7 @@ def fourier_analysis_kernel(
     stride_st, stride_sq, stride_s2t, stride_s2q, stride_gt, stride_ge,
     stride_ap, stride_at, stride_cgt, stride_cgp,
     BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_Q: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr,
     HAS_GATE: tl.constexpr, WRITE_A: tl.constexpr, PARAM_GRAD: tl.constexpr,
 ):
     token_tile = tl.program_id(0).to(tl.int64)
@@ -98,8 +107,12 @@ def fourier_analysis_kernel(
         r = tl.where(r < 0, r + size, r)
         r = tl.where(r >= size, r - size, r)
         angle = tl.where(2 * r >= size, r - size, r).to(ACC_DTYPE) * step
-        w_re += tl.dot(s, tl.cos(angle), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-        w_im += tl.dot(s, tl.sin(angle), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        if FAST_TRIG:
+            cos, sin = libdevice.fast_cosf(angle), libdevice.fast_sinf(angle)
+        else:
+            cos, sin = tl.cos(angle), tl.sin(angle)
+        w_re += tl.dot(s, cos, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        w_im += tl.dot(s, sin, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
 
     c_re = tl.load(coef_re_ptr + js, mask=j_ok, other=0.0).to(ACC_DTYPE)[None, :]
     c_im = tl.load(coef_im_ptr + js, mask=j_ok, other=0.0).to(ACC_DTYPE)[None, :]
@@ -130,8 +143,12 @@ def fourier_analysis_kernel(
             r = tl.where(r < 0, r + size2, r)
             r = tl.where(r >= size2, r - size2, r)
             angle = tl.where(2 * r >= size2, r - size2, r).to(ACC_DTYPE) * step2
-            v_re += tl.dot(s2, tl.cos(angle), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-            v_im += tl.dot(s2, tl.sin(angle), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            if FAST_TRIG:
+                cos, sin = libdevice.fast_cosf(angle), libdevice.fast_sinf(angle)
+            else:
+                cos, sin = tl.cos(angle), tl.sin(angle)
+            v_re += tl.dot(s2, cos, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            v_im += tl.dot(s2, sin, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         # The loss is Σ G·Re(C·W·V): d/dC_re = G·Re(WV), d/dC_im = −G·Im(WV), d/dG = Re(C·W·V).
         p_re = w_re * v_re - w_im * v_im
         p_im = w_re * v_im + w_im * v_re
@@ -147,10 +164,10 @@ def fourier_analysis_kernel(
         tl.store(coef_grad_ptr + stride_cgp + coef_offsets, -tl.sum(p_im, axis=0), mask=j_ok)
 
 
-def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object]]]:
+def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object], dict[str, int]]]:
     """The specialisations the launcher can produce, for ahead-of-time compile checks on real GPU targets.
 
-    Returns (label, signature, constexprs) per variant; see ``spectralkern.ops._aot``.
+    Returns (label, signature, constexprs, compile options) per variant; see ``spectralkern.ops._aot``.
     """
     variants = []
     # One variant per distinct code path (dtype × flags); the full cross product would only repeat them.
@@ -167,10 +184,11 @@ def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object]]]:
                          "a_ptr": acc, "coef_grad_ptr": acc, "gate_grad_ptr": acc}
         constexprs = dict(BLOCK_T=block_t, BLOCK_J=block_j, BLOCK_Q=block_q,
                           ACC_DTYPE=tl.float64 if acc == "fp64" else tl.float32, DOT_PRECISION=precision,
-                          HAS_GATE=has_gate, WRITE_A=write_a, PARAM_GRAD=param_grad)
+                          FAST_TRIG=acc == "fp32", HAS_GATE=has_gate, WRITE_A=write_a, PARAM_GRAD=param_grad)
         signature = {name: "constexpr" if name in constexprs else
                      f"*{pointer_types[name]}" if name in pointer_types else
                      "i64" if name.startswith("stride") else "i32"
                      for name in fourier_analysis_kernel.arg_names}
-        variants.append((f"x {x_type}, {label}", signature, constexprs))
+        options = {"num_warps": NUM_WARPS if acc == "fp32" else 4}  # as the launcher passes them
+        variants.append((f"x {x_type}, {label}", signature, constexprs, options))
     return variants

@@ -11,6 +11,8 @@ dense ΔW). A (tokens × n, two planes) comes from the analysis kernel and alrea
 the gate. The frequencies are walked expert by expert; with gates, an expert none of the tile's tokens is routed
 to is skipped (its A is zero there).
 
+cos/sin: ``FAST_TRIG`` as in the analysis kernel (MUFU approximations for fp32 on a GPU, precise otherwise).
+
 Phase precision: f·p is reduced modulo L in int32 before converting to float, exactly as in the analysis kernel
 (see ``_triton_fourier_analysis``), and centred so cos/sin see arguments in [−π, π).
 """
@@ -18,14 +20,18 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 
 def tile_sizes(fp64: bool) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_P, BLOCK_J). Untuned (no GPU measurement yet): 64 tokens amortise each twiddle tile,
-    64 output columns per program, 32 frequencies per dot (the reduction dimension)."""
+    """(BLOCK_T, BLOCK_P, BLOCK_J). Untuned (no GPU measurement yet): 128 tokens (8 warps) amortise each
+    twiddle tile (as in the analysis kernel), 64 output columns per program, 32 frequencies per dot."""
     if fp64:
         return 32, 32, 16
-    return 64, 64, 32
+    return 128, 64, 32
+
+
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -34,7 +40,8 @@ def fourier_synthesis_kernel(
     num_tokens, size, num_experts,
     stride_ap, stride_at, stride_gt, stride_ge, stride_bt, stride_bp, stride_yt, stride_yp,
     BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_GATE: tl.constexpr, HAS_BASE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr, HAS_GATE: tl.constexpr,
+    HAS_BASE: tl.constexpr,
 ):
     token_tile = tl.program_id(0).to(tl.int64)
     out_tile = tl.program_id(1)
@@ -66,8 +73,12 @@ def fourier_synthesis_kernel(
             r = tl.where(r < 0, r + size, r)
             r = tl.where(r >= size, r - size, r)
             angle = tl.where(2 * r >= size, r - size, r).to(ACC_DTYPE) * step
-            acc += tl.dot(a_re, tl.cos(angle), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-            acc -= tl.dot(a_im, tl.sin(angle), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            if FAST_TRIG:
+                cos, sin = libdevice.fast_cosf(angle), libdevice.fast_sinf(angle)
+            else:
+                cos, sin = tl.cos(angle), tl.sin(angle)
+            acc += tl.dot(a_re, cos, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            acc -= tl.dot(a_im, sin, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
 
     out_mask = t_ok[:, None] & p_ok[None, :]
     if HAS_BASE:
@@ -77,10 +88,10 @@ def fourier_synthesis_kernel(
              mask=out_mask)
 
 
-def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object]]]:
+def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object], dict[str, int]]]:
     """The specialisations the launcher can produce, for ahead-of-time compile checks on real GPU targets.
 
-    Returns (label, signature, constexprs) per variant; see ``spectralkern.ops._aot``.
+    Returns (label, signature, constexprs, compile options) per variant; see ``spectralkern.ops._aot``.
     """
     variants = []
     # One variant per distinct code path (dtype × flags); the full cross product would only repeat them.
@@ -93,10 +104,11 @@ def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object]]]:
                          "base_ptr": x_type, "y_ptr": x_type}
         constexprs = dict(BLOCK_T=block_t, BLOCK_P=block_p, BLOCK_J=block_j,
                           ACC_DTYPE=tl.float64 if acc == "fp64" else tl.float32, DOT_PRECISION=precision,
-                          HAS_GATE=has_gate, HAS_BASE=has_base)
+                          FAST_TRIG=acc == "fp32", HAS_GATE=has_gate, HAS_BASE=has_base)
         signature = {name: "constexpr" if name in constexprs else
                      f"*{pointer_types[name]}" if name in pointer_types else
                      "i64" if name.startswith("stride") else "i32"
                      for name in fourier_synthesis_kernel.arg_names}
-        variants.append((f"x {x_type}, {label}", signature, constexprs))
+        options = {"num_warps": NUM_WARPS if acc == "fp32" else 4}  # as the launcher passes them
+        variants.append((f"x {x_type}, {label}", signature, constexprs, options))
     return variants

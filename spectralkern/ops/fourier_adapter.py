@@ -161,6 +161,13 @@ def fourier_adapter_backward_reference(grad_y: torch.Tensor, x: torch.Tensor | N
 
 
 # ------------------------------------------------------------------------------------------ triton launchers
+def _fast_trig(acc: torch.dtype) -> bool:
+    # MUFU cos/sin for fp32 on a GPU; the interpreter has no libdevice, fp64 needs the precise functions.
+    from .._backend import triton_interpreter_on
+
+    return acc == torch.float32 and not triton_interpreter_on()
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # tf32x3 keeps fp32 inputs at ~fp32 accuracy on tensor cores; fp16/bf16 inputs are rounded coarser than tf32.
     return {torch.float64: "ieee", torch.float32: "tf32x3"}.get(dtype, "tf32")
@@ -177,7 +184,7 @@ def _analysis_launch(sig, freq, size, sig2, freq2, size2, coef_re, coef_im, gate
     import triton
     import triton.language as tl
 
-    from ._triton_fourier_analysis import fourier_analysis_kernel, tile_sizes
+    from ._triton_fourier_analysis import NUM_WARPS, fourier_analysis_kernel, tile_sizes
 
     acc = _acc_dtype(dtype)
     block_t, block_j, block_q = tile_sizes(fp64=acc == torch.float64)
@@ -196,7 +203,8 @@ def _analysis_launch(sig, freq, size, sig2, freq2, size2, coef_re, coef_im, gate
         *coef_grad_strides,
         BLOCK_T=block_t, BLOCK_J=block_j, BLOCK_Q=block_q,
         ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32, DOT_PRECISION=_dot_precision(dtype),
-        HAS_GATE=gates is not None, WRITE_A=a is not None, PARAM_GRAD=coef_grad is not None,
+        FAST_TRIG=_fast_trig(acc), HAS_GATE=gates is not None, WRITE_A=a is not None,
+        PARAM_GRAD=coef_grad is not None, num_warps=NUM_WARPS if acc == torch.float32 else 4,
     )
 
 
@@ -204,7 +212,7 @@ def _synthesis_launch(a, freq, size, gates, expert_ptr, base, y, *, dtype: torch
     import triton
     import triton.language as tl
 
-    from ._triton_fourier_synthesis import fourier_synthesis_kernel, tile_sizes
+    from ._triton_fourier_synthesis import NUM_WARPS, fourier_synthesis_kernel, tile_sizes
 
     acc = _acc_dtype(dtype)
     block_t, block_p, block_j = tile_sizes(fp64=acc == torch.float64)
@@ -219,7 +227,8 @@ def _synthesis_launch(a, freq, size, gates, expert_ptr, base, y, *, dtype: torch
         y.stride(0), y.stride(1),
         BLOCK_T=block_t, BLOCK_P=block_p, BLOCK_J=block_j,
         ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32, DOT_PRECISION=_dot_precision(dtype),
-        HAS_GATE=gates is not None, HAS_BASE=base is not None,
+        FAST_TRIG=_fast_trig(acc), HAS_GATE=gates is not None, HAS_BASE=base is not None,
+        num_warps=NUM_WARPS if acc == torch.float32 else 4,
     )
 
 

@@ -10,6 +10,7 @@ OPS: dict[str, str] = {
     "smoa": "spectralkern.bench.cases.smoa",
     "optimizer": "spectralkern.bench.cases.optimizer",
     "chebyshev_filter": "spectralkern.bench.cases.chebyshev",
+    "fourier": "spectralkern.bench.cases.fourier",
 }
 
 
