@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -419,6 +418,6 @@ def smoa_parameter_count(config: SMoAConfig, layout: SMoALayout) -> int:
     return sum(r * (rows + cols) for r, rows, cols in zip(config.ranks, layout.row_sizes, layout.col_sizes))
 
 
-__all__: Sequence[str] = ["SMoAConfig", "SMoALinear", "apply_smoa", "load_smoa", "merge_smoa", "save_smoa",
+__all__ = ["SMoAConfig", "SMoALinear", "apply_smoa", "load_smoa", "merge_smoa", "save_smoa",
                           "smoa_fingerprint", "smoa_layers", "smoa_parameter_count", "spectral_layout",
                           "spectral_order", "unmerge_smoa"]
