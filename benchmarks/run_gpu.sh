@@ -3,12 +3,12 @@
 # interpreter, so the GPU-only tests run too), then the full benchmark suite.
 #
 #   bash benchmarks/run_gpu.sh                 # from anywhere; works on a checkout that is not pip-installed
-#   OUT=/some/dir bash benchmarks/run_gpu.sh   # results there instead of benchmarks/results
+#   OUT=/some/dir bash benchmarks/run_gpu.sh   # the device tool: everything packed into $OUT/gpu-results.tar.gz
 #
 # Steps: build the CUDA extension (csrc/) in place for sm_90, the test suite (the CUDA backend's tests included),
 # compute-sanitizer memcheck over the CUDA backend's GPU tests, the full benchmark (cuda vs triton vs torch).
 #
-# Writes into ${OUT:-benchmarks/results} (seven files, all flat):
+# Writes into benchmarks/results (or, with $OUT set, into gpu-results.tar.gz there, plus copies of the logs):
 #   nvidia-smi.txt         the card as found (read-only query)
 #   cuda.log               the CUDA extension's build, `spectralkern info`, then the compute-sanitizer report
 #   gpu-tests.log          pytest output
@@ -18,7 +18,8 @@
 #   <op>.png               time vs bytes per provider
 # Knobs (environment):
 #   SKIP_TESTS=1           benchmark only
-#   BENCH_ARGS="..."       extra arguments for `python -m spectralkern.bench`, e.g. "--quick" or
+#   BENCH_ARGS="..."       extra arguments for `python -m spectralkern.bench`, e.g. "--quick", "--ops spectral_filter"
+#                          (the full suite of every op does not fit one 10-minute device call: split it by --ops) or
 #                          "--providers spectralkern torch_bmm" (torch_compile's warm-up is most of the full run)
 #   SPECTRALKERN_GIT_SHA   the commit to record when the tree travels without .git
 #   SPECTRALKERN_CUDA_ARCHS  the extension's targets (default here: 90, the H100/H200)
@@ -28,7 +29,18 @@
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-RESULTS="${OUT:-benchmarks/results}"
+# The device tool brings back at most 8 files from $OUT: there, everything is written to a scratch folder and
+# packed into $OUT/gpu-results.tar.gz at the end, with the three logs beside it for a quick read.
+if [[ -n "${OUT:-}" ]]; then
+    RESULTS="$(mktemp -d)"
+    pack_results() {
+        tar czf "$OUT/gpu-results.tar.gz" -C "$RESULTS" .
+        cp "$RESULTS"/*.log "$OUT"/ 2>/dev/null || true
+    }
+    trap pack_results EXIT
+else
+    RESULTS="benchmarks/results"
+fi
 mkdir -p "$RESULTS"
 PYTHON="${PYTHON:-python3}"
 
