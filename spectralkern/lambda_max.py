@@ -76,12 +76,24 @@ def lanczos_lambda_max(L: GraphLaplacian, steps: int = LANCZOS_STEPS) -> LambdaM
     return LambdaMaxEstimate(ritz, residual, bound, estimate, m)
 
 
+def _cache(L: GraphLaplacian) -> dict:
+    """Per-Laplacian cache, an attribute of the object: it lives exactly as long as the Laplacian does."""
+    return L.__dict__.setdefault(_CACHE_ATTR, {})
+
+
 def _cached(L: GraphLaplacian) -> LambdaMaxEstimate:
-    found = getattr(L, _CACHE_ATTR, None)
-    if found is None:
-        found = lanczos_lambda_max(L)
-        setattr(L, _CACHE_ATTR, found)
-    return found
+    cache = _cache(L)
+    if "lanczos" not in cache:
+        cache["lanczos"] = lanczos_lambda_max(L)
+    return cache["lanczos"]
+
+
+def _cached_bound(L: GraphLaplacian) -> float:
+    """L.spectrum_bound(), once: for a combinatorial Laplacian it reads the diagonal (a device sync on a GPU)."""
+    cache = _cache(L)
+    if "bound" not in cache:
+        cache["bound"] = float(L.spectrum_bound())
+    return cache["bound"]
 
 
 def estimate_lambda_max(L: GraphLaplacian) -> float:
@@ -99,16 +111,17 @@ def estimate_lambda_max(L: GraphLaplacian) -> float:
 def check_lambda_max(L: GraphLaplacian, lambda_max: object) -> float:
     """Validate a user's λ_max: a finite positive number not below the spectrum of ``L``.
 
-    Cheap: a λ_max at or above ``L.spectrum_bound()`` is accepted without any work; a smaller one is compared
-    with the cached Lanczos lower bound θ (one Lanczos run per Laplacian, the first time). A λ_max between θ and
-    the true λ_max cannot be told apart from a valid one this way; such a gap is small once Lanczos converged.
+    Cheap: a λ_max at or above ``L.spectrum_bound()`` (cached) is accepted without further work; a smaller one
+    is compared with the cached Lanczos lower bound θ (one Lanczos run per Laplacian, the first time). A λ_max
+    between θ and the true λ_max cannot be told apart from a valid one this way; that gap is small once Lanczos
+    has converged.
     """
     if isinstance(lambda_max, bool) or not isinstance(lambda_max, (int, float)) or not math.isfinite(lambda_max):
         raise TypeError(f"lambda_max must be a finite number, got {lambda_max!r}")
     lambda_max = float(lambda_max)
     if lambda_max <= 0:
         raise ValueError(f"lambda_max must be positive (the Chebyshev interval is [0, lambda_max]), got {lambda_max}")
-    if lambda_max >= L.spectrum_bound():
+    if lambda_max >= _cached_bound(L):
         return lambda_max
     found = _cached(L)
     if lambda_max < found.ritz * (1.0 - _BELOW_TOLERANCE):

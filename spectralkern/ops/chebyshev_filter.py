@@ -18,7 +18,6 @@ node of its block. Both are built once per (Laplacian, λ_max, dtype) and cached
 """
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -195,7 +194,7 @@ def _launch_csr(x: torch.Tensor, coeffs: torch.Tensor, crow: torch.Tensor, col: 
     saved_c = saved.contiguous() if saved is not None else None
     y = out if out is not None else torch.empty((n, d) if write_y else (0, 0), dtype=x.dtype, device=x.device)
     if write_y and not y.is_contiguous():
-        raise ValueError("out must be contiguous for the CSR kernel")
+        raise ValueError(f"out must be contiguous for the CSR kernel, got strides {y.stride()}")
     # T_m for m ≥ 1 lives in buffers[(m − 1) % 2]; from the third step on T_{m+1} overwrites T_{m−1} in place.
     buffers = [torch.empty(n, d, dtype=acc, device=x.device) for _ in range(min(order - 1, 2))]
     # y between steps, in the accumulation dtype (the last step writes y itself)
@@ -408,7 +407,9 @@ def chebyshev_filter(x: torch.Tensor, L: GraphLaplacian, coeffs: torch.Tensor | 
         x: (N, d) or (N,), float16/bfloat16/float32/float64, any strides; N = L.num_nodes; same device as L.
         L: the GraphLaplacian (normalized or combinatorial; block-diagonal or with cross-block edges).
         coeffs: (K+1,) float tensor on x's device (differentiable), or a sequence of numbers.
-        gain: a callable g(λ) on float64 tensors, e.g. ``spectralkern.heat(1.0)``; needs ``order``.
+        gain: a callable g(λ) on float64 tensors, e.g. ``spectralkern.heat(1.0)``; needs ``order``. Its
+            coefficients are computed on the CPU and copied to x's device in every call; in a training loop,
+            compute them once with ``filters.chebyshev_coefficients`` and pass ``coeffs``.
         order: K ≥ 0; with ``coeffs`` optional, and then it must equal len(coeffs) − 1.
         lambda_max: the end of the interval; None: ``estimate_lambda_max(L)`` (a few Lanczos steps, cached on
             L). A value below L's spectrum raises ValueError (the polynomials blow up outside [−1, 1]).
