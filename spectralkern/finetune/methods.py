@@ -6,6 +6,8 @@ its optimizer, and the objective. Built in:
     full               full fine-tuning with torch.optim.AdamW (word-embedding table frozen, see MethodConfig)
     lora               LoRA adapters (peft) on the attention query/value projections + the classification head
     smoa               SMoA adapters (spectralkern.peft, paper 002) on the same targets with LoRA's budget + head
+    fourierft          FourierFT (spectralkern.peft, paper 003, one expert) on the same targets, LoRA's budget + head
+    fourier_moe        FourierMoE (paper 003): radial-band experts, top-k router, load-balancing loss in the objective
     spectral           ours: full fine-tuning whose encoder Linear weights get the spectral gradient filter
                        (paper 001's U g(Λ) Uᵀ ∇), fused into SpectralAdamW; objective = task loss
     spectral_reg       ours: the same plus the Laplacian regulariser, joint loss L_task + λ·tr(ΔᵀLΔ)
@@ -55,6 +57,14 @@ class MethodConfig:
     refresh_every: int = 200
     reg_weight: float = 1.0
     fused: bool = True                     # SpectralAdamW (filter inside the step) vs filt.step() + AdamW
+    # FourierFT / FourierMoE (paper 003). fourier_n None: LoRA's budget, 2n reals = lora_r·(in + out) per layer.
+    # scale and lr follow the FourierFT paper's RoBERTa settings (scaling 150, spectrum lr ~5e-2); untuned here.
+    fourier_n: int | None = None
+    fourier_scale: float = 150.0
+    fourier_lr: float = 5e-2
+    fourier_experts: int = 4
+    fourier_top_k: int = 2
+    fourier_aux_weight: float = 0.01       # weight of the FourierMoE load-balancing loss in the objective
 
     def to_dict(self) -> dict:
         return {name: (list(v) if isinstance(v, tuple) else v) for name, v in self.__dict__.items()}
@@ -71,6 +81,7 @@ class TrainSetup:
         filter_in_optimizer: the optimizer filters (SpectralAdamW); otherwise ``before_step`` calls filt.step().
         task_weight: weight of the task loss in the objective (0: the regulariser-only ablation).
         use_regularizer: add filt.regularization() to the objective.
+        aux_loss / aux_weight: add aux_weight · aux_loss() (evaluated after the forward) to the objective.
     """
     model: SentenceClassifier
     optimizer: torch.optim.Optimizer
@@ -79,6 +90,8 @@ class TrainSetup:
     task_weight: float = 1.0
     use_regularizer: bool = False
     notes: dict = field(default_factory=dict)
+    aux_loss: Callable[[], torch.Tensor] | None = None   # e.g. FourierMoE's load balancing, read after forward
+    aux_weight: float = 0.0
 
     def objective(self, task_loss: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """(loss to backpropagate, logged parts). ``spec`` is reg_weight·Σ tr(ΔᵀLΔ), logged whenever there is a
@@ -94,6 +107,10 @@ class TrainSetup:
                 with torch.no_grad():
                     spec = filt.regularization()
             parts["spec"] = float(spec.detach())
+        if self.aux_loss is not None and self.aux_weight != 0:
+            aux = self.aux_loss().to(loss.device)
+            loss = loss + self.aux_weight * aux
+            parts["aux"] = float(aux.detach())
         parts["total"] = float(loss.detach())
         return loss, parts
 
@@ -189,6 +206,45 @@ def build_smoa(model: SentenceClassifier, config: MethodConfig) -> TrainSetup:
     return TrainSetup(model, optimizer, notes={"smoa_trainable": trainable_parameters(model.encoder).trainable})
 
 
+def _build_fourier(model: SentenceClassifier, config: MethodConfig, *, experts: int) -> TrainSetup:
+    """FourierFT (experts = 1) or FourierMoE (paper 003) on LoRA's targets with LoRA's budget of real parameters
+    (2 per complex coefficient; FourierMoE adds its router, E·in per layer). Coefficients at fourier_lr without
+    weight decay, the router at lora_lr, the head at head_lr."""
+    from ..peft import (FourierFTConfig, FourierMoEConfig, apply_fourier_moe, find_target_modules,
+                        fourier_moe_aux_loss, fourier_moe_layers, linear_features, trainable_parameters)
+    targets = list(config.lora_targets)
+    n = config.fourier_n
+    if n is None:
+        in_features, out_features = linear_features(find_target_modules(model.encoder, targets)[0][1])
+        n = config.lora_r * (in_features + out_features) // 2
+    if experts == 1:
+        adapter = FourierFTConfig(n_frequencies=n, scale=config.fourier_scale, target_modules=targets)
+    else:
+        adapter = FourierMoEConfig(num_experts=experts, top_k=config.fourier_top_k, n_frequencies=n,
+                                   scale=config.fourier_scale, target_modules=targets)
+    apply_fourier_moe(model.encoder, adapter)   # freezes every encoder weight except coefficients and routers
+    layers = fourier_moe_layers(model.encoder).values()
+    coefficients = [p for layer in layers for p in (layer.coef_re, layer.coef_im) if p is not None]
+    routers = [layer.router.weight for layer in layers if layer.router is not None]
+    groups = [{"params": [p for p in model.head.parameters() if p.requires_grad], "lr": config.head_lr,
+               "weight_decay": config.weight_decay},
+              {"params": coefficients, "lr": config.fourier_lr, "weight_decay": 0.0},
+              {"params": routers, "lr": config.lora_lr, "weight_decay": config.weight_decay}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]])
+    routed = experts > 1
+    return TrainSetup(model, optimizer, aux_loss=(lambda: fourier_moe_aux_loss(model.encoder)) if routed else None,
+                      aux_weight=config.fourier_aux_weight if routed else 0.0,
+                      notes={"fourier_n": n, "fourier_trainable": trainable_parameters(model.encoder).trainable})
+
+
+def build_fourierft(model: SentenceClassifier, config: MethodConfig) -> TrainSetup:
+    return _build_fourier(model, config, experts=1)
+
+
+def build_fourier_moe(model: SentenceClassifier, config: MethodConfig) -> TrainSetup:
+    return _build_fourier(model, config, experts=config.fourier_experts)
+
+
 def make_spectral_filter(model: nn.Module, config: MethodConfig, target_modules: tuple[str, ...] | None = None):
     """The SpectralGradientFilter the spectral methods use, from ``config``."""
     from ..filters import heat
@@ -239,3 +295,7 @@ register_method(Method("spectral_reg", "Spectral filter + reg. (ours)", build_sp
                        "spectral filter + joint loss L_task + λ·tr(ΔᵀLΔ)"))
 register_method(Method("spectral_reg_only", "Regulariser only (ablation)", build_spectral_reg_only,
                        "Figure 3 ablation: the filter with λ·tr(ΔᵀLΔ) alone as the objective", in_table=False))
+register_method(Method("fourierft", "FourierFT (fused)", build_fourierft,
+                       "FourierFT: complex conjugate-symmetric spectrum on query/value (LoRA's budget) + head"))
+register_method(Method("fourier_moe", "FourierMoE (fused)", build_fourier_moe,
+                       "FourierMoE: 4 radial-band experts, top-2 router, LoRA's budget on query/value + head"))

@@ -334,8 +334,8 @@ def _fourier_adapter_backward_op(grad_y: torch.Tensor, x: torch.Tensor, in_featu
     else:
         results = fourier_adapter_backward_reference(grad_y, x_in, in_features, rows, cols, coef_re, coef_im,
                                                      expert_ptr, gates, need_x, need_params)
-    empty = grad_y.new_empty(0)
-    return tuple(r.contiguous() if r is not None else empty for r in results)
+    # A fresh empty tensor per missing gradient: outputs of a custom op must not alias one another.
+    return tuple(r.contiguous() if r is not None else grad_y.new_empty(0) for r in results)
 
 
 @_fourier_adapter_backward_op.register_fake
