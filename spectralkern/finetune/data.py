@@ -128,21 +128,26 @@ def nested_fraction(indices: torch.Tensor, labels: torch.Tensor, fraction: float
     fraction = _check_fraction("fraction", fraction, allow_one=True)
     indices = indices.cpu().to(torch.int64)
     pool_labels = labels.cpu()[indices]
+    perms = [perm for perm in _class_permutations(pool_labels, seed) if perm.size]
+    sizes = np.array([perm.size for perm in perms])
     if cap is not None:
-        if isinstance(cap, bool) or not isinstance(cap, int) or cap < pool_labels.unique().numel():
-            raise ValueError(f"cap must be an int ≥ the number of classes ({pool_labels.unique().numel()}), "
-                             f"got {cap!r}")
-        fraction_of_pool = min(1.0, cap / indices.numel())
-    else:
-        fraction_of_pool = 1.0
-    chosen = []
-    for perm in _class_permutations(pool_labels, seed):
-        if perm.size == 0:
-            continue
-        n_pool = max(1, round(fraction_of_pool * perm.size))
-        chosen.append(perm[:max(1, round(fraction * n_pool))])
-    picked = np.sort(np.concatenate(chosen))
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < len(perms):
+            raise ValueError(f"cap must be an int ≥ the number of classes ({len(perms)}), got {cap!r}")
+        sizes = _apportion(sizes, min(cap, int(sizes.sum())))
+    # Half-up rounding of fraction · n_c is monotone in the fraction, which keeps the subsets nested.
+    counts = np.maximum(1, np.floor(fraction * sizes + 0.5).astype(np.int64))
+    picked = np.sort(np.concatenate([perm[:n] for perm, n in zip(perms, counts)]))
     return indices[torch.from_numpy(picked)]
+
+
+def _apportion(sizes: np.ndarray, total: int) -> np.ndarray:
+    """Split ``total`` over classes in proportion to ``sizes`` by largest remainders (at least 1 per class)."""
+    quota = sizes * (total / sizes.sum())
+    counts = np.maximum(1, np.floor(quota).astype(np.int64))
+    order = np.argsort(-(quota - np.floor(quota)), kind="stable")
+    for c in order[:max(0, total - int(counts.sum()))]:
+        counts[c] += 1
+    return np.minimum(counts, sizes)
 
 
 def encode(tokenizer, texts: Sequence[str], max_length: int, *, batch_size: int = 256) -> dict[str, torch.Tensor]:

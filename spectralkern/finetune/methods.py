@@ -38,7 +38,7 @@ class MethodConfig:
     new, so it gets head_lr in every method. Biases and LayerNorm weights get no weight decay (BERT convention).
     """
     lr: float = 1e-4
-    head_lr: float = 2e-3
+    head_lr: float = 1e-2
     lora_lr: float = 1e-3
     weight_decay: float = 0.01
     freeze_word_embeddings: bool = True   # the 30522×384 table is half of MiniLM; its dense update dominates a step
@@ -55,7 +55,7 @@ class MethodConfig:
     heat: float = 2.0
     passthrough: float = 0.0
     refresh_every: int = 200
-    reg_weight: float = 1.0
+    reg_weight: float = 0.1
     fused: bool = True                     # SpectralAdamW (filter inside the step) vs filt.step() + AdamW
     # FourierFT / FourierMoE (paper 003). fourier_n None: LoRA's budget, 2n reals = lora_r·(in + out) per layer.
     # scale and lr follow the FourierFT paper's RoBERTa settings (scaling 150, spectrum lr ~5e-2); untuned here.

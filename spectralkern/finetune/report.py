@@ -41,6 +41,11 @@ def budget_lines(results: dict) -> list[str]:
         f"LoRA: r = {m['lora_r']}, alpha = {m['lora_alpha']}, dropout {m['lora_dropout']:g}, on "
         f"{', '.join(m['lora_targets'])}.",
     ]
+    timing, env = results.get("timing", {}), results.get("environment", {})
+    if "wall_seconds" in timing:
+        lines.append(f"Time: {timing['wall_seconds']:.0f} s wall, {timing.get('cpu_seconds', float('nan')):.0f} s CPU "
+                     f"(all threads) on {env.get('device', '?')} with {env.get('torch_threads', '?')} torch threads; "
+                     f"{len(results['runs'])} runs.")
     return lines
 
 

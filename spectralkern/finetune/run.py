@@ -42,7 +42,7 @@ class RunConfig:
     eval_size: int | None = None
     held_out_fraction: float = 0.2
     split_seed: int = 0
-    max_length: int = 128
+    max_length: int = 64
     batch_size: int = 16
     eval_batch_size: int = 64
     epochs: int = 1
@@ -224,11 +224,15 @@ def _environment(device: torch.device) -> dict:
     return env
 
 
-def run_comparison(config: RunConfig, *, progress: bool = True,
-                   log: Callable[[str], None] = print) -> dict:
-    """Run every (seed, method, fraction) of ``config``; returns the results dict that report.py writes."""
+def run_comparison(config: RunConfig, *, progress: bool = True, log: Callable[[str], None] = print,
+                   encoder: tuple | None = None) -> dict:
+    """Run every (seed, method, fraction) of ``config``; returns the results dict that report.py writes.
+
+    ``encoder``: an already loaded (tokenizer, encoder) pair to use instead of loading ``config.model_dir``
+    (it is copied for every run, never trained in place).
+    """
     config.validate()
-    start_wall = time.perf_counter()
+    start_wall, start_cpu = time.perf_counter(), time.process_time()
     if config.threads:
         torch.set_num_threads(config.threads)
     device = torch.device(config.device)
@@ -245,7 +249,7 @@ def run_comparison(config: RunConfig, *, progress: bool = True,
     num_classes = len(dataset.classes)
 
     t0 = time.perf_counter()
-    tokenizer, base_encoder = load_encoder(config.model_dir)
+    tokenizer, base_encoder = encoder if encoder is not None else load_encoder(config.model_dir)
     load_seconds = time.perf_counter() - t0
     used = torch.unique(torch.cat([subsets[1.0], held_out]))
     t0 = time.perf_counter()
@@ -317,6 +321,8 @@ def run_comparison(config: RunConfig, *, progress: bool = True,
                "timing": {"load_seconds": load_seconds, "tokenize_seconds": tokenize_seconds}}
     results.update(_aggregate(runs, config.methods, fractions))
     results["timing"]["wall_seconds"] = time.perf_counter() - start_wall
+    # CPU time of all threads: on a shared machine it shows how much of the wall time was this run's own work.
+    results["timing"]["cpu_seconds"] = time.process_time() - start_cpu
     return results
 
 

@@ -1,0 +1,4 @@
+"""Integrations with training frameworks; each is imported on demand (``from spectralkern.integrations.hf import ...``).
+
+    hf.py   transformers.Trainer (optimizer factory, callback, SpectralTrainer with the joint loss) and peft models
+"""
