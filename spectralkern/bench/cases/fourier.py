@@ -174,8 +174,8 @@ def _prepare(cfg: _Config, dtype: torch.dtype, device: torch.device) -> Prepared
                            router="linear" if cfg.experts > 1 else None, seed=_SEED, init="normal",
                            target_modules=["layer"])
     layout = sample_frequencies(o, i, cfg.n, cfg.experts, _SEED)
-    fused = FourierMoELinear(base, layout, scale=moe.scale, top_k=moe.top_k, router=moe.router, init="normal",
-                             seed=_SEED)
+    torch.manual_seed(_SEED)  # the coefficients' "normal" init and the router draw from the global RNG
+    fused = FourierMoELinear(base, layout, scale=moe.scale, top_k=moe.top_k, router=moe.router, init="normal")
     eager = copy.deepcopy(fused)
     eager.base_layer = base  # share the frozen weight instead of holding a second copy
     eager.impl = "reference"
