@@ -7,6 +7,7 @@ registry, and the test fails if a module defines a Triton kernel that no registr
 """
 from __future__ import annotations
 
+import concurrent.futures
 import importlib
 import os
 import sys
@@ -29,7 +30,6 @@ def compile_variants(module_name: str, target: tuple[str, int, int]) -> list[tup
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
     from triton.runtime.jit import JITFunction
 
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -50,18 +50,23 @@ def compile_variants(module_name: str, target: tuple[str, int, int]) -> list[tup
     return compiled
 
 
+def _compile_job(job: tuple[str, tuple[str, int, int]]) -> list[str]:
+    module_name, target = job
+    try:
+        return [f"ok   sm_{target[1]} {module_name} [{label}] shared={shared_bytes} B"
+                for label, shared_bytes in compile_variants(module_name, target)]
+    except Exception as exc:  # report every failing module/target, not just the first
+        return [f"FAIL sm_{target[1]} {module_name}: {exc}"]
+
+
 def main() -> int:
-    """Compile every registered kernel for every target; print one line per variant; non-zero on failure."""
-    failures = 0
-    for module_name in KERNEL_MODULES:
-        for target in TARGETS:
-            try:
-                for label, shared_bytes in compile_variants(module_name, target):
-                    print(f"ok   sm_{target[1]} {module_name} [{label}] shared={shared_bytes} B")
-            except Exception as exc:  # report every failing module/target, not just the first
-                failures += 1
-                print(f"FAIL sm_{target[1]} {module_name}: {exc}")
-    return 1 if failures else 0
+    """Compile every registered kernel for every target, one process per core (LLVM is single-threaded);
+    print one line per variant; non-zero on failure."""
+    jobs = [(module_name, target) for module_name in KERNEL_MODULES for target in TARGETS]
+    with concurrent.futures.ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
+        lines = [line for result in pool.map(_compile_job, jobs) for line in result]
+    print("\n".join(lines))
+    return 1 if any(line.startswith("FAIL") for line in lines) else 0
 
 
 if __name__ == "__main__":
