@@ -461,6 +461,20 @@ def test_fused_module_matches_eager_reference_module(backend, seed, router):
         assert relative_error(ours, ref) <= 1e-5
 
 
+def test_triton_path_groups_tokens_by_expert_set(monkeypatch, seed):
+    layer = moe_model(experts=4, top_k=2)[0]
+    x = torch.randn(50, 24)
+    gates, _ = layer.route(x)
+    monkeypatch.setenv("SPECTRALKERN_BACKEND", "torch")
+    assert layer._expert_order(gates, x) is None  # the FFT path's cost does not depend on n
+    monkeypatch.setenv("SPECTRALKERN_BACKEND", "triton")
+    order = layer._expert_order(gates, x)
+    assert sorted(order.tolist()) == list(range(50))
+    sets = [tuple(torch.nonzero(g).flatten().tolist()) for g in gates[order]]
+    changes = sum(a != b for a, b in zip(sets[:-1], sets[1:]))
+    assert changes == len(set(sets)) - 1  # each expert set forms one contiguous run
+
+
 def test_trainable_parameter_report(torch_backend, seed):
     model = moe_model(experts=4, n=40)
     report = trainable_parameters(model)

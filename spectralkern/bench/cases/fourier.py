@@ -26,8 +26,8 @@ FourierFT through ``from_peft_fourierft`` likewise, LoRA (B = 0) against x Wᵀ 
 Bytes (minimum traffic): fwd reads x and W, writes y; fwd_bwd adds reading grad_y and writing grad_x.
 Flops: the base GEMM 2·T·out·in (fwd; fwd_bwd adds grad_x through W, the same again) plus the adapter's useful
 work, 4·T·n_k·(in + out) forward and 8·T·n_k·(in + out) + 4·T·n_k·in more backward (analysis of grad_y and of x,
-synthesis of grad_x), with n_k = n·k/E the coefficients a token is routed to (the kernels compute all n unless a
-whole token tile skips an expert, so with top-2 of 8 and random routing they do E/k = 4× the useful work).
+synthesis of grad_x), with n_k = n·k/E the coefficients a token is routed to (the layer sorts tokens by expert set
+so that whole token tiles skip the experts they are not routed to; tiles that mix sets still do all n).
 """
 from __future__ import annotations
 
