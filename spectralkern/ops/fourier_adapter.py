@@ -209,6 +209,8 @@ def _analysis_launch(sig, freq, size, sig2, freq2, size2, coef_re, coef_im, gate
 
 
 def _synthesis_launch(a, freq, size, gates, expert_ptr, base, y, *, dtype: torch.dtype) -> None:
+    """Synthesis kernel over all (token tile, output tile) programs: y = base + Re(A · twiddles) from the
+    (2, T, n) spectrum ``a``; ``gates`` only serve to skip experts a whole token tile is not routed to."""
     import triton
     import triton.language as tl
 
@@ -218,13 +220,12 @@ def _synthesis_launch(a, freq, size, gates, expert_ptr, base, y, *, dtype: torch
     block_t, block_p, block_j = tile_sizes(fp64=acc == torch.float64)
     num_tokens = y.shape[0]
     grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(size, block_p))
+    gate_strides = gates.stride() if gates is not None else (0, 0)
+    base_strides = base.stride() if base is not None else (0, 0)
     fourier_synthesis_kernel[grid](
-        a, freq, gates if gates is not None else a, expert_ptr, base if base is not None else y, y,
+        a, freq, _or(gates, a), expert_ptr, _or(base, y), y,
         num_tokens, size, expert_ptr.numel() - 1,
-        a.stride(0), a.stride(1),
-        gates.stride(0) if gates is not None else 0, gates.stride(1) if gates is not None else 0,
-        base.stride(0) if base is not None else 0, base.stride(1) if base is not None else 0,
-        y.stride(0), y.stride(1),
+        a.stride(0), a.stride(1), *gate_strides, *base_strides, y.stride(0), y.stride(1),
         BLOCK_T=block_t, BLOCK_P=block_p, BLOCK_J=block_j,
         ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32, DOT_PRECISION=_dot_precision(dtype),
         FAST_TRIG=_fast_trig(acc), HAS_GATE=gates is not None, HAS_BASE=base is not None,
