@@ -8,6 +8,7 @@ from .filters import heat, learnable_gains, low_pass, tikhonov
 from .graph import GraphLaplacian, ParameterGraph
 from .lambda_max import estimate_lambda_max
 from .ops.chebyshev_filter import chebyshev_filter, chebyshev_filter_reference
+from .ops.fourier_adapter import fourier_adapter, fourier_adapter_reference
 from .ops.laplacian_quadratic import laplacian_quadratic, laplacian_quadratic_reference
 from .ops.spectral_filter import spectral_filter, spectral_filter_reference
 from .optim import SpectralAdamW, SpectralGradientFilter
@@ -19,4 +20,5 @@ __all__ = [
     "spectral_filter", "spectral_filter_reference", "tikhonov", "__version__",
     "laplacian_quadratic", "laplacian_quadratic_reference", "SpectralAdamW", "SpectralGradientFilter",
     "chebyshev_filter", "chebyshev_filter_reference", "estimate_lambda_max",
+    "fourier_adapter", "fourier_adapter_reference",
 ]
