@@ -42,7 +42,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..ops.fourier_adapter import fourier_adapter_backend
 from ._patching import (combine_fingerprints, find_target_modules, fingerprint_tensors, freeze_all_except,

@@ -25,8 +25,8 @@ FourierFT through ``from_peft_fourierft`` likewise, LoRA (B = 0) against x Wᵀ 
 
 Bytes (minimum traffic): fwd reads x and W, writes y; fwd_bwd adds reading grad_y and writing grad_x.
 Flops: the base GEMM 2·T·out·in (fwd; fwd_bwd adds grad_x through W, the same again) plus the adapter's useful
-work, 4·T·n_k·(in + out) forward and 8·T·n_k·(in + out) + 4·T·n_k·in more backward (analysis of grad_y and of x,
-synthesis of grad_x), with n_k = n·k/E the coefficients a token is routed to (the layer sorts tokens by expert set
+work, 4·T·n_k·(in + out) forward and 4·T·n_k·(out + 2·in) more backward (analysis of grad_y and of x, synthesis
+of grad_x), with n_k = n·k/E the coefficients a token is routed to (the layer sorts tokens by expert set
 so that whole token tiles skip the experts they are not routed to; tiles that mix sets still do all n).
 """
 from __future__ import annotations
@@ -96,7 +96,7 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         flops = 2 * t * o * i + 4 * t * n_k * (i + o)
         if cfg.mode == "fwd_bwd":
             traffic += t * o + t * i
-            flops += 2 * t * o * i + 8 * t * n_k * (i + o) + 4 * t * n_k * i
+            flops += 2 * t * o * i + 4 * t * n_k * (o + 2 * i)
         shape = {"out": o, "in": i, "tokens": t, "n": cfg.n, "E": cfg.experts, "top_k": cfg.top_k,
                  "mode": cfg.mode, "lora_r": cfg.lora_rank}
         out.append(Case(op=OP, name=cfg.name, layout=cfg.mode, dtype=dtype, shape=shape, bytes=traffic * es,
