@@ -4,6 +4,7 @@ Layers (each only looks down): graph → basis → ops → (optim / peft) → be
 """
 from . import filters
 from .basis import SpectralBasis
+from .eigen import EigenInfo, NoConvergence, lowest_eigenpairs
 from .filters import heat, learnable_gains, low_pass, tikhonov
 from .graph import GraphLaplacian, ParameterGraph
 from .lambda_max import estimate_lambda_max
@@ -21,4 +22,5 @@ __all__ = [
     "laplacian_quadratic", "laplacian_quadratic_reference", "SpectralAdamW", "SpectralGradientFilter",
     "chebyshev_filter", "chebyshev_filter_reference", "estimate_lambda_max",
     "fourier_adapter", "fourier_adapter_reference",
+    "lowest_eigenpairs", "NoConvergence", "EigenInfo",
 ]

@@ -20,7 +20,11 @@ _MAX_DENSE_GLOBAL_NODES = 8192
 
 
 class SpectralBasis:
-    def __init__(self, U: torch.Tensor, eigenvalues: torch.Tensor, block_ptr: torch.Tensor):
+    """See the module docstring. ``info`` holds the eigensolver's diagnostics (an ``EigenInfo`` from
+    ``lowest_eigenpairs``: backend, products, residuals, convergence per pair), None when built otherwise."""
+
+    def __init__(self, U: torch.Tensor, eigenvalues: torch.Tensor, block_ptr: torch.Tensor, *,
+                 info: object | None = None):
         check_tensor("U", U, ndim=2)
         check_tensor("eigenvalues", eigenvalues, ndim=2)
         for name, value in (("U", U), ("eigenvalues", eigenvalues)):
@@ -34,6 +38,7 @@ class SpectralBasis:
         self.U = U
         self.eigenvalues = eigenvalues
         self.block_ptr = block_ptr
+        self.info = info
         self._device_ptr: dict[torch.device, torch.Tensor] = {}
 
     @classmethod

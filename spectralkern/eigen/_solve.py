@@ -1,0 +1,240 @@
+"""``lowest_eigenpairs``: the k lowest eigenpairs of a graph Laplacian, per block, as a SpectralBasis."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from .._checks import check_positive_int
+from ..basis import SpectralBasis
+from . import _auto
+from ._cupy import cupy_solve
+from ._dense import dense_lowest, size_buckets
+from ._info import EigenInfo, NoConvergence
+from ._lanczos import block_lanczos, default_keep
+from ._operator import PaddedOperator
+from ._plan import Candidates, Items, make_plan, merge
+from ._problem import Problem, prepare, rounding_floor
+from ._scipy import scipy_solve
+
+BACKENDS = ("auto", "lanczos", "dense", "scipy", "cupy")
+# Dense eigh is O(n³) per block; past this many nodes in one block the dense backend refuses.
+MAX_DENSE_GLOBAL_NODES = 8192
+
+
+def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | None = None, ncv: int | None = None,
+                      v0: SpectralBasis | None = None, backend: str = "auto", progress: bool = False,
+                      strict: bool = True) -> SpectralBasis:
+    """The k lowest eigenpairs (graph frequencies) of L: per block for a block-diagonal Laplacian, globally when
+    entries cross blocks.
+
+    Args:
+        L: a ``GraphLaplacian`` (from ``ParameterGraph.laplacian()``), or a symmetric matrix as a torch tensor
+            (dense, COO or CSR) or scipy sparse matrix / numpy array (one global block). float32 or float64; the
+            basis has L's dtype and device.
+        k: pairs per block. A block with n_b ≤ k nodes gets all n_b of its pairs (the basis layout: columns
+            k_b = min(k, n_b) onwards are zero).
+        tol: relative residual tolerance: every returned pair has ‖L u − λ u‖ ≤ max(tol, floor)·‖L‖, where ‖L‖ is
+            bounded by 2 (normalized Laplacian) or Gershgorin's bound, and floor ≈ 8·√(max row nnz + 1)·eps is
+            the rounding of one product by L in L's dtype. ``tol=0`` (default): as accurate as the dtype allows,
+            like scipy's tol=0 (machine epsilon).
+        maxiter: most restarts per block (Krylov backends; scipy/cupy: ARPACK's maxiter). Default:
+            10·n_max / (vectors added per restart) + 100, so that a block gives up after about 10·n_b products.
+        ncv: Krylov basis size per block (> k). Default max(2k + 2p, 24) for the Lanczos backend with block size
+            p = 8 (fewer for small k), scipy's default for the scipy/cupy backends.
+        v0: a previous basis of the same graph layout (same block_ptr, dtype and device), e.g. from the last
+            refresh of a slowly changing graph: its vectors start the Krylov solver (warm start); the dense
+            backend ignores it.
+        backend: "lanczos" (batched block Lanczos in torch, all blocks at once; blocks too small for a Krylov
+            space are solved densely), "dense" (batched ``torch.linalg.eigh``), "scipy" (ARPACK per block or
+            component, on the CPU), "cupy" (cupyx eigsh per block or component, needs cupy and a GPU), or "auto"
+            (dense for small blocks, Lanczos for the others, from thresholds measured per device in ``_auto``).
+        progress: show a tqdm progress bar (pairs converged, or items done for scipy/cupy).
+        strict: when some pair misses the tolerance within ``maxiter``: raise ``NoConvergence`` (True) carrying
+            the partial result, or warn and return it (False); ``basis.info.converged`` marks the pairs that met it.
+
+    Returns:
+        A ``SpectralBasis`` (U (N, k) block-packed, eigenvalues (B, k) ascending) with ``basis.info`` an
+        ``EigenInfo`` (backend, restarts and products per block, explicit residual and convergence per pair).
+
+    Eigenvectors are unique only up to sign, and up to rotation inside a repeated eigenvalue: compare
+    eigenvalues, residuals and projectors U Uᵀ, not raw vectors.
+    """
+    check_positive_int("k", k)
+    tol = _check_tol(tol)
+    if maxiter is not None:
+        check_positive_int("maxiter", maxiter)
+    if ncv is not None:
+        check_positive_int("ncv", ncv)
+        if ncv <= k:
+            raise ValueError(f"ncv must be larger than k = {k} (it is the Krylov basis size), got {ncv}")
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(repr(b) for b in BACKENDS)}, got {backend!r}")
+    for name, flag in (("progress", progress), ("strict", strict)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    problem = prepare("L", L)
+    start = _check_v0(v0, problem)
+    if backend == "cupy":
+        from ._cupy import import_cupy
+        import_cupy(problem.device)  # fail before any work when cupy or the GPU is missing
+    floor = rounding_floor(problem)
+    tol_abs = max(tol, floor) * problem.norm
+
+    sizes = problem.sizes
+    n_max = int(sizes.max()) if sizes.numel() else 0
+    block = _auto.block_size(k, problem.device)
+    if ncv is not None:
+        block = max(1, min(block, ncv - k))
+    m = ncv if ncv is not None else _auto.default_ncv(k, block)
+    if backend == "dense":
+        dense_max = n_max
+        if n_max > MAX_DENSE_GLOBAL_NODES:
+            raise ValueError(f"backend='dense' would run a dense eigh on a {n_max}-node block (O(n³)); it is limited "
+                             f"to {MAX_DENSE_GLOBAL_NODES} nodes per block — use backend='lanczos' or 'auto'")
+    elif backend == "auto":
+        dense_max = max(m + block, _auto.dense_max(problem.device, k))
+    else:
+        dense_max = m + block  # no room for a Krylov space: a dense solve is exact and as cheap
+    max_components = block if backend in ("lanczos", "auto") else None
+    plan = make_plan(problem, dense_max, max_components)
+
+    parts: list[Candidates] = []
+    bar = _progress_bar(progress, plan, k, backend)
+    try:
+        if plan.dense is not None:
+            parts += _solve_dense(problem, plan.dense, k)
+        if plan.krylov is not None:
+            if backend in ("lanczos", "auto"):
+                parts.append(_solve_lanczos(problem, plan.krylov, k, tol_abs, maxiter, m, block, start, bar))
+            elif backend == "scipy":
+                parts.append(scipy_solve(problem, plan.krylov, k, tol_abs, maxiter, ncv, start,
+                                         bar.update if bar is not None else None))
+            else:
+                parts.append(cupy_solve(problem, plan.krylov, k, tol_abs, maxiter, ncv, start,
+                                        bar.update if bar is not None else None))
+    finally:
+        if bar is not None:
+            bar.close()
+    merged = merge(problem, k, parts)
+    residuals = _explicit_residuals(problem, merged.U, merged.eigenvalues)
+    valid = torch.arange(k).unsqueeze(0) < sizes.clamp(max=k).unsqueeze(1)
+    # the in-solver residual came from stored products; the fresh one may differ by one product's rounding
+    converged = merged.converged & valid & (residuals <= tol_abs + floor * problem.norm)
+    used = backend if backend in ("dense", "scipy", "cupy") else (
+        "lanczos" if plan.dense is None else "dense" if plan.krylov is None else "lanczos+dense")
+    info = EigenInfo(backend=used, iterations=merged.iterations, matvecs=merged.matvecs, residuals=residuals,
+                     converged=converged, tol=tol_abs, norm=problem.norm,
+                     block_size=block if plan.krylov is not None and used.startswith("lanczos") else 0,
+                     ncv=m if plan.krylov is not None and used.startswith("lanczos") else 0)
+    basis = SpectralBasis(merged.U, merged.eigenvalues, problem.block_ptr, info=info)
+    missing = int(valid.sum()) - info.num_converged
+    if missing:
+        worst = float(residuals[valid & ~converged].max())
+        message = (f"{missing} of {int(valid.sum())} eigenpairs did not reach the tolerance {tol_abs:.3g} "
+                   f"(worst residual {worst:.3g}) within maxiter; basis.info.converged marks those that did")
+        if strict:
+            raise NoConvergence(message + " (the partial basis is in exc.basis)", basis, info)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+    return basis
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _check_tol(tol: object) -> float:
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)):
+        raise TypeError(f"tol must be a real number, got {type(tol).__name__}")
+    if not math.isfinite(tol) or tol < 0:
+        raise ValueError(f"tol must be a finite number >= 0 (0 means machine precision), got {tol}")
+    return float(tol)
+
+
+def _check_v0(v0: object, problem: Problem) -> torch.Tensor | None:
+    """v0's vectors (N, k_old), after checking that v0 is a basis of the same layout, dtype and device."""
+    if v0 is None:
+        return None
+    if not isinstance(v0, SpectralBasis):
+        raise TypeError(f"v0 must be a SpectralBasis (a previous result) or None, got {type(v0).__name__}")
+    if v0.num_nodes != problem.num_nodes or not torch.equal(v0.block_ptr, problem.block_ptr):
+        raise ValueError(f"v0 must have the same block layout as L: v0 has {v0.num_nodes} nodes in "
+                         f"{v0.num_blocks} blocks, L's basis has {problem.num_nodes} nodes in "
+                         f"{problem.num_blocks} blocks (block_ptr {_short(v0.block_ptr)} vs "
+                         f"{_short(problem.block_ptr)})")
+    if v0.dtype != problem.dtype:
+        raise TypeError(f"v0 has dtype {v0.dtype} but L has {problem.dtype}; convert one (v0.to(dtype=...))")
+    if v0.device != problem.device:
+        raise ValueError(f"v0 is on {v0.device} but L is on {problem.device}; move one (v0.to(device))")
+    if not bool(torch.isfinite(v0.U).all()):
+        raise ValueError("v0.U contains NaN/Inf values; expected a finite basis")
+    return v0.U
+
+
+def _short(ptr: torch.Tensor) -> str:
+    values = ptr.tolist()
+    return str(values) if len(values) <= 6 else f"[{values[0]}, {values[1]}, {values[2]}, ..., {values[-1]}]"
+
+
+def _solve_dense(problem: Problem, items: Items, k: int) -> list[Candidates]:
+    """Batched eigh per size bucket; padding eigenvalues are pushed above the spectrum so they sort last."""
+    pad_value = 2.0 * (abs(problem.shift) + problem.norm) + 1.0
+    parts = []
+    for index in size_buckets(items.sizes):
+        sub = items.subset(index)
+        values, vectors = dense_lowest(problem.matrix, sub.node_map, k, pad_value)
+        count = sub.sizes.clamp(max=k)
+        parts.append(Candidates(items=sub, values=values, vectors=vectors, count=count,
+                                converged=torch.ones(values.shape, dtype=torch.bool, device=values.device),
+                                iterations=torch.zeros(sub.num_items, dtype=torch.int64),
+                                matvecs=torch.zeros(sub.num_items, dtype=torch.int64)))
+    return parts
+
+
+def _solve_lanczos(problem: Problem, items: Items, k: int, tol_abs: float, maxiter: int | None, m: int,
+                   block: int, start: torch.Tensor | None, bar) -> Candidates:
+    valid = items.valid()
+    kind = _auto.operator_kind(problem.device, items.node_map.shape[1])
+    op = PaddedOperator.build(problem.matrix, items.node_map, problem.shift, kind)
+    want = items.sizes.clamp(max=k)
+    kw = int(want.max())
+    keep_gain = m - default_keep(m, block, kw)
+    if maxiter is None:
+        maxiter = 10 * int(items.sizes.max()) // keep_gain + 100
+    warm = None
+    if start is not None:
+        warm = start[items.node_map.clamp(min=0)] * valid.unsqueeze(-1).to(start.dtype)   # (G, n_pad, k_old)
+        warm = warm[:, :, :kw]
+        if warm.shape[-1] < kw:  # an older basis with fewer columns: fill with random directions
+            extra = torch.randn(*warm.shape[:2], kw - warm.shape[-1], dtype=warm.dtype, device=warm.device)
+            warm = torch.cat([warm, extra * valid.unsqueeze(-1).to(warm.dtype)], dim=-1)
+    seed = int(torch.randint(0, 2**62, (1,)))
+    generator = torch.Generator(device=problem.device).manual_seed(seed)
+    on_restart = None
+    if bar is not None:
+        def on_restart(done: int, total: int) -> None:
+            bar.update(done - bar.n)
+    result = block_lanczos(op, valid, want, ncv=m, block=block, tol=tol_abs, maxiter=maxiter, generator=generator,
+                           start=warm, on_restart=on_restart)
+    return Candidates(items=items, values=result.values, vectors=result.vectors, count=want,
+                      converged=result.converged, iterations=result.iterations, matvecs=result.matvecs)
+
+
+def _explicit_residuals(problem: Problem, U: torch.Tensor, eigenvalues: torch.Tensor) -> torch.Tensor:
+    """(B, k) float64 CPU: ‖L u_j − λ_j u_j‖ of every column, from one fresh product L U."""
+    if U.numel() == 0:
+        return torch.zeros(eigenvalues.shape, dtype=torch.float64)
+    node_block = problem.node_block().to(U.device)
+    R = torch.sparse.mm(problem.matrix, U) - U * eigenvalues[node_block]
+    squares = torch.zeros(eigenvalues.shape, dtype=torch.float64, device=U.device)
+    squares.index_add_(0, node_block, R.double().square())
+    return squares.sqrt().cpu()
+
+
+def _progress_bar(enabled: bool, plan, k: int, backend: str):
+    if not enabled or plan.krylov is None:
+        return None
+    from tqdm.auto import tqdm
+
+    if backend in ("scipy", "cupy"):
+        return tqdm(total=plan.krylov.num_items, desc=f"lowest_eigenpairs[{backend}]", unit="item")
+    total = int(plan.krylov.sizes.clamp(max=k).sum())
+    return tqdm(total=total, desc="lowest_eigenpairs[lanczos]", unit="pair")
