@@ -109,6 +109,17 @@ def forced_backend(name: str):
 
 
 @pytest.fixture
+def small_tiles(monkeypatch):
+    """16-wide tiles and a workspace of one token tile: several token tiles, frequency tiles and token chunks at
+    interpreter-friendly sizes (the index arithmetic is the same for any tile size)."""
+    from spectralkern.ops import fourier_adapter as op_module
+
+    monkeypatch.setattr(_triton_fourier_analysis, "tile_sizes", lambda fp64: (16, 16, 16))
+    monkeypatch.setattr(_triton_fourier_synthesis, "tile_sizes", lambda fp64: (16, 16, 16))
+    monkeypatch.setattr(op_module, "WORKSPACE_BYTES", 1)
+
+
+@pytest.fixture
 def poisoned_allocations(monkeypatch):
     """torch.empty / new_empty / empty_like return NaN-filled float tensors, so any element a kernel fails to
     write (output or workspace) shows up."""
@@ -125,11 +136,21 @@ def poisoned_allocations(monkeypatch):
 # ------------------------------------------------------------------------------------------ the op: forward
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 def test_op_matches_float64_dense_formula(backend, seed, dtype, poisoned_allocations):
-    x, rows, cols, coef_re, coef_im, ptr, gates, base = random_problem(tokens=70, dtype=dtype)  # 2 token tiles
+    x, rows, cols, coef_re, coef_im, ptr, gates, base = random_problem(tokens=70, dtype=dtype)
     y = fourier_adapter(x, rows, cols, coef_re, coef_im, 20, expert_ptr=ptr, gates=gates, base=base)
     assert y.dtype == dtype and y.shape == (70, 20)
     expected = dense_adapter(x, rows, cols, coef_re, coef_im, ptr, 20, gates, base)
     assert relative_error(y, expected) <= TOLERANCE[dtype]
+
+
+def test_op_many_tiles_and_chunks(backend, seed, small_tiles, poisoned_allocations):
+    """Several token tiles and chunks, experts spanning several frequency tiles (40 = 16 + 16 + 8), an empty expert,
+    and output/input widths that are not multiples of the tiles."""
+    x, rows, cols, coef_re, coef_im, ptr, gates, base = random_problem(tokens=37, in_features=35, out_features=41,
+                                                                         expert_sizes=(40, 0, 5, 17))
+    y = fourier_adapter(x, rows, cols, coef_re, coef_im, 41, expert_ptr=ptr, gates=gates, base=base)
+    expected = dense_adapter(x, rows, cols, coef_re, coef_im, ptr, 41, gates, base)
+    assert relative_error(y, expected) <= 1e-5
 
 
 def test_op_without_gates_or_base_and_with_leading_dims(backend, seed):
@@ -181,7 +202,8 @@ def test_op_gradcheck(backend, seed):
         inputs, fast_mode=True)
 
 
-def test_op_gradients_fp32_match_float64_and_zero_gates_get_zero_gradient(backend, seed):
+def test_op_gradients_fp32_match_float64_and_zero_gates_get_zero_gradient(backend, seed, small_tiles):
+    # 40 tokens in 16-token tiles and chunks, 11 frequencies of 3 experts (one empty) in 16-wide tiles.
     x, rows, cols, coef_re, coef_im, ptr, gates, base = random_problem(tokens=40)
     grad_y = torch.randn(40, 20)
     leaves = [t.clone().requires_grad_() for t in (x, coef_re, coef_im, gates)]
