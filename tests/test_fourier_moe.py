@@ -165,20 +165,23 @@ def test_op_phase_reduction_is_exact_at_wide_dims(backend, seed, monkeypatch):
     """in = 45 000 (q·v up to 2·10⁹): converting q·v to fp32 before reducing would scramble the phases."""
     # Wide tiles so the interpreter walks 45 000 columns in a few steps; the phase code is the same.
     monkeypatch.setattr(_triton_fourier_analysis, "tile_sizes", lambda fp64: (16, 16, 4096))
-    monkeypatch.setattr(_triton_fourier_synthesis, "tile_sizes", lambda fp64: (16, 64, 16))
-    in_features, out_features, n = 45_000, 16, 5
-    x = torch.randn(2, in_features)
-    rows = torch.randint(0, out_features, (n,), dtype=torch.int32)
-    cols = torch.tensor([in_features - 1, in_features - 7, 33_331, 22_500, 17], dtype=torch.int32)
-    coef_re, coef_im = torch.randn(n), torch.randn(n)
-    y = fourier_adapter(x, rows, cols, coef_re, coef_im, out_features)
-    q = torch.arange(in_features, dtype=torch.float64)
-    z = torch.stack([torch.exp(2j * math.pi * ((int(v) * q) % in_features) / in_features) for v in cols], dim=1)
-    p = torch.arange(out_features, dtype=torch.float64)
-    rot = torch.exp(2j * math.pi * rows.double()[None, :] * p[:, None] / out_features)  # (out, n)
-    expected = ((x.double().to(torch.complex128) @ z) * torch.complex(coef_re.double(), coef_im.double())
-                ) @ rot.T
-    assert relative_error(y, expected.real) <= 1e-5
+    monkeypatch.setattr(_triton_fourier_synthesis, "tile_sizes", lambda fp64: (16, 4096, 16))
+    wide, n = 45_000, 5
+    high = torch.tensor([wide - 1, wide - 7, 33_331, 22_500, 17], dtype=torch.int32)
+    for in_features, out_features in ((wide, 16), (16, wide)):  # analysis, then synthesis, at the wide size
+        x = torch.randn(2, in_features)
+        rows = high if out_features == wide else torch.randint(0, out_features, (n,), dtype=torch.int32)
+        cols = high if in_features == wide else torch.randint(0, in_features, (n,), dtype=torch.int32)
+        coef_re, coef_im = torch.randn(n), torch.randn(n)
+        y = fourier_adapter(x, rows, cols, coef_re, coef_im, out_features)
+        # float64 reference, with the integer phase reduced exactly: e^{2πi (f·k mod L) / L}
+        q = torch.arange(in_features, dtype=torch.float64)
+        p = torch.arange(out_features, dtype=torch.float64)
+        z = torch.exp(2j * math.pi * ((cols.double()[None, :] * q[:, None]) % in_features) / in_features)
+        rot = torch.exp(2j * math.pi * ((rows.double()[None, :] * p[:, None]) % out_features) / out_features)
+        expected = ((x.double().to(torch.complex128) @ z) * torch.complex(coef_re.double(), coef_im.double())
+                    ) @ rot.T
+        assert relative_error(y, expected.real) <= 1e-5, (in_features, out_features)
 
 
 def test_op_empty_tokens_and_no_frequencies(backend, seed):
