@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -15,6 +16,7 @@
 #include <tuple>
 #include <utility>
 
+#include "adamw.h"
 #include "spectral_filter.h"
 
 namespace py = pybind11;
@@ -62,12 +64,13 @@ DType check_dtype(int code) {
   return static_cast<DType>(code);
 }
 
+// `x_name`: what the caller calls the filtered input ("x"; "grad" for the spectral AdamW step).
 FilterArgs make_args(const Desc& x_desc, const Desc& u_desc, const Desc& gains_desc, const Flat& block_ptr,
                      const std::optional<Desc>& y_desc, const std::optional<Desc>& saved_desc,
-                     const std::optional<Flat>& gain_grad, double passthrough) {
-  const Tensor2d x = unpack("x", x_desc), u = unpack("U", u_desc), gains = unpack("gains", gains_desc);
+                     const std::optional<Flat>& gain_grad, double passthrough, const char* x_name = "x") {
+  const Tensor2d x = unpack(x_name, x_desc), u = unpack("U", u_desc), gains = unpack("gains", gains_desc);
   for (const Tensor2d& t : {x, u, gains}) check_layout(t);
-  if (x.rows != u.rows) fail("x must have ", u.rows, " rows (basis has ", u.rows, "), got ", x.rows);
+  if (x.rows != u.rows) fail(x_name, " must have ", u.rows, " rows (basis has ", u.rows, "), got ", x.rows);
   if (u.cols < 1 || u.cols > kMaxK) {
     fail("U must have between 1 and ", kMaxK, " columns (k) for the CUDA backend, got ", u.cols);
   }
@@ -81,7 +84,7 @@ FilterArgs make_args(const Desc& x_desc, const Desc& u_desc, const Desc& gains_d
     fail("gains must have shape (B, k) = ", shape(num_blocks, u.cols), ", got ", shape(gains.rows, gains.cols));
   }
   if (num_col_tiles(x.cols) > kMaxColTiles) {
-    fail("x must have at most ", kMaxColTiles * kTileD, " columns for the CUDA kernels, got ", x.cols);
+    fail(x_name, " must have at most ", kMaxColTiles * kTileD, " columns for the CUDA kernels, got ", x.cols);
   }
   if (!std::isfinite(passthrough)) fail("passthrough must be finite, got ", passthrough);
 
@@ -180,6 +183,157 @@ bool vector_path(int dtype, const Desc& x, const std::optional<Desc>& y, const s
   return can_vectorize(a, type);
 }
 
+// ------------------------------------------------------------------------------------------ AdamW
+const char* dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32: return "float32";
+    case DType::kFloat16: return "float16";
+    case DType::kBFloat16: return "bfloat16";
+  }
+  return "?";
+}
+
+// (parameter dtype, state dtype) from their codes; fails unless the pair is compiled.
+std::pair<DType, DType> check_adamw_dtypes(int dtype, int state_dtype) {
+  const DType param = check_dtype(dtype);
+  if (state_dtype != static_cast<int>(DType::kFloat32) && state_dtype != static_cast<int>(DType::kBFloat16)) {
+    fail("state_dtype must be 0 (float32) or 2 (bfloat16), got ", state_dtype);
+  }
+  const DType state = static_cast<DType>(state_dtype);
+  if (!adamw_dtypes_supported(param, state)) {
+    fail("state_dtype bfloat16 is compiled for bfloat16 parameters only (float16 ones go to the Triton kernel), got "
+         "dtype ", dtype_name(param));
+  }
+  return {param, state};
+}
+
+using Hyper = std::array<double, 7>;  // the order of spectralkern/ops/adamw_update.py `_scalars`
+
+AdamWScalars check_hyper(const Hyper& hyper) {
+  static const char* const names[] = {"1 - beta1", "beta2", "1 - beta2", "eps", "1 - lr * weight_decay",
+                                      "lr / (1 - beta1^t)", "sqrt(1 - beta2^t)"};
+  for (size_t i = 0; i < hyper.size(); ++i) {
+    if (!std::isfinite(hyper[i])) fail("hyper[", i, "] (", names[i], ") must be finite, got ", hyper[i]);
+  }
+  if (!(static_cast<float>(hyper[6]) > 0.0f)) {
+    fail("hyper[6] (sqrt(1 - beta2^t)) must be > 0 in float32 (step >= 1 and beta2 < 1), got ", hyper[6]);
+  }
+  AdamWScalars s{};
+  s.one_minus_beta1 = static_cast<float>(hyper[0]);
+  s.beta2 = static_cast<float>(hyper[1]);
+  s.one_minus_beta2 = static_cast<float>(hyper[2]);
+  s.eps = static_cast<float>(hyper[3]);
+  s.decay = static_cast<float>(hyper[4]);
+  s.step_size = static_cast<float>(hyper[5]);
+  s.bias_correction2_sqrt = static_cast<float>(hyper[6]);
+  return s;
+}
+
+Tensor2d same_shape(const char* name, const Desc& desc, const Tensor2d& grad) {
+  const Tensor2d t = unpack(name, desc);
+  check_layout(t);
+  if (t.rows != grad.rows || t.cols != grad.cols) {
+    fail(name, " must have grad's shape ", shape(grad.rows, grad.cols), ", got ", shape(t.rows, t.cols));
+  }
+  return t;
+}
+
+SpectralAdamWArgs make_spectral_adamw_args(const Desc& grad, const Desc& param, const Desc& exp_avg,
+                                           const Desc& exp_avg_sq, const Desc& u, const Desc& gains,
+                                           const Flat& block_ptr, double passthrough, const Hyper& hyper) {
+  SpectralAdamWArgs a{};
+  a.filter = make_args(grad, u, gains, block_ptr, std::nullopt, std::nullopt, std::nullopt, passthrough, "grad");
+  const Tensor2d g = unpack("grad", grad);
+  const Tensor2d p = same_shape("param", param, g), m = same_shape("exp_avg", exp_avg, g),
+                 v = same_shape("exp_avg_sq", exp_avg_sq, g);
+  a.p = reinterpret_cast<void*>(p.ptr);
+  a.p_s0 = p.s0;
+  a.p_s1 = p.s1;
+  a.m = reinterpret_cast<void*>(m.ptr);
+  a.m_s0 = m.s0;
+  a.m_s1 = m.s1;
+  a.v = reinterpret_cast<void*>(v.ptr);
+  a.v_s0 = v.s0;
+  a.v_s1 = v.s1;
+  a.hyper = check_hyper(hyper);
+  return a;
+}
+
+void spectral_adamw(const Desc& grad, const Desc& param, const Desc& exp_avg, const Desc& exp_avg_sq, const Desc& u,
+                    const Desc& gains, const Flat& block_ptr, int dtype, int state_dtype, double passthrough,
+                    const Hyper& hyper, int device, std::uintptr_t stream) {
+  const auto [param_type, state_type] = check_adamw_dtypes(dtype, state_dtype);
+  if (device < 0) fail("device must be a CUDA device index >= 0, got ", device);
+  const SpectralAdamWArgs args =
+      make_spectral_adamw_args(grad, param, exp_avg, exp_avg_sq, u, gains, block_ptr, passthrough, hyper);
+  std::string error;
+  {
+    py::gil_scoped_release release;
+    void* handle = reinterpret_cast<void*>(stream);
+    switch (param_type) {
+      case DType::kFloat32: error = launch_spectral_adamw_f32(args, state_type, device, handle); break;
+      case DType::kFloat16: error = launch_spectral_adamw_f16(args, state_type, device, handle); break;
+      case DType::kBFloat16: error = launch_spectral_adamw_bf16(args, state_type, device, handle); break;
+    }
+  }
+  if (!error.empty()) throw std::runtime_error(error);
+}
+
+void adamw(const Flat& grad, const Flat& param, const Flat& exp_avg, const Flat& exp_avg_sq, int dtype,
+           int state_dtype, const Hyper& hyper, int device, std::uintptr_t stream) {
+  const auto [param_type, state_type] = check_adamw_dtypes(dtype, state_dtype);
+  if (device < 0) fail("device must be a CUDA device index >= 0, got ", device);
+  const int64_t numel = grad.second;
+  if (numel < 0) fail("grad must have a non-negative number of elements, got ", numel);
+  const std::pair<const char*, const Flat*> tensors[] = {
+      {"grad", &grad}, {"param", &param}, {"exp_avg", &exp_avg}, {"exp_avg_sq", &exp_avg_sq}};
+  for (const auto& [name, t] : tensors) {
+    if (t->second != numel) fail(name, " must have grad's ", numel, " elements, got ", t->second);
+    if (numel > 0 && t->first == 0) fail(name, " has ", numel, " elements but a null data pointer");
+  }
+  PlainAdamWArgs args{};
+  args.g = reinterpret_cast<const void*>(grad.first);
+  args.p = reinterpret_cast<void*>(param.first);
+  args.m = reinterpret_cast<void*>(exp_avg.first);
+  args.v = reinterpret_cast<void*>(exp_avg_sq.first);
+  args.numel = numel;
+  args.hyper = check_hyper(hyper);
+  std::string error;
+  {
+    py::gil_scoped_release release;
+    error = launch_adamw(args, param_type, state_type, device, reinterpret_cast<void*>(stream));
+  }
+  if (!error.empty()) throw std::runtime_error(error);
+}
+
+bool spectral_adamw_vector_path(int dtype, int state_dtype, const Desc& grad, const Desc& param, const Desc& exp_avg,
+                                const Desc& exp_avg_sq) {
+  const auto [param_type, state_type] = check_adamw_dtypes(dtype, state_dtype);
+  SpectralAdamWArgs a{};
+  a.filter.x = reinterpret_cast<const void*>(std::get<0>(grad));
+  a.filter.x_s0 = std::get<3>(grad);
+  a.filter.x_s1 = std::get<4>(grad);
+  a.p = reinterpret_cast<void*>(std::get<0>(param));
+  a.p_s0 = std::get<3>(param);
+  a.p_s1 = std::get<4>(param);
+  a.m = reinterpret_cast<void*>(std::get<0>(exp_avg));
+  a.m_s0 = std::get<3>(exp_avg);
+  a.m_s1 = std::get<4>(exp_avg);
+  a.v = reinterpret_cast<void*>(std::get<0>(exp_avg_sq));
+  a.v_s0 = std::get<3>(exp_avg_sq);
+  a.v_s1 = std::get<4>(exp_avg_sq);
+  return can_vectorize(a, param_type, state_type);
+}
+
+bool adamw_vector_path(std::uintptr_t grad, std::uintptr_t param, std::uintptr_t exp_avg, std::uintptr_t exp_avg_sq) {
+  PlainAdamWArgs a{};
+  a.g = reinterpret_cast<const void*>(grad);
+  a.p = reinterpret_cast<void*>(param);
+  a.m = reinterpret_cast<void*>(exp_avg);
+  a.v = reinterpret_cast<void*>(exp_avg_sq);
+  return can_vectorize(a);
+}
+
 py::dict build_info() {
   py::dict info;
   const int version = compiled_cuda_version();
@@ -215,6 +369,22 @@ PYBIND11_MODULE(_C, m) {
   m.def("vector_path", &vector_path, py::arg("dtype"), py::arg("x"), py::arg("y") = py::none(),
         py::arg("saved_x") = py::none(),
         "Whether a call with these operands takes the 16-byte vector load/store path.");
+  m.def("spectral_adamw", &spectral_adamw, py::arg("grad"), py::arg("param"), py::arg("exp_avg"),
+        py::arg("exp_avg_sq"), py::arg("U"), py::arg("gains"), py::arg("block_ptr"), py::arg("dtype"),
+        py::arg("state_dtype"), py::arg("passthrough"), py::arg("hyper"), py::arg("device"), py::arg("stream"),
+        "One AdamW step of param (in place, with exp_avg / exp_avg_sq) on the filtered gradient "
+        "h·grad + U_b diag(g_b − h) U_bᵀ grad_b, on `stream`. grad/param have `dtype`, the moments `state_dtype`; "
+        "tensors are (ptr, rows, cols, stride0, stride1), block_ptr (ptr, numel); hyper = (1 − β1, β2, 1 − β2, ε, "
+        "1 − lr·wd, lr / (1 − β1^t), √(1 − β2^t)).");
+  m.def("adamw", &adamw, py::arg("grad"), py::arg("param"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
+        py::arg("dtype"), py::arg("state_dtype"), py::arg("hyper"), py::arg("device"), py::arg("stream"),
+        "One AdamW step of a flat, dense param (in place, with exp_avg / exp_avg_sq) on `stream`; tensors are "
+        "(ptr, numel), hyper as for spectral_adamw.");
+  m.def("spectral_adamw_vector_path", &spectral_adamw_vector_path, py::arg("dtype"), py::arg("state_dtype"),
+        py::arg("grad"), py::arg("param"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
+        "Whether spectral_adamw with these operands takes the 16-byte vector path.");
+  m.def("adamw_vector_path", &adamw_vector_path, py::arg("grad"), py::arg("param"), py::arg("exp_avg"),
+        py::arg("exp_avg_sq"), "Whether adamw with these data pointers takes the 16-byte vector path.");
   m.def("build_info", &build_info, "CUDA version and architectures compiled into this binary.");
   m.def("driver_cuda_version", &driver_cuda_version,
         "CUDA version the installed driver supports (1000 * major + 10 * minor), 0 without a driver.");

@@ -4,7 +4,8 @@ nvcc compile, and — on a GPU with the extension built — the kernels against 
 Without a GPU: setup.py's helpers (arch lists, nvcc version gating, jobs), the build-metadata round trip, the
 loader on simulated machines (module missing, failing to load, stale, old driver, uncovered GPU), forcing
 SPECTRALKERN_BACKEND=cuda when it cannot run, and one compile of csrc for sm_90 whose module is then imported
-and queried in a fresh process (argument checks run before any CUDA call, so they are tested here too).
+and queried in a fresh process (argument checks run before any CUDA call, so they are tested here too, the AdamW
+kernels' included; their GPU tests are in tests/test_cuda_adamw.py).
 """
 from __future__ import annotations
 
@@ -104,6 +105,15 @@ def test_jobs_from_memory_and_cpus(monkeypatch):
     monkeypatch.setenv("MAX_JOBS", "many")
     with pytest.raises(ValueError, match="MAX_JOBS must be a positive integer, got 'many'"):
         setup_py.max_jobs()
+
+
+def test_every_csrc_file_is_built_and_the_check_samples_the_adamw_kernels():
+    on_disk = {p.name for p in (ROOT / "csrc").iterdir()}
+    cu = {name for name in on_disk if name.endswith(".cu")}
+    assert set(setup_py.CUDA_SOURCES) == cu - {"adamw_check.cu"}
+    assert set(setup_py.COMPILE_CHECK_CUDA_SOURCES) == (
+        set(setup_py.CUDA_SOURCES) - {"adamw_f32.cu", "adamw_f16.cu", "adamw_bf16.cu"}) | {"adamw_check.cu"}
+    assert set(setup_py.HEADERS) | set(setup_py.CXX_SOURCES) == on_disk - cu
 
 
 def test_build_is_skipped_without_nvcc_or_when_asked(monkeypatch):
@@ -327,6 +337,53 @@ errors = {
 }
 if ext.driver_cuda_version() == 0:  # passes every check, then meets no driver: a RuntimeError, not a crash
     errors["valid"] = call()
+HYPER = (0.1, 0.999, 0.001, 1e-8, 0.9999, 0.01, 0.0316)
+
+def adamw_call(**changes):
+    args = dict(grad=(16, 4096, 70, 70, 1), param=(48, 4096, 70, 70, 1), exp_avg=(80, 4096, 70, 70, 1),
+                exp_avg_sq=(112, 4096, 70, 70, 1), U=(32, 4096, 32, 32, 1), gains=(64, 2, 32, 32, 1),
+                block_ptr=(128, 3), dtype=2, state_dtype=0, passthrough=0.0, hyper=HYPER, device=0, stream=0)
+    args.update(changes)
+    try:
+        ext.spectral_adamw(**args)
+    except (ValueError, RuntimeError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
+
+def plain_call(**changes):
+    args = dict(grad=(16, 100), param=(48, 100), exp_avg=(80, 100), exp_avg_sq=(112, 100), dtype=0, state_dtype=0,
+                hyper=HYPER, device=0, stream=0)
+    args.update(changes)
+    try:
+        ext.adamw(**args)
+    except (ValueError, RuntimeError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
+
+adamw_errors = {
+    "rows": adamw_call(grad=(16, 4095, 70, 70, 1)),
+    "param": adamw_call(param=(48, 4096, 69, 69, 1)),
+    "stride": adamw_call(exp_avg_sq=(112, 4096, 70, 70, -1)),
+    "null": adamw_call(exp_avg=(0, 4096, 70, 70, 1)),
+    "k": adamw_call(U=(32, 4096, 200, 200, 1), gains=(64, 2, 200, 200, 1)),
+    "state_dtype": adamw_call(state_dtype=1),
+    "pair": adamw_call(dtype=1, state_dtype=2),
+    "eps": adamw_call(hyper=HYPER[:3] + (float("nan"),) + HYPER[4:]),
+    "bias_correction": adamw_call(hyper=HYPER[:6] + (0.0,)),
+    "valid": adamw_call(),  # the check build's spectral launchers refuse to run
+    "plain_numel": plain_call(param=(48, 99)),
+    "plain_null": plain_call(exp_avg=(0, 100)),
+    "plain_pair": plain_call(dtype=0, state_dtype=2),
+}
+if ext.driver_cuda_version() == 0:
+    adamw_errors["plain_valid"] = plain_call()
+adamw_vec = [ext.spectral_adamw_vector_path(2, 0, (4096, 8, 64, 64, 1), (8192, 8, 64, 64, 1), (12288, 8, 64, 64, 1),
+                                            (16384, 8, 64, 64, 1)),
+             ext.spectral_adamw_vector_path(2, 0, (4096, 8, 64, 64, 1), (8192, 8, 64, 64, 1), (12288, 8, 66, 66, 1),
+                                            (16384, 8, 64, 64, 1)),
+             ext.spectral_adamw_vector_path(2, 2, (4098, 8, 64, 64, 1), (8192, 8, 64, 64, 1), (12288, 8, 64, 64, 1),
+                                            (16384, 8, 64, 64, 1)),
+             ext.adamw_vector_path(4096, 8192, 12288, 16384), ext.adamw_vector_path(4096, 8194, 12288, 16384)]
 vec = [ext.vector_path(0, (4096, 8, 64, 64, 1)), ext.vector_path(0, (4100, 8, 64, 64, 1)),
        ext.vector_path(2, (4096, 8, 60, 60, 1)), ext.vector_path(2, (4096, 8, 64, 64, 2)),
        ext.vector_path(1, (4096, 8, 64, 64, 1), y=(4098, 8, 64, 64, 1)),
@@ -336,6 +393,7 @@ status = _cuda_ext.probe(find_spec=lambda name: spec, import_module=lambda name:
                          cuda_devices=lambda: [(0, "simulated H100", (9, 0))])
 print(json.dumps({"build_info": ext.build_info(), "tile_d": ext.TILE_D, "max_k": ext.MAX_K, "dtypes": ext.DTYPES,
                   "driver": ext.driver_cuda_version(), "errors": errors, "vector_path": vec,
+                  "adamw_errors": adamw_errors, "adamw_vector_path": adamw_vec,
                   "probe": [status.live, status.reason]}))
 """
 
@@ -349,8 +407,9 @@ def _needed_libraries(path: Path) -> list[str] | None:
 
 
 def test_csrc_compiles_for_sm90_and_imports_without_a_gpu(tmp_path):
-    """CI's compile check: every kernel variant through nvcc + ptxas for one real target, then a fresh process
-    imports the module on this GPU-less machine and exercises everything that needs no device."""
+    """CI's compile check: every filter kernel variant and a sample of the spectral AdamW ones covering each of their
+    code paths (csrc/adamw_check.cu says why not all 32) through nvcc + ptxas for one real target, then a fresh
+    process imports the module on this GPU-less machine and exercises everything that needs no device."""
     nvcc = setup_py.find_nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found (set CUDA_HOME or put nvcc on PATH); the compile check needs a CUDA toolkit")
@@ -362,7 +421,7 @@ def test_csrc_compiles_for_sm90_and_imports_without_a_gpu(tmp_path):
     output = tmp_path / ("_C" + sysconfig.get_config_var("EXT_SUFFIX"))
     start = time.perf_counter()
     setup_py.compile_extension(output, tmp_path / "obj", [90], nvcc=nvcc, ninja=setup_py.find_ninja(),
-                               jobs=setup_py.max_jobs())
+                               jobs=setup_py.max_jobs(), cuda_sources=setup_py.COMPILE_CHECK_CUDA_SOURCES)
     seconds = time.perf_counter() - start
     info_path = tmp_path / "_build_info.json"
     setup_py.write_build_info(info_path, setup_py.make_build_info(version, "V", [90], "test", 1, seconds))
@@ -391,9 +450,28 @@ def test_csrc_compiles_for_sm90_and_imports_without_a_gpu(tmp_path):
     assert errors["passthrough"] == "ValueError: passthrough must be finite, got nan"
     # aligned fp32 / misaligned pointer / bf16 row of 120 bytes / column stride 2 / misaligned y / bad saved stride
     assert report["vector_path"] == [True, False, False, False, False, False]
+    adamw = report["adamw_errors"]
+    assert adamw["rows"] == "ValueError: grad must have 4096 rows (basis has 4096), got 4095"
+    assert adamw["param"] == "ValueError: param must have grad's shape (4096, 70), got (4096, 69)"
+    assert adamw["stride"] == "ValueError: exp_avg_sq must have non-negative strides, got (70, -1)"
+    assert adamw["null"] == "ValueError: exp_avg has 286720 elements but a null data pointer"
+    assert adamw["k"] == "ValueError: U must have between 1 and 128 columns (k) for the CUDA backend, got 200"
+    assert adamw["state_dtype"] == "ValueError: state_dtype must be 0 (float32) or 2 (bfloat16), got 1"
+    assert adamw["pair"] == ("ValueError: state_dtype bfloat16 is compiled for bfloat16 parameters only (float16 "
+                             "ones go to the Triton kernel), got dtype float16")
+    assert adamw["eps"] == "ValueError: hyper[3] (eps) must be finite, got nan"
+    assert adamw["bias_correction"] == ("ValueError: hyper[6] (sqrt(1 - beta2^t)) must be > 0 in float32 (step >= 1 "
+                                        "and beta2 < 1), got 0")
+    assert adamw["valid"].startswith("RuntimeError: spectral_adamw: this spectralkern._C is the CI compile check's")
+    assert adamw["plain_numel"] == "ValueError: param must have grad's 100 elements, got 99"
+    assert adamw["plain_null"] == "ValueError: exp_avg has 100 elements but a null data pointer"
+    assert adamw["plain_pair"].startswith("ValueError: state_dtype bfloat16 is compiled for bfloat16 parameters only")
+    # aligned bf16 p/g with fp32 m/v / an fp32 row of 264 bytes / a bf16 pointer 2 bytes off; plain: aligned / not
+    assert report["adamw_vector_path"] == [True, False, False, True, False]
     live, reason = report["probe"]
     if report["driver"] == 0:  # this machine: no driver, so the loader says so and stays off
         assert errors["valid"].startswith("RuntimeError: spectral_filter CUDA launch failed on device 0: cuda")
+        assert adamw["plain_valid"].startswith("RuntimeError: adamw CUDA launch failed on device 0: cuda")
         assert not live
         assert f"needs a driver for CUDA >= {version[0]}.0; this driver supports CUDA none found" in reason
     print(f"compiled csrc for sm_90 in {seconds:.0f} s")

@@ -11,6 +11,7 @@ Backends (``_backend.backend_for``):
     triton  with a basis: ``_triton_spectral_adamw`` — one program per (block, column tile) keeps Uᵀg on chip and
             reads g, m, v, p once and writes m, v, p once (g is read a second time, from L2, only when h ≠ 0);
             without a basis: ``_triton_adamw``, a flat elementwise kernel.
+    cuda    the compiled kernels of csrc/ (``_cuda_adamw``), the same two structures, when built (preferred on CUDA).
     torch   the reference: filter into a temporary, then the AdamW ops of torch's single-tensor path.
 All arithmetic is fp32 (fp64 for fp64 parameters) whatever the storage: fp16/bf16 parameters are updated in fp32
 and rounded once; their moments are fp32 by default, or bf16 (rounded once per step) when asked for.
@@ -23,6 +24,7 @@ import torch
 
 from .._backend import backend_for
 from ..basis import SpectralBasis
+from ._cuda_adamw import adamw_update_cuda_, cuda_implemented
 from .spectral_filter import spectral_filter_reference
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -137,9 +139,15 @@ def adamw_update_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor
     """
     triton_ok = param.dtype in _TRITON_DTYPES and (basis is None or basis.k <= TRITON_MAX_K)
     implemented = ("triton", "torch") if triton_ok else ("torch",)
+    if cuda_implemented(param, exp_avg, exp_avg_sq, basis):  # listed even when not built: forcing it then says why
+        implemented = ("cuda",) + implemented
     backend = backend_for(param.device, implemented)
     # The kernels index p, m and v with one set of strides (m, v) and assume flat, dense storage without a basis.
     same_layout = exp_avg.stride() == param.stride() == exp_avg_sq.stride() and param.is_contiguous()
+    if backend == "cuda" and same_layout:
+        with torch.no_grad():
+            adamw_update_cuda_(param, grad, exp_avg, exp_avg_sq, _scalars(hyper), basis, gains, passthrough)
+        return "cuda"
     if backend == "triton" and same_layout:
         with torch.no_grad():
             if basis is not None:

@@ -10,6 +10,9 @@ Parameters and gradients are bf16 on CUDA and fp32 on the CPU (``--quick``: 1 la
 Providers (each on its own copy of the parameters; gradients are shared except where a provider writes them):
     spectralkern              SpectralAdamW, filter fused into the update; fp32 moments (the default).
     spectralkern_bf16_states  the same with state_dtype=bf16 — the moments torch keeps for bf16 parameters.
+    spectralkern_triton       when ``spectralkern`` ran on the compiled CUDA kernels (csrc/): the same optimizer
+                              with SPECTRALKERN_BACKEND=triton during its step, timed beside them (1-layer cases:
+                              one more copy of the parameters and fp32 moments does not fit at 8 layers).
     torch_adamw_fused         torch.optim.AdamW(fused=True) on CUDA (foreach=True on the CPU), no filtering; its
                               moments are in the parameter dtype (bf16 on CUDA).
     filter_then_adamw         filt.step() (spectral_filter into a temporary, copied into .grad) then
@@ -32,14 +35,17 @@ like the times do. FLOPs: the filter's two products, 4·k·d per row.
 from __future__ import annotations
 
 import functools
+import os
 import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..._backend import backend_for
+from ..._backend import ENV_VAR, backend_for
+from ...basis import SpectralBasis
 from ...filters import low_pass
+from ...ops._cuda_adamw import cuda_implemented
 from ...optim import SpectralAdamW, SpectralGradientFilter
 from ..case import Case, Prepared, Provider
 
@@ -209,8 +215,8 @@ def _prepare(cfg: _Config, dtype: torch.dtype, device: torch.device) -> Prepared
     torch_backend = "torch-fused" if device.type == "cuda" else "torch-foreach"
     providers = []
 
-    spectral_backend = backend_for(device, ("triton", "torch"))
     ours, filt = _zeroed_copy(cfg, weights, filtered=True)
+    spectral_backend = _spectral_backend(device, weights[0], filt.bases()[probe])
     _attach(ours, grads, own=False)
     opt = SpectralAdamW(ours.parameters(), lr=_LR, weight_decay=_WD, spectral_filter=filt)
     ours_probe = ours.layers[0].q_proj.weight
@@ -224,6 +230,18 @@ def _prepare(cfg: _Config, dtype: torch.dtype, device: torch.device) -> Prepared
         probe16 = ours16.layers[0].q_proj.weight
         providers.append(Provider("spectralkern_bf16_states", spectral_backend,
                                   lambda: (opt16.step(), probe16.detach())[1]))
+
+    skipped = {}
+    if spectral_backend == "cuda" and cfg.layers == 1:
+        ours_tr, filt_tr = _zeroed_copy(cfg, weights, filtered=True)
+        _attach(ours_tr, grads, own=False)
+        opt_tr = SpectralAdamW(ours_tr.parameters(), lr=_LR, weight_decay=_WD, spectral_filter=filt_tr)
+        probe_tr = ours_tr.layers[0].q_proj.weight
+        providers.append(Provider("spectralkern_triton", "triton",
+                                  _forced("triton", lambda: (opt_tr.step(), probe_tr.detach())[1])))
+    elif spectral_backend == "cuda":
+        skipped["spectralkern_triton"] = ("one more copy of the parameters and fp32 moments does not fit beside the "
+                                          "other providers at this size; compared on the 1-layer cases")
 
     plain, _ = _zeroed_copy(cfg, weights, filtered=False)
     _attach(plain, grads, own=False)
@@ -257,7 +275,31 @@ def _prepare(cfg: _Config, dtype: torch.dtype, device: torch.device) -> Prepared
     reference = _adamw_first_step(_projected(g0, filt, probe))
     references = {"torch_adamw_fused": _adamw_first_step(g0.double()),
                   "galore": _galore_reference(g0, galore.proj[0], galore.left[0])}
-    return Prepared(providers=providers, reference=reference, tolerance=_TOLERANCE[dtype], references=references)
+    return Prepared(providers=providers, reference=reference, tolerance=_TOLERANCE[dtype], references=references,
+                    skipped=skipped)
+
+
+def _spectral_backend(device: torch.device, weight: torch.Tensor, basis: SpectralBasis) -> str:
+    """The backend SpectralAdamW's fused update picks for a weight like ``weight`` (fp32 moments)."""
+    moments = weight.new_empty(0, dtype=torch.float32)
+    implemented = ("cuda", "triton", "torch") if cuda_implemented(weight, moments, moments, basis) else ("triton",
+                                                                                                       "torch")
+    return backend_for(device, implemented)
+
+
+def _forced(backend: str, fn):
+    """``fn`` run with SPECTRALKERN_BACKEND=backend (read by the dispatcher at every call), restored after."""
+    def run() -> torch.Tensor:
+        before = os.environ.get(ENV_VAR)
+        os.environ[ENV_VAR] = backend
+        try:
+            return fn()
+        finally:
+            if before is None:
+                del os.environ[ENV_VAR]
+            else:
+                os.environ[ENV_VAR] = before
+    return run
 
 
 def _print_resident(cfg: _Config, dtype: torch.dtype) -> None:
