@@ -663,9 +663,9 @@ def test_finetune_methods_train_one_step(minilm, torch_backend, seed, name):
     loss, parts = setup.objective(task_loss)
     if experts > 1:
         assert parts["aux"] == pytest.approx(float(fourier_moe_aux_loss(model.encoder)))
-        assert float(loss) == pytest.approx(parts["task"] + 0.01 * parts["aux"], rel=1e-6)
+        assert loss.item() == pytest.approx(parts["task"] + 0.01 * parts["aux"], rel=1e-6)
     else:
-        assert "aux" not in parts and float(loss) == pytest.approx(parts["task"])
+        assert "aux" not in parts and loss.item() == pytest.approx(parts["task"])
     before = [layer.coef_re.detach().clone() for layer in layers.values()]
     loss.backward()
     setup.before_step()
