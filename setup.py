@@ -25,12 +25,14 @@ Development builds (``pip install -e .``, ``python setup.py build_ext --inplace`
 for SPECTRALKERN_CUDA_ARCHS when it is set, else for the GPUs that ``nvidia-smi`` lists; on a machine with neither
 they skip the CUDA build with a message. Wheels and regular installs build the full default list.
 Why: the README's test command is an editable install, and CI runs it on 2 CPU cores with nvcc present and no GPU.
-Measured here (2 cores shared with other jobs, load average ≈ 8, nvcc 13.0): the full default list (6 SASS
-targets + PTX) took 175 s of compiler CPU time, 8.3 min wall on the loaded machine (an estimated 1.5 min on two
-idle cores); sm_90 alone 52 s of CPU time. A compiler process peaked at 0.45 GB. In the editable install the full
-build would add minutes to every CI run for a binary that cannot run there; the compile check in
-tests/test_cuda_ext.py already puts every kernel variant through nvcc and ptxas for sm_90, which is what catches
-a broken kernel.
+Measured here (2 cores shared with other jobs, load average ≈ 8, nvcc 13.0), with the spectral filter only: the full
+default list (6 SASS targets + PTX) took 175 s of compiler CPU time, 8.3 min wall on the loaded machine (an
+estimated 1.5 min on two idle cores); sm_90 alone 52 s of CPU time. A compiler process peaked at 0.45 GB. The AdamW
+kernels (adamw_*.cu) bring sm_90 to 94 s of CPU time (190 s wall at load ≈ 8, MAX_JOBS=2); the full list was not
+re-timed (it scales with the device code: expect ≈ 1.8× the 175 s). In the editable install the full build would
+add minutes to every CI run for a binary that cannot run there; the compile check in tests/test_cuda_ext.py puts
+every filter kernel variant and a sample of the AdamW ones covering each of their code paths (csrc/adamw_check.cu)
+through nvcc and ptxas for sm_90, which is what catches a broken kernel.
 """
 from __future__ import annotations
 

@@ -78,7 +78,8 @@ if [[ "${SKIP_SANITIZER:-0}" != 1 ]]; then
     # Without torch's caching allocator every tensor is its own allocation, so memcheck sees out-of-bounds accesses
     # that would otherwise land inside a cached block. opcheck/compile are left out: inductor under memcheck is slow.
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 50 \
-        "$PYTHON" -m pytest tests/test_cuda_ext.py -m gpu -k "not opcheck_and_compile" -q -rs -p no:cacheprovider \
+        "$PYTHON" -m pytest tests/test_cuda_ext.py tests/test_cuda_adamw.py -m gpu -k "not opcheck_and_compile" \
+        -q -rs -p no:cacheprovider \
         >>"$RESULTS/cuda.log" 2>&1 || sanitizer_status=$?
     tail -n 5 "$RESULTS/cuda.log"
 fi

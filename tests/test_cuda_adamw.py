@@ -4,8 +4,9 @@ a GPU with the extension built — the spectral and plain updates against float6
 Without a GPU: which updates the cuda backend claims, forcing SPECTRALKERN_BACKEND=cuda when it cannot run, a stale
 build without the kernels. The kernels' C++ argument checks run in tests/test_cuda_ext.py's compile check (they need
 the compiled module, which is built there). On a GPU: every element written exactly (an update whose result is
-exact in any dtype), several steps against a float64 step from the kernel's own state, lockstep with the torch
-reference, aligned and unaligned layouts, ragged / empty / one-node blocks, every compiled dtype pair.
+exact in any dtype), several steps against a float64 step from the kernel's own state, the fused kernel equal bit
+for bit to the CUDA filter followed by the plain kernel, lockstep with the torch reference, aligned and unaligned
+layouts, ragged / empty / one-node blocks, every compiled dtype pair.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from spectralkern.bench.inputs import random_basis
 from spectralkern.ops import _cuda_adamw
 from spectralkern.ops._cuda_adamw import adamw_update_cuda_, cuda_implemented
 from spectralkern.ops.adamw_update import AdamWHyper, _scalars, adamw_update_, adamw_update_reference_
+from spectralkern.ops.spectral_filter import _launch_cuda
 
 
 def _basis(sizes: list[int], k: int, seed: int, device: str = "cpu") -> sk.SpectralBasis:
@@ -212,6 +214,27 @@ def test_spectral_steps_match_float64(seed, param_dtype, state_dtype, kind, pass
         adamw_update_cuda_(p, g, m, v, _scalars(hyper), basis, gains, passthrough)
         for name, actual, want in zip("pmv", (p, m, v), expected):
             assert _relative_error(actual, want) <= tolerance, (step, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["aligned", "odd-row-stride"])
+@pytest.mark.parametrize("passthrough", [0.0, -0.7])
+def test_fused_equals_the_cuda_filter_then_the_plain_kernel_bit_for_bit(seed, kind, passthrough):
+    """fp32: the fused kernel's filtered gradient is the CUDA filter's output (same products in the same order) and
+    its update is the plain kernel's (the same function), so filter-then-update reproduces it exactly."""
+    _require_cuda_ext()
+    basis = _basis(SIZES, 48, seed, "cuda")
+    n, d = basis.num_nodes, 130
+    gains = torch.rand(basis.num_blocks, 48, device="cuda")
+    g = _layout(kind, torch.randn(n, d, device="cuda"))
+    fused = [_layout(kind, t) for t in (torch.randn(n, d, device="cuda"), *_moments(n, d, torch.float32))]
+    unfused = [t.contiguous() for t in fused]
+    hyper = AdamWHyper(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=5.0)
+    adamw_update_cuda_(fused[0], g, fused[1], fused[2], _scalars(hyper), basis, gains, passthrough)
+    filtered, _ = _launch_cuda(g, basis.U, basis.block_ptr_on(g.device), gains, passthrough)
+    adamw_update_cuda_(unfused[0], filtered, unfused[1], unfused[2], _scalars(hyper))
+    for a, b in zip(fused, unfused):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.gpu
