@@ -6,7 +6,30 @@ synthetic rows (10 neighbours, rows on an 8-dim latent manifold), tol 1e-8 unles
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
+
+# Largest Krylov basis (bytes) for which the CPU solve runs on one thread. Its operations are memory-bound
+# BLAS-2 / skinny GEMMs, QRs and small eigh calls; with both cores busy elsewhere, OpenMP's fork/join made the
+# two-thread run of tests/test_eigen.py take 306 s against 15 s on one thread (a 64 MB copy: 2.0 vs 7.9 GB/s).
+# Bigger problems keep torch's setting, where more cores add memory bandwidth on an idle machine.
+ONE_THREAD_MAX_BYTES = 64 * 2**20
+
+
+@contextlib.contextmanager
+def cpu_threads(device: torch.device, basis_bytes: int) -> Iterator[None]:
+    """Run the enclosed solve on one CPU thread when its Krylov basis is small (see ONE_THREAD_MAX_BYTES)."""
+    if device.type != "cpu" or basis_bytes > ONE_THREAD_MAX_BYTES or torch.get_num_threads() == 1:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def block_size(k: int, device: torch.device) -> int:

@@ -102,18 +102,21 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
 
     parts: list[Candidates] = []
     bar = _progress_bar(progress, plan, k, backend)
+    basis_bytes = 0 if plan.krylov is None else (
+        plan.krylov.num_items * plan.krylov.node_map.shape[1] * m * problem.matrix.values().element_size())
     try:
-        if plan.dense is not None:
-            parts += _solve_dense(problem, plan.dense, k)
-        if plan.krylov is not None:
-            if backend in ("lanczos", "auto"):
-                parts.append(_solve_lanczos(problem, plan.krylov, k, tol_abs, maxiter, m, block, start, bar))
-            elif backend == "scipy":
-                parts.append(scipy_solve(problem, plan.krylov, k, tol_abs, maxiter, ncv, start,
-                                         bar.update if bar is not None else None))
-            else:
-                parts.append(cupy_solve(problem, plan.krylov, k, tol_abs, maxiter, ncv, start,
-                                        bar.update if bar is not None else None))
+        with _auto.cpu_threads(problem.device, basis_bytes):
+            if plan.dense is not None:
+                parts += _solve_dense(problem, plan.dense, k)
+            if plan.krylov is not None:
+                if backend in ("lanczos", "auto"):
+                    parts.append(_solve_lanczos(problem, plan.krylov, k, tol_abs, maxiter, m, block, start, bar))
+                elif backend == "scipy":
+                    parts.append(scipy_solve(problem, plan.krylov, k, tol_abs, maxiter, ncv, start,
+                                             bar.update if bar is not None else None))
+                else:
+                    parts.append(cupy_solve(problem, plan.krylov, k, tol_abs, maxiter, ncv, start,
+                                            bar.update if bar is not None else None))
     finally:
         if bar is not None:
             bar.close()

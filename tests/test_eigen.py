@@ -1,0 +1,506 @@
+"""lowest_eigenpairs against float64 references (numpy eigh per block, scipy eigsh): eigenvalues, residuals,
+orthonormality and projectors U Uᵀ (never raw eigenvectors: they are unique only up to sign and rotation)."""
+from __future__ import annotations
+
+import sys
+import types
+import warnings
+
+import networkx as nx
+import numpy as np
+import pytest
+import scipy.sparse
+import scipy.sparse.linalg
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.sparse.csgraph import laplacian as scipy_laplacian
+
+import spectralkern as sk
+from spectralkern.eigen import _auto, _lanczos
+
+DTYPES = [torch.float64, torch.float32]
+# the issue's accuracy bar: eigenvalues within this fraction of ‖L‖ of the float64 reference
+EIG_RTOL = {torch.float64: 1e-8, torch.float32: 1e-4}
+ORTH_TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
+# projectors are compared only where λ_{k_b} and λ_{k_b+1} are this far apart (relative to ‖L‖)
+GAP = 1e-3
+
+
+def sizes_to_ptr(sizes: list[int]) -> list[int]:
+    return np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).tolist()
+
+
+def random_adjacency(rng: np.random.Generator, ptr: list[int], density: float, *, cross: float = 0.0,
+                     isolated: float = 0.1) -> np.ndarray:
+    """Symmetric weighted adjacency, edges inside blocks (and across with probability ``cross``), some isolated
+    nodes (each one is a component of its own, with eigenvalue 0)."""
+    n = ptr[-1]
+    block = np.repeat(np.arange(len(ptr) - 1), np.diff(ptr))
+    prob = np.where(block[:, None] == block[None, :], density, cross)
+    upper = np.triu((rng.random((n, n)) < prob) * rng.uniform(0.1, 3.0, (n, n)), 1)
+    dead = rng.random(n) < isolated
+    upper[dead, :] = 0
+    upper[:, dead] = 0
+    return upper + upper.T
+
+
+def laplacian_of(adjacency: np.ndarray, ptr: list[int], normalized: bool = True,
+                 dtype: torch.dtype = torch.float64) -> sk.GraphLaplacian:
+    graph = sk.ParameterGraph.from_scipy(scipy.sparse.csr_array(adjacency), block_ptr=ptr, dtype=dtype)
+    return graph.laplacian(normalized=normalized)
+
+
+def check_basis(basis: sk.SpectralBasis, L_ref: np.ndarray, ptr: list[int], k: int, dtype: torch.dtype) -> None:
+    """The contract of a computed basis against the float64 matrix L_ref, block by block."""
+    info = basis.info
+    num_blocks = len(ptr) - 1
+    U = basis.U.double().numpy()
+    ev = basis.eigenvalues.double().numpy()
+    assert basis.dtype == dtype and U.shape == (ptr[-1], k) and ev.shape == (num_blocks, k)
+    assert basis.block_ptr.tolist() == ptr
+    assert info.residuals.shape == (num_blocks, k) and info.converged.shape == (num_blocks, k)
+    assert info.iterations.shape == (num_blocks,) and info.matvecs.shape == (num_blocks,)
+    assert bool(info.converged.sum() == basis.block_k.sum()), info
+    norm = info.norm
+    for b, (start, stop) in enumerate(zip(ptr[:-1], ptr[1:])):
+        n_b = stop - start
+        k_b = min(k, n_b)
+        assert np.all(U[start:stop, k_b:] == 0) and np.all(ev[b, k_b:] == 0), f"block {b}: padding not zero"
+        assert not info.converged[b, k_b:].any()
+        if n_b == 0:
+            continue
+        L_b = L_ref[start:stop, start:stop]
+        ref_values, ref_vectors = np.linalg.eigh(L_b)
+        U_b, lam = U[start:stop, :k_b], ev[b, :k_b]
+        np.testing.assert_allclose(lam, ref_values[:k_b], rtol=0, atol=EIG_RTOL[dtype] * norm,
+                                   err_msg=f"block {b}")
+        assert np.all(np.diff(lam) >= -EIG_RTOL[dtype] * norm), f"block {b}: not ascending {lam}"
+        residual = np.linalg.norm(L_b @ U_b - U_b * lam, axis=0)
+        # the float64 residual of the returned (dtype-rounded) pairs is within the reported tolerance
+        assert residual.max() <= 2 * info.tol, f"block {b}: residuals {residual.max():.3g} > 2·tol {info.tol:.3g}"
+        np.testing.assert_allclose(U_b.T @ U_b, np.eye(k_b), rtol=0, atol=ORTH_TOL[dtype],
+                                   err_msg=f"block {b}: U_bᵀU_b")
+        gap = ref_values[k_b] - ref_values[k_b - 1] if k_b < n_b else np.inf
+        if gap > GAP * norm:
+            P_ref = ref_vectors[:, :k_b] @ ref_vectors[:, :k_b].T
+            np.testing.assert_allclose(U_b @ U_b.T, P_ref, rtol=0, atol=10 * max(info.tol, 1e-15 * norm) / gap
+                                       + ORTH_TOL[dtype], err_msg=f"block {b}: projector")
+
+
+def dense_of(L: sk.GraphLaplacian) -> np.ndarray:
+    return L.to_dense().double().numpy()
+
+
+# ------------------------------------------------------------------------------------- backends agree
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", ["lanczos", "auto", "dense", "scipy"])
+def test_ragged_blocks_match_numpy(seed, backend, dtype):
+    """Ragged layout: empty, one-node, k ≥ n_b, and blocks big enough for the Krylov path (dense items inside
+    a 300-node block use the CSR operator, 70..90-node ones the dense-block operator); isolated nodes give
+    repeated zero eigenvalues."""
+    rng = np.random.default_rng(seed)
+    ptr = sizes_to_ptr([0, 1, 5, 300, 90, 0, 70, 3])
+    L = laplacian_of(random_adjacency(rng, ptr, 0.15), ptr, dtype=dtype)
+    basis = sk.lowest_eigenpairs(L, 6, backend=backend)
+    check_basis(basis, dense_of(L), ptr, 6, dtype)
+    if backend == "lanczos":
+        assert basis.info.backend == "lanczos+dense"
+        assert int(basis.info.matvecs[3]) > 0 and int(basis.info.matvecs[2]) == 0  # small blocks: dense
+
+
+@pytest.mark.parametrize("normalized", [True, False])
+def test_combinatorial_and_normalized_laplacians_match_scipy_eigsh(seed, normalized):
+    """Against scipy's eigsh (shift-invert at 0 as the reference mode) on a kNN graph of random rows."""
+    rows = torch.randn(400, 12, dtype=torch.float64)
+    graph = sk.ParameterGraph.knn(rows, k=6, block_size=200)
+    L = graph.laplacian(normalized=normalized)
+    basis = sk.lowest_eigenpairs(L, 8, tol=1e-10, backend="lanczos")
+    W = graph.to_scipy()
+    for b in range(2):
+        Lb = scipy_laplacian(W[200 * b:200 * (b + 1), 200 * b:200 * (b + 1)], normed=normalized)
+        ref = np.sort(scipy.sparse.linalg.eigsh(Lb.tocsc(), k=8, sigma=-1e-3, which="LM", tol=1e-12)[0])
+        np.testing.assert_allclose(basis.eigenvalues[b].numpy(), ref, rtol=0, atol=1e-8 * basis.info.norm)
+    assert float(basis.info.residuals.max()) <= 1e-10 * basis.info.norm + basis.info.tol
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_knn_blocks_default_tol(seed, dtype):
+    rows = torch.randn(3 * 256, 16, dtype=torch.float64)
+    graph = sk.ParameterGraph.knn(rows.to(dtype), k=8, block_size=256)
+    L = graph.laplacian()
+    basis = sk.lowest_eigenpairs(L, 12)
+    check_basis(basis, dense_of(L), graph.block_ptr.tolist(), 12, dtype)
+    assert basis.info.tol <= 64 * torch.finfo(dtype).eps * L.spectrum_bound() * 8  # tol=0: the rounding floor
+
+
+def test_cross_block_edges_give_one_global_basis(seed):
+    ptr = [0, 120, 260, 400]
+    rows = torch.randn(400, 10, dtype=torch.float64)
+    knn = sk.ParameterGraph.knn(rows, k=5, block_ptr=ptr)
+    chain = sk.ParameterGraph.chain(400, block_ptr=ptr, link_blocks=True, dtype=torch.float64)
+    graph = sk.ParameterGraph.from_dense(knn.to_dense() + 0.5 * chain.to_dense(), block_ptr=ptr)
+    L = graph.laplacian()
+    basis = sk.lowest_eigenpairs(L, 10, tol=1e-10)
+    assert basis.block_ptr.tolist() == [0, 400]
+    check_basis(basis, dense_of(L), [0, 400], 10, torch.float64)
+
+
+# ----------------------------------------------------------------------- graphs nobody here made
+def networkx_laplacian(graph: nx.Graph, ptr: list[int] | None = None) -> sk.GraphLaplacian:
+    adjacency = nx.to_scipy_sparse_array(graph, weight="weight", format="csr").astype(np.float64)
+    n = adjacency.shape[0]
+    return sk.ParameterGraph.from_scipy(adjacency, block_ptr=ptr or [0, n]).laplacian()
+
+
+NETWORKX = {
+    "karate": lambda: nx.karate_club_graph(),
+    "les_miserables": lambda: nx.les_miserables_graph(),
+    "grid_2d_12x9": lambda: nx.grid_2d_graph(12, 9),               # repeated eigenvalues from symmetry
+    "barbell_20_5": lambda: nx.barbell_graph(20, 5),               # cliques: eigenvalue 20/19, multiplicity 36
+    "star_60": lambda: nx.star_graph(60),                          # eigenvalue 1 with multiplicity 59
+    "petersen": lambda: nx.petersen_graph(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NETWORKX))
+@pytest.mark.parametrize("backend", ["lanczos", "scipy"])
+def test_networkx_graphs(name, backend):
+    graph = nx.convert_node_labels_to_integers(NETWORKX[name]())
+    L = networkx_laplacian(graph)
+    n = graph.number_of_nodes()
+    k = min(12, n)
+    # small graphs would be solved densely: force the Krylov path with a small basis
+    basis = sk.lowest_eigenpairs(L, k, backend=backend, ncv=min(k + 8, n - 3) if n > k + 11 else None)
+    check_basis(basis, dense_of(L), [0, n], k, torch.float64)
+
+
+def test_disjoint_copies_in_one_block_repeat_every_eigenvalue():
+    """Four components in one block, three of them identical: the zero eigenvalue has multiplicity 4 and every
+    eigenvalue of the copied graph multiplicity 3 — single-vector Lanczos cannot see those from one start."""
+    parts = [nx.grid_2d_graph(10, 8), nx.grid_2d_graph(10, 8), nx.grid_2d_graph(10, 8), nx.karate_club_graph()]
+    graph = nx.convert_node_labels_to_integers(nx.disjoint_union_all(parts))
+    L = networkx_laplacian(graph)
+    n = graph.number_of_nodes()
+    for backend in ("lanczos", "scipy", "auto"):
+        basis = sk.lowest_eigenpairs(L, 16, backend=backend)
+        check_basis(basis, dense_of(L), [0, n], 16, torch.float64)
+        assert int((basis.eigenvalues.abs() < 1e-10).sum()) == 4
+
+
+def test_disconnected_blocks_many_components_and_copies(seed):
+    """Each of several blocks is itself a disjoint union (components of sizes 1..60, some repeated)."""
+    rng = np.random.default_rng(seed)
+    blocks = []
+    for _ in range(3):
+        sizes = [60, 60, 45] + list(rng.integers(1, 12, size=8))
+        parts = [nx.cycle_graph(int(s)) if s > 2 else nx.path_graph(int(s)) for s in sizes]
+        blocks.append(nx.disjoint_union_all(parts))
+    graph = nx.convert_node_labels_to_integers(nx.disjoint_union_all(blocks))
+    ptr = sizes_to_ptr([b.number_of_nodes() for b in blocks])
+    L = networkx_laplacian(graph, ptr)
+    basis = sk.lowest_eigenpairs(L, 20, backend="lanczos")
+    check_basis(basis, dense_of(L), ptr, 20, torch.float64)
+
+
+# ------------------------------------------------------------------------------- general matrices
+def test_symmetric_matrix_with_negative_eigenvalues_torch_and_scipy_inputs(seed):
+    rng = np.random.default_rng(seed)
+    a = scipy.sparse.random(300, 300, density=0.03, random_state=rng, data_rvs=lambda s: rng.normal(size=s))
+    a = (a + a.T).tocsr()
+    ref = np.linalg.eigvalsh(a.toarray())[:7]
+    for matrix in (a, torch.tensor(a.toarray()), torch.tensor(a.toarray()).to_sparse_coo()):
+        basis = sk.lowest_eigenpairs(matrix, 7, tol=1e-12)
+        np.testing.assert_allclose(basis.eigenvalues[0].numpy(), ref, rtol=0, atol=1e-8 * basis.info.norm)
+        assert ref[0] < 0 and basis.block_ptr.tolist() == [0, 300]
+
+
+# ------------------------------------------------------------------------------------ tolerances
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tolerance_is_relative_to_the_norm_bound(seed, dtype):
+    rng = np.random.default_rng(seed)
+    ptr = sizes_to_ptr([150, 180])
+    L = laplacian_of(random_adjacency(rng, ptr, 0.1, isolated=0.0), ptr, normalized=False, dtype=dtype)
+    tol = 1e-4 if dtype == torch.float32 else 1e-7
+    basis = sk.lowest_eigenpairs(L, 5, tol=tol)
+    assert basis.info.norm == pytest.approx(L.spectrum_bound())  # Gershgorin for the combinatorial Laplacian
+    assert basis.info.tol == pytest.approx(tol * basis.info.norm)
+    assert float(basis.info.residuals.max()) <= basis.info.tol * 1.5
+    # a looser tolerance needs fewer products than the default (tol=0: the dtype's rounding floor)
+    tight = sk.lowest_eigenpairs(L, 5)
+    assert int(tight.info.matvecs.sum()) > int(basis.info.matvecs.sum())
+
+
+def test_early_finishers_stop_costing(seed):
+    """A block whose pairs converge fast leaves the batch: its product count stays below the hard block's."""
+    easy = nx.complete_graph(120)                                     # λ = 0 and 120/119 only: instant
+    hard = nx.path_graph(400)                                         # clustered low end: slow
+    graph = nx.convert_node_labels_to_integers(nx.disjoint_union(easy, hard))
+    L = networkx_laplacian(graph, [0, 120, 520])
+    basis = sk.lowest_eigenpairs(L, 6, tol=1e-10)
+    check_basis(basis, dense_of(L), [0, 120, 520], 6, torch.float64)
+    iterations, matvecs = basis.info.iterations.tolist(), basis.info.matvecs.tolist()
+    assert iterations[0] < iterations[1] and matvecs[0] < matvecs[1], basis.info
+
+
+def test_dense_backend_matches_from_laplacian(seed):
+    rng = np.random.default_rng(seed)
+    ptr = sizes_to_ptr([7, 0, 30, 1, 64])
+    L = laplacian_of(random_adjacency(rng, ptr, 0.3), ptr)
+    ours = sk.lowest_eigenpairs(L, 9, backend="dense")
+    theirs = sk.SpectralBasis.from_laplacian(L, 9)
+    torch.testing.assert_close(ours.eigenvalues, theirs.eigenvalues, rtol=0, atol=1e-12)
+    assert ours.info.backend == "dense" and int(ours.info.matvecs.sum()) == 0
+
+
+# --------------------------------------------------------------------------------------- warm start
+def drifting_graph(seed: int, steps: int, drift: float = 0.01, num_blocks: int = 3, n: int = 400):
+    """kNN graph of rows on a low-dimensional manifold; every refresh multiplies each edge weight by
+    1 + drift·N(0, 1) (the same factor for both directions)."""
+    gen = torch.Generator().manual_seed(seed)
+    latent = torch.randn(num_blocks * n, 3, dtype=torch.float64, generator=gen)
+    rows = latent @ torch.randn(3, 24, dtype=torch.float64, generator=gen)
+    graph = sk.ParameterGraph.knn(rows + 0.05 * torch.randn(rows.shape, dtype=torch.float64, generator=gen),
+                                  k=8, block_size=n)
+    key = torch.minimum(graph.row, graph.col) * graph.num_nodes + torch.maximum(graph.row, graph.col)
+    graphs = [graph]
+    for _ in range(steps):
+        factor = 1 + drift * torch.randn(int(key.max()) + 1, dtype=torch.float64, generator=gen)[key]
+        graphs.append(sk.ParameterGraph(graph.num_nodes, graph.block_ptr, graph.row, graph.col,
+                                        graphs[-1].weight * factor))
+    return graphs
+
+
+def test_warm_start_after_a_drift_below_the_tolerance_is_one_check(seed):
+    """An accurate basis of the previous graph, weights drifted by 0.02% (old pairs' residuals ~3e-5 against a
+    tolerance of 2e-4): checking the old vectors (k products per block) is the whole solve."""
+    graphs = drifting_graph(seed, steps=1, drift=0.0002)
+    k = 10
+    previous = sk.lowest_eigenpairs(graphs[0].laplacian(), k, tol=1e-10)
+    L = graphs[1].laplacian()
+    cold = sk.lowest_eigenpairs(L, k, tol=1e-4, backend="lanczos")
+    warm = sk.lowest_eigenpairs(L, k, tol=1e-4, backend="lanczos", v0=previous)
+    assert warm.info.matvecs.tolist() == [k] * 3 and warm.info.iterations.tolist() == [1] * 3
+    assert int(cold.info.matvecs.sum()) >= 2 * int(warm.info.matvecs.sum())
+    assert bool(warm.info.converged.all()) and float(warm.info.residuals.max()) <= 2 * warm.info.tol
+
+
+def test_warm_start_chained_refreshes(seed):
+    """Each refresh of a 1%-per-step drifting graph starts from the previous result: every pair converges, and
+    over the refreshes the warm starts take fewer products than cold solves (by 5–25% at this tolerance: the
+    drift moves the pairs by far more than tol, and a Krylov method must re-resolve the clustered low end)."""
+    graphs = drifting_graph(seed, steps=3, drift=0.01)
+    k, tol = 10, 1e-6
+    previous = sk.lowest_eigenpairs(graphs[0].laplacian(), k, tol=tol, backend="lanczos")
+    cold_total = warm_total = 0
+    for graph in graphs[1:]:
+        L = graph.laplacian()
+        cold = sk.lowest_eigenpairs(L, k, tol=tol, backend="lanczos")
+        warm = sk.lowest_eigenpairs(L, k, tol=tol, backend="lanczos", v0=previous)
+        check_basis(warm, dense_of(L), graph.block_ptr.tolist(), k, torch.float64)
+        cold_total += int(cold.info.matvecs.sum())
+        warm_total += int(warm.info.matvecs.sum())
+        previous = warm
+    assert warm_total < cold_total, (warm_total, cold_total)
+
+
+def test_warm_start_from_a_smaller_basis_and_with_scipy(seed):
+    graphs = drifting_graph(seed, steps=1, num_blocks=2, n=300)
+    old = sk.lowest_eigenpairs(graphs[0].laplacian(), 4, tol=1e-8)
+    L = graphs[1].laplacian()
+    for backend in ("lanczos", "scipy", "dense"):
+        basis = sk.lowest_eigenpairs(L, 8, tol=1e-9, v0=old, backend=backend)
+        check_basis(basis, dense_of(L), graphs[1].block_ptr.tolist(), 8, torch.float64)
+
+
+# ------------------------------------------------------------------------------- no convergence
+def test_strict_raises_no_convergence_with_the_partial_result(seed):
+    L = networkx_laplacian(nx.path_graph(600))
+    with pytest.raises(sk.NoConvergence, match="did not reach the tolerance") as caught:
+        sk.lowest_eigenpairs(L, 12, maxiter=2, backend="lanczos")
+    exc = caught.value
+    assert isinstance(exc.basis, sk.SpectralBasis) and exc.basis.info is exc.info
+    assert exc.info.converged.shape == (1, 12) and not bool(exc.info.converged.all())
+    U = exc.basis.U.double()
+    torch.testing.assert_close(U.T @ U, torch.eye(12, dtype=torch.float64), rtol=0, atol=1e-10)
+    converged = exc.info.converged[0]
+    assert bool((exc.info.residuals[0][converged] <= exc.info.tol * 2).all())
+    assert bool((exc.info.residuals[0][~converged] > exc.info.tol).all())
+
+
+def test_not_strict_warns_and_returns_the_mask(seed):
+    L = networkx_laplacian(nx.path_graph(600))
+    with pytest.warns(RuntimeWarning, match="did not reach the tolerance"):
+        basis = sk.lowest_eigenpairs(L, 12, maxiter=2, strict=False)
+    assert basis.info.num_converged < 12 and basis.info.converged.dtype == torch.bool
+
+
+# --------------------------------------------------------------------------------------------- progress
+def test_progress_bar(capsys):
+    L = networkx_laplacian(nx.path_graph(300))
+    basis = sk.lowest_eigenpairs(L, 5, tol=1e-8, progress=True, backend="lanczos")
+    err = capsys.readouterr().err
+    assert "lowest_eigenpairs[lanczos]" in err and "5/5" in err
+    assert basis.info.num_converged == 5
+    sk.lowest_eigenpairs(L, 5, tol=1e-8, progress=True, backend="scipy")
+    assert "lowest_eigenpairs[scipy]" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ bad inputs
+@pytest.fixture(scope="module")
+def small_laplacian() -> sk.GraphLaplacian:
+    return networkx_laplacian(nx.karate_club_graph())
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(k=0), ValueError, "k must be positive, got 0"),
+    (dict(k=-3), ValueError, "k must be positive, got -3"),
+    (dict(k=2.5), TypeError, "k must be an int, got float"),
+    (dict(k=True), TypeError, "k must be an int, got bool"),
+    (dict(tol=-1e-3), ValueError, "tol must be a finite number >= 0.*got -0.001"),
+    (dict(tol=float("nan")), ValueError, "tol must be a finite number >= 0.*got nan"),
+    (dict(tol="1e-6"), TypeError, "tol must be a real number, got str"),
+    (dict(maxiter=0), ValueError, "maxiter must be positive, got 0"),
+    (dict(ncv=4), ValueError, "ncv must be larger than k = 4.*got 4"),
+    (dict(backend="arpack"), ValueError, "backend must be one of 'auto', 'lanczos'.*got 'arpack'"),
+    (dict(progress=1), TypeError, "progress must be a bool, got int"),
+    (dict(strict="yes"), TypeError, "strict must be a bool, got str"),
+    (dict(v0="basis"), TypeError, "v0 must be a SpectralBasis .* got str"),
+])
+def test_bad_arguments(small_laplacian, kwargs, error, match):
+    kwargs = {"k": 4, **kwargs}
+    with pytest.raises(error, match=match):
+        sk.lowest_eigenpairs(small_laplacian, **kwargs)
+
+
+@pytest.mark.parametrize("matrix, error, match", [
+    ([[1.0, 0.0], [0.0, 1.0]], TypeError, "L must be a GraphLaplacian, a torch tensor or a scipy sparse matrix, "
+                                          "got list"),
+    (torch.zeros(3, 4, dtype=torch.float64), ValueError, r"L must be square, got shape \(3, 4\)"),
+    (torch.zeros(2, 3, 3, dtype=torch.float64), ValueError, r"L must be a 2-D matrix, got shape \(2, 3, 3\)"),
+    (torch.eye(3, dtype=torch.int64), TypeError, "L must have dtype float32 or float64, got int64"),
+    (torch.eye(3, dtype=torch.float16), TypeError, "L must have dtype float32 or float64, got float16"),
+    (torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]], dtype=torch.float64), ValueError,
+     "L contains 2 NaN/Inf value"),
+    (torch.tensor([[1.0, float("inf")], [0.0, 1.0]], dtype=torch.float64), ValueError, "L contains 1 NaN/Inf"),
+    (torch.tensor([[2.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 0.0, 2.0]], dtype=torch.float64), ValueError,
+     "L must be symmetric"),
+    (np.array([["a", "b"], ["c", "d"]]), TypeError, "L must have a real dtype"),
+])
+def test_bad_matrices(matrix, error, match):
+    with pytest.raises(error, match=match):
+        sk.lowest_eigenpairs(matrix, 1)
+
+
+def test_non_symmetric_graph_laplacian_matrix_is_caught(seed):
+    L = networkx_laplacian(nx.path_graph(50))
+    dense = L.to_dense()
+    dense[3, 20] = -0.7  # one-sided edge
+    forged = sk.GraphLaplacian(dense.to_sparse_csr(), L.block_ptr, True, False)
+    with pytest.raises(ValueError, match=r"L must be symmetric: for random unit vectors x, y, yᵀ\(L x\)"):
+        sk.lowest_eigenpairs(forged, 3)
+
+
+def test_v0_must_match_layout_dtype_and_device(seed):
+    rows = torch.randn(120, 8, dtype=torch.float64)
+    L = sk.ParameterGraph.knn(rows, k=4, block_size=60).laplacian()
+    other = sk.ParameterGraph.knn(rows, k=4, block_size=40).laplacian()
+    old = sk.lowest_eigenpairs(other, 3)
+    with pytest.raises(ValueError, match=r"v0 must have the same block layout as L: v0 has 120 nodes in 3 blocks, "
+                                         r"L's basis has 120 nodes in 2 blocks"):
+        sk.lowest_eigenpairs(L, 3, v0=old)
+    good = sk.lowest_eigenpairs(L, 3)
+    with pytest.raises(TypeError, match="v0 has dtype torch.float32 but L has torch.float64"):
+        sk.lowest_eigenpairs(L, 3, v0=good.to(dtype=torch.float32))
+    bad = sk.SpectralBasis(good.U.clone(), good.eigenvalues, good.block_ptr)
+    bad.U[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="v0.U contains NaN/Inf"):
+        sk.lowest_eigenpairs(L, 3, v0=bad)
+
+
+def test_dense_backend_refuses_huge_blocks():
+    L = networkx_laplacian(nx.path_graph(9000))
+    with pytest.raises(ValueError, match="backend='dense' would run a dense eigh on a 9000-node block"):
+        sk.lowest_eigenpairs(L, 2, backend="dense")
+
+
+# ------------------------------------------------------------------------------------------------ cupy
+def test_cupy_missing_is_a_clear_import_error(monkeypatch, small_laplacian):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy -> ImportError
+    with pytest.raises(ImportError, match=r"backend='cupy' needs cupy.*pip install 'spectralkern\[cupy\]'"):
+        sk.lowest_eigenpairs(small_laplacian, 3, backend="cupy")
+
+
+def fake_cupy(available: bool) -> dict[str, types.ModuleType]:
+    cupy = types.ModuleType("cupy")
+    cupy.cuda = types.SimpleNamespace(is_available=lambda: available)
+    cupyx = types.ModuleType("cupyx")
+    sci = types.ModuleType("cupyx.scipy")
+    sparse = types.ModuleType("cupyx.scipy.sparse")
+    linalg = types.ModuleType("cupyx.scipy.sparse.linalg")
+    return {"cupy": cupy, "cupyx": cupyx, "cupyx.scipy": sci, "cupyx.scipy.sparse": sparse,
+            "cupyx.scipy.sparse.linalg": linalg}
+
+
+def test_cupy_without_a_gpu_and_on_cpu_tensors(monkeypatch, small_laplacian):
+    for name, module in fake_cupy(available=False).items():
+        monkeypatch.setitem(sys.modules, name, module)
+    with pytest.raises(RuntimeError, match=r"cupy is installed but sees no GPU"):
+        sk.lowest_eigenpairs(small_laplacian, 3, backend="cupy")
+    for name, module in fake_cupy(available=True).items():
+        monkeypatch.setitem(sys.modules, name, module)
+    with pytest.raises(ValueError, match="backend='cupy' runs on a CUDA device, but L is on cpu"):
+        sk.lowest_eigenpairs(small_laplacian, 3, backend="cupy")
+
+
+# ------------------------------------------------------------------------------------------- hypothesis
+@settings(max_examples=15, deadline=None)
+@given(sizes=st.lists(st.sampled_from([0, 1, 2, 9, 40, 75]), min_size=1, max_size=4), k=st.integers(1, 9),
+       density=st.floats(0.05, 0.6), normalized=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_hypothesis_layouts(sizes, k, density, normalized, seed):
+    """Random ragged layouts through the Krylov path (a small basis makes 40/75-node blocks Krylov items)."""
+    rng = np.random.default_rng(seed)
+    ptr = sizes_to_ptr(sizes)
+    L = laplacian_of(random_adjacency(rng, ptr, density), ptr, normalized=normalized)
+    torch.manual_seed(seed)
+    basis = sk.lowest_eigenpairs(L, k, backend="lanczos", ncv=k + 8)
+    check_basis(basis, dense_of(L), ptr, k, torch.float64)
+
+
+def test_refill_keeps_padding_zero_and_rows_orthonormal(seed):
+    """orthonormalize on a block with dependent rows and a basis that spans almost everything."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.ones(2, 1, 12, dtype=torch.float64)
+    mask[1, :, 9:] = 0
+    basis = torch.linalg.qr(torch.randn(2, 12, 7, dtype=torch.float64, generator=gen) * mask.mT).Q.mT * mask
+    x = torch.randn(2, 1, 12, dtype=torch.float64, generator=gen).expand(2, 2, 12) * mask  # two equal rows
+    q = _lanczos.orthonormalize(x.contiguous(), basis, mask, gen)
+    assert torch.all(q[1, :, 9:] == 0)
+    torch.testing.assert_close(q @ q.mT, torch.eye(2, dtype=torch.float64).expand(2, 2, 2), rtol=0, atol=1e-12)
+    assert float((q @ basis.mT).abs().max()) < 1e-12
+
+
+# ------------------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_matches_cpu_reference(seed, dtype):
+    rng = np.random.default_rng(seed)
+    ptr = sizes_to_ptr([0, 1, 300, 90, 70, 3, 257])
+    L = laplacian_of(random_adjacency(rng, ptr, 0.1), ptr, dtype=dtype)
+    for backend in ("lanczos", "auto", "dense"):
+        basis = sk.lowest_eigenpairs(L.to("cuda"), 6, backend=backend)
+        assert basis.device.type == "cuda"
+        cpu = sk.SpectralBasis(basis.U.cpu(), basis.eigenvalues.cpu(), basis.block_ptr, info=basis.info)
+        check_basis(cpu, dense_of(L), ptr, 6, dtype)
+
+
+@pytest.mark.gpu
+def test_cuda_warm_start_and_device_mismatch(seed):
+    graphs = drifting_graph(seed, steps=1)
+    old = sk.lowest_eigenpairs(graphs[0].laplacian().to("cuda"), 8, tol=1e-8)
+    L = graphs[1].laplacian()
+    with pytest.raises(ValueError, match="v0 is on cuda:0 but L is on cpu"):
+        sk.lowest_eigenpairs(L, 8, v0=old)
+    warm = sk.lowest_eigenpairs(L.to("cuda"), 8, tol=1e-8, v0=old)
+    cold = sk.lowest_eigenpairs(L.to("cuda"), 8, tol=1e-8)
+    assert 2 * int(warm.info.matvecs.sum()) <= int(cold.info.matvecs.sum())
