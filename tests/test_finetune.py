@@ -365,14 +365,16 @@ def test_hf_spectral_trainer_uses_spectral_adamw_and_the_joint_loss(pretrained, 
     # compute_loss in training mode is the task loss plus the regulariser; in eval mode the task loss alone.
     batch = _batch(tokens, bbc.labels, train_idx[:5])
     model.eval()
-    task = model(**batch)["loss"]
-    assert float(trainer.compute_loss(model, dict(batch))) == pytest.approx(float(task), rel=1e-6)
+    with torch.no_grad():
+        task = model(**batch)["loss"]
+        assert float(trainer.compute_loss(model, dict(batch))) == pytest.approx(float(task), rel=1e-6)
     model.train()
-    torch.manual_seed(0)  # the same dropout masks for both forward passes
-    joint = trainer.compute_loss(model, dict(batch))
-    torch.manual_seed(0)
-    task = model(**batch)["loss"]
-    assert float(joint) == pytest.approx(float(task + filt.regularization()), rel=1e-5)
+    with torch.no_grad():
+        torch.manual_seed(0)  # the same dropout masks for both forward passes
+        joint = trainer.compute_loss(model, dict(batch))
+        torch.manual_seed(0)
+        task = model(**batch)["loss"]
+        assert float(joint) == pytest.approx(float(task + filt.regularization()), rel=1e-5)
     cls, kwargs = spectral_adamw(filt, args, lr=5e-4)
     assert cls is sk.SpectralAdamW and kwargs["lr"] == 5e-4 and kwargs["spectral_filter"] is filt
     with pytest.raises(TypeError, match="spectral_filter must be a spectralkern.SpectralGradientFilter"):

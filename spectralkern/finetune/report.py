@@ -121,7 +121,7 @@ def _plot_figure3(results: dict, path: Path) -> None:
             left.plot(curve["step"], _smooth(curve["task"], window), label=label)
         if "spec" in curve:
             right.plot(curve["step"], curve["spec"], label=label)
-    left.set_title(f"task loss (cross-entropy, moving mean of {window} steps)")
+    left.set_title("task loss (cross-entropy" + (f", moving mean of {window} steps)" if window > 1 else ")"))
     right.set_title("λ·tr(ΔᵀLΔ) (regulariser value)")
     for ax in (left, right):
         ax.set_xlabel("step")

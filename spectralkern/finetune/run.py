@@ -281,10 +281,10 @@ def run_comparison(config: RunConfig, *, progress: bool = True, log: Callable[[s
         method = METHODS[method_name]
         outer.set_postfix_str(f"{method_name} seed={seed} fraction={fraction:g}")
         torch.manual_seed(seed)
-        model = SentenceClassifier(copy.deepcopy(base_encoder), num_classes)
+        # On the device before the method is built: filters and adapters allocate next to the weights.
+        model = SentenceClassifier(copy.deepcopy(base_encoder), num_classes).to(device)
         t0 = time.perf_counter()
         setup = method.build(model, config.method)
-        setup.model.to(device)
         setup_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         torch.manual_seed(seed)  # dropout masks: the same stream for every method
