@@ -18,6 +18,7 @@ returns a TrainSetup. The runner seeds torch before calling it, so random initia
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -189,7 +190,9 @@ def build_lora(model: SentenceClassifier, config: MethodConfig) -> TrainSetup:
         raise ModuleNotFoundError("the LoRA baseline needs peft: pip install -e '.[finetune]'") from exc
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=list(config.lora_targets), bias="none")
-    model.encoder = get_peft_model(model.encoder, lora)   # freezes every encoder weight except the adapters
+    with warnings.catch_warnings():  # peft asks transformers 5 a deprecated question; not the user's concern
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model.encoder = get_peft_model(model.encoder, lora)   # freezes every encoder weight except the adapters
     optimizer = torch.optim.AdamW(_param_groups(model, config.lora_lr, config))
     return TrainSetup(model, optimizer)
 
