@@ -222,13 +222,15 @@ def test_tolerance_is_relative_to_the_norm_bound(seed, dtype):
     ptr = sizes_to_ptr([150, 180])
     L = laplacian_of(random_adjacency(rng, ptr, 0.1, isolated=0.0), ptr, normalized=False, dtype=dtype)
     tol = 1e-4 if dtype == torch.float32 else 1e-7
-    basis = sk.lowest_eigenpairs(L, 5, tol=tol)
+    basis = sk.lowest_eigenpairs(L, 5, tol=tol, backend="lanczos")
     assert basis.info.norm == pytest.approx(L.spectrum_bound())  # Gershgorin for the combinatorial Laplacian
     assert basis.info.tol == pytest.approx(tol * basis.info.norm)
     assert float(basis.info.residuals.max()) <= basis.info.tol * 1.5
-    # a looser tolerance needs fewer products than the default (tol=0: the dtype's rounding floor)
-    tight = sk.lowest_eigenpairs(L, 5)
-    assert int(tight.info.matvecs.sum()) > int(basis.info.matvecs.sum())
+    # a looser tolerance never needs more products than the default (tol=0: the dtype's rounding floor);
+    # convergence is checked once per restart, so both may stop at the same restart
+    tight = sk.lowest_eigenpairs(L, 5, backend="lanczos")
+    assert tight.info.tol < basis.info.tol
+    assert int(tight.info.matvecs.sum()) >= int(basis.info.matvecs.sum())
 
 
 def test_early_finishers_stop_costing(seed):
@@ -237,7 +239,7 @@ def test_early_finishers_stop_costing(seed):
     hard = nx.path_graph(400)                                         # clustered low end: slow
     graph = nx.convert_node_labels_to_integers(nx.disjoint_union(easy, hard))
     L = networkx_laplacian(graph, [0, 120, 520])
-    basis = sk.lowest_eigenpairs(L, 6, tol=1e-10)
+    basis = sk.lowest_eigenpairs(L, 6, tol=1e-10, backend="lanczos")
     check_basis(basis, dense_of(L), [0, 120, 520], 6, torch.float64)
     iterations, matvecs = basis.info.iterations.tolist(), basis.info.matvecs.tolist()
     assert iterations[0] < iterations[1] and matvecs[0] < matvecs[1], basis.info

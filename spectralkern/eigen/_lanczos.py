@@ -7,7 +7,8 @@ GEMMs, QRs and ``eigh`` calls over the item dimension.
 One cycle, per item (V: orthonormal basis, W = A V kept alongside, so no product is ever recomputed):
     1. expand: P_next = orth((I − V Vᵀ) A P), block Lanczos with full reorthogonalisation (block classical
        Gram–Schmidt twice, then a Householder QR of the block), until V holds ``ncv`` vectors;
-    2. Rayleigh–Ritz: H = Vᵀ W, filled one row block per step (its first Gram–Schmidt coefficients), eigh(H);
+    2. Rayleigh–Ritz: H = Vᵀ W, filled one row block per step (its first Gram–Schmidt coefficients; the
+       lower triangle is mirrored at the Rayleigh–Ritz step), eigh(H);
     3. residuals of the Ritz pairs straight from the stored W: r = Sᵀ W − θ Sᵀ V = A y − θ y, exact up to
        rounding whatever V is (a Krylov space, a warm start, random refills), so a pair is declared converged
        on its true residual, not on an estimate that assumes Krylov structure;
@@ -102,6 +103,14 @@ def orthonormalize(x: torch.Tensor, basis: torch.Tensor, mask: torch.Tensor, gen
     return q  # rows still lost are masked noise; their Ritz values sit at 0 and are never wanted
 
 
+def _symmetric_from_rows(H: torch.Tensor) -> torch.Tensor:
+    """H as filled by ``expand``: each row block holds its columns up to its own diagonal block. The strict lower
+    triangle, mirrored, plus the diagonal is the symmetric matrix (the upper half of each diagonal block equals
+    the mirrored lower half up to rounding)."""
+    lower = H.tril(-1)
+    return lower + lower.mT + torch.diag_embed(H.diagonal(dim1=-2, dim2=-1))
+
+
 def _dominant_rows(R: torch.Tensor, p: int) -> torch.Tensor:
     """The p dominant directions of the residual rows R (G, kk, n): top left singular vectors of Rᵀ, from the
     eigenvectors of the small Gram matrix R Rᵀ, as unit rows (G, p, n).
@@ -167,17 +176,18 @@ def block_lanczos(op: PaddedOperator, valid: torch.Tensor, want: torch.Tensor, *
     W = torch.zeros_like(V)                                            # W = A V, row by row
     H = torch.zeros(num_items, m, m, dtype=dtype, device=device)       # Vᵀ A V
 
+    # All active items advance in lockstep, so one counter of products serves them all; an item's count is
+    # read when it leaves the batch.
+    products = 0
+
     def expand(P: torch.Tensor, j: int) -> None:
-        """Append the rows P at row j of V: their images to W, their row block (and its mirror) to H."""
+        """Append the rows P at row j of V, their images to W, and their row block to H's lower triangle."""
+        nonlocal products
         width = P.shape[1]
         V[:, j:j + width] = P
         W[:, j:j + width] = op.apply_rows(P)
-        matvecs[active] += width
-        row = W[:, j:j + width] @ V[:, :j + width].mT                 # (G, width, j + width)
-        H[:, j:j + width, :j + width] = row
-        H[:, :j, j:j + width] = row[:, :, :j].mT
-        diag = H[:, j:j + width, j:j + width]
-        H[:, j:j + width, j:j + width] = 0.5 * (diag + diag.mT)
+        products += width
+        H[:, j:j + width, :j + width] = W[:, j:j + width] @ V[:, :j + width].mT
 
     # First block: p random vectors, or the warm-start vectors themselves. Their Rayleigh–Ritz pairs are checked
     # at once (s products): when the graph changed by less than the tolerance, that is the whole solve. If not,
@@ -219,7 +229,7 @@ def block_lanczos(op: PaddedOperator, valid: torch.Tensor, want: torch.Tensor, *
             expand(P, j)
             j += p
         # 2. Rayleigh–Ritz on the j rows filled; largest θ of A (lowest λ of L) first
-        theta, S = eigh_small(H[:, :j, :j])
+        theta, S = eigh_small(_symmetric_from_rows(H[:, :j, :j]))
         kk = min(keep, j) if j + p > m else j   # an early checkpoint keeps every vector: a pure check
         theta, S = theta.flip(-1)[:, :kk], S.flip(-1)[:, :, :kk]
         Y = S.mT @ V[:, :j]                                             # (G, kk, n_pad) Ritz vectors
@@ -232,6 +242,7 @@ def block_lanczos(op: PaddedOperator, valid: torch.Tensor, want: torch.Tensor, *
         ok = res <= tol
         finish = (ok | ~needed).all(dim=1) | (iterations[active] >= maxiter).to(device)
         if bool(finish.any()):
+            matvecs[active[finish.cpu()]] = products
             rows = active.to(device)[finish]
             values[rows] = shift - theta[finish, :kw]
             vectors[rows] = Y[finish, :kw].mT
@@ -256,7 +267,7 @@ def block_lanczos(op: PaddedOperator, valid: torch.Tensor, want: torch.Tensor, *
             since_refresh = 0
             Y = orthonormalize(Y, V[:, :0], mask, generator)
             AY = op.apply_rows(Y)
-            matvecs[active] += kk
+            products += kk
             gram = AY @ Y.mT
             H[:, :kk, :kk] = 0.5 * (gram + gram.mT)
         else:

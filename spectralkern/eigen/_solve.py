@@ -32,34 +32,40 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
     Args:
         L: a ``GraphLaplacian`` (from ``ParameterGraph.laplacian()``), or a symmetric matrix as a torch tensor
             (dense, COO or CSR) or scipy sparse matrix / numpy array (one global block). float32 or float64; the
-            basis has L's dtype and device.
+            basis has L's dtype and device. Checked: square, finite, symmetric (a cheap two-vector probe).
         k: pairs per block. A block with n_b ≤ k nodes gets all n_b of its pairs (the basis layout: columns
             k_b = min(k, n_b) onwards are zero).
-        tol: relative residual tolerance: every returned pair has ‖L u − λ u‖ ≤ max(tol, floor)·‖L‖, where ‖L‖ is
-            bounded by 2 (normalized Laplacian) or Gershgorin's bound, and floor ≈ 8·√(max row nnz + 1)·eps is
-            the rounding of one product by L in L's dtype. ``tol=0`` (default): as accurate as the dtype allows,
-            like scipy's tol=0 (machine epsilon).
-        maxiter: most restarts per block (Krylov backends; scipy/cupy: ARPACK's maxiter). Default:
-            10·n_max / (vectors added per restart) + 100, so that a block gives up after about 10·n_b products.
-        ncv: Krylov basis size per block (> k). Default max(2k + 2p, 24) for the Lanczos backend with block size
-            p = 8 (fewer for small k), scipy's default for the scipy/cupy backends.
-        v0: a previous basis of the same graph layout (same block_ptr, dtype and device), e.g. from the last
-            refresh of a slowly changing graph: its vectors start the Krylov solver (warm start); the dense
-            backend ignores it.
+        tol: relative residual tolerance: a pair counts as converged when ‖L u − λ u‖ ≤ max(tol, floor)·‖L‖, with
+            ‖L‖ bounded by 2 (normalized Laplacian) or Gershgorin's bound, and floor = 8·√(max row nnz + 1)·eps
+            the rounding of one product by L in L's dtype (the final check, a fresh product, may add one more
+            floor·‖L‖). ``tol=0`` (default): as accurate as the dtype allows, like scipy's tol=0.
+        maxiter: most restarts per block (Lanczos), ARPACK's maxiter (scipy/cupy). Default for Lanczos:
+            10·n_max / (vectors added per restart) + 100, i.e. a block gives up after about 10·n_b products.
+        ncv: Krylov basis size per block (> k). Lanczos default max(2k + 4p, k + 32) with block size p (2 on the
+            CPU, 8 on a GPU; a smaller ncv shrinks p to fit); scipy/cupy: ARPACK's default.
+        v0: a previous basis of the same layout (same block_ptr, dtype and device), e.g. from the last refresh of
+            a slowly changing graph. Lanczos checks its vectors first (k products per block: the whole solve when
+            the graph moved by less than the tolerance), then starts the Krylov space from combinations of them;
+            scipy/cupy start ARPACK from the sum of the old vectors; dense ignores it.
         backend: "lanczos" (batched block Lanczos in torch, all blocks at once; blocks too small for a Krylov
-            space are solved densely), "dense" (batched ``torch.linalg.eigh``), "scipy" (ARPACK per block or
-            component, on the CPU), "cupy" (cupyx eigsh per block or component, needs cupy and a GPU), or "auto"
-            (dense for small blocks, Lanczos for the others, from thresholds measured per device in ``_auto``).
-        progress: show a tqdm progress bar (pairs converged, or items done for scipy/cupy).
+            space are solved densely), "dense" (batched ``torch.linalg.eigh``, blocks up to 8192 nodes),
+            "scipy" (ARPACK per component, CPU), "cupy" (cupyx eigsh per component; needs cupy and a GPU), or
+            "auto": dense for blocks up to max(160, 4k) nodes and ARPACK above on the CPU, dense up to 32 nodes
+            and Lanczos above on a GPU (thresholds and the measurements behind them in ``eigen/_auto.py``).
+        progress: show a tqdm progress bar (pairs converged for Lanczos, components done for scipy/cupy).
         strict: when some pair misses the tolerance within ``maxiter``: raise ``NoConvergence`` (True) carrying
-            the partial result, or warn and return it (False); ``basis.info.converged`` marks the pairs that met it.
+            the partial result, or warn and return it (False). Either way unconverged columns hold the current
+            Ritz approximations and ``basis.info.converged`` marks the pairs that met the tolerance.
 
     Returns:
         A ``SpectralBasis`` (U (N, k) block-packed, eigenvalues (B, k) ascending) with ``basis.info`` an
         ``EigenInfo`` (backend, restarts and products per block, explicit residual and convergence per pair).
 
-    Eigenvectors are unique only up to sign, and up to rotation inside a repeated eigenvalue: compare
-    eigenvalues, residuals and projectors U Uᵀ, not raw vectors.
+    Connected components of L's sparsity graph are solved as separate problems inside each block (small ones
+    densely), so repeated eigenvalues across components — the zero eigenvalue of a disconnected graph, equal
+    spectra of identical components — are always found; see ``eigen/_plan.py``. Eigenvectors are unique only up
+    to sign, and up to rotation inside a repeated eigenvalue: compare eigenvalues, residuals and projectors U Uᵀ,
+    not raw vectors. On the CPU a Lanczos solve with a basis under 64 MB runs on one thread (``_auto``).
     """
     check_positive_int("k", k)
     tol = _check_tol(tol)
@@ -93,25 +99,28 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
         if n_max > MAX_DENSE_GLOBAL_NODES:
             raise ValueError(f"backend='dense' would run a dense eigh on a {n_max}-node block (O(n³)); it is limited "
                              f"to {MAX_DENSE_GLOBAL_NODES} nodes per block — use backend='lanczos' or 'auto'")
+        krylov = "lanczos"
     elif backend == "auto":
+        krylov = _auto.iterative_backend(problem.device)
         dense_max = max(m + block, _auto.dense_max(problem.device, k))
     else:
+        krylov = backend
         dense_max = m + block  # no room for a Krylov space: a dense solve is exact and as cheap
-    max_components = block if backend in ("lanczos", "auto") else None
+    max_components = block if krylov == "lanczos" else None
     plan = make_plan(problem, dense_max, max_components)
 
     parts: list[Candidates] = []
-    bar = _progress_bar(progress, plan, k, backend)
-    basis_bytes = 0 if plan.krylov is None else (
+    bar = _progress_bar(progress, plan, k, krylov)
+    basis_bytes = 0 if plan.krylov is None or krylov != "lanczos" else (
         plan.krylov.num_items * plan.krylov.node_map.shape[1] * m * problem.matrix.values().element_size())
     try:
         with _auto.cpu_threads(problem.device, basis_bytes):
             if plan.dense is not None:
                 parts += _solve_dense(problem, plan.dense, k)
             if plan.krylov is not None:
-                if backend in ("lanczos", "auto"):
+                if krylov == "lanczos":
                     parts.append(_solve_lanczos(problem, plan.krylov, k, tol_abs, maxiter, m, block, start, bar))
-                elif backend == "scipy":
+                elif krylov == "scipy":
                     parts.append(scipy_solve(problem, plan.krylov, k, tol_abs, maxiter, ncv, start,
                                              bar.update if bar is not None else None))
                 else:
@@ -125,12 +134,11 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
     valid = torch.arange(k).unsqueeze(0) < sizes.clamp(max=k).unsqueeze(1)
     # the in-solver residual came from stored products; the fresh one may differ by one product's rounding
     converged = merged.converged & valid & (residuals <= tol_abs + floor * problem.norm)
-    used = backend if backend in ("dense", "scipy", "cupy") else (
-        "lanczos" if plan.dense is None else "dense" if plan.krylov is None else "lanczos+dense")
+    used = "dense" if plan.krylov is None else krylov if plan.dense is None else f"{krylov}+dense"
+    lanczos_ran = plan.krylov is not None and krylov == "lanczos"
     info = EigenInfo(backend=used, iterations=merged.iterations, matvecs=merged.matvecs, residuals=residuals,
                      converged=converged, tol=tol_abs, norm=problem.norm,
-                     block_size=block if plan.krylov is not None and used.startswith("lanczos") else 0,
-                     ncv=m if plan.krylov is not None and used.startswith("lanczos") else 0)
+                     block_size=block if lanczos_ran else 0, ncv=m if lanczos_ran else 0)
     basis = SpectralBasis(merged.U, merged.eigenvalues, problem.block_ptr, info=info)
     missing = int(valid.sum()) - info.num_converged
     if missing:

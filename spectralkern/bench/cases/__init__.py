@@ -11,6 +11,7 @@ OPS: dict[str, str] = {
     "optimizer": "spectralkern.bench.cases.optimizer",
     "chebyshev_filter": "spectralkern.bench.cases.chebyshev",
     "fourier": "spectralkern.bench.cases.fourier",
+    "eigensolver": "spectralkern.bench.cases.eigensolver",
 }
 
 
