@@ -523,8 +523,10 @@ def test_merge_equals_unmerged_and_unmerge_restores(torch_backend, seed):
         merged = model(x)
         assert relative_error(merged, unmerged) <= 1e-5
         unmerge_fourier_moe(model)
-        torch.testing.assert_close(model[0].base_layer.weight, original[0].weight, rtol=0, atol=1e-6)
-        torch.testing.assert_close(model(x), unmerged, rtol=1e-6, atol=1e-6)
+        # (W + ΔW) − ΔW is exact only up to rounding at the scale of the merged weight (scale=30 makes ΔW large)
+        assert relative_error(model[0].base_layer.weight, original[0].weight) <= 1e-5
+        assert relative_error(model[2].base_layer.weight, original[2].weight) <= 1e-5
+        assert relative_error(model(x), unmerged) <= 1e-5
     with pytest.raises(ValueError, match="a routed FourierMoE layer cannot be merged"):
         merge_fourier_moe(moe_model(router="linear"))
 
