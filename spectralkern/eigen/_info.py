@@ -11,11 +11,12 @@ class EigenInfo:
     """Diagnostics of one ``lowest_eigenpairs`` call, per block of the returned basis.
 
     Attributes:
-        backend: the backend that ran ("lanczos", "dense", "scipy" or "cupy"; under "auto" the one chosen, or
-            "lanczos+dense" when small blocks were solved densely inside a Lanczos run).
-        iterations: (B,) int64, CPU — restarts of the Krylov solver per block (0 for blocks solved densely).
+        backend: what ran: "dense", "lanczos", "scipy" or "cupy", or "<krylov>+dense" when some blocks or
+            components were small enough for a dense solve (under "auto": what it chose).
+        iterations: (B,) int64, CPU — restarts (Rayleigh–Ritz steps) of the Lanczos solver per block; 0 for
+            blocks solved densely and for scipy/cupy, which do not report theirs.
         matvecs: (B,) int64, CPU — vectors multiplied by L per block (a block of p vectors counts p; 0 for
-            blocks solved densely). The verification products at the end are not counted.
+            blocks solved densely and for cupy). The verification product at the end is not counted.
         residuals: (B, k) float64, CPU — ‖L u_j − λ_j u_j‖₂ of every returned pair, computed explicitly from the
             returned vectors with one fresh product by L; 0 in the padding columns j ≥ k_b.
         converged: (B, k) bool, CPU — True where pair j of block b met the tolerance; False in padding columns.
