@@ -273,18 +273,44 @@ def drifting_graph(seed: int, steps: int, drift: float = 0.01, num_blocks: int =
     return graphs
 
 
-def test_warm_start_after_a_drift_below_the_tolerance_is_one_check(seed):
+@pytest.mark.parametrize("backend", ["lanczos", "scipy", "auto"])
+def test_warm_start_after_a_drift_below_the_tolerance_is_one_check(seed, backend):
     """An accurate basis of the previous graph, weights drifted by 0.02% (old pairs' residuals ~3e-5 against a
-    tolerance of 2e-4): checking the old vectors (k products per block) is the whole solve."""
+    tolerance of 2e-4): checking the old vectors (k products per block) is the whole solve, whatever the
+    Krylov backend (auto: ARPACK for these 400-node blocks on the CPU)."""
     graphs = drifting_graph(seed, steps=1, drift=0.0002)
     k = 10
     previous = sk.lowest_eigenpairs(graphs[0].laplacian(), k, tol=1e-10)
     L = graphs[1].laplacian()
-    cold = sk.lowest_eigenpairs(L, k, tol=1e-4, backend="lanczos")
-    warm = sk.lowest_eigenpairs(L, k, tol=1e-4, backend="lanczos", v0=previous)
+    cold = sk.lowest_eigenpairs(L, k, tol=1e-4, backend=backend)
+    warm = sk.lowest_eigenpairs(L, k, tol=1e-4, backend=backend, v0=previous, progress=True)
     assert warm.info.matvecs.tolist() == [k] * 3 and warm.info.iterations.tolist() == [1] * 3
     assert int(cold.info.matvecs.sum()) >= 2 * int(warm.info.matvecs.sum())
     assert bool(warm.info.converged.all()) and float(warm.info.residuals.max()) <= 2 * warm.info.tol
+    # a Ritz value lies within its residual norm of an eigenvalue: here, of the k lowest
+    dense = dense_of(L)
+    for b, (start, stop) in enumerate(zip(graphs[1].block_ptr[:-1].tolist(), graphs[1].block_ptr[1:].tolist())):
+        reference = np.linalg.eigvalsh(dense[start:stop, start:stop])[:k]
+        np.testing.assert_allclose(warm.eigenvalues[b].numpy(), reference, rtol=0, atol=2 * warm.info.tol)
+
+
+@pytest.mark.parametrize("backend", ["lanczos", "scipy"])
+def test_warm_start_solves_only_the_blocks_that_moved(seed, backend):
+    """Block 1 of three drifted by 5%, the others not at all: blocks 0 and 2 are settled by the check, block 1
+    is solved (its failed check counted in its products), and the merged basis is right everywhere."""
+    graphs = drifting_graph(seed, steps=1, drift=0.05)
+    n = 400
+    moved = torch.where((graphs[0].row // n) == 1, graphs[1].weight, graphs[0].weight)
+    graph = sk.ParameterGraph(graphs[0].num_nodes, graphs[0].block_ptr, graphs[0].row, graphs[0].col, moved)
+    k = 8
+    previous = sk.lowest_eigenpairs(graphs[0].laplacian(), k, tol=1e-10, backend=backend)
+    L = graph.laplacian()
+    warm = sk.lowest_eigenpairs(L, k, tol=1e-8, backend=backend, v0=previous, progress=True)
+    check_basis(warm, dense_of(L), graph.block_ptr.tolist(), k, torch.float64)
+    matvecs = warm.info.matvecs.tolist()
+    assert matvecs[0] == matvecs[2] == k and matvecs[1] > 2 * k, matvecs
+    assert warm.info.iterations.tolist()[0::2] == [1, 1]
+    assert warm.info.iterations.tolist()[1] >= (2 if backend == "lanczos" else 0)
 
 
 def test_warm_start_chained_refreshes(seed):

@@ -13,8 +13,9 @@ class EigenInfo:
     Attributes:
         backend: what ran: "dense", "lanczos", "scipy" or "cupy", or "<krylov>+dense" when some blocks or
             components were small enough for a dense solve (under "auto": what it chose).
-        iterations: (B,) int64, CPU — restarts (Rayleigh–Ritz steps) of the Lanczos solver per block; 0 for
-            blocks solved densely and for scipy/cupy, which do not report theirs.
+        iterations: (B,) int64, CPU — restarts (Rayleigh–Ritz steps) of the Lanczos solver per block, a warm-start
+            check counting as one (a block the check settled: 1); 0 for blocks solved densely and for blocks
+            ARPACK (scipy/cupy) solved, which does not report its restarts.
         matvecs: (B,) int64, CPU — vectors multiplied by L per block (a block of p vectors counts p; 0 for
             blocks solved densely and for cupy). The verification product at the end is not counted.
         residuals: (B, k) float64, CPU — ‖L u_j − λ_j u_j‖₂ of every returned pair, computed explicitly from the

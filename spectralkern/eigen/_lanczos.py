@@ -151,7 +151,8 @@ def block_lanczos(op: PaddedOperator, valid: torch.Tensor, want: torch.Tensor, *
         maxiter: most restarts (Rayleigh–Ritz steps) per item.
         generator: random numbers for the start block and for refills.
         keep: Ritz vectors carried over a restart (default ``default_keep``).
-        start: optional (G, n_pad, s) warm-start vectors (a previous basis); checked first when s + p ≤ ncv.
+        start: optional (G, n_pad, s) warm-start vectors (a previous basis): the first block is p random
+            combinations of them.
         on_restart: called after each restart with (pairs converged so far, pairs wanted).
     """
     num_items, n_pad = valid.shape
@@ -189,29 +190,24 @@ def block_lanczos(op: PaddedOperator, valid: torch.Tensor, want: torch.Tensor, *
         products += width
         H[:, j:j + width, :j + width] = W[:, j:j + width] @ V[:, :j + width].mT
 
-    # First block: p random vectors, or the warm-start vectors themselves. Their Rayleigh–Ritz pairs are checked
-    # at once (s products): when the graph changed by less than the tolerance, that is the whole solve. If not,
-    # the Krylov space restarts from p random combinations of those Ritz vectors, with early checkpoints.
-    # Measured on a drifting 3 × 400-node kNN graph (k = 10, weights × (1 + 1%·N(0, 1)) per refresh): keeping
-    # the old vectors in the basis and expanding from their residuals took 1.5–3× *more* products than a cold
-    # start (their residuals span s directions, chased p at a time); a single vector from the old subspace
-    # cannot re-resolve a clustered low spectrum quickly either (the Krylov basis of a vector inside a nearly
-    # invariant subspace is a Vandermonde system on clustered θ), so below the drift's own residual level the
-    # warm start saves only 5–25% (see NOTES).
+    # First block: p random vectors, or p random combinations of the warm-start vectors (the caller has already
+    # checked those themselves, see _warm). Measured on a drifting 3 × 400-node kNN graph (k = 10, weights ×
+    # (1 + 1%·N(0, 1)) per refresh): keeping the old vectors in the basis and expanding from their residuals took
+    # 1.5–3× *more* products than a cold start (their residuals span s directions, chased p at a time); a start
+    # inside a nearly invariant subspace cannot re-resolve a clustered low spectrum quickly either (its Krylov
+    # basis is a Vandermonde system on clustered θ), so below the drift's own residual level the warm start saves
+    # only 5–25% (see _warm).
     none = V[:, :0]
-    check_old = start is not None and start.shape[-1] + p <= m
-    if check_old:
-        P = orthonormalize(start.mT * mask, none, mask, generator)
-    elif start is not None:
+    if start is not None:
         mix = torch.randn(start.shape[-1], p, dtype=dtype, device=device, generator=generator)
         P = orthonormalize((start @ mix).mT * mask, none, mask, generator)
     else:
         P = orthonormalize(_random((num_items, p, n_pad), mask, generator), none, mask, generator)
     expand(P, 0)
     j = P.shape[1]
-    # Rayleigh–Ritz checkpoints of the first cycle: a warm start checks the old vectors, then early and often;
-    # every later cycle checks when the basis is full.
-    checkpoints = [j, m] if check_old else [m]
+    # Rayleigh–Ritz checkpoints of the first cycle: a warm start checks early and often; every later cycle checks
+    # when the basis is full.
+    checkpoints = [m]
     if start is not None:
         point = kw + 2 * p
         while point < m:
@@ -274,14 +270,7 @@ def block_lanczos(op: PaddedOperator, valid: torch.Tensor, want: torch.Tensor, *
             H[:, :kk, :kk] = torch.diag_embed(theta)
         V[:, :kk] = Y
         W[:, :kk] = AY
-        if check_old:  # the old basis was not good enough: a Krylov space from combinations of its Ritz vectors
-            check_old = False
-            mix = torch.randn(kk, p, dtype=dtype, device=device, generator=generator)
-            P = orthonormalize(mix.mT @ Y, none[:Y.shape[0]], mask, generator)
-            kk = 0
-            H.zero_()
-        else:
-            P = orthonormalize(_dominant_rows(R, p), V[:, :kk], mask, generator)
+        P = orthonormalize(_dominant_rows(R, p), V[:, :kk], mask, generator)
         expand(P, kk)
         j = kk + p
     return LanczosResult(values, vectors, residuals, converged, iterations, matvecs)

@@ -17,6 +17,7 @@ from ._operator import PaddedOperator
 from ._plan import Candidates, Items, make_plan, merge
 from ._problem import Problem, prepare, rounding_floor
 from ._scipy import scipy_solve
+from ._warm import check_start
 
 BACKENDS = ("auto", "lanczos", "dense", "scipy", "cupy")
 # Dense eigh is O(n³) per block; past this many nodes in one block the dense backend refuses.
@@ -44,9 +45,12 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
         ncv: Krylov basis size per block (> k). Lanczos default max(2k + 4p, k + 32) with block size p (2 on the
             CPU, 8 on a GPU; a smaller ncv shrinks p to fit); scipy/cupy: ARPACK's default.
         v0: a previous basis of the same layout (same block_ptr, dtype and device), e.g. from the last refresh of
-            a slowly changing graph. Lanczos checks its vectors first (k products per block: the whole solve when
-            the graph moved by less than the tolerance), then starts the Krylov space from combinations of them;
-            scipy/cupy start ARPACK from the sum of the old vectors; dense ignores it.
+            a slowly changing graph. Every Krylov backend first checks its vectors (one Rayleigh–Ritz step, k
+            products per block): a block whose pairs all meet the tolerance is done — the whole solve when the
+            graph moved by less than the tolerance. The other blocks start from it: Lanczos from random
+            combinations of the old vectors, scipy/cupy (ARPACK) from their sum. Dense solves ignore it. The check
+            proves the pairs are eigenpairs, not that they are the lowest: use v0 only while the drift stays below
+            the gap λ_{k+1} − λ_k, i.e. for refreshes of one drifting graph (see ``eigen/_warm.py``).
         backend: "lanczos" (batched block Lanczos in torch, all blocks at once; blocks too small for a Krylov
             space are solved densely), "dense" (batched ``torch.linalg.eigh``, blocks up to 8192 nodes),
             "scipy" (ARPACK per component, CPU), "cupy" (cupyx eigsh per component; needs cupy and a GPU), or
@@ -117,15 +121,26 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
         with _auto.cpu_threads(problem.device, basis_bytes):
             if plan.dense is not None:
                 parts += _solve_dense(problem, plan.dense, k)
-            if plan.krylov is not None:
+            krylov_items, check_cost = plan.krylov, 0
+            if krylov_items is not None and start is not None:
+                settled, krylov_items, check_cost = _check_warm_start(problem, krylov_items, k, tol_abs, start)
+                if settled is not None:
+                    parts.append(settled)
+                    if bar is not None:
+                        bar.update(settled.items.num_items if krylov != "lanczos" else int(settled.count.sum()))
+            if krylov_items is not None:
                 if krylov == "lanczos":
-                    parts.append(_solve_lanczos(problem, plan.krylov, k, tol_abs, maxiter, m, block, start, bar))
+                    part = _solve_lanczos(problem, krylov_items, k, tol_abs, maxiter, m, block, start, bar)
                 elif krylov == "scipy":
-                    parts.append(scipy_solve(problem, plan.krylov, k, tol_abs, maxiter, ncv, start,
-                                             bar.update if bar is not None else None))
+                    part = scipy_solve(problem, krylov_items, k, tol_abs, maxiter, ncv, start,
+                                       bar.update if bar is not None else None)
                 else:
-                    parts.append(cupy_solve(problem, plan.krylov, k, tol_abs, maxiter, ncv, start,
-                                            bar.update if bar is not None else None))
+                    part = cupy_solve(problem, krylov_items, k, tol_abs, maxiter, ncv, start,
+                                      bar.update if bar is not None else None)
+                part.matvecs += check_cost   # the products of a failed warm-start check count too
+                if krylov == "lanczos":         # ARPACK's restarts are not reported: leave its 0
+                    part.iterations += int(check_cost > 0)
+                parts.append(part)
     finally:
         if bar is not None:
             bar.close()
@@ -200,6 +215,46 @@ def _solve_dense(problem: Problem, items: Items, k: int) -> list[Candidates]:
     return parts
 
 
+def _item_start(start: torch.Tensor, items: Items, columns: int) -> torch.Tensor:
+    """The previous basis (N, s) restricted to each item, (G, n_pad, columns): zero on padding, random directions
+    in the columns an older, narrower basis lacks."""
+    valid = items.valid().unsqueeze(-1).to(start.dtype)
+    warm = (start[items.node_map.clamp(min=0)] * valid)[:, :, :columns]
+    if warm.shape[-1] < columns:
+        extra = torch.randn(*warm.shape[:2], columns - warm.shape[-1], dtype=warm.dtype, device=warm.device)
+        warm = torch.cat([warm, extra * valid], dim=-1)
+    return warm
+
+
+def _generator(device: torch.device) -> torch.Generator:
+    """A generator on ``device`` seeded from torch's global RNG (so ``torch.manual_seed`` makes solves repeatable)."""
+    return torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, (1,))))
+
+
+def _check_warm_start(problem: Problem, items: Items, k: int, tol_abs: float, start: torch.Tensor
+                      ) -> tuple[Candidates | None, Items | None, int]:
+    """Rayleigh–Ritz of every Krylov item on the previous basis (see _warm). Returns the settled items' pairs,
+    the items still to solve, and the products the check spent on each of those."""
+    valid = items.valid()
+    op = PaddedOperator.build(problem.matrix, items.node_map, problem.shift,
+                              _auto.operator_kind(problem.device, items.node_map.shape[1]))
+    want = items.sizes.clamp(max=k)
+    columns = int(want.max())
+    check = check_start(op, valid, want, _item_start(start, items, columns), tol_abs, _generator(problem.device))
+    passed = check.passed
+    settled = None
+    if bool(passed.any()):
+        index = torch.nonzero(passed).flatten()
+        rows = index.to(problem.device)
+        settled = Candidates(items=items.subset(index), values=check.values[rows], vectors=check.vectors[rows],
+                             count=want[index], converged=check.converged[rows],
+                             iterations=torch.ones(index.numel(), dtype=torch.int64),
+                             matvecs=torch.full((index.numel(),), columns, dtype=torch.int64))
+    if bool(passed.all()):
+        return settled, None, 0
+    return settled, items.subset(torch.nonzero(~passed).flatten()), columns
+
+
 def _solve_lanczos(problem: Problem, items: Items, k: int, tol_abs: float, maxiter: int | None, m: int,
                    block: int, start: torch.Tensor | None, bar) -> Candidates:
     valid = items.valid()
@@ -210,21 +265,15 @@ def _solve_lanczos(problem: Problem, items: Items, k: int, tol_abs: float, maxit
     keep_gain = m - default_keep(m, block, kw)
     if maxiter is None:
         maxiter = 10 * int(items.sizes.max()) // keep_gain + 100
-    warm = None
-    if start is not None:
-        warm = start[items.node_map.clamp(min=0)] * valid.unsqueeze(-1).to(start.dtype)   # (G, n_pad, k_old)
-        warm = warm[:, :, :kw]
-        if warm.shape[-1] < kw:  # an older basis with fewer columns: fill with random directions
-            extra = torch.randn(*warm.shape[:2], kw - warm.shape[-1], dtype=warm.dtype, device=warm.device)
-            warm = torch.cat([warm, extra * valid.unsqueeze(-1).to(warm.dtype)], dim=-1)
-    seed = int(torch.randint(0, 2**62, (1,)))
-    generator = torch.Generator(device=problem.device).manual_seed(seed)
+    warm = _item_start(start, items, kw) if start is not None else None
     on_restart = None
     if bar is not None:
+        offset = bar.n   # pairs settled before this solve (a passing warm-start check)
+
         def on_restart(done: int, total: int) -> None:
-            bar.update(done - bar.n)
-    result = block_lanczos(op, valid, want, ncv=m, block=block, tol=tol_abs, maxiter=maxiter, generator=generator,
-                           start=warm, on_restart=on_restart)
+            bar.update(offset + done - bar.n)
+    result = block_lanczos(op, valid, want, ncv=m, block=block, tol=tol_abs, maxiter=maxiter,
+                           generator=_generator(problem.device), start=warm, on_restart=on_restart)
     return Candidates(items=items, values=result.values, vectors=result.vectors, count=want,
                       converged=result.converged, iterations=result.iterations, matvecs=result.matvecs)
 

@@ -63,7 +63,7 @@ class _Config:
     @property
     def name(self) -> str:
         base = f"B{self.num_blocks}-n{self.n}-k{self.k}"
-        return base if not self.drift else f"{base}-drift{self.drift:.0%}-tol{self.tol:.0e}"
+        return base if not self.drift else f"{base}-drift{100 * self.drift:g}%-tol{self.tol:.0e}"
 
 
 def _configs(quick: bool) -> list[_Config]:
@@ -72,6 +72,8 @@ def _configs(quick: bool) -> list[_Config]:
     out = []
     for num_blocks, n in ((1024, 128), (64, 1024), (8, 4096), (1, 131072)):
         out += [_Config(num_blocks, n, k) for k in (16, 64)]
+    # a refresh during training: 0.1% drift checked at a working tolerance, and 1% drift at two tolerances
+    out += [_Config(64, 1024, 16, drift=0.001, tol=1e-4)]
     out += [_Config(64, 1024, 16, drift=0.01, tol=tol) for tol in (1e-4, 1e-8)]
     out += [_Config(8, 4096, 64, drift=0.01, tol=1e-8)]
     return out
