@@ -21,7 +21,11 @@ KERNEL_MODULES = ("spectralkern.ops._triton_spectral_filter",
                   "spectralkern.ops._triton_chebyshev_block",
                   "spectralkern.ops._triton_chebyshev_step",
                   "spectralkern.ops._triton_fourier_analysis",
-                  "spectralkern.ops._triton_fourier_synthesis")
+                  "spectralkern.ops._triton_fourier_synthesis",
+                  "spectralkern.ops._triton_coeff_attn_lse",
+                  "spectralkern.ops._triton_coeff_attn_fwd",
+                  "spectralkern.ops._triton_coeff_attn_bwd_q",
+                  "spectralkern.ops._triton_coeff_attn_bwd_kv")
 TARGETS = (("cuda", 80, 32), ("cuda", 90, 32))
 
 
