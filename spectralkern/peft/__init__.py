@@ -1,4 +1,4 @@
-"""Parameter-efficient adapters (SMoA, ...) and the model-patching helpers they share."""
+"""Parameter-efficient adapters (SMoA, FourierMoE, Coeff-Tuning, ...) and the model-patching helpers they share."""
 from ._patching import (BaseWeightMismatchError, ParameterReport, combine_fingerprints, find_target_modules,
                         fingerprint_tensors, freeze_all_except, is_linear_like, linear_features, linear_like_names,
                         linear_weight, replace_module, trainable_parameters)
@@ -8,6 +8,9 @@ from .fourier_moe import (FourierFTConfig, FourierMoEConfig, FourierMoELinear, a
                           fourier_moe_aux_loss, fourier_moe_layers, fourier_moe_parameter_count, from_peft_fourierft,
                           from_peft_fourierft_model, load_fourier_moe, merge_fourier_moe, save_fourier_moe,
                           unmerge_fourier_moe)
+from .coeff_tuning import (CoeffMultiheadAttention, CoeffTuning, CoeffTuningConfig, apply_coeff_tuning,
+                           coeff_tuning_layers, coeff_tuning_parameter_count, is_coeff_target, load_coeff_tuning,
+                           merge_coeff_tuning, save_coeff_tuning)
 
 __all__ = [
     "BaseWeightMismatchError", "ParameterReport", "combine_fingerprints", "find_target_modules", "fingerprint_tensors",
@@ -18,4 +21,6 @@ __all__ = [
     "FourierFTConfig", "FourierMoEConfig", "FourierMoELinear", "apply_fourier_moe", "fourier_moe_aux_loss",
     "fourier_moe_layers", "fourier_moe_parameter_count", "from_peft_fourierft", "from_peft_fourierft_model",
     "load_fourier_moe", "merge_fourier_moe", "save_fourier_moe", "unmerge_fourier_moe",
+    "CoeffMultiheadAttention", "CoeffTuning", "CoeffTuningConfig", "apply_coeff_tuning", "coeff_tuning_layers",
+    "coeff_tuning_parameter_count", "is_coeff_target", "load_coeff_tuning", "merge_coeff_tuning", "save_coeff_tuning",
 ]
