@@ -19,9 +19,9 @@ ONE_THREAD_MAX_BYTES = 64 * 2**20
 
 
 @contextlib.contextmanager
-def cpu_threads(device: torch.device, basis_bytes: int) -> Iterator[None]:
-    """Run the enclosed solve on one CPU thread when its Krylov basis is small (see ONE_THREAD_MAX_BYTES)."""
-    if device.type != "cpu" or basis_bytes > ONE_THREAD_MAX_BYTES or torch.get_num_threads() == 1:
+def one_thread(enabled: bool) -> Iterator[None]:
+    """Run the enclosed torch work on one CPU thread when ``enabled`` (torch's setting is restored after)."""
+    if not enabled or torch.get_num_threads() == 1:
         yield
         return
     before = torch.get_num_threads()
@@ -30,6 +30,11 @@ def cpu_threads(device: torch.device, basis_bytes: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def cpu_threads(device: torch.device, basis_bytes: int) -> contextlib.AbstractContextManager[None]:
+    """Run the enclosed solve on one CPU thread when its Krylov basis is small (see ONE_THREAD_MAX_BYTES)."""
+    return one_thread(device.type == "cpu" and basis_bytes <= ONE_THREAD_MAX_BYTES)
 
 
 def block_size(k: int, device: torch.device) -> int:

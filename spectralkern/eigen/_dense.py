@@ -4,10 +4,9 @@
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
+
+from ._auto import one_thread
 
 # On the CPU, torch's batched eigh calls LAPACK once per matrix, and MKL's threading of one small matrix costs
 # more than it brings. Measured here (2 cores, torch 2.13, MKL 2024.2, float64, 256 matrices of 48 × 48): 0.37 s
@@ -16,22 +15,9 @@ import torch
 _ONE_THREAD_MAX_N = 512
 
 
-@contextlib.contextmanager
-def _one_thread(enabled: bool) -> Iterator[None]:
-    if not enabled:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def eigh_small(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.linalg.eigh`` of a (G, m, m) batch (ascending eigenvalues), single-threaded for small m on CPU."""
-    with _one_thread(matrices.device.type == "cpu" and matrices.shape[-1] <= _ONE_THREAD_MAX_N):
+    with one_thread(matrices.device.type == "cpu" and matrices.shape[-1] <= _ONE_THREAD_MAX_N):
         return torch.linalg.eigh(matrices)
 
 

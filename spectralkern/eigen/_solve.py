@@ -270,8 +270,9 @@ def _solve_lanczos(problem: Problem, items: Items, k: int, tol_abs: float, maxit
     if bar is not None:
         offset = bar.n   # pairs settled before this solve (a passing warm-start check)
 
-        def on_restart(done: int, total: int) -> None:
+        def advance(done: int, total: int) -> None:
             bar.update(offset + done - bar.n)
+        on_restart = advance
     result = block_lanczos(op, valid, want, ncv=m, block=block, tol=tol_abs, maxiter=maxiter,
                            generator=_generator(problem.device), start=warm, on_restart=on_restart)
     return Candidates(items=items, values=result.values, vectors=result.vectors, count=want,
