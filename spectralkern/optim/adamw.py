@@ -24,6 +24,7 @@ from itertools import chain
 
 import torch
 
+from ..distributed.shards import local_tensor
 from ..ops.adamw_update import AdamWHyper, adamw_update_, state_dtype
 from .gradient_filter import SpectralGradientFilter
 
@@ -66,7 +67,8 @@ class SpectralAdamW(torch.optim.Optimizer):
             missing = [name for name, p in spectral_filter.targets if id(p) not in mine]
             if missing:
                 raise ValueError(f"spectral_filter targets {', '.join(missing)}, which this optimizer does not "
-                                 "update; pass every targeted parameter to SpectralAdamW")
+                                 "update; pass every targeted parameter to SpectralAdamW (and build the filter "
+                                 "after wrapping the model: fully_shard replaces its parameters)")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -104,12 +106,17 @@ class SpectralAdamW(torch.optim.Optimizer):
                                    eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
                                    step=float(state["step"]))
                 target = filt._target_of(p) if filt is not None else None
+                # DTensors (FSDP2 shards, replicas): the update is elementwise, or row-local for the filtered
+                # weights (blocks never straddle shards), so it runs on the local tensors in place.
+                param, exp_avg, exp_avg_sq = local_tensor(p), local_tensor(state["exp_avg"]), local_tensor(
+                    state["exp_avg_sq"])
                 if target is None:
-                    adamw_update_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], hyper)
+                    adamw_update_(param, local_tensor(p.grad), exp_avg, exp_avg_sq, hyper)
                 else:
-                    filt._observe(target, p.grad)
-                    adamw_update_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], hyper, target.basis,
-                                  target.gains, filt.passthrough)
+                    grad = filt.local_grad(target, p.grad)
+                    filt._observe(target, grad)
+                    adamw_update_(param, grad, exp_avg, exp_avg_sq, hyper, target.basis, target.gains,
+                                  filt.passthrough)
         if filt is not None:
             filt._advance()
         return loss

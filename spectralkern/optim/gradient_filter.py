@@ -29,6 +29,12 @@ Modes:
                         one backward per step: with gradient accumulation the hook would filter partial sums again.
     SpectralAdamW       pass ``spectral_filter=filt`` to the optimizer; it filters inside its fused update. Do not
                         call ``filt.step()`` then (it raises if you do), and do not use hook mode with it.
+
+Distributed training (``spectralkern.distributed``): build the filter after ``fully_shard`` / DDP wrapping, so that
+it holds the parameters the engine trains. Under FSDP2 each targeted weight is a DTensor sharded on dim 0; each
+rank then builds the graphs and bases of its own rows only, in blocks cut at the shard boundaries (and at those of
+``align_shards``), filters its local gradient shard with no communication, and ``regularization()`` adds one scalar
+all-reduce. Under DDP (replicated gradients) every rank filters every block, redundantly and identically.
 """
 from __future__ import annotations
 
@@ -42,6 +48,8 @@ from torch import nn
 
 from .._checks import check_positive_int
 from ..basis import SpectralBasis
+from ..distributed.reduce import sum_over_shards
+from ..distributed.shards import RowShard, aligned_block_ptr, local_block_ptr, local_tensor, row_shard
 from ..graph import GraphLaplacian, ParameterGraph, _symmetrize_max
 from ..ops.laplacian_quadratic import laplacian_quadratic
 from ..ops.spectral_filter import spectral_filter
@@ -52,10 +60,13 @@ _STATE_VERSION = 1
 
 @dataclass
 class _Target:
-    """Everything the filter keeps for one targeted weight (N = out rows)."""
+    """Everything the filter keeps for one targeted weight (N = out rows; under FSDP2 graph, basis, W₀ and the EMA
+    cover this rank's rows only, N_r = shard.stop − shard.start)."""
 
     name: str
     param: nn.Parameter
+    shard: RowShard | None                 # this rank's rows of a dim-0-sharded DTensor; None: all rows are here
+    block_ptr: torch.Tensor | None         # (B+1,) layout of the local rows; None: blocks of block_size from row 0
     graph: ParameterGraph
     laplacian: GraphLaplacian
     basis: SpectralBasis
@@ -153,6 +164,9 @@ class SpectralGradientFilter:
         hook: filter in a post-accumulate-grad hook instead of in ``step()``.
         normalized: use I − D^{-1/2} W D^{-1/2} (default) instead of D − W.
         correlation_decay: EMA decay of the gradient-correlation graph.
+        align_shards: world sizes whose FSDP2 shard boundaries (torch.chunk along dim 0) also cut blocks, e.g.
+            (2,) on one process to reproduce 2-rank FSDP2 training exactly, or (1, 2, 4) so that checkpoints
+            reshard between those world sizes. Under FSDP2 the boundaries of the mesh in use are always cuts.
     Attributes:
         targets: list of (parameter name, parameter) actually targeted.
         steps: number of completed steps.
@@ -162,7 +176,8 @@ class SpectralGradientFilter:
                  block_size: int = 128, k: int = 16,
                  gains: Callable[[torch.Tensor], torch.Tensor] | torch.Tensor | None = None,
                  passthrough: float = 0.0, refresh_every: int | None = 200, reg_weight: float = 0.0, knn: int = 8,
-                 hook: bool = False, normalized: bool = True, correlation_decay: float = 0.99):
+                 hook: bool = False, normalized: bool = True, correlation_decay: float = 0.99,
+                 align_shards: Sequence[int] = ()):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if graph not in GRAPHS:
@@ -183,6 +198,7 @@ class SpectralGradientFilter:
             raise ValueError(f"correlation_decay must be in [0, 1), got {correlation_decay}")
         self.graph_kind, self.hook, self.normalized, self.correlation_decay = graph, hook, normalized, decay
         self.gains = _check_gains(gains)
+        self.align_shards = tuple(check_positive_int("align_shards entry", w) for w in align_shards)
         self.steps = 0
         self._explicit_pending = False  # step() filtered grads that no optimizer step has consumed yet
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
@@ -190,16 +206,18 @@ class SpectralGradientFilter:
         self._targets: list[_Target] = []
         edgeless = []
         for name, param in find_targets(model, target_modules):
-            graph_ = self._knn_graph(param)
+            shard = row_shard(param, name)
+            block_ptr = self._block_layout(param, shard, name)
+            graph_ = self._knn_graph(param, block_ptr)
             laplacian = graph_.laplacian(normalized=self.normalized)
             basis = self._basis(laplacian, None)
             correlation = None
             if graph == "gradient_correlation":
                 n_max = int(graph_.block_sizes.max()) if graph_.num_blocks else 0
                 correlation = torch.zeros(graph_.num_blocks, n_max, n_max, dtype=torch.float32, device=param.device)
-            theta0 = param.detach().clone() if self._reg_weight != 0 else None
-            self._targets.append(_Target(name, param, graph_, laplacian, basis, self._gains_for(name, basis),
-                                         theta0, correlation))
+            theta0 = local_tensor(param).detach().clone() if self._reg_weight != 0 else None
+            self._targets.append(_Target(name, param, shard, block_ptr, graph_, laplacian, basis,
+                                         self._gains_for(name, basis), theta0, correlation))
             if graph_.num_edges == 0 and param.shape[0] > 1:
                 edgeless.append(name)
         if edgeless:
@@ -207,6 +225,10 @@ class SpectralGradientFilter:
                           "positive cosine similarity, e.g. the all-zero rows of a freshly initialised LoRA B): "
                           "until a refresh builds a graph from the trained weights, their gradients are projected "
                           "onto k arbitrary basis vectors per block", stacklevel=2)
+        if hook and self._reg_weight != 0 and any(t.shard is not None for t in self._targets):
+            raise ValueError("hook=True with a non-zero reg_weight under FSDP2 would filter the regulariser's "
+                             "gradient twice: it reaches the sharded weight outside FSDP's reduce-scatter, and both "
+                             "fire the hook. Use explicit filt.step() or SpectralAdamW with the regulariser")
         if hook:
             for target in self._targets:
                 self._hooks.append(target.param.register_post_accumulate_grad_hook(self._make_hook(target)))
@@ -238,24 +260,37 @@ class SpectralGradientFilter:
 
     def regularization(self) -> torch.Tensor:
         """reg_weight · Σ tr(Δᵀ L Δ) over the targets, Δ = W − W₀: a 0-dim fp32 tensor, differentiable w.r.t. the
-        weights (gradient 2·reg_weight·L Δ). Zero (no graph) when reg_weight is 0."""
-        device = self._targets[0].param.device
+        weights (gradient 2·reg_weight·L Δ). Zero (no graph) when reg_weight is 0. Under FSDP2 each rank sums its
+        rows' terms and one scalar all-reduce per sharding group gives the total, the same on every rank."""
+        device = local_tensor(self._targets[0].param).device
         if self._reg_weight == 0:
             return torch.zeros((), device=device)
         total = torch.zeros((), device=device)
+        partials: dict[object, torch.Tensor] = {}  # per sharding process group: the sum of this rank's terms
         for t in self._targets:
-            total = total + laplacian_quadratic(t.param - t.theta0, t.laplacian).float()
+            term = laplacian_quadratic(local_tensor(t.param) - t.theta0, t.laplacian).float()
+            if t.shard is None:
+                total = total + term
+            else:
+                partials[t.shard.group] = partials.get(t.shard.group, 0) + term
+        for group, partial in partials.items():
+            total = total + sum_over_shards(partial, group)
         return self._reg_weight * total
 
     def step(self) -> None:
         """Filter ``.grad`` of every targeted weight in place (unless hook mode already did), count the step and
         refresh the bases when due. Call after ``backward()`` and before ``optimizer.step()``."""
         if not self.hook:
+            if all(t.param.grad is None for t in self._targets):
+                warnings.warn("SpectralGradientFilter.step(): no targeted weight has a gradient, so nothing was "
+                              "filtered. If the model was wrapped (fully_shard replaces its parameters) after the "
+                              "filter was built, build the filter after wrapping", stacklevel=2)
             with torch.no_grad():
                 for t in self._targets:
                     if t.param.grad is not None:
-                        self._observe(t, t.param.grad)
-                        self._filter_(t, t.param.grad)
+                        grad = self.local_grad(t, t.param.grad)
+                        self._observe(t, grad)
+                        self._filter_(t, grad)
             self._explicit_pending = True
         self._advance()
 
@@ -263,7 +298,8 @@ class SpectralGradientFilter:
         """Rebuild every graph (kNN of the current weights, or the gradient-correlation EMA) and its basis now."""
         with torch.no_grad():
             for t in self._targets:
-                t.graph = self._correlation_graph(t) if t.correlation is not None else self._knn_graph(t.param)
+                t.graph = (self._correlation_graph(t) if t.correlation is not None
+                           else self._knn_graph(t.param, t.block_ptr))
                 t.laplacian = t.graph.laplacian(normalized=self.normalized)
                 t.basis = self._basis(t.laplacian, t.basis)
                 t.gains = self._gains_for(t.name, t.basis)
@@ -304,21 +340,24 @@ class SpectralGradientFilter:
         if sorted(saved) != sorted(names):
             raise ValueError(f"state_dict targets {sorted(saved)} differ from this filter's targets {sorted(names)}")
         for t in self._targets:
-            entry, device = saved[t.name], t.param.device
-            if entry["U"].shape[0] != t.param.shape[0]:
+            local = local_tensor(t.param)
+            entry, device = saved[t.name], local.device
+            if entry["U"].shape[0] != local.shape[0]:
                 raise ValueError(f"state_dict basis of {t.name} has {entry['U'].shape[0]} rows, the weight has "
-                                 f"{t.param.shape[0]}")
+                                 f"{local.shape[0]} here (for another world size, use "
+                                 "spectralkern.distributed.checkpoint)")
             if ("theta0" in entry) != (t.theta0 is not None):
                 raise ValueError(f"state_dict {'has' if 'theta0' in entry else 'lacks'} W₀ for {t.name}; build the "
                                  "filter with the same reg_weight (zero or non-zero) as the saved one")
             block_ptr = entry["block_ptr"].to("cpu", torch.int64)
-            t.graph = ParameterGraph(t.param.shape[0], block_ptr, entry["row"].to(device), entry["col"].to(device),
+            t.block_ptr = block_ptr
+            t.graph = ParameterGraph(local.shape[0], block_ptr, entry["row"].to(device), entry["col"].to(device),
                                      entry["weight"].to(device))
             t.laplacian = t.graph.laplacian(normalized=self.normalized)
             t.basis = SpectralBasis(entry["U"].to(device).clone(), entry["eigenvalues"].to(device).clone(), block_ptr)
             t.gains = self._gains_for(t.name, t.basis)
             if t.theta0 is not None:
-                t.theta0 = entry["theta0"].to(device=device, dtype=t.param.dtype).clone()
+                t.theta0 = entry["theta0"].to(device=device, dtype=local.dtype).clone()
             if t.correlation is not None:
                 t.correlation = entry["correlation"].to(device).clone()
         self.steps = int(state_dict["steps"])
@@ -340,9 +379,27 @@ class SpectralGradientFilter:
     def _make_hook(self, target: _Target) -> Callable[[torch.Tensor], None]:
         def hook(param: torch.Tensor) -> None:
             with torch.no_grad():
-                self._observe(target, param.grad)
-                self._filter_(target, param.grad)
+                grad = self.local_grad(target, param.grad)
+                self._observe(target, grad)
+                self._filter_(target, grad)
         return hook
+
+    def local_grad(self, t: _Target, grad: torch.Tensor) -> torch.Tensor:
+        """The rows of ``grad`` this filter's basis of ``t`` covers: the local shard of a DTensor gradient (same
+        storage), the gradient itself otherwise. Raises when the gradient's layout is not the one the filter was
+        built for (a filter built before fully_shard, or on another mesh)."""
+        if t.shard is None:
+            return local_tensor(grad)  # a plain tensor, or a DTensor replicated on every mesh dimension
+        local = local_tensor(grad)
+        placements = getattr(grad, "placements", None)
+        mesh = getattr(grad, "device_mesh", None)
+        if local.shape[0] != t.basis.num_nodes or placements != t.shard.placements or mesh != t.shard.mesh:
+            raise ValueError(f"the gradient of {t.name} holds {local.shape[0]} rows with placements {placements} on "
+                             f"mesh {mesh}, but the filter's graph and basis were built for rows "
+                             f"{t.shard.start}:{t.shard.stop} of {t.shard.num_rows} ({t.shard.placements} on mesh "
+                             f"{t.shard.mesh}, rank {t.shard.rank} of {t.shard.world_size}); build the filter on "
+                             "the mesh that trains the model, after fully_shard")
+        return local
 
     def _filter_(self, t: _Target, grad: torch.Tensor) -> None:
         grad.copy_(spectral_filter(grad, t.basis, t.gains, passthrough=self.passthrough))
@@ -359,8 +416,19 @@ class SpectralGradientFilter:
         if self.refresh_every and self.steps % self.refresh_every == 0:
             self.refresh()
 
-    def _knn_graph(self, param: torch.Tensor) -> ParameterGraph:
-        return ParameterGraph.knn(param.detach(), k=self.knn, block_size=self.block_size)
+    def _knn_graph(self, param: torch.Tensor, block_ptr: torch.Tensor | None) -> ParameterGraph:
+        rows = local_tensor(param).detach()
+        if block_ptr is None:
+            return ParameterGraph.knn(rows, k=self.knn, block_size=self.block_size)
+        return ParameterGraph.knn(rows, k=self.knn, block_ptr=block_ptr)
+
+    def _block_layout(self, param: torch.Tensor, shard: RowShard | None, name: str) -> torch.Tensor | None:
+        """Blocks of the local rows: cut at this mesh's shard boundaries and at those of ``align_shards``."""
+        if shard is None and not self.align_shards:
+            return None
+        sizes = self.align_shards + ((shard.world_size,) if shard is not None else ())
+        layout = aligned_block_ptr(param.shape[0], self.block_size, sizes)
+        return layout if shard is None else local_block_ptr(layout, shard, name)
 
     def _correlation_graph(self, t: _Target) -> ParameterGraph:
         """Each row keeps its ``knn`` largest EMA entries inside its block; symmetrised with the larger weight."""
@@ -373,7 +441,7 @@ class SpectralGradientFilter:
         scores = corr.masked_fill(~(valid[:, :, None] & valid[:, None, :]), -math.inf)
         scores = scores.masked_fill(torch.eye(n_max, dtype=torch.bool, device=corr.device), -math.inf)
         kk = min(self.knn, max(n_max - 1, 0))
-        n = t.param.shape[0]
+        n = t.basis.num_nodes
         if kk == 0 or n == 0:
             empty = torch.empty(0, dtype=torch.int64, device=corr.device)
             return ParameterGraph(n, block_ptr, empty, empty.clone(), torch.empty(0, device=corr.device))

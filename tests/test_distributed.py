@@ -1,0 +1,301 @@
+"""Distributed training on the CPU (gloo, 2 processes, loopback): FSDP2 and DDP training with SpectralAdamW and
+the regulariser equals one-process training, checkpoints reshard 2 → 1 and 1 → 2, straddling blocks raise.
+
+Process start and gloo set-up cost seconds, so one spawned 2-rank run does every multi-process check and hands its
+results to the parent, which runs the one-process references and compares. Every wait is bounded: the process
+group's timeout fails a hung collective, and the parent kills the workers past ``_SPAWN_TIMEOUT_S``.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import spectralkern as sk
+from spectralkern.distributed import (StraddlingBlockError, aligned_block_ptr, check_block_alignment,
+                                      local_block_ptr, row_shard, shard_bounds)
+from spectralkern.distributed.checkpoint import load_checkpoint, save_checkpoint
+
+WORLD = 2
+STEPS = 10
+BLOCK, K = 8, 4
+_SPAWN_TIMEOUT_S = 150
+_COLLECTIVE_TIMEOUT_S = 60
+
+pytestmark = [pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                 reason="needs torch.distributed with gloo"),
+              pytest.mark.filterwarnings("ignore:torch.distributed is disabled, unavailable or uninitialized")]
+
+
+# ------------------------------------------------------------------------------------------ the training problem
+def make_model() -> nn.Sequential:
+    """Targets '0' (32 × 12: shards 16 + 16) and '2' (33 × 32: uneven shards 17 + 16, blocks cut at row 17)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 33), nn.Tanh(), nn.Linear(33, 5))
+
+
+def make_filter(model: nn.Module, **kwargs) -> sk.SpectralGradientFilter:
+    options = dict(block_size=BLOCK, k=K, knn=3, reg_weight=0.1, refresh_every=4)
+    return sk.SpectralGradientFilter(model, ["0", "2"], **(options | kwargs))
+
+
+def batch(step: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step's global batch of 16 samples; rank r of W gets rows r·16/W:(r+1)·16/W (an equal share, so FSDP's and
+    DDP's gradient average is the global mean)."""
+    gen = torch.Generator().manual_seed(100 + step)
+    x, y = torch.randn(16, 12, generator=gen), torch.randn(16, 5, generator=gen)
+    share = 16 // world
+    return x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
+
+
+def train(model: nn.Module, filt: sk.SpectralGradientFilter, opt: torch.optim.Optimizer, steps: range,
+          rank: int = 0, world: int = 1) -> None:
+    for step in steps:
+        x, y = batch(step, rank, world)
+        loss = nn.functional.mse_loss(model(x), y) + filt.regularization()
+        loss.backward()
+        if not isinstance(opt, sk.SpectralAdamW):
+            filt.step()  # hook mode: filtered already; counts the step and refreshes
+        opt.step()
+        opt.zero_grad()
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor.detach().clone()
+
+
+def params_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    prefix = "module."  # DDP's wrapper
+    return {name.removeprefix(prefix): full(p.detach()) for name, p in model.named_parameters()}
+
+
+def moments_of(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    return {name.removeprefix("module."): full(opt.state[p]["exp_avg_sq"]) for name, p in model.named_parameters()}
+
+
+def projectors_of(filt: sk.SpectralGradientFilter) -> dict[str, torch.Tensor]:
+    """U diag(g) Uᵀ of every block, as a dense (N_r × N_r) matrix of this rank's rows (sign/rotation-free)."""
+    out = {}
+    for name, basis in filt.bases().items():
+        target = next(t for t in filt._targets if t.name == name)
+        out[name] = sk.spectral_filter(torch.eye(basis.num_nodes), basis, target.gains)
+    return out
+
+
+def assert_close_rel(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], rtol: float = 1e-5,
+                     what: str = "") -> None:
+    assert sorted(actual) == sorted(expected), what
+    for name in expected:
+        err = float((actual[name] - expected[name]).norm() / expected[name].norm().clamp_min(1e-30))
+        assert err <= rtol, f"{what} {name}: relative error {err:.2e} > {rtol:.0e}"
+
+
+# ------------------------------------------------------------------------------------------ the 2-rank worker
+def _worker(rank: int, world: int, port: int, workdir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=_COLLECTIVE_TIMEOUT_S))
+    mesh = init_device_mesh("cpu", (world,))
+
+    def fsdp_setup() -> tuple[nn.Module, sk.SpectralGradientFilter, sk.SpectralAdamW]:
+        model = make_model()
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        filt = make_filter(model)  # after fully_shard: it must hold the sharded parameters
+        return model, filt, sk.SpectralAdamW(model.parameters(), lr=1e-2, spectral_filter=filt)
+
+    results: dict = {}
+    try:
+        # FSDP2: 10 steps, then the regulariser's value and a checkpoint for the 2 → 1 check.
+        model, filt, opt = fsdp_setup()
+        results["layout"] = {name: (t.shard.start, t.shard.stop, t.graph.block_ptr.tolist())
+                             for name, t in ((t.name, t) for t in filt._targets)}
+        train(model, filt, opt, range(STEPS), rank, world)
+        results["fsdp_params"] = params_of(model)
+        results["fsdp_moments"] = moments_of(model, opt)
+        results["fsdp_reg"] = filt.regularization().item()
+        results["fsdp_projectors"] = projectors_of(filt)
+        save_checkpoint(os.path.join(workdir, "ckpt_2ranks"), model, opt, filt)
+
+        # FSDP2, hook mode (filtered after the reduce-scatter) with torch's AdamW, no regulariser.
+        model = make_model()
+        fully_shard(model, mesh=mesh)
+        filt = make_filter(model, reg_weight=0.0, hook=True)
+        train(model, filt, torch.optim.AdamW(model.parameters(), lr=1e-2), range(STEPS), rank, world)
+        results["fsdp_hook_params"] = params_of(model)
+
+        # 1 → 2: resume the one-process checkpoint taken after 5 steps, train the other 5 on 2 ranks.
+        model, filt, opt = fsdp_setup()
+        load_checkpoint(os.path.join(workdir, "ckpt_1rank_step5"), model, opt, filt)
+        results["resumed_steps"] = filt.steps
+        train(model, filt, opt, range(5, STEPS), rank, world)
+        results["resumed_params"] = params_of(model)
+
+        # A one-process checkpoint whose blocks straddle the 2-rank boundary (row 17 of '2.weight').
+        model, filt, opt = fsdp_setup()
+        try:
+            load_checkpoint(os.path.join(workdir, "ckpt_1rank_unaligned"), model, opt, filt)
+            results["straddle_error"] = None
+        except StraddlingBlockError as error:
+            results["straddle_error"] = str(error)
+
+        # DDP: replicated gradients, every rank filters every block (the same layout as the 2-rank FSDP2 run).
+        model = DistributedDataParallel(make_model())
+        filt = make_filter(model.module, align_shards=(world,))
+        opt = sk.SpectralAdamW(model.parameters(), lr=1e-2, spectral_filter=filt)
+        train(model, filt, opt, range(STEPS), rank, world)
+        results["ddp_params"] = params_of(model)
+        results["ddp_reg"] = filt.regularization().item()
+        if rank == 0:
+            torch.save(results, os.path.join(workdir, "results.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _spawn(workdir: str) -> dict:
+    context = mp.spawn(_worker, args=(WORLD, _free_port(), workdir), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + _SPAWN_TIMEOUT_S
+    while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            pytest.fail(f"the {WORLD}-process run did not finish within {_SPAWN_TIMEOUT_S} s")
+    return torch.load(os.path.join(workdir, "results.pt"))
+
+
+# ------------------------------------------------------------------------------------------ the test
+def test_fsdp2_and_ddp_match_one_process(tmp_path):
+    workdir = str(tmp_path)
+    # One-process checkpoints the workers resume: after 5 steps (blocks aligned with 2 ranks), and unaligned.
+    model = make_model()
+    filt = make_filter(model, align_shards=(WORLD,))
+    opt = sk.SpectralAdamW(model.parameters(), lr=1e-2, spectral_filter=filt)
+    train(model, filt, opt, range(5))
+    save_checkpoint(os.path.join(workdir, "ckpt_1rank_step5"), model, opt, filt)
+    model = make_model()
+    filt = make_filter(model)
+    save_checkpoint(os.path.join(workdir, "ckpt_1rank_unaligned"),
+                    model, sk.SpectralAdamW(model.parameters(), lr=1e-2, spectral_filter=filt), filt)
+
+    start = time.monotonic()
+    results = _spawn(workdir)
+    spawn_s = time.monotonic() - start
+
+    # The one-process reference: 10 steps with the 2-rank block layout.
+    model = make_model()
+    filt = make_filter(model, align_shards=(WORLD,))
+    opt = sk.SpectralAdamW(model.parameters(), lr=1e-2, spectral_filter=filt)
+    train(model, filt, opt, range(STEPS))
+    reference, reference_reg = params_of(model), filt.regularization().item()
+    initial = params_of(make_model())
+    assert all((reference[n] - initial[n]).norm() > 1e-3 * initial[n].norm() for n in initial)  # it trained
+
+    # Blocks cut at the shard boundaries: '2.weight' rank 0 holds rows 0:17 in blocks 0:8, 8:16, 16:17.
+    assert results["layout"]["2.weight"] == (0, 17, [0, 8, 16, 17])
+    assert_close_rel(results["fsdp_params"], reference, what="FSDP2 vs one process")
+    assert_close_rel(results["fsdp_moments"], moments_of(model, opt), what="FSDP2 exp_avg_sq")
+    assert_close_rel(results["ddp_params"], reference, what="DDP vs one process")
+    for value in (results["fsdp_reg"], results["ddp_reg"]):
+        assert reference_reg > 0 and abs(value - reference_reg) <= 1e-5 * reference_reg
+    projectors = projectors_of(filt)
+    assert_close_rel({"0.weight": projectors["0.weight"][:16, :16], "2.weight": projectors["2.weight"][:17, :17]},
+                     results["fsdp_projectors"], what="rank 0's filter")
+
+    hook_model = make_model()
+    hook_filt = make_filter(hook_model, reg_weight=0.0, hook=True, align_shards=(WORLD,))
+    train(hook_model, hook_filt, torch.optim.AdamW(hook_model.parameters(), lr=1e-2), range(STEPS))
+    assert_close_rel(results["fsdp_hook_params"], params_of(hook_model), what="FSDP2 hook mode vs one process")
+
+    # 1 → 2: 5 steps here, 5 on two ranks equals 10 here.
+    assert results["resumed_steps"] == 5
+    assert_close_rel(results["resumed_params"], reference, what="resumed 1 → 2")
+
+    # 2 → 1: the 2-rank checkpoint loads here with its states; 2 more steps match the reference's.
+    resumed = make_model()
+    resumed_filt = make_filter(resumed, align_shards=(WORLD,))
+    resumed_opt = sk.SpectralAdamW(resumed.parameters(), lr=1e-2, spectral_filter=resumed_filt)
+    load_checkpoint(os.path.join(workdir, "ckpt_2ranks"), resumed, resumed_opt, resumed_filt)
+    assert resumed_filt.steps == STEPS
+    assert_close_rel(params_of(resumed), reference, what="2 → 1 parameters")
+    assert_close_rel(moments_of(resumed, resumed_opt), moments_of(model, opt), what="2 → 1 exp_avg_sq")
+    assert_close_rel(projectors_of(resumed_filt), projectors, what="2 → 1 filter")
+    train(resumed, resumed_filt, resumed_opt, range(STEPS, STEPS + 2))
+    train(model, filt, opt, range(STEPS, STEPS + 2))
+    assert_close_rel(params_of(resumed), params_of(model), what="2 → 1 then 2 steps")
+
+    message = results["straddle_error"]
+    assert message is not None and "2.weight" in message and "rows 16:24" in message and "row 17" in message
+    assert "align_shards=(2,)" in message and "more)" not in message
+    assert spawn_s < _SPAWN_TIMEOUT_S
+
+
+# ------------------------------------------------------------------------------------------ one-process checks
+def test_shard_bounds_follow_torch_chunk():
+    for n in (0, 1, 5, 16, 33, 100):
+        for world in (1, 2, 3, 4, 7):
+            chunks = torch.arange(n).chunk(world) if n else ()
+            sizes = [len(c) for c in chunks] + [0] * (world - len(chunks))
+            bounds = shard_bounds(n, world)
+            assert [b - a for a, b in zip(bounds[:-1], bounds[1:])] == sizes
+
+
+def test_aligned_block_ptr_cuts_every_boundary():
+    assert aligned_block_ptr(33, 8).tolist() == [0, 8, 16, 24, 32, 33]
+    assert aligned_block_ptr(33, 8, (2,)).tolist() == [0, 8, 16, 17, 25, 33]
+    assert aligned_block_ptr(32, 8, (1, 2, 4)).tolist() == [0, 8, 16, 24, 32]
+    ptr = aligned_block_ptr(33, 8, (1, 2, 4))
+    for world in (1, 2, 4):
+        check_block_alignment(ptr, world)
+    assert aligned_block_ptr(0, 8, (2,)).tolist() == [0, 0]
+
+
+def test_mesh_the_graph_was_not_built_for():
+    ptr = aligned_block_ptr(64, 16, (2,))                      # cuts at 32: fine for 2 ranks ...
+    check_block_alignment(ptr, 2, "q_proj.weight")
+    with pytest.raises(StraddlingBlockError, match=r"block 0 of q_proj.weight \(rows 0:16\) straddles the shard "
+                                                   r"boundary at row 11 .* 6-rank .*align_shards=\(6,\)"):
+        check_block_alignment(ptr, 6, "q_proj.weight")         # ... not for 6 (chunks of 11 rows)
+
+
+def test_local_block_ptr():
+    from spectralkern.distributed.shards import RowShard
+
+    ptr = aligned_block_ptr(33, 8, (2,))
+    shard = RowShard(33, 17, 33, 2, 1, None, (), None)
+    assert local_block_ptr(ptr, shard).tolist() == [0, 8, 16]
+    with pytest.raises(StraddlingBlockError, match="rows 16:24"):
+        local_block_ptr(aligned_block_ptr(33, 8), shard, "w")
+    assert local_block_ptr(aligned_block_ptr(5, 2, (4,)), RowShard(5, 5, 5, 4, 3, None, (), None)).tolist() == [0, 0]
+
+
+def test_plain_tensors_have_no_row_shard():
+    assert row_shard(torch.zeros(3, 2)) is None
+
+
+def test_filter_built_before_wrapping_warns():
+    model = make_model()
+    filt = make_filter(model, reg_weight=0.0)
+    with pytest.warns(UserWarning, match="build the filter after wrapping"):
+        filt.step()
