@@ -8,6 +8,8 @@ its optimizer, and the objective. Built in:
     smoa               SMoA adapters (spectralkern.peft, paper 002) on the same targets with LoRA's budget + head
     fourierft          FourierFT (spectralkern.peft, paper 003, one expert) on the same targets, LoRA's budget + head
     fourier_moe        FourierMoE (paper 003): radial-band experts, top-k router, load-balancing loss in the objective
+    coeff_tuning       Coeff-Tuning (paper 004): an H × H head-mixing ΔC per attention layer (dropout on ΔC) + head
+    coeff_tuning_lora  Coeff-Tuning + LoRA (the paper's plug-in use): LoRA on query/value, then ΔC on every layer
     spectral           ours: full fine-tuning whose encoder Linear weights get the spectral gradient filter
                        (paper 001's U g(Λ) Uᵀ ∇), fused into SpectralAdamW; objective = task loss
     spectral_reg       ours: the same plus the Laplacian regulariser, joint loss L_task + λ·tr(ΔᵀLΔ)
@@ -66,6 +68,9 @@ class MethodConfig:
     fourier_experts: int = 4
     fourier_top_k: int = 2
     fourier_aux_weight: float = 0.01       # weight of the FourierMoE load-balancing loss in the objective
+    # Coeff-Tuning (paper 004): dropout on ΔC is the paper's best (~0.2); coeff_lr is untuned here.
+    coeff_dropout: float = 0.2
+    coeff_lr: float = 1e-2
 
     def to_dict(self) -> dict:
         return {name: (list(v) if isinstance(v, tuple) else v) for name, v in self.__dict__.items()}
@@ -248,6 +253,32 @@ def build_fourier_moe(model: SentenceClassifier, config: MethodConfig) -> TrainS
     return _build_fourier(model, config, experts=config.fourier_experts)
 
 
+def _build_coeff_tuning(model: SentenceClassifier, config: MethodConfig, *, with_lora: bool) -> TrainSetup:
+    """Coeff-Tuning on every attention layer (H² = 144 parameters per MiniLM layer), ΔC at coeff_lr without weight
+    decay; with LoRA, peft's adapters are applied first (their lora_lr) and ΔC is added on top."""
+    from ..peft import CoeffTuningConfig, apply_coeff_tuning, coeff_tuning_layers, coeff_tuning_parameter_count
+    if with_lora:
+        groups = list(build_lora(model, config).optimizer.param_groups)
+        apply_coeff_tuning(model.encoder, CoeffTuningConfig(dropout=config.coeff_dropout), freeze_others=False)
+    else:
+        apply_coeff_tuning(model.encoder, CoeffTuningConfig(dropout=config.coeff_dropout))
+        groups = [{"params": [p for p in model.head.parameters() if p.requires_grad], "lr": config.head_lr,
+                   "weight_decay": config.weight_decay}]
+    deltas = list({id(c.delta_c): c.delta_c for c in coeff_tuning_layers(model.encoder).values()}.values())
+    groups.append({"params": deltas, "lr": config.coeff_lr, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k in ("params", "lr", "weight_decay")}
+                                   for g in groups])
+    return TrainSetup(model, optimizer, notes={"coeff_parameters": coeff_tuning_parameter_count(model.encoder)})
+
+
+def build_coeff_tuning(model: SentenceClassifier, config: MethodConfig) -> TrainSetup:
+    return _build_coeff_tuning(model, config, with_lora=False)
+
+
+def build_coeff_tuning_lora(model: SentenceClassifier, config: MethodConfig) -> TrainSetup:
+    return _build_coeff_tuning(model, config, with_lora=True)
+
+
 def make_spectral_filter(model: nn.Module, config: MethodConfig, target_modules: tuple[str, ...] | None = None):
     """The SpectralGradientFilter the spectral methods use, from ``config``."""
     from ..filters import heat
@@ -302,3 +333,7 @@ register_method(Method("fourierft", "FourierFT (fused)", build_fourierft,
                        "FourierFT: complex conjugate-symmetric spectrum on query/value (LoRA's budget) + head"))
 register_method(Method("fourier_moe", "FourierMoE (fused)", build_fourier_moe,
                        "FourierMoE: 4 radial-band experts, top-2 router, LoRA's budget on query/value + head"))
+register_method(Method("coeff_tuning", "Coeff-Tuning (fused)", build_coeff_tuning,
+                       "Coeff-Tuning: H × H head-mixing ΔC per attention layer, dropout 0.2 on ΔC + head"))
+register_method(Method("coeff_tuning_lora", "Coeff-Tuning + LoRA", build_coeff_tuning_lora,
+                       "LoRA r=8 on query/value (peft) + Coeff-Tuning ΔC on every attention layer + head"))

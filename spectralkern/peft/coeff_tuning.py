@@ -343,6 +343,7 @@ def apply_coeff_tuning(model: nn.Module, config: CoeffTuningConfig, *, freeze_ot
     for name, module in targets:
         device = next(module.parameters()).device
         coeff = shared or CoeffTuning(heads[name], config.dropout, impl=config.impl, device=device)
+        coeff.train(module.training)  # a new module starts in training mode; follow the model's (no dropout in eval)
         fingerprints[name] = _base_fingerprint(module)
         if isinstance(module, nn.MultiheadAttention):
             replace_module(model, name, CoeffMultiheadAttention(module, coeff))
