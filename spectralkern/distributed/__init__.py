@@ -1,8 +1,8 @@
 """Multi-GPU training with the spectral filter: FSDP2 row shards, block layouts aligned with them, the sharded
 regulariser and torch.distributed.checkpoint state of the filter (see the README's "Distributed training")."""
 from .reduce import laplacian_quadratic, sum_over_shards
-from .shards import (RowShard, StraddlingBlockError, aligned_block_ptr, check_block_alignment, local_block_ptr,
-                     local_tensor, row_shard, shard_bounds)
+from .shards import (RowShard, StraddlingBlockError, aligned_block_ptr, check_block_alignment, is_dtensor,
+                     local_block_ptr, local_tensor, row_shard, shard_bounds)
 
-__all__ = ["RowShard", "StraddlingBlockError", "aligned_block_ptr", "check_block_alignment", "laplacian_quadratic",
+__all__ = ["RowShard", "StraddlingBlockError", "aligned_block_ptr", "check_block_alignment", "is_dtensor", "laplacian_quadratic",
            "local_block_ptr", "local_tensor", "row_shard", "shard_bounds", "sum_over_shards"]

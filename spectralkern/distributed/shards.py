@@ -13,12 +13,12 @@ straddles a boundary, naming the block, the boundary and the fix.
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from .._checks import check_positive_int
 
@@ -105,8 +105,10 @@ def row_shard(tensor: torch.Tensor, name: str = "the parameter") -> RowShard | N
 
     Raises ValueError for placements that split rows (Shard(1), tensor parallelism's column split) or hold
     partial sums: a node's row must be whole and final on one rank."""
-    if not isinstance(tensor, DTensor):
+    if not is_dtensor(tensor):
         return None
+    from torch.distributed.tensor import Replicate, Shard
+
     placements = tuple(tensor.placements)
     sharded = [i for i, p in enumerate(placements) if not isinstance(p, Replicate)]
     if len(sharded) > 1 or any(not (isinstance(placements[i], Shard) and placements[i].dim == 0) for i in sharded):
@@ -142,10 +144,17 @@ def local_block_ptr(block_ptr: torch.Tensor, shard: RowShard, name: str = "the p
     return torch.tensor(inside if len(inside) > 1 else [0, 0], dtype=torch.int64)
 
 
+def is_dtensor(tensor: object) -> bool:
+    """isinstance(tensor, DTensor), without importing torch.distributed.tensor (≈ 1 s) when nothing has: then no
+    DTensor can exist, and one-process users do not pay for the import."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (the same storage: in-place updates reach the DTensor), or the tensor itself."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
-__all__ = ["RowShard", "StraddlingBlockError", "aligned_block_ptr", "check_block_alignment", "local_block_ptr",
-           "local_tensor", "row_shard", "shard_bounds"]
+__all__ = ["RowShard", "StraddlingBlockError", "aligned_block_ptr", "check_block_alignment", "is_dtensor",
+           "local_block_ptr", "local_tensor", "row_shard", "shard_bounds"]
