@@ -130,6 +130,7 @@ def _worker(rank: int, world: int, port: int, workdir: str) -> None:
         results["fsdp_reg"] = filt.regularization().item()
         results["fsdp_projectors"] = projectors_of(filt)
         save_checkpoint(os.path.join(workdir, "ckpt_2ranks"), model, opt, filt)
+        results["errors"] = _fsdp2_errors(model, filt, rank, world)
 
         # FSDP2, hook mode (filtered after the reduce-scatter) with torch's AdamW, no regulariser.
         model = make_model()
@@ -165,6 +166,30 @@ def _worker(rank: int, world: int, port: int, workdir: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _fsdp2_errors(model: nn.Module, filt: sk.SpectralGradientFilter, rank: int, world: int) -> dict[str, str]:
+    """The messages of the FSDP2 errors, on the trained sharded ``model`` and its ``filt`` (regulariser on)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    errors = {}
+    try:
+        make_filter(model, hook=True)  # reg_weight=0.1
+    except ValueError as error:
+        errors["hook_and_regulariser"] = str(error)
+    # A gradient with the filter's local rows but on another mesh (2-D, HSDP-like) with other placements.
+    x, y = batch(0, rank, world)
+    nn.functional.mse_loss(model(x), y).backward()
+    weight = dict(model.named_parameters())["2.weight"]
+    hsdp_mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))
+    weight.grad = distribute_tensor(weight.grad.full_tensor(), hsdp_mesh, [Replicate(), Shard(0)])
+    try:
+        filt.step()
+    except ValueError as error:
+        errors["mesh_and_placements"] = str(error)
+    model.zero_grad()
+    return errors
 
 
 def _free_port() -> int:
@@ -244,6 +269,14 @@ def test_fsdp2_and_ddp_match_one_process(tmp_path):
     train(resumed, resumed_filt, resumed_opt, range(STEPS, STEPS + 2))
     train(model, filt, opt, range(STEPS, STEPS + 2))
     assert_close_rel(params_of(resumed), params_of(model), what="2 → 1 then 2 steps")
+
+    errors = results["errors"]
+    assert "hook=True with a non-zero reg_weight under FSDP2" in errors["hook_and_regulariser"]
+    assert "Use explicit filt.step() or SpectralAdamW" in errors["hook_and_regulariser"]
+    message = errors["mesh_and_placements"]
+    assert "the gradient of 2.weight holds 17 rows with placements (Replicate(), Shard(dim=0))" in message
+    assert "built for rows 0:17 of 33 ((Shard(dim=0),) on mesh" in message and "rank 0 of 2" in message
+    assert "build the filter on the mesh that trains the model, after fully_shard" in message
 
     message = results["straddle_error"]
     assert message is not None and "2.weight" in message and "rows 16:24" in message and "row 17" in message
