@@ -11,6 +11,7 @@ import datetime
 import os
 import socket
 import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -198,8 +199,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _spawn(workdir: str) -> dict:
-    context = mp.spawn(_worker, args=(WORLD, _free_port(), workdir), nprocs=WORLD, join=False)
+def _spawn(workdir: str, worker: Callable[[int, int, int, str], None] = _worker) -> dict:
+    """Run ``worker(rank, WORLD, port, workdir)`` on WORLD processes; rank 0's results.pt."""
+    context = mp.spawn(worker, args=(WORLD, _free_port(), workdir), nprocs=WORLD, join=False)
     deadline = time.monotonic() + _SPAWN_TIMEOUT_S
     while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
         if time.monotonic() >= deadline:
@@ -332,3 +334,187 @@ def test_filter_built_before_wrapping_warns():
     filt = make_filter(model, reg_weight=0.0)
     with pytest.warns(UserWarning, match="build the filter after wrapping"):
         filt.step()
+
+
+# ------------------------------------------------------------------------------------------ HF Trainer, 2 ranks
+# accelerate enables FSDP only for GPU-like distributed types: on the CPU (DistributedType.MULTI_CPU) the Trainer
+# ignores fsdp_config and trains with DDP, silently. The FSDP2 run below therefore relabels the CPU process state as
+# MULTI_GPU before the Trainer builds its Accelerator; everything after that — accelerate's fully_shard of the model,
+# its swap of the optimizer's parameters, the Trainer's loop — is the real FSDP2 path, on gloo.
+TRAINER_STEPS = 6
+
+
+class Regressor(nn.Module):
+    """make_model() with a Trainer-style forward: a dict with the MSE loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = make_model()
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.net(x)
+        return {"loss": nn.functional.mse_loss(out, labels), "logits": out}
+
+
+def trainer_dataset() -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(7)
+    x, y = torch.randn(8 * TRAINER_STEPS, 12, generator=gen), torch.randn(8 * TRAINER_STEPS, 5, generator=gen)
+    return [{"x": x[i], "labels": y[i]} for i in range(len(x))]
+
+
+def trainer_args(workdir: str, world: int, **kwargs):
+    """Global batches of 8 in order (sequential sampler; rank r gets rows 4r:4r+4 of each), the default linear
+    schedule and gradient clipping at 1."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=os.path.join(workdir, "trainer"), max_steps=TRAINER_STEPS,
+                             per_device_train_batch_size=8 // world, train_sampling_strategy="sequential",
+                             learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+                             logging_strategy="no", dataloader_num_workers=0, **kwargs)
+
+
+def fsdp2_trainer_args(workdir: str, world: int):
+    """trainer_args with fsdp_config {"fsdp_version": 2}, and the CPU process state relabelled MULTI_GPU (see above)
+    after TrainingArguments set it up, so that the Trainer's Accelerator turns FSDP2 on."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    args = trainer_args(workdir, world, fsdp=True, fsdp_config={"fsdp_version": 2})
+    assert args.distributed_state.distributed_type == DistributedType.MULTI_CPU
+    PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+    return args
+
+
+def trainer_filter(model: nn.Module) -> sk.SpectralGradientFilter:
+    """The factory: targets net.0 and net.2, blocks cut where 2 ranks shard them."""
+    return make_filter(model, align_shards=(WORLD,))
+
+
+def _trainer_worker(rank: int, world: int, port: int, workdir: str) -> None:
+    from torch.distributed.tensor import DTensor
+    from transformers import Trainer
+
+    from spectralkern.integrations.hf import SpectralFilterCallback, SpectralTrainer, spectral_adamw
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    results: dict = {}
+    try:
+        # DDP, accelerate's own choice on the CPU: it keeps the parameters, so a filter built beforehand works.
+        model = Regressor()
+        trainer = SpectralTrainer(model=model, args=trainer_args(workdir, world), train_dataset=trainer_dataset(),
+                                  spectral_filter=trainer_filter(model))
+        trainer.train()
+        results["ddp_engine"] = str(trainer.accelerator.distributed_type)
+        results["ddp_params"] = params_of(trainer.model)
+
+        # FSDP2 with the factory: the filter is built on the sharded model when train() starts.
+        model = Regressor()
+        trainer = SpectralTrainer(model=model, args=fsdp2_trainer_args(workdir, world),
+                                  train_dataset=trainer_dataset(), spectral_filter=trainer_filter)
+        trainer.train()
+        filt = trainer.spectral_filter
+        results["fsdp_engine"] = str(trainer.accelerator.distributed_type)
+        results["fsdp_targets_sharded"] = all(isinstance(p, DTensor) for _, p in filt.targets)
+        results["fsdp_steps"] = filt.steps
+        results["fsdp_params"] = params_of(trainer.model)
+        results["fsdp_reg"] = filt.regularization().item()
+
+        # The callback with a factory, under torch's AdamW.
+        model = Regressor()
+        callback = SpectralFilterCallback(trainer_filter)
+        Trainer(model=model, args=fsdp2_trainer_args(workdir, world), train_dataset=trainer_dataset(),
+                callbacks=[callback]).train()
+        results["callback_targets_sharded"] = all(isinstance(p, DTensor) for _, p in callback.spectral_filter.targets)
+        results["callback_steps"] = callback.spectral_filter.steps
+
+        # Filters built before train(): every way in raises instead of training unfiltered.
+        for way in ("SpectralTrainer", "spectral_adamw", "SpectralFilterCallback"):
+            model = Regressor()
+            filt = trainer_filter(model)
+            kwargs = dict(model=model, args=fsdp2_trainer_args(workdir, world), train_dataset=trainer_dataset())
+            trainer = (SpectralTrainer(**kwargs, spectral_filter=filt) if way == "SpectralTrainer" else
+                       Trainer(**kwargs, optimizer_cls_and_kwargs=spectral_adamw(filt, kwargs["args"]))
+                       if way == "spectral_adamw" else Trainer(**kwargs, callbacks=[SpectralFilterCallback(filt)]))
+            try:
+                trainer.train()
+                results[way] = None
+            except (RuntimeError, ValueError) as error:
+                results[way] = str(error)
+        if rank == 0:
+            torch.save(results, os.path.join(workdir, "results.pt"))
+        dist.barrier()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_hf_trainer_fsdp2_and_ddp_match_one_process(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from spectralkern.integrations.hf import SpectralTrainer
+
+    workdir = str(tmp_path)
+    results = _spawn(workdir, _trainer_worker)
+
+    # The one-process reference: the same Trainer, global batch 8, the factory's filter (blocks as on 2 ranks).
+    model = Regressor()
+    trainer = SpectralTrainer(model=model, args=trainer_args(workdir, 1), train_dataset=trainer_dataset(),
+                              spectral_filter=trainer_filter)
+    trainer.train()
+    reference = params_of(model)
+    initial = params_of(Regressor())
+    assert all((reference[n] - initial[n]).norm() > 1e-3 * initial[n].norm() for n in initial)  # it trained
+    assert trainer.spectral_filter.steps == TRAINER_STEPS
+
+    assert results["ddp_engine"] == "DistributedType.MULTI_CPU"  # accelerate's DDP on the CPU
+    assert_close_rel(results["ddp_params"], reference, what="Trainer DDP vs one process")
+    assert results["fsdp_engine"] == "DistributedType.FSDP"
+    assert results["fsdp_targets_sharded"] and results["fsdp_steps"] == TRAINER_STEPS
+    assert_close_rel(results["fsdp_params"], reference, what="Trainer FSDP2 vs one process")
+    reference_reg = trainer.spectral_filter.regularization().item()
+    assert reference_reg > 0 and abs(results["fsdp_reg"] - reference_reg) <= 1e-5 * reference_reg
+    assert results["callback_targets_sharded"] and results["callback_steps"] == TRAINER_STEPS
+
+    for way in ("SpectralTrainer", "SpectralFilterCallback"):
+        message = results[way]
+        assert message is not None and "spectral_filter targets net.0.weight, net.2.weight, which are not " \
+                                        "parameters of the model the Trainer trains" in message, way
+        assert "Pass a factory instead of a built filter" in message
+    message = results["spectral_adamw"]
+    assert message is not None and "spectral_filter targets net.0.weight, net.2.weight, which this optimizer " \
+                                   "does not update" in message
+    assert "SpectralTrainer(..., spectral_filter=lambda model:" in message
+
+
+def test_hf_trainer_filter_factory_one_process(tmp_path):
+    """The factory is called when train() starts, on the trained model, and its filter joins SpectralAdamW; bad
+    factories and combinations are refused with the fix."""
+    pytest.importorskip("transformers")
+    from transformers import Trainer
+
+    from spectralkern.integrations.hf import SpectralFilterCallback, SpectralTrainer
+
+    model = Regressor()
+    seen = []
+    trainer = SpectralTrainer(model=model, args=trainer_args(str(tmp_path), 1), train_dataset=trainer_dataset(),
+                              spectral_filter=lambda m: seen.append(m) or trainer_filter(m))
+    assert trainer.spectral_filter is None and not seen
+    trainer.train()
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    assert seen == [model] and optimizer.spectral_filter is trainer.spectral_filter
+    assert trainer.spectral_filter.steps == TRAINER_STEPS
+
+    kwargs = dict(model=model, args=trainer_args(str(tmp_path), 1), train_dataset=trainer_dataset())
+    with pytest.raises(ValueError, match="spectral_filter is a factory.*an optimizer was passed through optimizers="):
+        SpectralTrainer(**kwargs, spectral_filter=trainer_filter, optimizers=(torch.optim.SGD(model.parameters()),
+                                                                              None))
+    with pytest.raises(TypeError, match="spectral_filter must be a spectralkern.SpectralGradientFilter or a "
+                                        "factory model -> SpectralGradientFilter .*got Regressor"):
+        SpectralTrainer(**kwargs, spectral_filter=model)
+    with pytest.raises(TypeError, match="got object"):
+        SpectralFilterCallback(object())
+    with pytest.raises(TypeError, match="the spectral_filter factory must return a spectralkern."
+                                        "SpectralGradientFilter, got NoneType"):
+        Trainer(**kwargs, callbacks=[SpectralFilterCallback(lambda m: None)]).train()

@@ -476,6 +476,33 @@ def test_bad_optimizer_use_is_refused(seed):
         opt.step()
 
 
+def test_filter_attached_later_and_parameters_swapped_under_it(seed):
+    """set_spectral_filter attaches a filter built after the optimizer; parameters swapped after construction (as
+    accelerate's FSDP2 prepare does) make step() raise instead of silently skipping the filter."""
+    model = tiny_model(seed)
+    reference = copy.deepcopy(model)
+    opt = sk.SpectralAdamW(model.parameters(), lr=1e-2)
+    filt = sk.SpectralGradientFilter(model, ["0"], block_size=8, k=2, knn=2)
+    opt.set_spectral_filter(filt)
+    ref_filt = sk.SpectralGradientFilter(reference, ["0"], block_size=8, k=2, knn=2)
+    ref_opt = sk.SpectralAdamW(reference.parameters(), lr=1e-2, spectral_filter=ref_filt)
+    for m, o in ((model, opt), (reference, ref_opt)):
+        task_loss(m, 0).backward()
+        o.step()
+    assert filt.steps == 1 and torch.equal(model[0].weight, reference[0].weight)
+    with pytest.raises(ValueError, match="spectral_filter targets 0.weight, which this optimizer does not update"):
+        sk.SpectralAdamW(model[2].parameters()).set_spectral_filter(filt)
+
+    swapped = [nn.Parameter(p.detach().clone()) for p in opt.param_groups[0]["params"]]
+    opt.param_groups[0]["params"] = swapped
+    swapped[0].grad = torch.zeros_like(swapped[0])
+    with pytest.raises(ValueError, match=r"targets 0.weight, which this optimizer does not update: its parameters "
+                                         r"are other tensors.*build the filter after the model is wrapped"):
+        opt.step()
+    opt.set_spectral_filter(None)
+    opt.step()  # plain AdamW
+
+
 def test_filter_state_dict_mismatch_is_refused(seed):
     filt = sk.SpectralGradientFilter(tiny_model(seed), ["0"], block_size=8, k=2, knn=2)
     other = sk.SpectralGradientFilter(tiny_model(seed), ["2"], block_size=8, k=2, knn=2)

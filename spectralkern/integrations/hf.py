@@ -18,6 +18,20 @@ Three ways in, from least to most change to a Trainer script::
 
     trainer.train()
 
+FSDP2 (``fsdp_config={"fsdp_version": 2}`` or an accelerate FSDP2 config): accelerate's ``prepare`` inside
+``train()`` replaces every parameter by a sharded DTensor, after the optimizer was created on the old ones (it swaps
+them in the optimizer's param groups). A filter built beforehand holds the old parameters; the three ways above
+then raise (``SpectralAdamW.step`` at the first step, the callback and ``SpectralTrainer`` at the start of
+``train()``) instead of training unfiltered. Pass a factory instead of a filter — a callable ``model -> filter``,
+called once at the start of ``train()`` on the model as the engine wrapped it (under DDP or one process it is the
+model you passed)::
+
+    make_filter = functools.partial(sk.SpectralGradientFilter, target_modules=["query", "value"], k=16,
+                                    align_shards=(1, 2, 4, 8))
+    trainer = SpectralTrainer(model, args, train_dataset=ds, spectral_filter=make_filter)   # SpectralAdamW
+    trainer = Trainer(model, args, train_dataset=ds, callbacks=[SpectralFilterCallback(make_filter)])
+    trainer.train()     # then trainer.spectral_filter (or callback.spectral_filter): the filter of the sharded model
+
 With the callback, gradient clipping (``max_grad_norm``) acts on the raw gradient and the filter after it; with
 SpectralAdamW the filter runs inside the optimizer step, also after clipping. Do not combine the callback with
 SpectralAdamW (the filter would run twice; SpectralAdamW raises).
@@ -28,6 +42,7 @@ layers (and the base weight only if it is trainable); ``lora_targets(model)`` li
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,7 +55,11 @@ except ImportError as exc:  # the integration is optional; say what to install
 
 from ..optim import SpectralAdamW, SpectralGradientFilter
 
-__all__ = ["SpectralFilterCallback", "SpectralTrainer", "lora_targets", "spectral_adamw"]
+__all__ = ["FilterFactory", "SpectralFilterCallback", "SpectralTrainer", "lora_targets", "spectral_adamw"]
+
+FilterFactory = Callable[[nn.Module], SpectralGradientFilter]
+"""Builds the filter on the model the Trainer trains, e.g. ``functools.partial(sk.SpectralGradientFilter,
+target_modules=["query"], k=16)``."""
 
 
 def _check_filter(spectral_filter: object) -> SpectralGradientFilter:
@@ -50,28 +69,74 @@ def _check_filter(spectral_filter: object) -> SpectralGradientFilter:
     return spectral_filter
 
 
+def _check_source(spectral_filter: object) -> SpectralGradientFilter | FilterFactory:
+    """A built filter, or a factory (any callable that is not a module) that builds one from the trained model."""
+    if isinstance(spectral_filter, SpectralGradientFilter) or (
+            callable(spectral_filter) and not isinstance(spectral_filter, nn.Module)):
+        return spectral_filter
+    raise TypeError(f"spectral_filter must be a spectralkern.SpectralGradientFilter or a factory model -> "
+                    f"SpectralGradientFilter (e.g. functools.partial(sk.SpectralGradientFilter, "
+                    f"target_modules=[...])), got {type(spectral_filter).__name__}")
+
+
+def _filter_for(source: SpectralGradientFilter | FilterFactory, built: SpectralGradientFilter | None,
+                model: nn.Module) -> SpectralGradientFilter:
+    """The filter for the model ``train()`` trains: ``built`` (the factory's filter from an earlier call, or the
+    filter passed in), else the factory's new one; raises if its targets are not parameters of ``model``."""
+    if built is None:
+        built = source(model)
+        if not isinstance(built, SpectralGradientFilter):
+            raise TypeError(f"the spectral_filter factory must return a spectralkern.SpectralGradientFilter, "
+                            f"got {type(built).__name__}")
+    mine = {id(p) for p in model.parameters()}
+    stale = [name for name, p in built.targets if id(p) not in mine]
+    if stale:
+        raise RuntimeError(f"spectral_filter targets {', '.join(stale)}, which are not parameters of the model the "
+                           f"Trainer trains ({type(model).__name__}): the filter was built before the Trainer wrapped "
+                           "the model (accelerate's FSDP2 prepare, inside train(), replaces every parameter by a "
+                           "sharded DTensor), so it would filter nothing. Pass a factory instead of a built filter; "
+                           "it is called on the wrapped model when train() starts: spectral_filter=lambda model: "
+                           "sk.SpectralGradientFilter(model, ...)")
+    return built
+
+
+def _adamw_kwargs(args: Any) -> dict[str, Any]:
+    """lr, betas, eps and weight_decay of TrainingArguments (none when ``args`` is None: torch's defaults)."""
+    if args is None:
+        return {}
+    return dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                weight_decay=args.weight_decay)
+
+
 def spectral_adamw(spectral_filter: SpectralGradientFilter, args: Any = None,
                    **overrides: Any) -> tuple[type[SpectralAdamW], dict[str, Any]]:
     """``(SpectralAdamW, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``.
 
     The Trainer builds the param groups (weight decay off for biases and norms) and calls
     ``SpectralAdamW(groups, **kwargs)``. lr, betas and eps come from ``args`` (TrainingArguments) when given, else
-    torch's AdamW defaults; ``overrides`` win over both.
+    torch's AdamW defaults; ``overrides`` win over both. Not for FSDP2, where the Trainer replaces the parameters
+    after creating the optimizer (SpectralAdamW raises at its first step): use ``SpectralTrainer`` with a factory.
     """
-    _check_filter(spectral_filter)
-    kwargs: dict[str, Any] = {"spectral_filter": spectral_filter}
-    if args is not None:
-        kwargs.update(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-                      weight_decay=args.weight_decay)
+    kwargs: dict[str, Any] = {"spectral_filter": _check_filter(spectral_filter), **_adamw_kwargs(args)}
     kwargs.update(overrides)
     return SpectralAdamW, kwargs
 
 
 class SpectralFilterCallback(TrainerCallback):
-    """Calls ``spectral_filter.step()`` before every optimizer step of a Trainer (the explicit filter mode)."""
+    """Calls ``spectral_filter.step()`` before every optimizer step of a Trainer (the explicit filter mode).
 
-    def __init__(self, spectral_filter: SpectralGradientFilter):
-        self.spectral_filter = _check_filter(spectral_filter)
+    ``spectral_filter``: a built SpectralGradientFilter, or a factory ``model -> filter`` called on the trained
+    model when ``train()`` starts (needed under FSDP2; the filter is then ``callback.spectral_filter``). A built
+    filter whose targets are no longer the model's parameters raises there.
+    """
+
+    def __init__(self, spectral_filter: SpectralGradientFilter | FilterFactory):
+        self._source = _check_source(spectral_filter)
+        self.spectral_filter = spectral_filter if isinstance(spectral_filter, SpectralGradientFilter) else None
+
+    def on_train_begin(self, args, state, control, model: nn.Module | None = None, **kwargs):
+        self.spectral_filter = _filter_for(self._source, self.spectral_filter, model)
+        return control
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         optimizer = kwargs.get("optimizer")
@@ -86,23 +151,35 @@ class SpectralFilterCallback(TrainerCallback):
 class SpectralTrainer(Trainer):
     """A Trainer with SpectralAdamW as its default optimizer and the joint loss L_task + filt.regularization().
 
-    Args (besides Trainer's): spectral_filter — the SpectralGradientFilter built on ``model``. Its reg_weight
-    sets λ (0: no regulariser, only the filtered optimizer). An optimizer passed through ``optimizers=`` or
-    ``optimizer_cls_and_kwargs=`` replaces SpectralAdamW (add ``SpectralFilterCallback`` then).
+    Args (besides Trainer's): spectral_filter — the SpectralGradientFilter built on ``model``, or a factory
+    ``model -> SpectralGradientFilter`` (required under FSDP2). A factory is called once, when ``train()`` starts,
+    on the model as the engine wrapped it, and its filter is attached to the Trainer's SpectralAdamW; until then
+    ``trainer.spectral_filter`` is None. The filter's reg_weight sets λ (0: no regulariser, only the filtered
+    optimizer). With a built filter, an optimizer passed through ``optimizers=`` or ``optimizer_cls_and_kwargs=``
+    replaces SpectralAdamW (add ``SpectralFilterCallback`` then); with a factory that raises.
     """
 
-    def __init__(self, *args: Any, spectral_filter: SpectralGradientFilter, **kwargs: Any):
-        self.spectral_filter = _check_filter(spectral_filter)
+    def __init__(self, *args: Any, spectral_filter: SpectralGradientFilter | FilterFactory, **kwargs: Any):
+        self._filter_source = _check_source(spectral_filter)
+        built = spectral_filter if isinstance(spectral_filter, SpectralGradientFilter) else None
+        self.spectral_filter: SpectralGradientFilter | None = built
         if kwargs.get("optimizers", (None, None))[0] is None and kwargs.get("optimizer_cls_and_kwargs") is None:
             training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
-            kwargs["optimizer_cls_and_kwargs"] = spectral_adamw(spectral_filter, training_args)
+            kwargs["optimizer_cls_and_kwargs"] = (spectral_adamw(built, training_args) if built is not None
+                                                  else (SpectralAdamW, _adamw_kwargs(training_args)))
+        elif built is None:
+            raise ValueError("spectral_filter is a factory, whose filter SpectralTrainer attaches to its own "
+                             "SpectralAdamW when train() starts, but an optimizer was passed through optimizers= or "
+                             "optimizer_cls_and_kwargs=. Drop that optimizer (set lr, betas, eps and weight_decay in "
+                             "TrainingArguments), or use Trainer with SpectralFilterCallback(factory)")
         super().__init__(*args, **kwargs)
+        self.add_callback(_AttachSpectralFilter(self))
 
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                       num_items_in_batch=num_items_in_batch)
-        if not model.training or self.spectral_filter.reg_weight == 0:
+        if not model.training or self.spectral_filter is None or self.spectral_filter.reg_weight == 0:
             return result
         loss, outputs = result if return_outputs else (result, None)
         regularization = self.spectral_filter.regularization()
@@ -119,6 +196,24 @@ class SpectralTrainer(Trainer):
         if explicit is not None:
             return bool(explicit)
         return bool(getattr(self, "model_accepts_loss_kwargs", False) or getattr(self, "compute_loss_func", None))
+
+
+class _AttachSpectralFilter(TrainerCallback):
+    """SpectralTrainer's own callback: when ``train()`` starts (after the engine wrapped the model and prepared the
+    optimizer), builds the factory's filter on ``trainer.model`` and attaches it to the SpectralAdamW, or checks
+    that a built filter still targets the model's parameters."""
+
+    def __init__(self, trainer: SpectralTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        from_factory = trainer.spectral_filter is None
+        trainer.spectral_filter = _filter_for(trainer._filter_source, trainer.spectral_filter, trainer.model)
+        if from_factory:
+            optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper
+            optimizer.set_spectral_filter(trainer.spectral_filter)
+        return control
 
 
 def lora_targets(model: nn.Module) -> list[str]:

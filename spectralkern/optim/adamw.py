@@ -52,23 +52,29 @@ class SpectralAdamW(torch.optim.Optimizer):
         if state_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype!r}")
         self.half_state_dtype = state_dtype
-        if spectral_filter is not None and not isinstance(spectral_filter, SpectralGradientFilter):
-            raise TypeError(f"spectral_filter must be a SpectralGradientFilter or None, "
-                            f"got {type(spectral_filter).__name__}")
-        if spectral_filter is not None and spectral_filter.hook:
-            raise ValueError("spectral_filter is in hook mode, which already filters the gradients during backward; "
-                             "SpectralAdamW would filter them a second time. Build the filter with hook=False "
-                             "(or call filt.remove_hooks())")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
         super().__init__(params, defaults)
-        self.spectral_filter = spectral_filter
+        self.spectral_filter: SpectralGradientFilter | None = None
+        self.set_spectral_filter(spectral_filter)
+
+    def set_spectral_filter(self, spectral_filter: SpectralGradientFilter | None) -> None:
+        """Attach ``spectral_filter`` (None: detach; plain AdamW from the next step on).
+
+        For a filter that can only be built after the optimizer: an engine that replaces the parameters this
+        optimizer was created with (accelerate's FSDP2 ``prepare`` swaps them for sharded DTensors) needs the filter
+        built on the new ones; ``spectralkern.integrations.hf.SpectralTrainer`` does this with a filter factory.
+        Raises as the constructor does (a filter in hook mode, or one targeting parameters this optimizer does not
+        update)."""
         if spectral_filter is not None:
-            mine = {id(p) for p in chain.from_iterable(g["params"] for g in self.param_groups)}
-            missing = [name for name, p in spectral_filter.targets if id(p) not in mine]
-            if missing:
-                raise ValueError(f"spectral_filter targets {', '.join(missing)}, which this optimizer does not "
-                                 "update; pass every targeted parameter to SpectralAdamW (and build the filter "
-                                 "after wrapping the model: fully_shard replaces its parameters)")
+            if not isinstance(spectral_filter, SpectralGradientFilter):
+                raise TypeError(f"spectral_filter must be a SpectralGradientFilter or None, "
+                                f"got {type(spectral_filter).__name__}")
+            if spectral_filter.hook:
+                raise ValueError("spectral_filter is in hook mode, which already filters the gradients during "
+                                 "backward; SpectralAdamW would filter them a second time. Build the filter with "
+                                 "hook=False (or call filt.remove_hooks())")
+            _check_targets_updated(spectral_filter, self.param_groups)
+        self.spectral_filter = spectral_filter
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -78,6 +84,10 @@ class SpectralAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         filt = self.spectral_filter
+        if filt is not None:
+            # Engines may swap the parameters after construction (accelerate's FSDP2 prepare); a filter holding the
+            # old ones would silently filter nothing.
+            _check_targets_updated(filt, self.param_groups)
         if filt is not None and filt._explicit_pending:
             filt._explicit_pending = False
             raise RuntimeError("spectral_filter.step() was called before SpectralAdamW.step(): the gradients are "
@@ -136,6 +146,18 @@ class SpectralAdamW(torch.optim.Optimizer):
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in saved:
                     self.state[p][key] = saved[key].to(device=p.device, dtype=dtype, copy=True)
+
+
+def _check_targets_updated(spectral_filter: SpectralGradientFilter, param_groups: list[dict]) -> None:
+    """Raise if a weight the filter targets is not among the optimizer's parameters (the same tensor object)."""
+    mine = {id(p) for p in chain.from_iterable(g["params"] for g in param_groups)}
+    missing = [name for name, p in spectral_filter.targets if id(p) not in mine]
+    if missing:
+        raise ValueError(f"spectral_filter targets {', '.join(missing)}, which this optimizer does not update: "
+                         "its parameters are other tensors. Pass every targeted parameter to SpectralAdamW, and "
+                         "build the filter after the model is wrapped (fully_shard, and accelerate's FSDP2 prepare "
+                         "inside Trainer.train(), replace the parameters); with the HF Trainer pass a factory: "
+                         "SpectralTrainer(..., spectral_filter=lambda model: sk.SpectralGradientFilter(model, ...))")
 
 
 def _check_hyper(lr: float, betas: tuple[float, float], eps: float, weight_decay: float, amsgrad: bool) -> None:
