@@ -8,8 +8,8 @@ g(λ). After ``backward()``:
 
 and the joint loss uses ``filt.regularization()`` = reg_weight · Σ_W tr(Δᵀ L Δ), Δ = W − W₀ (W₀: the weights when
 the filter was built). Every ``refresh_every`` steps the graphs are rebuilt from the current state and the bases
-recomputed: by ``sk.lowest_eigenpairs`` warm-started from the previous basis once the package exports it, by the
-exact dense per-block ``eigh`` (``SpectralBasis.from_laplacian``) until then.
+recomputed by ``sk.lowest_eigenpairs``, warm-started from the previous basis (its check settles every block the
+drift left within the tolerance, see ``eigen/_warm.py``).
 
 Graphs (``graph=``):
     "knn"                    cosine kNN of the current rows (``ParameterGraph.knn``, ``knn`` neighbours), within
@@ -50,6 +50,7 @@ from .._checks import check_positive_int
 from ..basis import SpectralBasis
 from ..distributed.reduce import sum_over_shards
 from ..distributed.shards import RowShard, aligned_block_ptr, local_block_ptr, local_tensor, row_shard
+from ..eigen import lowest_eigenpairs
 from ..graph import GraphLaplacian, ParameterGraph, _symmetrize_max
 from ..ops.laplacian_quadratic import laplacian_quadratic
 from ..ops.spectral_filter import spectral_filter
@@ -454,17 +455,11 @@ class SpectralGradientFilter:
         return ParameterGraph(n, block_ptr, r, c, w)
 
     def _basis(self, laplacian: GraphLaplacian, previous: SpectralBasis | None) -> SpectralBasis:
-        """The k lowest eigenpairs per block: ``sk.lowest_eigenpairs`` warm-started from the previous basis when the
-        package exports it (the partial eigensolver), else the exact dense ``SpectralBasis.from_laplacian``."""
-        import spectralkern
-
-        solver = getattr(spectralkern, "lowest_eigenpairs", None)
-        if solver is None:
-            return SpectralBasis.from_laplacian(laplacian, self.k)
+        """The k lowest eigenpairs per block, warm-started from the previous basis when it has the same layout."""
         warm = (previous is not None and previous.k == self.k and previous.num_nodes == laplacian.num_nodes
                 and torch.equal(previous.block_ptr, laplacian.block_ptr) and previous.dtype == laplacian.dtype
                 and previous.device == laplacian.device and not laplacian.has_cross_block_edges)
-        return solver(laplacian, self.k, v0=previous if warm else None)
+        return lowest_eigenpairs(laplacian, self.k, v0=previous if warm else None)
 
     def _gains_for(self, name: str, basis: SpectralBasis) -> torch.Tensor:
         gains = self.gains
