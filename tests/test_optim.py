@@ -89,13 +89,20 @@ def test_peft_lora_adapters_are_targeted(seed):
     assert [name for name, _ in direct.targets] == names
     opt = sk.SpectralAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, spectral_filter=filt)
     before = [p.detach().clone() for _, p in filt.targets]
+    lora_B = dict(filt.targets)["base_model.model.0.lora_B.default.weight"]
     for step in range(2):
         opt.zero_grad()
         task_loss(model, step).backward()
         opt.step()
+    at_refresh = lora_B.detach().clone()   # SpectralAdamW refreshes at the end of step 2, after its update
     assert all(not torch.equal(b, p) for b, (_, p) in zip(before, filt.targets))
-    # The refresh rebuilt lora_B's graph from its trained (non-zero) rows.
-    assert filt.laplacians()["base_model.model.0.lora_B.default.weight"].matrix.values().numel() > 0
+    # The refresh rebuilt lora_B's graph from its trained rows (no longer all zero). Whether that graph has edges
+    # depends on the signs of one AdamW step (cosine kNN keeps positive similarities only; seeds 11 and 2 give
+    # none), so it is compared with the graph of those rows instead of asking for edges.
+    assert bool(at_refresh.abs().sum(dim=1).gt(0).any())
+    expected = sk.ParameterGraph.knn(at_refresh, k=2, block_size=8).laplacian()
+    got = filt.laplacians()["base_model.model.0.lora_B.default.weight"]
+    torch.testing.assert_close(got.to_dense(), expected.to_dense(), rtol=1e-6, atol=1e-7)
 
 
 # ------------------------------------------------------------------------------------------------ filter
