@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--full", action="store_true", help="3 seeds (0,1,2), mean ± std; about 3× the default time")
     run.add_argument("--methods", type=_names, default=defaults.methods,
                      help=f"comma-separated, from: {', '.join(n for n, m in METHODS.items() if m.in_table)} "
-                          "(default: all of them)")
+                          f" (default: {','.join(defaults.methods)})")
     run.add_argument("--seeds", type=_ints, default=None, help="comma-separated seeds (default: 0; --full: 0,1,2)")
     run.add_argument("--fractions", type=_floats, default=defaults.fractions,
                      help="training-set shares for Figure 2, each in (0, 1] (default: 0.2,0.4,0.6,1)")
