@@ -37,6 +37,15 @@ def check_finite(name: str, value: torch.Tensor) -> None:
         raise ValueError(f"{name} contains {bad} NaN/Inf value(s); expected finite numbers")
 
 
+def check_int(name: str, value: object, minimum: int) -> int:
+    """``value`` as an int ≥ ``minimum`` (bools refused), or a TypeError/ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
 def check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")

@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._checks import check_int
 from ..ops.fourier_adapter import fourier_adapter_backend
 from ._patching import (combine_fingerprints, find_target_modules, fingerprint_tensors, freeze_all_except,
                         is_linear_like, linear_features, linear_weight, load_adapter_file, read_adapter_metadata,
@@ -55,14 +56,6 @@ INITS = ("zeros", "normal")
 # Grids up to this many positions are enumerated when sampling; larger ones use rejection sampling (unless more
 # than a quarter of their pairs are wanted).
 _ENUMERATE_LIMIT = 1 << 22
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def _check_number(name: str, value: object) -> float:
@@ -100,11 +93,11 @@ class FourierMoEConfig:
     impl: str = "fused"
 
     def __post_init__(self) -> None:
-        _check_int("num_experts", self.num_experts, 1)
-        _check_int("top_k", self.top_k, 1)
-        _check_int("n_frequencies", self.n_frequencies, 1)
-        _check_int("router_bands", self.router_bands, 1)
-        _check_int("seed", self.seed, 0)
+        check_int("num_experts", self.num_experts, 1)
+        check_int("top_k", self.top_k, 1)
+        check_int("n_frequencies", self.n_frequencies, 1)
+        check_int("router_bands", self.router_bands, 1)
+        check_int("seed", self.seed, 0)
         self.scale = _check_number("scale", self.scale)
         if self.router not in ROUTERS:
             raise ValueError(f"router must be one of {ROUTERS}, got {self.router!r}")

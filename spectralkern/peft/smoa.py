@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .._checks import check_int
 from ..ops.smoa_linear import SMoALayout, smoa_delta_weight, smoa_linear
 from ._patching import (combine_fingerprints, find_target_modules, fingerprint_tensors, freeze_all_except,
                         is_linear_like, linear_features, linear_weight, load_adapter_file, read_adapter_metadata,
@@ -43,14 +44,6 @@ MIN_UNMERGE_FACTOR = 1e-3
 
 
 # ------------------------------------------------------------------------------------------ config
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 @dataclass
 class SMoAConfig:
     """SMoA hyper-parameters.
@@ -74,8 +67,8 @@ class SMoAConfig:
     impl: str = "fused"
 
     def __post_init__(self) -> None:
-        _check_int("r", self.r, 1)
-        _check_int("num_blocks", self.num_blocks, 1)
+        check_int("r", self.r, 1)
+        check_int("num_blocks", self.num_blocks, 1)
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
             raise TypeError(f"alpha must be a finite number, got {self.alpha!r}")
         if self.branch_ranks is None:
@@ -87,7 +80,7 @@ class SMoAConfig:
             if len(ranks) != self.num_blocks:
                 raise ValueError(f"branch_ranks must have num_blocks = {self.num_blocks} entries, got {ranks}")
             for k, rank in enumerate(ranks):
-                _check_int(f"branch_ranks[{k}]", rank, 0)
+                check_int(f"branch_ranks[{k}]", rank, 0)
             if sum(ranks) != self.r:
                 raise ValueError(f"branch_ranks must sum to r = {self.r}, got {ranks} (sum {sum(ranks)})")
             self.branch_ranks = ranks
