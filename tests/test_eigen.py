@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from scipy.sparse.csgraph import laplacian as scipy_laplacian
 
 import spectralkern as sk
-from spectralkern.eigen import _auto, _lanczos
+from spectralkern.eigen import _auto, _dense, _lanczos
 
 DTYPES = [torch.float64, torch.float32]
 # the issue's accuracy bar: eigenvalues within this fraction of ‖L‖ of the float64 reference
@@ -253,6 +253,38 @@ def test_dense_backend_matches_from_laplacian(seed):
     theirs = sk.SpectralBasis.from_laplacian(L, 9)
     torch.testing.assert_close(ours.eigenvalues, theirs.eigenvalues, rtol=0, atol=1e-12)
     assert ours.info.backend == "dense" and int(ours.info.matvecs.sum()) == 0
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_dense_solve_split_across_threads_is_the_same_basis(seed, threads):
+    """The CPU dense path splits each size bucket's eigh across torch's thread count: any split (more threads
+    than a bucket has blocks included) gives the basis of the one-call solve."""
+    rng = np.random.default_rng(seed)
+    ptr = sizes_to_ptr([40, 1, 0, 33, 12, 40, 2, 37])
+    L = laplacian_of(random_adjacency(rng, ptr, 0.3, isolated=0.0), ptr)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = sk.lowest_eigenpairs(L, 6, backend="dense")
+        torch.set_num_threads(threads)
+        split = sk.lowest_eigenpairs(L, 6, backend="dense")
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(split.eigenvalues, single.eigenvalues, rtol=0, atol=1e-12)
+    check_basis(split, dense_of(L), ptr, 6, torch.float64)
+
+
+def test_eigh_small_workers_and_columns(seed):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(5, 9, 9, dtype=torch.float64, generator=gen)
+    matrices = a + a.mT
+    values, vectors = torch.linalg.eigh(matrices)
+    for workers in (1, 2, 7):
+        got_values, got_vectors = _dense.eigh_small(matrices, columns=4, workers=workers)
+        assert got_values.shape == (5, 4) and got_vectors.shape == (5, 9, 4)
+        torch.testing.assert_close(got_values, values[:, :4], rtol=0, atol=1e-12)
+        torch.testing.assert_close(got_vectors @ got_vectors.mT, vectors[..., :4] @ vectors[..., :4].mT,
+                                   rtol=0, atol=1e-10)
 
 
 # --------------------------------------------------------------------------------------- warm start

@@ -114,13 +114,14 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
     plan = make_plan(problem, dense_max, max_components)
 
     parts: list[Candidates] = []
+    workers = torch.get_num_threads()  # before cpu_threads() below may pin torch to one: dense eigh splits its batch
     bar = _progress_bar(progress, plan, k, krylov)
     basis_bytes = 0 if plan.krylov is None or krylov != "lanczos" else (
         plan.krylov.num_items * plan.krylov.node_map.shape[1] * m * problem.matrix.values().element_size())
     try:
         with _auto.cpu_threads(problem.device, basis_bytes):
             if plan.dense is not None:
-                parts += _solve_dense(problem, plan.dense, k)
+                parts += _solve_dense(problem, plan.dense, k, workers)
             krylov_items, check_cost = plan.krylov, 0
             if krylov_items is not None and start is not None:
                 settled, krylov_items, check_cost = _check_warm_start(problem, krylov_items, k, tol_abs, start)
@@ -200,13 +201,14 @@ def _short(ptr: torch.Tensor) -> str:
     return str(values) if len(values) <= 6 else f"[{values[0]}, {values[1]}, {values[2]}, ..., {values[-1]}]"
 
 
-def _solve_dense(problem: Problem, items: Items, k: int) -> list[Candidates]:
-    """Batched eigh per size bucket; padding eigenvalues are pushed above the spectrum so they sort last."""
+def _solve_dense(problem: Problem, items: Items, k: int, workers: int) -> list[Candidates]:
+    """Batched eigh per size bucket, split across ``workers`` CPU threads; padding eigenvalues are pushed above
+    the spectrum so they sort last."""
     pad_value = 2.0 * (abs(problem.shift) + problem.norm) + 1.0
     parts = []
     for index in size_buckets(items.sizes):
         sub = items.subset(index)
-        values, vectors = dense_lowest(problem.matrix, sub.node_map, k, pad_value)
+        values, vectors = dense_lowest(problem.matrix, sub.node_map, k, pad_value, workers)
         count = sub.sizes.clamp(max=k)
         parts.append(Candidates(items=sub, values=values, vectors=vectors, count=count,
                                 converged=torch.ones(values.shape, dtype=torch.bool, device=values.device),
@@ -284,9 +286,10 @@ def _explicit_residuals(problem: Problem, U: torch.Tensor, eigenvalues: torch.Te
     if U.numel() == 0:
         return torch.zeros(eigenvalues.shape, dtype=torch.float64)
     node_block = problem.node_block().to(U.device)
-    R = torch.sparse.mm(problem.matrix, U) - U * eigenvalues[node_block]
+    R = torch.sparse.addmm(U * eigenvalues[node_block], problem.matrix, U, beta=-1.0)   # L U − U Λ, one pass
+    R = R.square_() if R.dtype == torch.float64 else R.double().square_()
     squares = torch.zeros(eigenvalues.shape, dtype=torch.float64, device=U.device)
-    squares.index_add_(0, node_block, R.double().square())
+    squares.index_add_(0, node_block, R)
     return squares.sqrt().cpu()
 
 
