@@ -122,16 +122,16 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
         with _auto.cpu_threads(problem.device, basis_bytes):
             if plan.dense is not None:
                 parts += _solve_dense(problem, plan.dense, k, workers)
-            krylov_items, check_cost = plan.krylov, 0
+            krylov_items, check_cost, op = plan.krylov, 0, None
             if krylov_items is not None and start is not None:
-                settled, krylov_items, check_cost = _check_warm_start(problem, krylov_items, k, tol_abs, start)
+                settled, krylov_items, check_cost, op = _check_warm_start(problem, krylov_items, k, tol_abs, start)
                 if settled is not None:
                     parts.append(settled)
                     if bar is not None:
                         bar.update(settled.items.num_items if krylov != "lanczos" else int(settled.count.sum()))
             if krylov_items is not None:
                 if krylov == "lanczos":
-                    part = _solve_lanczos(problem, krylov_items, k, tol_abs, maxiter, m, block, start, bar)
+                    part = _solve_lanczos(problem, krylov_items, k, tol_abs, maxiter, m, block, start, bar, op)
                 elif krylov == "scipy":
                     part = scipy_solve(problem, krylov_items, k, tol_abs, maxiter, ncv, start,
                                        bar.update if bar is not None else None)
@@ -234,9 +234,9 @@ def _generator(device: torch.device) -> torch.Generator:
 
 
 def _check_warm_start(problem: Problem, items: Items, k: int, tol_abs: float, start: torch.Tensor
-                      ) -> tuple[Candidates | None, Items | None, int]:
+                      ) -> tuple[Candidates | None, Items | None, int, PaddedOperator | None]:
     """Rayleigh–Ritz of every Krylov item on the previous basis (see _warm). Returns the settled items' pairs,
-    the items still to solve, and the products the check spent on each of those."""
+    the items still to solve, the products the check spent on each of those, and their operator (for Lanczos)."""
     valid = items.valid()
     op = PaddedOperator.build(problem.matrix, items.node_map, problem.shift,
                               _auto.operator_kind(problem.device, items.node_map.shape[1]))
@@ -253,15 +253,19 @@ def _check_warm_start(problem: Problem, items: Items, k: int, tol_abs: float, st
                              iterations=torch.ones(index.numel(), dtype=torch.int64),
                              matvecs=torch.full((index.numel(),), columns, dtype=torch.int64))
     if bool(passed.all()):
-        return settled, None, 0
-    return settled, items.subset(torch.nonzero(~passed).flatten()), columns
+        return settled, None, 0, None
+    index = torch.nonzero(~passed).flatten()
+    remaining = items.subset(index)
+    return settled, remaining, columns, op.restrict(index, remaining.node_map.shape[1])
 
 
 def _solve_lanczos(problem: Problem, items: Items, k: int, tol_abs: float, maxiter: int | None, m: int,
-                   block: int, start: torch.Tensor | None, bar) -> Candidates:
+                   block: int, start: torch.Tensor | None, bar, op: PaddedOperator | None) -> Candidates:
+    """Batched Lanczos over ``items``; ``op``: their operator when the warm-start check already built it."""
     valid = items.valid()
-    kind = _auto.operator_kind(problem.device, items.node_map.shape[1])
-    op = PaddedOperator.build(problem.matrix, items.node_map, problem.shift, kind)
+    if op is None:
+        kind = _auto.operator_kind(problem.device, items.node_map.shape[1])
+        op = PaddedOperator.build(problem.matrix, items.node_map, problem.shift, kind)
     want = items.sizes.clamp(max=k)
     kw = int(want.max())
     keep_gain = m - default_keep(m, block, kw)

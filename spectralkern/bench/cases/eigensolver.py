@@ -90,7 +90,8 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         n_total = cfg.num_blocks * cfg.n
         nnz = n_total * (2 * _NEIGHBOURS + 1)  # about: symmetrised kNN plus the diagonal
         shape = {"N": n_total, "blocks": cfg.num_blocks, "block_size": cfg.n, "k": cfg.k, "tol": cfg.tol,
-                 "neighbours": _NEIGHBOURS, "drift": cfg.drift}
+                 "neighbours": _NEIGHBOURS, "drift": cfg.drift,
+                 "threads": _threads() if device.type == "cpu" else None}   # every provider's CPU threads
         prepare = _prepare_drift if cfg.drift else _prepare
         out.append(Case(op=OP, name=cfg.name, layout="uniform", dtype=torch.float64, shape=shape,
                         bytes=nnz * 16 + (n_total + 1) * 8 + n_total * cfg.k * 8, flops=2 * nnz * cfg.k,
