@@ -69,7 +69,10 @@ def default_ncv(k: int, block: int) -> int:
 #     lanczos        2.34   25.3   45.0    106    270
 #     scipy (ARPACK) 2.66   19.7   29.6   64.7    140
 #
-# so the CPU takes dense eigh up to max(160, 4k) nodes and ARPACK above. The batched Lanczos loses to ARPACK
+# so the CPU takes dense eigh up to max(160, 4k) nodes and ARPACK above. These are one-thread costs: the dense
+# solve splits its batch across torch's threads (1.9× on this machine's 2 cores, ``_dense.eigh_small``) and
+# ARPACK cannot (scipy's wrappers hold the GIL), so with more cores dense would pay further up; the threshold
+# stays at the one-thread crossover, the only one measured. The batched Lanczos loses to ARPACK
 # per block on this CPU by 1.6–2.4×: per step it runs ~25 small torch ops (each a few µs to tens of µs), and
 # MKL's skinny GEMMs on this AMD part gain little from the block rows (see block_size), while ARPACK works on
 # one block's basis in cache with one compiled loop. Batching pays where kernel launches and memory traffic
