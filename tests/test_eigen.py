@@ -256,9 +256,10 @@ def test_dense_backend_matches_from_laplacian(seed):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_dense_solve_split_across_threads_is_the_same_basis(seed, threads):
+def test_dense_solve_split_across_threads_is_the_same_basis(seed, threads, monkeypatch):
     """The CPU dense path splits each size bucket's eigh across torch's thread count: any split (more threads
     than a bucket has blocks included) gives the basis of the one-call solve."""
+    monkeypatch.setattr(_dense, "_MIN_WORK_PER_THREAD", 1)   # split even these small buckets
     rng = np.random.default_rng(seed)
     ptr = sizes_to_ptr([40, 1, 0, 33, 12, 40, 2, 37])
     L = laplacian_of(random_adjacency(rng, ptr, 0.3, isolated=0.0), ptr)
@@ -274,8 +275,21 @@ def test_dense_solve_split_across_threads_is_the_same_basis(seed, threads):
     check_basis(split, dense_of(L), ptr, 6, torch.float64)
 
 
-def test_eigh_small_workers_and_columns(seed):
+def test_eigh_small_workers_and_columns(seed, monkeypatch):
+    """Split across workers or not, eigh_small returns the lowest ``columns`` pairs, in their own storage; a
+    batch too small to be worth a thread is one call."""
     gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(4, 6, 6, dtype=torch.float64, generator=gen)
+    calls = []
+    real_eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda m: calls.append(m.shape[0]) or real_eigh(m))
+    _dense.eigh_small(a + a.mT, workers=4)
+    assert calls == [4]                                      # 4 · 6³ ≪ the work worth a thread
+    monkeypatch.setattr(_dense, "_MIN_WORK_PER_THREAD", 1)
+    calls.clear()
+    _dense.eigh_small(a + a.mT, workers=3)
+    assert sorted(calls) == [1, 1, 2]
+    monkeypatch.undo()
     a = torch.randn(5, 9, 9, dtype=torch.float64, generator=gen)
     matrices = a + a.mT
     values, vectors = torch.linalg.eigh(matrices)
@@ -285,6 +299,35 @@ def test_eigh_small_workers_and_columns(seed):
         torch.testing.assert_close(got_values, values[:, :4], rtol=0, atol=1e-12)
         torch.testing.assert_close(got_vectors @ got_vectors.mT, vectors[..., :4] @ vectors[..., :4].mT,
                                    rtol=0, atol=1e-10)
+        assert got_vectors.untyped_storage().nbytes() == got_vectors.numel() * 8   # not a view of all 9 columns
+
+
+@pytest.mark.parametrize("backend", ["lanczos", "scipy"])
+def test_many_big_components_in_one_block_are_all_krylov_items(seed, backend):
+    """A block of five components too big for dense (block size p = 2 for k = 3): the Krylov items take them two
+    at a time and none is solved densely; every pair matches numpy."""
+    from spectralkern.eigen import _plan, _problem
+
+    rng = np.random.default_rng(seed)
+    sizes = [70, 60, 55, 50, 45]
+    ptr = sizes_to_ptr([sum(sizes), 20])
+    adjacency = np.zeros((ptr[-1], ptr[-1]))
+    for start, stop in zip(sizes_to_ptr(sizes)[:-1], sizes_to_ptr(sizes)[1:]):   # a ring + chords per component
+        n = stop - start
+        ring = np.roll(np.eye(n), 1, axis=1) * rng.uniform(0.5, 2.0, n)
+        chords = np.triu(rng.random((n, n)) < 0.08, 2) * rng.uniform(0.1, 1.0, (n, n))
+        adjacency[start:stop, start:stop] = ring + chords
+    adjacency[ptr[1]:, ptr[1]:] = np.triu(rng.random((20, 20)) < 0.3, 1)
+    adjacency = np.triu(adjacency + adjacency.T, 1)
+    L = laplacian_of(adjacency + adjacency.T, ptr)
+    k = 3
+    dense_max = _auto.default_ncv(k, 2) + 2
+    plan = _plan.make_plan(_problem.prepare("L", L), dense_max, 2 if backend == "lanczos" else None)
+    assert plan.dense is None or int(plan.dense.sizes.max()) <= dense_max
+    expected = [70 + 60, 55 + 50, 45] if backend == "lanczos" else sizes
+    assert sorted(plan.krylov.sizes.tolist()) == sorted(expected)
+    basis = sk.lowest_eigenpairs(L, k, tol=1e-10, backend=backend)
+    check_basis(basis, dense_of(L), ptr, k, torch.float64)
 
 
 # --------------------------------------------------------------------------------------- warm start
@@ -343,6 +386,24 @@ def test_warm_start_solves_only_the_blocks_that_moved(seed, backend):
     assert matvecs[0] == matvecs[2] == k and matvecs[1] > 2 * k, matvecs
     assert warm.info.iterations.tolist()[0::2] == [1, 1]
     assert warm.info.iterations.tolist()[1] >= (2 if backend == "lanczos" else 0)
+
+
+@pytest.mark.parametrize("backend", ["lanczos", "scipy"])
+def test_warm_start_settles_blocks_whose_lowest_pairs_include_islands(seed, backend):
+    """Block 0 has isolated nodes among its k lowest pairs (solved densely, or in another item): the Krylov item
+    owes only the old pairs that live on it, so a refresh of an unchanged graph is one check everywhere."""
+    rng = np.random.default_rng(seed)
+    ptr = sizes_to_ptr([150, 150])
+    adjacency = random_adjacency(rng, ptr, 0.08, isolated=0.0)
+    adjacency[:, :3] = 0
+    adjacency[:3, :] = 0                      # block 0: three isolated nodes (eigenvalue 0 each)
+    L = laplacian_of(adjacency, ptr)
+    k = 6
+    previous = sk.lowest_eigenpairs(L, k, tol=1e-8, backend=backend)
+    warm = sk.lowest_eigenpairs(L, k, tol=1e-8, backend=backend, v0=previous)
+    check_basis(warm, dense_of(L), ptr, k, torch.float64)
+    assert warm.info.iterations.tolist() == [1, 1], warm.info
+    assert int(warm.info.matvecs.max()) <= k, warm.info
 
 
 def test_warm_start_chained_refreshes(seed):
@@ -482,6 +543,19 @@ def test_dense_backend_refuses_huge_blocks():
     L = networkx_laplacian(nx.path_graph(9000))
     with pytest.raises(ValueError, match="backend='dense' would run a dense eigh on a 9000-node block"):
         sk.lowest_eigenpairs(L, 2, backend="dense")
+    # ten 1000-node blocks made global by one edge across blocks: the message says why the block is so big
+    ring = scipy.sparse.csr_array(nx.to_scipy_sparse_array(nx.path_graph(10_000)))
+    L = sk.ParameterGraph.from_scipy(ring, block_ptr=list(range(0, 10_001, 1000))).laplacian()
+    with pytest.raises(ValueError, match="10000-node block .L has entries across its graph's blocks"):
+        sk.lowest_eigenpairs(L, 2, backend="dense")
+
+
+def test_scipy_input_raises_no_torch_sparse_warnings(small_laplacian):
+    matrix = small_laplacian.to_scipy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        basis = sk.lowest_eigenpairs(matrix, 2)
+    assert basis.U.shape == (matrix.shape[0], 2)
 
 
 # ------------------------------------------------------------------------------------------------ cupy
@@ -538,6 +612,20 @@ def test_refill_keeps_padding_zero_and_rows_orthonormal(seed):
     assert torch.all(q[1, :, 9:] == 0)
     torch.testing.assert_close(q @ q.mT, torch.eye(2, dtype=torch.float64).expand(2, 2, 2), rtol=0, atol=1e-12)
     assert float((q @ basis.mT).abs().max()) < 1e-12
+
+
+def test_refill_of_a_zero_row_keeps_the_span_of_the_other_rows(seed):
+    """A zero row among the rows to orthonormalise is refilled at random; the other rows' span must survive
+    (replacing the row of Householder's Q would drop the part of later rows along Q's arbitrary row)."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.ones(1, 1, 10, dtype=torch.float64)
+    x = torch.randn(1, 4, 10, dtype=torch.float64, generator=gen)
+    x[:, 1] = 0
+    q = _lanczos.orthonormalize(x, x.new_zeros(1, 0, 10), mask, gen)
+    torch.testing.assert_close(q @ q.mT, torch.eye(4, dtype=torch.float64).unsqueeze(0), rtol=0, atol=1e-12)
+    kept = x[:, [0, 2, 3]]
+    outside = kept - (kept @ q.mT) @ q                       # the part of each kept row outside span(q)
+    assert float(outside.abs().max()) < 1e-12
 
 
 # ------------------------------------------------------------------------------------------------- GPU

@@ -17,6 +17,8 @@ from ._auto import one_thread
 # threads instead (torch releases the GIL inside the op): 1024 matrices of 128 × 128 took 1.94 s as one call and
 # 1.01 s split across two threads, on the idle machine. Bigger matrices keep torch's setting and one call.
 _ONE_THREAD_MAX_N = 512
+# Least work (m³ summed over a thread's matrices) worth a thread of its own: ≈ 1 ms of eigh here.
+_MIN_WORK_PER_THREAD = 1_000_000
 
 
 def eigh_small(matrices: torch.Tensor, *, columns: int | None = None, workers: int = 1
@@ -25,22 +27,28 @@ def eigh_small(matrices: torch.Tensor, *, columns: int | None = None, workers: i
     the c = ``columns`` lowest (default: all m).
 
     On the CPU, matrices up to 512 × 512 run with one LAPACK thread each; with ``workers`` > 1 the batch is
-    split across that many threads (see above). Elsewhere it is one batched call.
+    split across up to that many threads (see above), each with at least ~1 ms of work. Elsewhere it is one
+    batched call.
     """
-    columns = matrices.shape[-1] if columns is None else columns
-    small_cpu = matrices.device.type == "cpu" and matrices.shape[-1] <= _ONE_THREAD_MAX_N
+    count, m = matrices.shape[0], matrices.shape[-1]
+    columns = m if columns is None else columns
+
+    def lowest(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        values, vectors = torch.linalg.eigh(chunk)
+        if columns == m:
+            return values, vectors
+        return values[:, :columns].clone(), vectors[:, :, :columns].clone()   # free the other m − c columns
+
+    small_cpu = matrices.device.type == "cpu" and m <= _ONE_THREAD_MAX_N
     with one_thread(small_cpu):
-        if not small_cpu or workers <= 1 or matrices.shape[0] < 2:
-            values, vectors = torch.linalg.eigh(matrices)
-            return values[:, :columns], vectors[:, :, :columns]
-        chunks = matrices.tensor_split(min(workers, matrices.shape[0]))
-
-        def lowest(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            values, vectors = torch.linalg.eigh(chunk)
-            return values[:, :columns], vectors[:, :, :columns]
-
-        with ThreadPoolExecutor(len(chunks), thread_name_prefix="spectralkern-eigh") as pool:
-            parts = list(pool.map(lowest, chunks))
+        # every thread gets at least ~1 ms of LAPACK work (≈ 1e6·m⁻³ matrices): starting a thread costs ~0.1 ms
+        threads = min(workers, count, count * m**3 // _MIN_WORK_PER_THREAD) if small_cpu else 1
+        if threads <= 1:
+            return lowest(matrices)
+        # torch's thread setting is per thread for OpenMP and MKL: pin each worker to one LAPACK thread too
+        with ThreadPoolExecutor(threads, thread_name_prefix="spectralkern-eigh", initializer=torch.set_num_threads,
+                                initargs=(1,)) as pool:
+            parts = list(pool.map(lowest, matrices.tensor_split(threads)))
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 

@@ -99,7 +99,9 @@ def orthonormalize(x: torch.Tensor, basis: torch.Tensor, mask: torch.Tensor, gen
         q = q * mask
         if not bool(lost.any()):
             return q
-        x = torch.where(lost.unsqueeze(-1), _random(q.shape, mask, generator), q)
+        # refill from y, not q: past a lost row, QR's q rows mix in an arbitrary direction in its place, so
+        # swapping that row of q for a random one would drop part of the later rows' span
+        x = torch.where(lost.unsqueeze(-1), _random(q.shape, mask, generator), y * mask)
     return q  # rows still lost are masked noise; their Ritz values sit at 0 and are never wanted
 
 

@@ -77,15 +77,16 @@ class PaddedOperator:
         r, c, v = r[inside], c[inside], v[inside]
         return cls(item_of[r], local_of[r], local_of[c], v, num_items, n_pad, shift, kind)
 
-    def restrict(self, keep: torch.Tensor, n_pad: int | None = None) -> PaddedOperator:
+    def restrict(self, keep: torch.Tensor, n_pad: int | None = None, kind: str | None = None) -> PaddedOperator:
         """The operator of items ``keep`` (sorted (G',) int64), renumbered 0..G'−1, padded to ``n_pad`` rows
-        (default: unchanged; a smaller one must still hold every kept item, as ``Items.subset`` ensures)."""
+        (default: unchanged; a smaller one must still hold every kept item, as ``Items.subset`` ensures) and
+        stored as ``kind`` (default: unchanged)."""
         new_index = torch.full((self.num_items,), -1, dtype=torch.int64, device=self.val.device)
         new_index[keep.to(self.val.device)] = torch.arange(keep.numel(), device=self.val.device)
         mine = new_index[self.item]
         sel = mine >= 0
         return PaddedOperator(mine[sel], self.row[sel], self.col[sel], self.val[sel], keep.numel(),
-                              self.n_pad if n_pad is None else n_pad, self.shift, self.kind)
+                              self.n_pad if n_pad is None else n_pad, self.shift, self.kind if kind is None else kind)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """A X = shift·X − L X for X of shape (G, n_pad, p)."""

@@ -6,9 +6,11 @@ problems. That is how repeated eigenvalues *across* components are handled — t
 Laplacian has one eigenvector per component, and identical components share their whole spectrum — without
 hoping that rounding reveals the multiplicity:
   - blocks of at most ``dense_max`` nodes are solved whole by dense eigh (exact, multiplicities included);
-  - in a larger block, the ``max_components`` largest components form the Krylov item (a block Lanczos with
-    block size ≥ the number of its components sees each repeated eigenvalue across them in exact arithmetic),
-    or each large component is its own item (``max_components=None``: the per-component scipy/cupy loops);
+  - in a larger block, its components, largest first, are grouped ``max_components`` at a time into Krylov
+    items (a block Lanczos with block size ≥ the number of its components sees each repeated eigenvalue across
+    them in exact arithmetic) as long as a group is too big for dense, or each large component is its own item
+    (``max_components=None``: the per-component scipy/cupy loops); no component above ``dense_max`` nodes is
+    ever solved densely;
   - every other component of that block (isolated nodes, small islands) is solved densely on its own.
 Each output block then takes its k lowest pairs among all its items' pairs.
 """
@@ -117,15 +119,17 @@ def make_plan(problem: Problem, dense_max: int, max_components: int | None) -> P
         if max_components is None:   # one Krylov item per component that is too big for dense
             to_krylov = comp_size > dense_max
             krylov_item = torch.cumsum(to_krylov.to(torch.int64), 0) - 1
-        else:                        # one Krylov item per block: its largest components, if big enough
-            kept = rank < max_components
-            kept_nodes = torch.zeros(problem.num_blocks, dtype=torch.int64).index_add_(
-                0, comp_block[kept], comp_size[kept])
-            to_krylov = kept & (kept_nodes[comp_block] > dense_max)
-            blocks_used = torch.unique(comp_block[to_krylov])
-            block_item = torch.full((problem.num_blocks,), -1, dtype=torch.int64)
-            block_item[blocks_used] = torch.arange(blocks_used.numel())
-            krylov_item = block_item[comp_block]
+        else:   # Krylov items of up to max_components components (a block's largest first), while too big
+            group = rank // max_components      # for dense; the rest of the block's components go dense one by one
+            key = comp_block * (int(group.max()) + 1) + group
+            _, group_of_comp = torch.unique(key, return_inverse=True)
+            group_nodes = torch.zeros(int(group_of_comp.max()) + 1, dtype=torch.int64).index_add_(
+                0, group_of_comp, comp_size)
+            to_krylov = group_nodes[group_of_comp] > dense_max
+            groups_used = torch.unique(group_of_comp[to_krylov])
+            group_item = torch.full((group_nodes.numel(),), -1, dtype=torch.int64)
+            group_item[groups_used] = torch.arange(groups_used.numel())
+            krylov_item = group_item[group_of_comp]
         krylov_comps = torch.nonzero(to_krylov).flatten()
         if krylov_comps.numel():
             item_of_comp = torch.where(to_krylov, krylov_item, torch.full_like(krylov_item, -1))

@@ -73,7 +73,9 @@ def _to_csr(name: str, value: object) -> torch.Tensor:
         crow = torch.as_tensor(csr.indptr.astype(np.int64))
         col = torch.as_tensor(csr.indices.astype(np.int64))
         val = torch.as_tensor(csr.data.astype(dtype))
-        return torch.sparse_csr_tensor(crow, col, val, csr.shape)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(crow, col, val, csr.shape)
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a GraphLaplacian, a torch tensor or a scipy sparse matrix, "
                         f"got {type(value).__name__}")

@@ -101,8 +101,10 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
     if backend == "dense":
         dense_max = n_max
         if n_max > MAX_DENSE_GLOBAL_NODES:
-            raise ValueError(f"backend='dense' would run a dense eigh on a {n_max}-node block (O(n³)); it is limited "
-                             f"to {MAX_DENSE_GLOBAL_NODES} nodes per block — use backend='lanczos' or 'auto'")
+            where = (" (L has entries across its graph's blocks, so the basis is global: one block of all nodes)"
+                     if problem.num_blocks == 1 and _given_blocks(L) > 1 else "")
+            raise ValueError(f"backend='dense' would run a dense eigh on a {n_max}-node block{where} (O(n³)); it is "
+                             f"limited to {MAX_DENSE_GLOBAL_NODES} nodes per block — use backend='lanczos' or 'auto'")
         krylov = "lanczos"
     elif backend == "auto":
         krylov = _auto.iterative_backend(problem.device)
@@ -196,6 +198,12 @@ def _check_v0(v0: object, problem: Problem) -> torch.Tensor | None:
     return v0.U
 
 
+def _given_blocks(L: object) -> int:
+    """Blocks of L's own layout (a GraphLaplacian's block_ptr; 1 for a plain matrix)."""
+    block_ptr = getattr(L, "block_ptr", None)
+    return block_ptr.numel() - 1 if isinstance(block_ptr, torch.Tensor) else 1
+
+
 def _short(ptr: torch.Tensor) -> str:
     values = ptr.tolist()
     return str(values) if len(values) <= 6 else f"[{values[0]}, {values[1]}, {values[2]}, ..., {values[-1]}]"
@@ -242,21 +250,29 @@ def _check_warm_start(problem: Problem, items: Items, k: int, tol_abs: float, st
                               _auto.operator_kind(problem.device, items.node_map.shape[1]))
     want = items.sizes.clamp(max=k)
     columns = int(want.max())
-    check = check_start(op, valid, want, _item_start(start, items, columns), tol_abs, _generator(problem.device))
+    old = _item_start(start, items, columns)
+    # An item owes only the old pairs that live on it: a block's other pairs were found on its other components
+    # (isolated nodes, islands: dense items or other Krylov items), so their columns vanish here. Columns the old
+    # basis lacks (v0 narrower than k) are owed by the item too; their random starts fail unless converged.
+    kept = min(start.shape[1], columns)
+    owned = (old[:, :, :kept].square().sum(dim=1) >= 0.5).sum(dim=1).cpu()
+    owed = torch.minimum(want, owned + (columns - kept))
+    check = check_start(op, valid, owed, old, tol_abs, _generator(problem.device))
     passed = check.passed
     settled = None
     if bool(passed.any()):
         index = torch.nonzero(passed).flatten()
         rows = index.to(problem.device)
         settled = Candidates(items=items.subset(index), values=check.values[rows], vectors=check.vectors[rows],
-                             count=want[index], converged=check.converged[rows],
+                             count=owed[index], converged=check.converged[rows],
                              iterations=torch.ones(index.numel(), dtype=torch.int64),
                              matvecs=torch.full((index.numel(),), columns, dtype=torch.int64))
     if bool(passed.all()):
         return settled, None, 0, None
     index = torch.nonzero(~passed).flatten()
     remaining = items.subset(index)
-    return settled, remaining, columns, op.restrict(index, remaining.node_map.shape[1])
+    n_pad = remaining.node_map.shape[1]
+    return settled, remaining, columns, op.restrict(index, n_pad, _auto.operator_kind(problem.device, n_pad))
 
 
 def _solve_lanczos(problem: Problem, items: Items, k: int, tol_abs: float, maxiter: int | None, m: int,
