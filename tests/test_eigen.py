@@ -614,16 +614,21 @@ def test_refill_keeps_padding_zero_and_rows_orthonormal(seed):
     assert float((q @ basis.mT).abs().max()) < 1e-12
 
 
-def test_refill_of_a_zero_row_keeps_the_span_of_the_other_rows(seed):
-    """A zero row among the rows to orthonormalise is refilled at random; the other rows' span must survive
-    (replacing the row of Householder's Q would drop the part of later rows along Q's arbitrary row)."""
+@pytest.mark.parametrize("lost_rows", [[1], [0, 1], [0, 2]])
+def test_refill_of_lost_rows_keeps_the_span_of_the_other_rows(seed, lost_rows):
+    """Zero rows, or rows that repeat an earlier one, among the rows to orthonormalise are refilled at random; the
+    other rows' span must survive. (Past a zero row, Householder's Q row is arbitrary: measuring later rows
+    against it flagged genuine rows as dependent, and swapping Q rows dropped part of later rows' span — the old
+    vectors of a warm start whose first columns belonged to isolated nodes were lost.)"""
     gen = torch.Generator().manual_seed(seed)
-    mask = torch.ones(1, 1, 10, dtype=torch.float64)
-    x = torch.randn(1, 4, 10, dtype=torch.float64, generator=gen)
-    x[:, 1] = 0
-    q = _lanczos.orthonormalize(x, x.new_zeros(1, 0, 10), mask, gen)
-    torch.testing.assert_close(q @ q.mT, torch.eye(4, dtype=torch.float64).unsqueeze(0), rtol=0, atol=1e-12)
-    kept = x[:, [0, 2, 3]]
+    mask = torch.ones(2, 1, 40, dtype=torch.float64)
+    # orthonormal rows, like an old basis (random rows may legitimately lose half their norm to earlier rows)
+    x = torch.linalg.qr(torch.randn(2, 40, 6, dtype=torch.float64, generator=gen)).Q.mT.contiguous()
+    x[0, lost_rows] = 0                                      # item 0: zero rows
+    x[1, lost_rows] = x[1, 5].clone()                        # item 1: copies of its last row
+    q = _lanczos.orthonormalize(x, x.new_zeros(2, 0, 40), mask, gen)
+    torch.testing.assert_close(q @ q.mT, torch.eye(6, dtype=torch.float64).expand(2, 6, 6), rtol=0, atol=1e-12)
+    kept = x[:, [i for i in range(6) if i not in lost_rows]]
     outside = kept - (kept @ q.mT) @ q                       # the part of each kept row outside span(q)
     assert float(outside.abs().max()) < 1e-12
 

@@ -82,27 +82,36 @@ def orthonormalize(x: torch.Tensor, basis: torch.Tensor, mask: torch.Tensor, gen
     non-orthogonality grow by ‖x‖/‖result‖ per step — measured: 6e-6 after 20 Lanczos steps), then a Householder
     QR of the rows among themselves. A row that loses more than half its norm in the second pass, or that QR
     finds dependent on the rows before it, was rounding noise: it is replaced by a random direction and the
-    block is orthonormalised again.
+    block is orthonormalised again. Rows lost in Gram–Schmidt are refilled before the QR, and of the rows QR
+    finds dependent only the first of each item is: past a dependent row, Householder's Q row is an arbitrary
+    direction that later rows are measured against, so their R diagonal says nothing, and swapping them out
+    would drop genuine directions (e.g. the old vectors of a warm start after a column that was zero).
     """
-    for _ in range(_MAX_REFILLS):
+    for _ in range(_MAX_REFILLS + x.shape[1]):
         y = x - (first if first is not None else x @ basis.mT) @ basis
         first = None
         norm1 = torch.linalg.vector_norm(y, dim=-1)
         y = y - (y @ basis.mT) @ basis
         norm2 = torch.linalg.vector_norm(y, dim=-1)
         lost = (norm2 < _LOST * norm1) | (norm2 == 0)
-        if x.shape[1] == 1:
-            q = y / norm2.unsqueeze(-1).clamp_min(torch.finfo(x.dtype).tiny)
-        else:
-            q, r = _qr_rows(y)
-            lost |= r.diagonal(dim1=-2, dim2=-1).abs() < _LOST * norm2
-        q = q * mask
         if not bool(lost.any()):
-            return q
-        # refill from y, not q: past a lost row, QR's q rows mix in an arbitrary direction in its place, so
-        # swapping that row of q for a random one would drop part of the later rows' span
-        x = torch.where(lost.unsqueeze(-1), _random(q.shape, mask, generator), y * mask)
-    return q  # rows still lost are masked noise; their Ritz values sit at 0 and are never wanted
+            q, diagonal = _orthonormal_rows(y, norm2)
+            if diagonal is None:
+                return q * mask
+            lost = diagonal < _LOST * norm2
+            lost &= torch.cumsum(lost.to(torch.int64), dim=-1) == 1     # the first dependent row of each item
+            if not bool(lost.any()):
+                return q * mask
+        x = torch.where(lost.unsqueeze(-1), _random(y.shape, mask, generator), y * mask)
+    return _orthonormal_rows(y, norm2)[0] * mask  # rows still lost are noise; their Ritz values are never wanted
+
+
+def _orthonormal_rows(y: torch.Tensor, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Orthonormal rows spanning y's (G, q, n) rows and |R|'s diagonal (None for q = 1: y / ‖y‖)."""
+    if y.shape[1] == 1:
+        return y / norm.unsqueeze(-1).clamp_min(torch.finfo(y.dtype).tiny), None
+    q, r = _qr_rows(y)
+    return q, r.diagonal(dim1=-2, dim2=-1).abs()
 
 
 def _symmetric_from_rows(H: torch.Tensor) -> torch.Tensor:

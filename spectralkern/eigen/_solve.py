@@ -124,7 +124,7 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
         with _auto.cpu_threads(problem.device, basis_bytes):
             if plan.dense is not None:
                 parts += _solve_dense(problem, plan.dense, k, workers)
-            krylov_items, check_cost, op = plan.krylov, 0, None
+            krylov_items, check_cost, op = plan.krylov, None, None
             if krylov_items is not None and start is not None:
                 settled, krylov_items, check_cost, op = _check_warm_start(problem, krylov_items, k, tol_abs, start)
                 if settled is not None:
@@ -140,9 +140,10 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
                 else:
                     part = cupy_solve(problem, krylov_items, k, tol_abs, maxiter, ncv, start,
                                       bar.update if bar is not None else None)
-                part.matvecs += check_cost   # the products of a failed warm-start check count too
-                if krylov == "lanczos":         # ARPACK's restarts are not reported: leave its 0
-                    part.iterations += int(check_cost > 0)
+                if check_cost is not None:   # the products of a failed warm-start check count too
+                    part.matvecs += check_cost
+                    if krylov == "lanczos":     # ARPACK's restarts are not reported: leave its 0
+                        part.iterations += 1
                 parts.append(part)
     finally:
         if bar is not None:
@@ -242,9 +243,10 @@ def _generator(device: torch.device) -> torch.Generator:
 
 
 def _check_warm_start(problem: Problem, items: Items, k: int, tol_abs: float, start: torch.Tensor
-                      ) -> tuple[Candidates | None, Items | None, int, PaddedOperator | None]:
+                      ) -> tuple[Candidates | None, Items | None, torch.Tensor | None, PaddedOperator | None]:
     """Rayleigh–Ritz of every Krylov item on the previous basis (see _warm). Returns the settled items' pairs,
-    the items still to solve, the products the check spent on each of those, and their operator (for Lanczos)."""
+    the items still to solve, the products the check spent on each of those ((G',) int64), and their operator
+    (for Lanczos)."""
     valid = items.valid()
     op = PaddedOperator.build(problem.matrix, items.node_map, problem.shift,
                               _auto.operator_kind(problem.device, items.node_map.shape[1]))
@@ -266,13 +268,14 @@ def _check_warm_start(problem: Problem, items: Items, k: int, tol_abs: float, st
         settled = Candidates(items=items.subset(index), values=check.values[rows], vectors=check.vectors[rows],
                              count=owed[index], converged=check.converged[rows],
                              iterations=torch.ones(index.numel(), dtype=torch.int64),
-                             matvecs=torch.full((index.numel(),), columns, dtype=torch.int64))
+                             matvecs=check.products[index])
     if bool(passed.all()):
-        return settled, None, 0, None
+        return settled, None, None, None
     index = torch.nonzero(~passed).flatten()
     remaining = items.subset(index)
     n_pad = remaining.node_map.shape[1]
-    return settled, remaining, columns, op.restrict(index, n_pad, _auto.operator_kind(problem.device, n_pad))
+    return settled, remaining, check.products[index], op.restrict(index, n_pad,
+                                                                  _auto.operator_kind(problem.device, n_pad))
 
 
 def _solve_lanczos(problem: Problem, items: Items, k: int, tol_abs: float, maxiter: int | None, m: int,
