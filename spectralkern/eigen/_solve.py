@@ -46,8 +46,9 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
             CPU, 8 on a GPU; a smaller ncv shrinks p to fit); scipy/cupy: ARPACK's default.
         v0: a previous basis of the same layout (same block_ptr, dtype and device), e.g. from the last refresh of
             a slowly changing graph. Every Krylov backend first checks its vectors (one Rayleigh–Ritz step, k
-            products per block): a block whose pairs all meet the tolerance is done — the whole solve when the
-            graph moved by less than the tolerance. The other blocks start from it: Lanczos from random
+            products per block; a block that misses the tolerance by at most 10× gets a second one on the block
+            Krylov space [V, L V, L² V, L³ V] of its old vectors, 3k more): a block whose pairs all meet the
+            tolerance is done — the whole solve when the graph moved little relative to the tolerance. The other blocks start from it: Lanczos from random
             combinations of the old vectors, scipy/cupy (ARPACK) from their sum. Dense solves ignore it. The check
             proves the pairs are eigenpairs, not that they are the lowest: use v0 only while the drift stays below
             the gap λ_{k+1} − λ_k, i.e. for refreshes of one drifting graph (see ``eigen/_warm.py``).
