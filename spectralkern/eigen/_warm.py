@@ -80,13 +80,13 @@ def check_start(op: PaddedOperator, valid: torch.Tensor, want: torch.Tensor, sta
     AY = op.apply_rows(Y)
     kw = int(want.max()) if want.numel() else 0
     check = _rayleigh_ritz(Y, AY, want, kw, tol, op.shift)
-    check.products = torch.full((Y.shape[0],), s, dtype=torch.int64)
+    products = torch.full((Y.shape[0],), s, dtype=torch.int64)
     if kw == 0:
-        return check.result()
+        return check.result(products)
     worst = check.residuals.where(check.needed, 0).amax(dim=1).cpu()
     near = torch.nonzero(~check.passed & (worst <= EXTEND_WITHIN * tol)).flatten()
     if near.numel() == 0:
-        return check.result()
+        return check.result(products)
     rows = near.to(Y.device)
     sub_op = op.restrict(near)
     V, AV = [Y[rows]], [AY[rows]]
@@ -97,8 +97,8 @@ def check_start(op: PaddedOperator, valid: torch.Tensor, want: torch.Tensor, sta
     extended = _rayleigh_ritz(torch.cat(V, dim=1), torch.cat(AV, dim=1), want[near], kw, tol, op.shift)
     check.values[rows], check.vectors[rows] = extended.values, extended.vectors
     check.residuals[rows], check.passed[near] = extended.residuals, extended.passed
-    check.products[near] = EXTEND_DEPTH * s
-    return check.result()
+    products[near] = EXTEND_DEPTH * s
+    return check.result(products)
 
 
 @dataclass
@@ -109,11 +109,10 @@ class _Ritz:
     needed: torch.Tensor      # (G, kw) bool: the columns the item owes
     passed: torch.Tensor      # (G,) bool, CPU
     tol: float
-    products: torch.Tensor | None = None
 
-    def result(self) -> WarmCheck:
+    def result(self, products: torch.Tensor) -> WarmCheck:
         return WarmCheck(self.values, self.vectors, (self.residuals <= self.tol) & self.needed, self.passed,
-                         self.products)
+                         products)
 
 
 def _rayleigh_ritz(V: torch.Tensor, AV: torch.Tensor, want: torch.Tensor, kw: int, tol: float, shift: float
