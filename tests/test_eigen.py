@@ -302,6 +302,15 @@ def test_eigh_small_workers_and_columns(seed, monkeypatch):
         assert got_vectors.untyped_storage().nbytes() == got_vectors.numel() * 8   # not a view of all 9 columns
 
 
+def test_eigh_small_names_the_failed_matrix_in_the_whole_batch(monkeypatch):
+    """LAPACK numbers a failed matrix within its worker's chunk; the error names its index in the whole batch."""
+    monkeypatch.setattr(_dense, "_MIN_WORK_PER_THREAD", 1)
+    matrices = torch.eye(6, dtype=torch.float64).repeat(5, 1, 1)
+    matrices[4] = float("nan")                                # chunks of 2, 2, 1: the last chunk's element 0
+    with pytest.raises(torch.linalg.LinAlgError, match=r"Batch element 4\b"):
+        _dense.eigh_small(matrices, workers=3)
+
+
 @pytest.mark.parametrize("backend", ["lanczos", "scipy"])
 def test_many_big_components_in_one_block_are_all_krylov_items(seed, backend):
     """A block of five components too big for dense (block size p = 2 for k = 3): the Krylov items take them two

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -33,8 +34,13 @@ def eigh_small(matrices: torch.Tensor, *, columns: int | None = None, workers: i
     count, m = matrices.shape[0], matrices.shape[-1]
     columns = m if columns is None else columns
 
-    def lowest(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        values, vectors = torch.linalg.eigh(chunk)
+    def lowest(chunk: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            values, vectors = torch.linalg.eigh(chunk)
+        except torch.linalg.LinAlgError as exc:  # LAPACK numbers the failed matrix within the chunk
+            raise torch.linalg.LinAlgError(re.sub(r"Batch element (\d+)",
+                                                  lambda hit: f"Batch element {int(hit[1]) + offset}",
+                                                  str(exc))) from exc
         if columns == m:
             return values, vectors
         return values[:, :columns].clone(), vectors[:, :, :columns].clone()   # free the other m − c columns
@@ -48,7 +54,9 @@ def eigh_small(matrices: torch.Tensor, *, columns: int | None = None, workers: i
         # torch's thread setting is per thread for OpenMP and MKL: pin each worker to one LAPACK thread too
         with ThreadPoolExecutor(threads, thread_name_prefix="spectralkern-eigh", initializer=torch.set_num_threads,
                                 initargs=(1,)) as pool:
-            parts = list(pool.map(lowest, matrices.tensor_split(threads)))
+            chunks = matrices.tensor_split(threads)
+            offsets = torch.tensor([0] + [c.shape[0] for c in chunks[:-1]]).cumsum(0).tolist()
+            parts = list(pool.map(lowest, chunks, offsets))
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
