@@ -14,7 +14,7 @@ import torch
 
 from ._plan import Candidates, Items
 from ._problem import Problem
-from ._scipy import arpack_tol
+from ._scipy import arpack_request, arpack_tol, random_start
 
 INSTALL_HINT = "pip install 'spectralkern[cupy]' (cupy-cuda13x with its [ctk] CUDA libraries)"
 
@@ -40,8 +40,10 @@ def import_cupy(device: torch.device) -> tuple[ModuleType, ModuleType]:
 
 
 def cupy_solve(problem: Problem, items: Items, k: int, tol_abs: float, maxiter: int | None, ncv: int | None,
-               start: torch.Tensor | None, tick: Callable[[], None] | None = None) -> Candidates:
-    """k lowest pairs of every item with cupyx eigsh; tensors cross between torch and cupy through DLPack."""
+               start: torch.Tensor | None, generator: torch.Generator,
+               tick: Callable[[], None] | None = None) -> Candidates:
+    """k lowest pairs of every item with cupyx eigsh (guard pairs and tolerance as in the scipy backend);
+    ``generator`` (on L's device) draws the cold starts; tensors cross between torch and cupy through DLPack."""
     cupy, linalg = import_cupy(problem.device)
     sparse = importlib.import_module("cupyx.scipy.sparse")
     device, dtype = problem.device, problem.dtype
@@ -64,13 +66,14 @@ def cupy_solve(problem: Problem, items: Items, k: int, tol_abs: float, maxiter: 
             sub = csr[nodes][:, nodes]
             flipped = problem.shift * sparse.identity(size, dtype=sub.dtype, format="csr") - sub
             want = min(k, size)
-            v0 = None
-            if start is not None:
-                v0 = cupy.from_dlpack(start[nodes_t].sum(dim=1).contiguous())
-            theta, vecs = linalg.eigsh(flipped, k=want, which="LA", tol=tol, maxiter=maxiter,
-                                       ncv=ncv if ncv is None else min(max(ncv, want + 1), size), v0=v0)
+            nev, item_ncv = arpack_request(want, size, ncv)
+            v0 = start[nodes_t].sum(dim=1) if start is not None else None
+            if v0 is None or not bool(v0.any()):
+                v0 = random_start(size, generator).to(dtype)
+            theta, vecs = linalg.eigsh(flipped, k=nev, which="LA", tol=tol, maxiter=maxiter, ncv=item_ncv,
+                                       v0=cupy.from_dlpack(v0.contiguous()))
             theta_t = torch.from_dlpack(theta)
-            order = torch.argsort(-theta_t, stable=True)
+            order = torch.argsort(-theta_t, stable=True)[:want]   # the guards go
             values[g, :want] = problem.shift - theta_t[order]
             vectors[g, :size, :want] = torch.from_dlpack(vecs)[:, order]
             count[g] = want

@@ -43,15 +43,19 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
         maxiter: most restarts per block (Lanczos), ARPACK's maxiter (scipy/cupy). Default for Lanczos:
             10·n_max / (vectors added per restart) + 100, i.e. a block gives up after about 10·n_b products.
         ncv: Krylov basis size per block (> k). Lanczos default max(2k + 4p, k + 32) with block size p (2 on the
-            CPU, 8 on a GPU; a smaller ncv shrinks p to fit); scipy/cupy: ARPACK's default.
+            CPU, 8 on a GPU; a smaller ncv shrinks p to fit); scipy/cupy: ARPACK's default. ARPACK is asked for
+            k + 2 pairs (ncv raised to fit) to a relative tolerance of at most 1e-5: asked for exactly k at a
+            loose tolerance it misses an eigenvalue of the wanted range for ~1% of random starts (``_scipy``).
+            Cold starts are drawn from torch's RNG, so ``torch.manual_seed`` makes every backend repeat.
         v0: a previous basis of the same layout (same block_ptr, dtype and device), e.g. from the last refresh of
             a slowly changing graph. Every Krylov backend first checks its vectors (one Rayleigh–Ritz step, k
             products per block; a block that misses the tolerance by at most 10× gets a second one on the block
             Krylov space [V, L V, L² V, L³ V] of its old vectors, 3k more): a block whose pairs all meet the
-            tolerance is done — the whole solve when the graph moved little relative to the tolerance. The other blocks start from it: Lanczos from random
-            combinations of the old vectors, scipy/cupy (ARPACK) from their sum. Dense solves ignore it. The check
-            proves the pairs are eigenpairs, not that they are the lowest: use v0 only while the drift stays below
-            the gap λ_{k+1} − λ_k, i.e. for refreshes of one drifting graph (see ``eigen/_warm.py``).
+            tolerance is done — the whole solve when the graph moved little relative to the tolerance. The other
+            blocks start from it: Lanczos from random combinations of the old vectors, scipy/cupy (ARPACK) from
+            their sum. Dense solves ignore it. The check proves the pairs are eigenpairs, not that they are the
+            lowest: use v0 only while the drift stays below the gap λ_{k+1} − λ_k, i.e. for refreshes of one
+            drifting graph (see ``eigen/_warm.py``).
         backend: "lanczos" (batched block Lanczos in torch, all blocks at once; blocks too small for a Krylov
             space are solved densely), "dense" (batched ``torch.linalg.eigh``, blocks up to 8192 nodes),
             "scipy" (ARPACK per component, CPU), "cupy" (cupyx eigsh per component; needs cupy and a GPU), or
@@ -137,10 +141,10 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
                     part = _solve_lanczos(problem, krylov_items, k, tol_abs, maxiter, m, block, start, bar, op)
                 elif krylov == "scipy":
                     part = scipy_solve(problem, krylov_items, k, tol_abs, maxiter, ncv, start,
-                                       bar.update if bar is not None else None)
+                                       _generator(torch.device("cpu")), bar.update if bar is not None else None)
                 else:
                     part = cupy_solve(problem, krylov_items, k, tol_abs, maxiter, ncv, start,
-                                      bar.update if bar is not None else None)
+                                      _generator(problem.device), bar.update if bar is not None else None)
                 if check_cost is not None:   # the products of a failed warm-start check count too
                     part.matvecs += check_cost
                     if krylov == "lanczos":     # ARPACK's restarts are not reported: leave its 0
