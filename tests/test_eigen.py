@@ -363,6 +363,20 @@ def test_scipy_backend_finds_the_eigenvalue_plain_arpack_misses(monkeypatch):
     np.testing.assert_allclose(basis.eigenvalues[0].numpy(), expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("want, size, ncv, room, expected", [
+    (16, 200, None, 1, (18, None)),     # two guards, ARPACK's default ncv
+    (16, 18, None, 1, (17, None)),      # one guard fits below the size
+    (16, 17, 17, 1, (16, 17)),          # none fits: nev stays at what is wanted
+    (16, 200, 17, 1, (18, 19)),         # a caller's ncv too small for the guards is raised
+    (16, 19, 17, 3, (16, 19)),          # cupyx: nev + 2 ≤ ncv < size leaves no room for guards
+    (16, 30, 20, 3, (18, 21)),
+])
+def test_arpack_request_guards_fit_the_item(want, size, ncv, room, expected):
+    from spectralkern.eigen import _scipy
+
+    assert _scipy.arpack_request(want, size, ncv, room) == expected
+
+
 def test_scipy_cold_starts_repeat_under_a_seed():
     """Cold ARPACK starts come from torch's RNG: torch.manual_seed makes a scipy-backend solve repeat exactly."""
     from spectralkern.bench.cases.eigensolver import knn_graph
@@ -500,6 +514,25 @@ def test_not_strict_warns_and_returns_the_mask(seed):
     with pytest.warns(RuntimeWarning, match="did not reach the tolerance"):
         basis = sk.lowest_eigenpairs(L, 12, maxiter=2, strict=False)
     assert basis.info.num_converged < 12 and basis.info.converged.dtype == torch.bool
+
+
+def test_scipy_partial_result_with_a_gap_is_not_passed_off_as_converged(monkeypatch):
+    """ARPACK's partial result (maxiter reached) may skip a wanted pair; with guard pairs asked for, the k
+    returned would then look complete. None of a partial result counts as converged: NoConvergence is raised."""
+    from spectralkern.bench.cases.eigensolver import knn_graph
+
+    k = 16
+    L = knn_graph(1, 256, seed=0).laplacian(normalized=True)
+    values, vectors = np.linalg.eigh(L.to_dense().numpy())
+    kept = [*range(k - 1), k, k + 1]                        # pair k − 1 never converged
+
+    def partial_eigsh(operator, k, **kwargs):
+        raise scipy.sparse.linalg.ArpackNoConvergence("maxiter reached", 2 - values[kept], vectors[:, kept])
+
+    monkeypatch.setattr(scipy.sparse.linalg, "eigsh", partial_eigsh)
+    with pytest.raises(sk.NoConvergence) as caught:
+        sk.lowest_eigenpairs(L, k, tol=1e-8, backend="scipy")
+    assert not bool(caught.value.info.converged.any())
 
 
 # --------------------------------------------------------------------------------------------- progress

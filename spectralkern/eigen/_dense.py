@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import itertools
 import re
 from concurrent.futures import ThreadPoolExecutor
 
@@ -38,6 +39,8 @@ def eigh_small(matrices: torch.Tensor, *, columns: int | None = None, workers: i
         try:
             values, vectors = torch.linalg.eigh(chunk)
         except torch.linalg.LinAlgError as exc:  # LAPACK numbers the failed matrix within the chunk
+            if not offset:
+                raise
             raise torch.linalg.LinAlgError(re.sub(r"Batch element (\d+)",
                                                   lambda hit: f"Batch element {int(hit[1]) + offset}",
                                                   str(exc))) from exc
@@ -55,7 +58,7 @@ def eigh_small(matrices: torch.Tensor, *, columns: int | None = None, workers: i
         with ThreadPoolExecutor(threads, thread_name_prefix="spectralkern-eigh", initializer=torch.set_num_threads,
                                 initargs=(1,)) as pool:
             chunks = matrices.tensor_split(threads)
-            offsets = torch.tensor([0] + [c.shape[0] for c in chunks[:-1]]).cumsum(0).tolist()
+            offsets = list(itertools.accumulate((c.shape[0] for c in chunks[:-1]), initial=0))
             parts = list(pool.map(lowest, chunks, offsets))
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 

@@ -33,18 +33,24 @@ GUARD_PAIRS = 2
 ARPACK_TOL_CAP = 1e-5
 
 
+def theta_max(problem: Problem) -> float:
+    """The largest |θ| an eigenvalue of the flipped operator c·I − L can have."""
+    bound = abs(problem.shift) if problem.psd else abs(problem.shift) + problem.norm
+    return max(bound, float(np.finfo(np.float64).tiny))
+
+
 def arpack_tol(problem: Problem, tol_abs: float) -> float:
     """ARPACK's relative tolerance: it stops at ‖r‖ ≤ tol·|θ|, so the absolute tolerance is divided by the largest
     |θ| there can be, then capped at ``ARPACK_TOL_CAP`` (see the module docstring)."""
-    theta_max = abs(problem.shift) if problem.psd else abs(problem.shift) + problem.norm
-    return min(tol_abs / max(theta_max, np.finfo(np.float64).tiny), ARPACK_TOL_CAP)
+    return min(tol_abs / theta_max(problem), ARPACK_TOL_CAP)
 
 
-def arpack_request(want: int, size: int, ncv: int | None) -> tuple[int, int | None]:
-    """(nev, ncv) to ask ARPACK for on an item of ``size`` nodes when ``want`` pairs are wanted: ``GUARD_PAIRS``
-    more than wanted while nev < size, and the caller's ncv raised to nev + 1 where it is too small."""
-    nev = min(want + GUARD_PAIRS, size - 1)
-    return nev, None if ncv is None else min(max(ncv, nev + 1), size)
+def arpack_request(want: int, size: int, ncv: int | None, room: int = 1) -> tuple[int, int | None]:
+    """(nev, ncv) to ask for on an item of ``size`` nodes when ``want`` pairs are wanted: ``GUARD_PAIRS`` more
+    than wanted while nev ≤ size − ``room`` (ARPACK needs nev < size; cupyx's eigsh nev + 2 ≤ ncv < size, so
+    room 3), and the caller's ncv raised to nev + ``room`` where it is too small."""
+    nev = max(want, min(want + GUARD_PAIRS, size - room))
+    return nev, None if ncv is None else min(max(ncv, nev + room), size)
 
 
 def random_start(size: int, generator: torch.Generator) -> torch.Tensor:
@@ -55,8 +61,9 @@ def random_start(size: int, generator: torch.Generator) -> torch.Tensor:
 def scipy_solve(problem: Problem, items: Items, k: int, tol_abs: float, maxiter: int | None, ncv: int | None,
                 start: torch.Tensor | None, generator: torch.Generator,
                 tick: Callable[[], None] | None = None) -> Candidates:
-    """k lowest pairs of every item (each has more than k + 1 nodes: smaller ones are solved densely);
-    ``start`` (N, s) warm-start vectors; ``generator`` (CPU) draws the cold starts."""
+    """k lowest pairs of every item; ``start`` (N, s) warm-start vectors; ``generator`` (CPU) draws the cold
+    starts. The plan sends only items of more than ncv + p ≥ k + 2 nodes here (smaller ones are solved densely);
+    ``arpack_request`` keeps nev below the size on its own all the same."""
     m = problem.matrix
     dtype = np.float32 if problem.dtype == torch.float32 else np.float64
     csr = scipy.sparse.csr_array((m.values().cpu().numpy().astype(dtype), m.col_indices().cpu().numpy(),
@@ -91,15 +98,17 @@ def scipy_solve(problem: Problem, items: Items, k: int, tol_abs: float, maxiter:
         try:
             theta, vecs = scipy.sparse.linalg.eigsh(operator, k=nev, which="LA", tol=tol, maxiter=maxiter,
                                                     ncv=item_ncv, v0=v0.astype(dtype))
-            ok = np.ones(theta.size, dtype=bool)
-        except scipy.sparse.linalg.ArpackNoConvergence as exc:  # keep what converged, flag the rest
+            done = True
+        except scipy.sparse.linalg.ArpackNoConvergence as exc:
+            # The pairs that converged may skip a wanted one (ARPACK reports them with gaps), which a guard would
+            # then fill unnoticed: keep them as approximations, none counted as converged.
             theta, vecs = exc.eigenvalues, exc.eigenvectors
-            ok = np.ones(theta.size, dtype=bool)
+            done = False
         order = np.argsort(-theta, kind="stable")[:want]   # the guards go
         got = order.size
         values[g, :got] = problem.shift - theta[order]
         vectors[g, :size, :got] = vecs[:, order]
-        converged[g, :got] = ok[order]
+        converged[g, :got] = done
         count[g] = got
         matvecs[g] = calls[0]
         if tick is not None:

@@ -43,10 +43,8 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
         maxiter: most restarts per block (Lanczos), ARPACK's maxiter (scipy/cupy). Default for Lanczos:
             10·n_max / (vectors added per restart) + 100, i.e. a block gives up after about 10·n_b products.
         ncv: Krylov basis size per block (> k). Lanczos default max(2k + 4p, k + 32) with block size p (2 on the
-            CPU, 8 on a GPU; a smaller ncv shrinks p to fit); scipy/cupy: ARPACK's default. ARPACK is asked for
-            k + 2 pairs (ncv raised to fit) to a relative tolerance of at most 1e-5: asked for exactly k at a
-            loose tolerance it misses an eigenvalue of the wanted range for ~1% of random starts (``_scipy``).
-            Cold starts are drawn from torch's RNG, so ``torch.manual_seed`` makes every backend repeat.
+            CPU, 8 on a GPU; a smaller ncv shrinks p to fit); scipy/cupy: their own default, raised to fit the
+            two guard pairs (see the notes below).
         v0: a previous basis of the same layout (same block_ptr, dtype and device), e.g. from the last refresh of
             a slowly changing graph. Every Krylov backend first checks its vectors (one Rayleigh–Ritz step, k
             products per block; a block that misses the tolerance by at most 10× gets a second one on the block
@@ -75,6 +73,11 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
     spectra of identical components — are always found; see ``eigen/_plan.py``. Eigenvectors are unique only up
     to sign, and up to rotation inside a repeated eigenvalue: compare eigenvalues, residuals and projectors U Uᵀ,
     not raw vectors. On the CPU a Lanczos solve with a basis under 64 MB runs on one thread (``_auto``).
+
+    The scipy and cupy backends ask for k + 2 pairs, each to a relative tolerance of at most 1e-5: ARPACK asked
+    for exactly k at a loose tolerance misses an eigenvalue of the wanted range for ~1% of random starts
+    (``eigen/_scipy.py``). Their cold starts, like Lanczos', are drawn from torch's RNG: under
+    ``torch.manual_seed`` a CPU solve repeats exactly.
     """
     check_positive_int("k", k)
     tol = _check_tol(tol)

@@ -369,8 +369,10 @@ def _prepare_drift(cfg: _Config, device: torch.device) -> Prepared:
 def _eigenvalue_tolerance(tol: float) -> float:
     """The bar on the relative error of the whole eigenvalue vector at residual tolerance ``tol``. A pair whose
     residual is r ≤ 2·tol·‖L‖ has its eigenvalue within r²/gap: up to ~5e-5 per pair at tol 1e-4 (gaps ≈ 3e-3
-    here), ~1e-5 of the vector. A missed eigenvalue shifts the pairs above it by a gap, ≥ ~1e-3 of the vector.
-    So max(1e-6, tol) passes every answer the tolerance allows and fails every miss."""
+    here), ~1e-5 of the vector. A missed eigenvalue shifts the pairs above it by a gap (≈ 1e-3 of the vector for
+    the gaps of these graphs). So max(1e-6, tol) passes the answers the tolerance allows and fails misses across
+    such gaps. The plain-eigsh peers (nev = k, ARPACK's own random start) fail it now and then at tol 1e-4:
+    that is ARPACK missing an eigenvalue, recorded as the bench's failure line."""
     return max(1e-6, tol)
 
 
