@@ -77,7 +77,8 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
     The scipy and cupy backends ask for k + 2 pairs, each to a relative tolerance of at most 1e-5: ARPACK asked
     for exactly k at a loose tolerance misses an eigenvalue of the wanted range for ~1% of random starts
     (``eigen/_scipy.py``). Their cold starts, like Lanczos', are drawn from torch's RNG: under
-    ``torch.manual_seed`` a CPU solve repeats exactly.
+    ``torch.manual_seed`` a scipy-backend solve repeats exactly (Lanczos on the same device and thread count
+    repeats up to the reduction order of its BLAS).
     """
     check_positive_int("k", k)
     tol = _check_tol(tol)
