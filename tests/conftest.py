@@ -28,6 +28,14 @@ def pytest_report_header(config):
     return f"spectralkern: SPECTRALKERN_SEED={_BASE_SEED}"
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    """Hypothesis draws its examples from the same base seed (unless --hypothesis-seed is given), so
+    SPECTRALKERN_SEED replays those too."""
+    if config.getoption("hypothesis_seed", default=None) is None and hasattr(config.option, "hypothesis_seed"):
+        config.option.hypothesis_seed = str(_BASE_SEED)
+
+
 @pytest.fixture
 def seed(request) -> int:
     """A per-test seed derived from the run's base seed and the test's id; torch's RNG is seeded with it."""

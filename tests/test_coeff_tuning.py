@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -148,6 +148,7 @@ def test_op_matches_float64_reference_outputs_and_grads(backend, seed, case, mon
 @given(batch=st.integers(1, 2), kv_heads=st.integers(1, 3), rep=st.integers(1, 2), seq_q=st.integers(1, 24),
        seq_k=st.integers(1, 24), dim=st.integers(1, 16), causal=st.booleans(), padded=st.booleans(),
        data_seed=st.integers(0, 2**31 - 1))
+@example(batch=1, kv_heads=1, rep=1, seq_q=3, seq_k=1, dim=2, causal=False, padded=False, data_seed=0)
 def test_hypothesis_shapes_triton(batch, kv_heads, rep, seq_q, seq_k, dim, causal, padded, data_seed):
     pytest.importorskip("triton")
     heads = min(kv_heads * rep, 4)
@@ -172,7 +173,11 @@ def test_hypothesis_shapes_triton(batch, kv_heads, rep, seq_q, seq_k, dim, causa
         if b.norm() > 0:
             assert relative_error(a, b) <= 1e-5
         else:
-            assert bool((a == 0).all())
+            # An exact zero of the float64 reference can be a cancellation that float32 rounds: with one key
+            # per query, P = 1 and dS = P·(dP − rowsum(dO·O)) vanishes only up to the rounding of the two sums.
+            # Bound it by the scale of the factors of dq = Σ_g C·dS·K (dS ~ dO·V), far below any wrong value.
+            scale = float(grad_out.abs().max() * v.abs().max() * k.abs().max() * coeff.abs().max())
+            assert float(a.abs().max()) <= 1e-5 * scale, (float(a.abs().max()), scale)
 
 
 def test_gradcheck(backend, seed):
