@@ -135,7 +135,8 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
                 parts += _solve_dense(problem, plan.dense, k, workers)
             krylov_items, check_cost, op = plan.krylov, None, None
             if krylov_items is not None and start is not None:
-                settled, krylov_items, check_cost, op = _check_warm_start(problem, krylov_items, k, tol_abs, start)
+                settled, krylov_items, check_cost, op = _check_warm_start(problem, krylov_items, k, tol_abs, start,
+                                                                          keep_operator=krylov == "lanczos")
                 if settled is not None:
                     parts.append(settled)
                     if bar is not None:
@@ -251,11 +252,12 @@ def _generator(device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, (1,))))
 
 
-def _check_warm_start(problem: Problem, items: Items, k: int, tol_abs: float, start: torch.Tensor
+def _check_warm_start(problem: Problem, items: Items, k: int, tol_abs: float, start: torch.Tensor, *,
+                      keep_operator: bool
                       ) -> tuple[Candidates | None, Items | None, torch.Tensor | None, PaddedOperator | None]:
     """Rayleigh–Ritz of every Krylov item on the previous basis (see _warm). Returns the settled items' pairs,
     the items still to solve, the products the check spent on each of those ((G',) int64), and their operator
-    (for Lanczos)."""
+    when ``keep_operator`` (Lanczos reuses it; ARPACK builds its own per item)."""
     valid = items.valid()
     op = PaddedOperator.build(problem.matrix, items.node_map, problem.shift,
                               _auto.operator_kind(problem.device, items.node_map.shape[1]))
@@ -283,8 +285,8 @@ def _check_warm_start(problem: Problem, items: Items, k: int, tol_abs: float, st
     index = torch.nonzero(~passed).flatten()
     remaining = items.subset(index)
     n_pad = remaining.node_map.shape[1]
-    return settled, remaining, check.products[index], op.restrict(index, n_pad,
-                                                                  _auto.operator_kind(problem.device, n_pad))
+    remaining_op = op.restrict(index, n_pad, _auto.operator_kind(problem.device, n_pad)) if keep_operator else None
+    return settled, remaining, check.products[index], remaining_op
 
 
 def _solve_lanczos(problem: Problem, items: Items, k: int, tol_abs: float, maxiter: int | None, m: int,
