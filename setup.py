@@ -1,4 +1,9 @@
-"""Build script: the Python package, plus the compiled CUDA backend ``spectralkern._C`` when nvcc is found.
+"""Build script: the Python package, the compiled CPU module ``spectralkern._native``, and the compiled CUDA backend
+``spectralkern._C`` when nvcc is found.
+
+The CPU module (csrc/native: the ``native`` eigensolver backend) is a plain pybind11 extension built by setuptools
+with the host C++ compiler in every install, development builds included (~15 s); it is optional: when it does not
+build, the install goes on without it and ``auto`` keeps to dense + ARPACK on the CPU.
 
 What is built
     csrc/*.cu with nvcc and csrc/bindings.cpp with the host C++ compiler, through ninja, into one pybind11
@@ -63,6 +68,12 @@ COMPILE_CHECK_CUDA_SOURCES = ("spectral_filter_f32.cu", "spectral_filter_f16.cu"
 CXX_SOURCES = ("bindings.cpp",)
 HEADERS = ("spectral_filter.h", "spectral_filter_kernel.cuh", "adamw.h", "adamw_kernel.cuh")
 EXT_NAME = "spectralkern._C"
+NATIVE_EXT_NAME = "spectralkern._native"
+NATIVE_SOURCES = ("native/small_lanczos.cpp",)
+NATIVE_HEADERS = ("native/small_lanczos_impl.h",)
+# -fopenmp-simd: the `omp simd` loops vectorise their reductions (no OpenMP runtime is linked); the AVX2 + FMA copy
+# of the solver is chosen at run time (see small_lanczos.cpp), so no -march flag ties the binary to the build host.
+NATIVE_CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp-simd", "-fvisibility=hidden", "-pthread"]
 BUILD_INFO = "_build_info.json"
 
 ENV_ARCHS = "SPECTRALKERN_CUDA_ARCHS"
@@ -400,5 +411,19 @@ def extensions() -> list[Extension]:
                       depends=[f"csrc/{h}" for h in HEADERS], optional=True)]
 
 
+def native_extensions() -> list[Extension]:
+    """The CPU module: always declared when pybind11 is importable (it is a build requirement)."""
+    try:
+        import pybind11
+    except ImportError:
+        _note(f"pybind11 is not installed in the build environment: skipping {NATIVE_EXT_NAME} (the native "
+              "eigensolver backend)")
+        return []
+    return [Extension(NATIVE_EXT_NAME, sources=[f"csrc/{s}" for s in NATIVE_SOURCES],
+                      depends=[f"csrc/{h}" for h in NATIVE_HEADERS],
+                      include_dirs=[pybind11.get_include(), str(CSRC / "native")], language="c++",
+                      extra_compile_args=NATIVE_CXX_FLAGS, extra_link_args=["-pthread"], optional=True)]
+
+
 if __name__ == "__main__":  # setuptools runs this file as __main__; tests import it for the helpers above
-    setup(ext_modules=extensions(), cmdclass={"build_ext": CudaBuildExt})
+    setup(ext_modules=extensions() + native_extensions(), cmdclass={"build_ext": CudaBuildExt})

@@ -13,13 +13,14 @@ from ._cupy import cupy_solve
 from ._dense import dense_lowest, size_buckets
 from ._info import EigenInfo, NoConvergence
 from ._lanczos import block_lanczos, default_keep
+from ._native import native_solve, require_native
 from ._operator import PaddedOperator
 from ._plan import Candidates, Items, make_plan, merge
 from ._problem import Problem, prepare, rounding_floor
 from ._scipy import scipy_solve
 from ._warm import check_start
 
-BACKENDS = ("auto", "lanczos", "dense", "scipy", "cupy")
+BACKENDS = ("auto", "lanczos", "dense", "scipy", "cupy", "native")
 # Dense eigh is O(n³) per block; past this many nodes in one block the dense backend refuses.
 MAX_DENSE_GLOBAL_NODES = 8192
 
@@ -98,6 +99,8 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
     if backend == "cupy":
         from ._cupy import import_cupy
         import_cupy(problem.device)  # fail before any work when cupy or the GPU is missing
+    elif backend == "native":
+        require_native(problem.device)  # likewise when the compiled module is missing or L is not on the CPU
     floor = rounding_floor(problem)
     tol_abs = max(tol, floor) * problem.norm
 
@@ -144,6 +147,9 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
             if krylov_items is not None:
                 if krylov == "lanczos":
                     part = _solve_lanczos(problem, krylov_items, k, tol_abs, maxiter, m, block, start, bar, op)
+                elif krylov == "native":
+                    part = native_solve(problem, krylov_items, k, tol_abs, maxiter, start,
+                                        _generator(torch.device("cpu")), bar.update if bar is not None else None)
                 elif krylov == "scipy":
                     part = scipy_solve(problem, krylov_items, k, tol_abs, maxiter, ncv, start,
                                        _generator(torch.device("cpu")), bar.update if bar is not None else None)

@@ -1,0 +1,463 @@
+// The solver of small_lanczos.cpp. Included twice there, inside two namespaces, to compile it for two instruction
+// sets (baseline x86-64 / other CPUs, and AVX2 + FMA chosen at run time); so it has no include guard and no
+// includes of its own.
+
+// splitmix64: a stream per item, so results do not depend on which thread solved the item.
+struct Random {
+  uint64_t state;
+  explicit Random(uint64_t seed) : state(seed) {}
+  uint64_t next() {
+    uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  }
+  double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53 * 2.0 - 1.0; }  // [-1, 1)
+};
+
+// Dot product in double. `omp simd` (compiled with -fopenmp-simd: no OpenMP runtime) lets the compiler
+// vectorise the reduction without -ffast-math.
+template <typename A, typename B>
+double dot(const A* a, const B* b, int n) {
+  double s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int i = 0; i < n; ++i) s += static_cast<double>(a[i]) * static_cast<double>(b[i]);
+  return s;
+}
+
+// y += a x
+template <typename T>
+void axpy(double a, const T* x, double* y, int n) {
+#pragma omp simd
+  for (int i = 0; i < n; ++i) y[i] += a * static_cast<double>(x[i]);
+}
+
+// coef[r] = V[r] . w for the `rows` rows of V (row-major, n columns), four rows per sweep over w.
+template <typename T>
+void project(const T* V, int rows, int n, const double* w, double* coef) {
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const T *q0 = V + static_cast<size_t>(r) * n, *q1 = q0 + n, *q2 = q1 + n, *q3 = q2 + n;
+    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int i = 0; i < n; ++i) {
+      const double x = w[i];
+      s0 += static_cast<double>(q0[i]) * x;
+      s1 += static_cast<double>(q1[i]) * x;
+      s2 += static_cast<double>(q2[i]) * x;
+      s3 += static_cast<double>(q3[i]) * x;
+    }
+    coef[r] = s0;
+    coef[r + 1] = s1;
+    coef[r + 2] = s2;
+    coef[r + 3] = s3;
+  }
+  for (; r < rows; ++r) coef[r] = dot(V + static_cast<size_t>(r) * n, w, n);
+}
+
+// y += scale * sum_r coef[r] V[r], four rows per sweep over y (one store of y per four rows: the single-row
+// axpy loop was bound by its stores).
+template <typename T>
+void combine(const T* V, int rows, int n, const double* coef, double scale, double* y) {
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const T *q0 = V + static_cast<size_t>(r) * n, *q1 = q0 + n, *q2 = q1 + n, *q3 = q2 + n;
+    const double c0 = scale * coef[r], c1 = scale * coef[r + 1], c2 = scale * coef[r + 2], c3 = scale * coef[r + 3];
+#pragma omp simd
+    for (int i = 0; i < n; ++i)
+      y[i] += c0 * static_cast<double>(q0[i]) + c1 * static_cast<double>(q1[i]) + c2 * static_cast<double>(q2[i]) +
+              c3 * static_cast<double>(q3[i]);
+  }
+  for (; r < rows; ++r) axpy(scale * coef[r], V + static_cast<size_t>(r) * n, y, n);
+}
+
+// The sparse item: rows [0, n) of a CSR whose row r starts at crow[r], column indices local to the item.
+template <typename T>
+struct Item {
+  const int64_t* crow;
+  const int64_t* col;
+  const T* val;
+  int64_t col_offset;  // subtracted from col: the items are diagonal blocks of one padded CSR
+  int n;
+
+  void apply(const T* x, double* y) const {
+    for (int r = 0; r < n; ++r) {
+      double s = 0;
+      for (int64_t t = crow[r]; t < crow[r + 1]; ++t) s += static_cast<double>(val[t]) * x[col[t] - col_offset];
+      y[r] = s;
+    }
+  }
+};
+
+struct Options {
+  double tol;         // absolute residual tolerance
+  double norm;        // bound on |L|, the scale of "rounding noise"
+  double eps;         // unit roundoff of the storage dtype
+  int guards;         // Ritz pairs tracked beyond the wanted ones
+  int max_steps;      // Lanczos steps per item at most (<= n)
+};
+
+// The eigenvalues first..first+count-1 (0-based, ascending) of the symmetric tridiagonal (alpha, beta) of size m,
+// each to `relative` times the spectrum's scale: bisection on Sturm counts (the number of negative pivots of
+// T - x I), all `count` of them advancing together so that their divisions pipeline and vectorise.
+void tridiagonal_eigenvalues(const double* alpha, const double* beta, int m, int first, int count, double relative,
+                             std::vector<double>& out, std::vector<double>& hi, std::vector<double>& beta2) {
+  double glo = alpha[0], ghi = alpha[0];
+  beta2.resize(m);
+  for (int i = 0; i < m; ++i) {
+    const double radius = (i > 0 ? std::fabs(beta[i - 1]) : 0.0) + (i + 1 < m ? std::fabs(beta[i]) : 0.0);
+    glo = std::min(glo, alpha[i] - radius);
+    ghi = std::max(ghi, alpha[i] + radius);
+    beta2[i] = i + 1 < m ? beta[i] * beta[i] : 0.0;
+  }
+  const double scale = std::max(std::fabs(glo), std::fabs(ghi)) + std::numeric_limits<double>::min();
+  const double tiny = std::numeric_limits<double>::epsilon() * scale;
+  const double width = std::max(relative, 2 * std::numeric_limits<double>::epsilon()) * scale;
+  const int iterations = static_cast<int>(std::ceil(std::log2((ghi - glo) / width + 1.0))) + 1;
+  out.assign(count, glo);  // lower ends
+  hi.assign(count, ghi);
+  std::vector<double> q(count), x(count);
+  std::vector<int> below(count);
+  for (int iteration = 0; iteration < iterations; ++iteration) {
+#pragma omp simd
+    for (int k = 0; k < count; ++k) {
+      x[k] = 0.5 * (out[k] + hi[k]);
+      q[k] = alpha[0] - x[k];
+      below[k] = q[k] < 0;
+    }
+    for (int i = 1; i < m; ++i) {
+      const double a = alpha[i], b2 = beta2[i - 1];
+#pragma omp simd
+      for (int k = 0; k < count; ++k) {
+        const double pivot = q[k] == 0.0 ? tiny : q[k];
+        q[k] = a - x[k] - b2 / pivot;
+        below[k] += q[k] < 0;
+      }
+    }
+#pragma omp simd
+    for (int k = 0; k < count; ++k) {
+      if (below[k] > first + k)
+        hi[k] = x[k];
+      else
+        out[k] = x[k];
+    }
+  }
+  for (int k = 0; k < count; ++k) out[k] = 0.5 * (out[k] + hi[k]);
+}
+
+// Solves (T - shift I) x = b in place for the tridiagonal (alpha, beta) of size m: Gaussian elimination with
+// partial pivoting (the factor has two superdiagonals); a zero pivot is replaced by `tiny`.
+void shifted_tridiagonal_solve(const double* alpha, const double* beta, int m, double shift, double tiny,
+                               std::vector<double>& x, std::vector<double>& u0, std::vector<double>& u1,
+                               std::vector<double>& u2) {
+  // Row i of the working matrix: [.., a_i, b_i, c_i] at columns i, i+1, i+2.
+  double a = alpha[0] - shift, b = m > 1 ? beta[0] : 0.0, c = 0.0;
+  for (int i = 0; i < m - 1; ++i) {
+    const double sub = beta[i], next_diag = alpha[i + 1] - shift, next_super = i + 1 < m - 1 ? beta[i + 1] : 0.0;
+    if (std::fabs(sub) > std::fabs(a)) {  // swap rows i and i + 1
+      const double l = a / sub;
+      u0[i] = sub;
+      u1[i] = next_diag;
+      u2[i] = next_super;
+      std::swap(x[i], x[i + 1]);
+      x[i + 1] -= l * x[i];
+      a = b - l * next_diag;
+      b = c - l * next_super;
+      c = 0.0;
+    } else {
+      if (a == 0.0) a = tiny;
+      const double l = sub / a;
+      u0[i] = a;
+      u1[i] = b;
+      u2[i] = c;
+      x[i + 1] -= l * x[i];
+      a = next_diag - l * b;
+      b = next_super - l * c;
+      c = 0.0;
+    }
+  }
+  u0[m - 1] = a == 0.0 ? tiny : a;
+  // back substitution with the two superdiagonals
+  for (int i = m - 1; i >= 0; --i) {
+    double s = x[i];
+    if (i + 1 < m) s -= u1[i] * x[i + 1];
+    if (i + 2 < m) s -= u2[i] * x[i + 2];
+    const double pivot = u0[i] == 0.0 ? tiny : u0[i];
+    x[i] = s / pivot;
+  }
+}
+
+template <typename T>
+class Solver {
+ public:
+  explicit Solver(const Options& options) : opt_(options) {}
+
+  // Solves one item; writes `want` pairs: values[want], vectors[n_pad x kw] (row-major, column c of row r at
+  // r * kw + c), residuals[want], converged[want]. Returns (steps, products).
+  std::pair<int64_t, int64_t> solve(const Item<T>& item, int want, int kw, const T* start, uint64_t seed,
+                                    T* values, T* vectors, double* residuals, uint8_t* converged) {
+    const int n = item.n;
+    const int K = std::min(want + opt_.guards, n);
+    const int max_steps = std::max(std::min(opt_.max_steps, n), K);  // never fewer steps than tracked pairs
+    Random rng(seed);
+    // V grows with the basis (an item that converges early never touches an n x n buffer)
+    V_.assign(static_cast<size_t>(std::min(max_steps, 2 * K + 32)) * n, T(0));
+    w_.assign(n, 0.0);
+    alpha_.assign(max_steps, 0.0);
+    beta_.assign(max_steps, 0.0);
+    products_ = 0;
+
+    // q_0: the warm start when it is not zero, else random
+    double start_norm = 0;
+    if (start != nullptr) start_norm = std::sqrt(dot(start, start, n));
+    for (int i = 0; i < n; ++i) w_[i] = start_norm > 0 ? static_cast<double>(start[i]) : rng.uniform();
+    store_unit(0, 0.0, rng);
+
+    int j = 0;  // Lanczos steps taken: V[0..j) are the basis, V[j] the next vector (while j < max_steps)
+    int next_check = std::min(max_steps, std::max(2 * K, K + 16));
+    const int stride = std::max(8, K / 2);
+    for (;;) {
+      step(item, j, max_steps, rng);
+      ++j;
+      const bool last = j >= max_steps;
+      if (j < next_check && !last) continue;
+      next_check = std::min(max_steps, j + stride);
+      if (!ritz(j, K, j == n, rng) && !last) continue;
+      if (verify(item, j, K, want) || last) break;
+    }
+    // results: the lowest `want` of the K verified pairs, ascending
+    for (int c = 0; c < want; ++c) {
+      values[c] = static_cast<T>(rho_[c]);
+      residuals[c] = res_[c];
+      converged[c] = res_[c] <= opt_.tol ? 1 : 0;
+      for (int r = 0; r < n; ++r) vectors[static_cast<size_t>(r) * kw + c] = static_cast<T>(Y_[static_cast<size_t>(c) * n + r]);
+    }
+    return {j, products_};
+  }
+
+ private:
+  // Writes w_ / |w_| (after removing V[0..j) twice) into V[j]; a w_ that is rounding noise becomes random.
+  // Returns the norm of w_ before normalising (0 after a refill).
+  double store_unit(int j, double scale, Random& rng) {
+    const int n = static_cast<int>(w_.size());
+    double norm = std::sqrt(dot(w_.data(), w_.data(), n));
+    const double noise = 8.0 * std::sqrt(static_cast<double>(n)) * opt_.eps * std::max(scale, opt_.norm);
+    double kept = norm;
+    if (norm <= noise) {
+      kept = 0.0;
+      for (int attempt = 0; attempt < 8; ++attempt) {
+        for (int i = 0; i < n; ++i) w_[i] = rng.uniform();
+        const double before = std::sqrt(dot(w_.data(), w_.data(), n));
+        orthogonalize(j);
+        orthogonalize(j);
+        norm = std::sqrt(dot(w_.data(), w_.data(), n));
+        if (norm > 0.5 * before) break;
+      }
+    }
+    T* q = V_.data() + static_cast<size_t>(j) * n;
+    const double inv = norm > 0 ? 1.0 / norm : 0.0;
+    for (int i = 0; i < n; ++i) q[i] = static_cast<T>(w_[i] * inv);
+    return kept;
+  }
+
+  // w_ -= V[0..j)' (V[0..j) w_), classical Gram-Schmidt; returns the coefficient of V[j - 1].
+  double orthogonalize(int j) {
+    const int n = static_cast<int>(w_.size());
+    coef_.resize(j);
+    project(V_.data(), j, n, w_.data(), coef_.data());
+    combine(V_.data(), j, n, coef_.data(), -1.0, w_.data());
+    return j > 0 ? coef_[j - 1] : 0.0;
+  }
+
+  // One Lanczos step from V[j]: alpha_j, beta_j and V[j + 1] (when another step follows). The three-term
+  // recurrence first, then one classical Gram-Schmidt pass against all of V (a second one when the first removed
+  // more than half of what was left: "twice is enough"); its coefficients correct alpha_j.
+  void step(const Item<T>& item, int j, int max_steps, Random& rng) {
+    const int n = item.n;
+    const size_t rows_needed = static_cast<size_t>(std::min(j + 2, max_steps)) * n;
+    if (V_.size() < rows_needed) V_.resize(std::min(std::max(rows_needed, 2 * V_.size()), static_cast<size_t>(max_steps) * n));
+    const T* q = V_.data() + static_cast<size_t>(j) * n;
+    item.apply(q, w_.data());
+    ++products_;
+    const double image = std::sqrt(dot(w_.data(), w_.data(), n));
+    if (j > 0) axpy(-beta_[j - 1], V_.data() + static_cast<size_t>(j - 1) * n, w_.data(), n);
+    double alpha = dot(q, w_.data(), n);
+    axpy(-alpha, q, w_.data(), n);
+    double norm = std::sqrt(dot(w_.data(), w_.data(), n));
+    for (int pass = 0; pass < 2; ++pass) {
+      const double before = norm;
+      alpha += orthogonalize(j + 1);
+      norm = std::sqrt(dot(w_.data(), w_.data(), n));
+      if (norm >= 0.5 * before) break;
+      if (pass == 1) {  // what is left is rounding noise
+        norm = 0.0;
+        std::fill(w_.begin(), w_.end(), 0.0);
+      }
+    }
+    alpha_[j] = alpha;
+    beta_[j] = norm;  // the coupling to the next vector, for the residual estimates
+    if (j + 1 < max_steps) beta_[j] = store_unit(j + 1, image, rng);
+  }
+
+  // Rayleigh-Ritz on T_j: the K lowest eigenvalues theta_, their eigenvectors S_ (K x j) and residual estimates.
+  // True when every estimate meets the tolerance (or the Krylov space is the whole item).
+  bool ritz(int j, int K, bool exhausted, Random& rng) {
+    const int count = std::min(K, j);
+    if (count < K && !exhausted) return false;
+    std::vector<double>& x = work_;
+    x.resize(j);
+    u0_.resize(j);
+    u1_.resize(j);
+    u2_.resize(j);
+    if (!exhausted) {
+      // first the top tracked pair alone (Lanczos converges from the ends inwards, so it is usually the last to
+      // converge): a failing checkpoint costs one bisection and one inverse iteration, not the whole spectrum
+      // (to 1e-10 of the scale: enough for two steps of inverse iteration to find its vector)
+      tridiagonal_eigenvalues(alpha_.data(), beta_.data(), j, K - 1, 1, 1e-10, theta_, d_, e_);
+      if (!(estimate(theta_[0], j, x, rng) <= 0.5 * opt_.tol)) return false;
+    }
+    tridiagonal_eigenvalues(alpha_.data(), beta_.data(), j, 0, count, 1e-10, theta_, d_, e_);
+    double scale = 0;
+    for (int i = 0; i < j; ++i) scale = std::max(scale, std::fabs(alpha_[i]) + 2 * std::fabs(beta_[i]));
+    scale = std::max(scale, std::numeric_limits<double>::min());
+    const double tiny = std::numeric_limits<double>::epsilon() * scale;
+    const double cluster = 1e-3 * scale;
+    S_.assign(static_cast<size_t>(count) * j, 0.0);
+    bool all = true;
+    int cluster_start = 0;
+    for (int i = 0; i < count; ++i) {
+      if (i > 0 && theta_[i] - theta_[i - 1] > cluster) cluster_start = i;
+      double* s = S_.data() + static_cast<size_t>(i) * j;
+      // shifts of equal eigenvalues are separated slightly so that their solves differ (as LAPACK's dstein)
+      const double shift = theta_[i] + (i - cluster_start) * 10.0 * tiny;
+      for (int t = 0; t < j; ++t) x[t] = rng.uniform();
+      for (int sweep = 0; sweep < 2; ++sweep) {
+        shifted_tridiagonal_solve(alpha_.data(), beta_.data(), j, shift, tiny, x, u0_, u1_, u2_);
+        for (int p = cluster_start; p < i; ++p) {  // orthogonal to the cluster's earlier vectors
+          const double* sp = S_.data() + static_cast<size_t>(p) * j;
+          const double c = dot(sp, x.data(), j);
+          for (int t = 0; t < j; ++t) x[t] -= c * sp[t];
+        }
+        const double norm = std::sqrt(dot(x.data(), x.data(), j));
+        if (!(norm > 0) || !std::isfinite(norm)) {
+          for (int t = 0; t < j; ++t) x[t] = rng.uniform();
+          continue;
+        }
+        for (int t = 0; t < j; ++t) x[t] /= norm;
+      }
+      std::copy(x.begin(), x.end(), s);
+      const double estimate = exhausted ? 0.0 : std::fabs(beta_[j - 1] * s[j - 1]);
+      if (estimate > 0.5 * opt_.tol) all = false;
+    }
+    return all;
+  }
+
+  // Residual estimate beta_{j-1} |s[j-1]| of the Ritz pair of T_j at `value` (inverse iteration; x: scratch).
+  double estimate(double value, int j, std::vector<double>& x, Random& rng) {
+    double scale = 0;
+    for (int i = 0; i < j; ++i) scale = std::max(scale, std::fabs(alpha_[i]) + 2 * std::fabs(beta_[i]));
+    const double tiny = std::numeric_limits<double>::epsilon() * std::max(scale, std::numeric_limits<double>::min());
+    for (int t = 0; t < j; ++t) x[t] = rng.uniform();
+    for (int sweep = 0; sweep < 2; ++sweep) {
+      shifted_tridiagonal_solve(alpha_.data(), beta_.data(), j, value, tiny, x, u0_, u1_, u2_);
+      const double norm = std::sqrt(dot(x.data(), x.data(), j));
+      if (!(norm > 0) || !std::isfinite(norm)) return std::numeric_limits<double>::infinity();
+      for (int t = 0; t < j; ++t) x[t] /= norm;
+    }
+    return std::fabs(beta_[j - 1] * x[j - 1]);
+  }
+
+  // Ritz vectors, one fresh product each, Rayleigh quotients and explicit residuals. True when every wanted pair
+  // meets the tolerance; the pairs are left sorted by Rayleigh quotient.
+  bool verify(const Item<T>& item, int j, int K, int want) {
+    const int n = item.n;
+    const int count = std::min(K, j);
+    Y_.assign(static_cast<size_t>(count) * n, 0.0);
+    for (int i = 0; i < count; ++i) {
+      double* y = Y_.data() + static_cast<size_t>(i) * n;
+      const double* s = S_.data() + static_cast<size_t>(i) * j;
+      combine(V_.data(), j, n, s, 1.0, y);
+      const double inv = 1.0 / std::sqrt(dot(y, y, n));
+      for (int r = 0; r < n; ++r) y[r] *= inv;
+    }
+    rho_.assign(count, 0.0);
+    res_.assign(count, 0.0);
+    ly_.resize(n);
+    yt_.resize(n);
+    for (int i = 0; i < count; ++i) {
+      const double* y = Y_.data() + static_cast<size_t>(i) * n;
+      for (int r = 0; r < n; ++r) yt_[r] = static_cast<T>(y[r]);
+      item.apply(yt_.data(), ly_.data());
+      ++products_;
+      const double rho = dot(y, ly_.data(), n);
+      double r2 = 0;
+      for (int r = 0; r < n; ++r) {
+        const double t = ly_[r] - rho * y[r];
+        r2 += t * t;
+      }
+      rho_[i] = rho;
+      res_[i] = std::sqrt(r2);
+    }
+    // ascending by Rayleigh quotient (inverse iteration may swap near-equal neighbours)
+    order_.resize(count);
+    for (int i = 0; i < count; ++i) order_[i] = i;
+    std::stable_sort(order_.begin(), order_.end(), [&](int a, int b) { return rho_[a] < rho_[b]; });
+    std::vector<double> Y(Y_), rho(rho_), res(res_);
+    for (int i = 0; i < count; ++i) {
+      std::copy(Y.begin() + static_cast<size_t>(order_[i]) * n, Y.begin() + static_cast<size_t>(order_[i] + 1) * n,
+                Y_.begin() + static_cast<size_t>(i) * n);
+      rho_[i] = rho[order_[i]];
+      res_[i] = res[order_[i]];
+    }
+    for (int i = 0; i < std::min(want, count); ++i)
+      if (!(res_[i] <= opt_.tol)) return false;
+    return true;
+  }
+
+  Options opt_;
+  std::vector<T> V_, yt_;
+  std::vector<double> w_, coef_, alpha_, beta_, d_, e_, theta_, S_, work_, u0_, u1_, u2_, Y_, rho_, res_, ly_;
+  std::vector<int> order_;
+  int64_t products_ = 0;
+};
+
+template <typename T>
+void solve_all(int64_t first_item, int64_t num_items, int64_t n_pad, const int64_t* sizes, const int64_t* crow, const int64_t* col,
+               const T* val, const int64_t* want, int64_t kw, const T* start, const Options& options, uint64_t seed,
+               int threads, T* values, T* vectors, double* residuals, uint8_t* converged, int64_t* steps,
+               int64_t* products) {
+  std::atomic<int64_t> next{first_item};
+  const int64_t end = first_item + num_items;
+  std::mutex error_lock;
+  std::string error;
+  auto worker = [&]() {
+    Solver<T> solver(options);
+    for (;;) {
+      const int64_t g = next.fetch_add(1);
+      if (g >= end) return;
+      try {
+        Item<T> item{crow + g * n_pad, col, val, g * n_pad, static_cast<int>(sizes[g])};
+        if (item.n == 0 || want[g] == 0) continue;
+        const T* item_start = start != nullptr ? start + g * n_pad : nullptr;
+        auto [s, p] = solver.solve(item, static_cast<int>(want[g]), static_cast<int>(kw), item_start,
+                                   seed ^ (0xD1B54A32D192ED03ull * static_cast<uint64_t>(g + 1)),
+                                   values + g * kw, vectors + g * n_pad * kw, residuals + g * kw, converged + g * kw);
+        steps[g] = s;
+        products[g] = p;
+      } catch (const std::exception& exc) {
+        std::lock_guard<std::mutex> guard(error_lock);
+        if (error.empty()) error = "item " + std::to_string(g) + ": " + exc.what();
+        next.store(end);
+      }
+    }
+  };
+  {
+    const int count = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, num_items)));
+    std::vector<std::thread> pool;
+    for (int t = 1; t < count; ++t) pool.emplace_back(worker);
+    worker();
+    for (auto& thread : pool) thread.join();
+  }
+  if (!error.empty()) throw std::runtime_error(error);
+}
+

@@ -1,0 +1,103 @@
+"""The ``native`` backend: compiled single-vector Lanczos for small items on the CPU (``csrc/native``).
+
+Each item (one connected component, see _plan) runs on one CPU thread, its whole Krylov basis in cache, with
+full reorthogonalisation and no restart: the basis may grow to the item's size, so the solve always converges
+(the last resort is the whole space, where Lanczos is a dense tridiagonalisation). Steps per 128-node kNN block at
+k = 16, tol 1e-8: ~55 (ARPACK: ~60 products plus its restarts). Threads split the items; the GIL is released.
+
+The module ``spectralkern._native`` is built by setup.py with the host C++ compiler (no CUDA needed); a pure-
+Python install lacks it, and then ``auto`` keeps to dense + ARPACK on the CPU.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
+from types import ModuleType
+
+import torch
+
+from ._operator import PaddedOperator
+from ._plan import Candidates, Items
+from ._problem import Problem
+from ._scipy import GUARD_PAIRS
+
+MODULE_NAME = "spectralkern._native"
+
+
+@functools.cache
+def _load() -> tuple[ModuleType | None, str]:
+    try:
+        return importlib.import_module(MODULE_NAME), ""
+    except ImportError as exc:
+        return None, str(exc)
+
+
+def native_available() -> bool:
+    """Whether the compiled module is importable."""
+    return _load()[0] is not None
+
+
+def require_native(device: torch.device) -> ModuleType:
+    """The compiled module, or a clear error: it is missing (pure-Python install) or L is not on the CPU."""
+    module, why = _load()
+    if module is None:
+        raise RuntimeError(f"backend='native' needs the compiled module {MODULE_NAME}, which this install lacks "
+                           f"({why}); reinstall with a C++ compiler present (`pip install -e .` builds it), or use "
+                           "backend='auto', 'lanczos' or 'scipy'")
+    if device.type != "cpu":
+        raise ValueError(f"backend='native' runs on the CPU; L is on {device} (use backend='lanczos' or 'auto' there)")
+    return module
+
+
+def native_solve(problem: Problem, items: Items, k: int, tol_abs: float, maxiter: int | None,
+                 start: torch.Tensor | None, generator: torch.Generator,
+                 on_done: Callable[[int], None] | None = None) -> Candidates:
+    """The min(k, n_g) lowest pairs of every item (each one connected component), ``GUARD_PAIRS`` more tracked.
+
+    Args:
+        start: the previous basis (N, s) or None: each item starts from the sum of its old vectors (as the scipy
+            backend does), a random vector where that sum is zero.
+        maxiter: Lanczos steps per item at most (default: the item's size, where the method is exact).
+        on_done: called with the number of items finished, chunk by chunk (a progress bar).
+    """
+    module = require_native(problem.device)
+    matrix = problem.matrix
+    dtype = matrix.dtype
+    num_items, n_pad = items.node_map.shape
+    want = items.sizes.clamp(max=k).contiguous()
+    kw = int(want.max()) if num_items else 0
+    values = torch.zeros(num_items, kw, dtype=dtype)
+    vectors = torch.zeros(num_items, n_pad, kw, dtype=dtype)
+    residuals = torch.full((num_items, kw), float("inf"), dtype=torch.float64)
+    converged = torch.zeros(num_items, kw, dtype=torch.bool)
+    steps = torch.zeros(num_items, dtype=torch.int64)
+    products = torch.zeros(num_items, dtype=torch.int64)
+    if num_items == 0 or kw == 0:
+        return Candidates(items, values, vectors, want, converged, steps, products)
+
+    op = PaddedOperator.build(matrix, items.node_map, 0.0, "csr")   # L itself on the items' diagonal blocks
+    crow = op.matrix.crow_indices().contiguous()
+    col = op.matrix.col_indices().contiguous()
+    val = op.matrix.values().contiguous()
+    sizes = items.sizes.contiguous()
+    first = None
+    if start is not None:   # (G, n_pad), zero on padding
+        summed = start.sum(dim=1)
+        first = torch.where(items.valid(), summed[items.node_map.clamp(min=0)], 0).to(dtype).contiguous()
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    max_steps = int(items.sizes.max()) if maxiter is None else maxiter
+    threads = max(1, torch.get_num_threads())
+    # chunks only for the progress bar: each call splits its items across the threads
+    chunk = num_items if on_done is None else max(8 * threads, -(-num_items // 20))
+    for lo in range(0, num_items, chunk):
+        count = min(chunk, num_items - lo)
+        module.lowest_eigenpairs(
+            str(dtype).removeprefix("torch."), lo, count, n_pad, sizes.data_ptr(), crow.data_ptr(), col.data_ptr(),
+            val.data_ptr(), want.data_ptr(), kw, first.data_ptr() if first is not None else 0, tol_abs,
+            problem.norm, GUARD_PAIRS, max_steps, seed, threads, values.data_ptr(), vectors.data_ptr(),
+            residuals.data_ptr(), converged.data_ptr(), steps.data_ptr(), products.data_ptr())
+        if on_done is not None:
+            on_done(count)
+    return Candidates(items=items, values=values, vectors=vectors, count=want, converged=converged,
+                      iterations=torch.zeros(num_items, dtype=torch.int64), matvecs=products)
