@@ -94,7 +94,7 @@ def dense_of(L: sk.GraphLaplacian) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------- backends agree
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("backend", ["lanczos", "auto", "dense", "scipy"])
+@pytest.mark.parametrize("backend", ["lanczos", "auto", "dense", "scipy", "native"])
 def test_ragged_blocks_match_numpy(seed, backend, dtype):
     """Ragged layout: empty, one-node, k ≥ n_b, and blocks big enough for the Krylov path (dense items inside
     a 300-node block use the CSR operator, 70..90-node ones the dense-block operator); isolated nodes give
@@ -164,7 +164,7 @@ NETWORKX = {
 
 
 @pytest.mark.parametrize("name", sorted(NETWORKX))
-@pytest.mark.parametrize("backend", ["lanczos", "scipy"])
+@pytest.mark.parametrize("backend", ["lanczos", "scipy", "native"])
 def test_networkx_graphs(name, backend):
     graph = nx.convert_node_labels_to_integers(NETWORKX[name]())
     L = networkx_laplacian(graph)
@@ -182,7 +182,7 @@ def test_disjoint_copies_in_one_block_repeat_every_eigenvalue():
     graph = nx.convert_node_labels_to_integers(nx.disjoint_union_all(parts))
     L = networkx_laplacian(graph)
     n = graph.number_of_nodes()
-    for backend in ("lanczos", "scipy", "auto"):
+    for backend in ("lanczos", "scipy", "native", "auto"):
         basis = sk.lowest_eigenpairs(L, 16, backend=backend)
         check_basis(basis, dense_of(L), [0, n], 16, torch.float64)
         assert int((basis.eigenvalues.abs() < 1e-10).sum()) == 4
@@ -311,7 +311,7 @@ def test_eigh_small_names_the_failed_matrix_in_the_whole_batch(monkeypatch):
         _dense.eigh_small(matrices, workers=3)
 
 
-@pytest.mark.parametrize("backend", ["lanczos", "scipy"])
+@pytest.mark.parametrize("backend", ["lanczos", "scipy", "native"])
 def test_many_big_components_in_one_block_are_all_krylov_items(seed, backend):
     """A block of five components too big for dense (block size p = 2 for k = 3): the Krylov items take them two
     at a time and none is solved densely; every pair matches numpy."""
@@ -408,7 +408,7 @@ def drifting_graph(seed: int, steps: int, drift: float = 0.01, num_blocks: int =
     return graphs
 
 
-@pytest.mark.parametrize("backend", ["lanczos", "scipy", "auto"])
+@pytest.mark.parametrize("backend", ["lanczos", "scipy", "native", "auto"])
 def test_warm_start_after_a_drift_below_the_tolerance_is_one_check(seed, backend):
     """An accurate basis of the previous graph, weights drifted by 0.02% (old pairs' residuals ~3e-5 against a
     tolerance of 2e-4): checking the old vectors (k products per block) is the whole solve, whatever the
@@ -429,7 +429,7 @@ def test_warm_start_after_a_drift_below_the_tolerance_is_one_check(seed, backend
         np.testing.assert_allclose(warm.eigenvalues[b].numpy(), reference, rtol=0, atol=2 * warm.info.tol)
 
 
-@pytest.mark.parametrize("backend", ["lanczos", "scipy"])
+@pytest.mark.parametrize("backend", ["lanczos", "scipy", "native"])
 def test_warm_start_solves_only_the_blocks_that_moved(seed, backend):
     """Block 1 of three drifted by 5%, the others not at all: blocks 0 and 2 are settled by the check, block 1
     is solved (its failed check counted in its products), and the merged basis is right everywhere."""
@@ -448,7 +448,7 @@ def test_warm_start_solves_only_the_blocks_that_moved(seed, backend):
     assert warm.info.iterations.tolist()[1] >= (2 if backend == "lanczos" else 0)
 
 
-@pytest.mark.parametrize("backend", ["lanczos", "scipy"])
+@pytest.mark.parametrize("backend", ["lanczos", "scipy", "native"])
 def test_warm_start_settles_blocks_whose_lowest_pairs_include_islands(seed, backend):
     """Block 0 has isolated nodes among its k lowest pairs (solved densely, or in another item): the Krylov item
     owes only the old pairs that live on it, so a refresh of an unchanged graph is one check everywhere."""
@@ -489,7 +489,7 @@ def test_warm_start_from_a_smaller_basis_and_with_scipy(seed):
     graphs = drifting_graph(seed, steps=1, num_blocks=2, n=300)
     old = sk.lowest_eigenpairs(graphs[0].laplacian(), 4, tol=1e-8)
     L = graphs[1].laplacian()
-    for backend in ("lanczos", "scipy", "dense"):
+    for backend in ("lanczos", "scipy", "native", "dense"):
         basis = sk.lowest_eigenpairs(L, 8, tol=1e-9, v0=old, backend=backend)
         check_basis(basis, dense_of(L), graphs[1].block_ptr.tolist(), 8, torch.float64)
 
@@ -544,6 +544,8 @@ def test_progress_bar(capsys):
     assert basis.info.num_converged == 5
     sk.lowest_eigenpairs(L, 5, tol=1e-8, progress=True, backend="scipy")
     assert "lowest_eigenpairs[scipy]" in capsys.readouterr().err
+    sk.lowest_eigenpairs(L, 5, tol=1e-8, progress=True, backend="native")
+    assert "lowest_eigenpairs[native]" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ bad inputs

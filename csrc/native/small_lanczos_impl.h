@@ -222,7 +222,7 @@ class Solver {
       const bool last = j >= max_steps;
       if (j < next_check && !last) continue;
       next_check = std::min(max_steps, j + stride);
-      if (!ritz(j, K, j == n, rng) && !last) continue;
+      if (!ritz(j, K, j == n, last, rng) && !last) continue;
       if (verify(item, j, K, want) || last) break;
     }
     // results: the lowest `want` of the K verified pairs, ascending
@@ -300,16 +300,17 @@ class Solver {
   }
 
   // Rayleigh-Ritz on T_j: the K lowest eigenvalues theta_, their eigenvectors S_ (K x j) and residual estimates.
-  // True when every estimate meets the tolerance (or the Krylov space is the whole item).
-  bool ritz(int j, int K, bool exhausted, Random& rng) {
+  // True when every estimate meets the tolerance (or the Krylov space is the whole item). Unless `last` (the step
+  // budget is spent: the pairs are needed whatever their state), a failing check may return before S_ is filled.
+  bool ritz(int j, int K, bool exhausted, bool last, Random& rng) {
     const int count = std::min(K, j);
-    if (count < K && !exhausted) return false;
+    if (count < K && !exhausted && !last) return false;
     std::vector<double>& x = work_;
     x.resize(j);
     u0_.resize(j);
     u1_.resize(j);
     u2_.resize(j);
-    if (!exhausted) {
+    if (!exhausted && !last) {
       // first the top tracked pair alone (Lanczos converges from the ends inwards, so it is usually the last to
       // converge): a failing checkpoint costs one bisection and one inverse iteration, not the whole spectrum
       // (to 1e-10 of the scale: enough for two steps of inverse iteration to find its vector)

@@ -86,6 +86,32 @@ def dense_max(device: torch.device, k: int) -> int:
     return max(160, 4 * k) if device.type != "cuda" else 32
 
 
+# ``auto`` on the CPU when the compiled ``native`` backend is built (session 5; same machine, graphs and settings as
+# the table above, idle machine, one thread, ms per block, best of two):
+#
+#     k = 16   n =   64    128    256    512   1024   2048
+#     native         0.40   0.65   1.41   4.60   13.0   35.6
+#     dense          0.50   2.23   10.7   55.6    324      -
+#     scipy (ARPACK) 2.91   3.47   7.80   9.61   14.6   31.6
+#
+#     k = 64   n =  128    256    512   1024   2048
+#     native         1.92   3.34   8.30   23.2   99.4
+#     dense          1.79   9.31   53.0    299      -
+#     scipy (ARPACK) 1.84   14.1   25.1   48.8    116
+#
+# (blocks of ≤ 50 nodes at k = 16 went dense whatever the backend: 0.18 ms at 32 nodes.) So with the module:
+# dense up to max(48, 2k) nodes, native up to max(1024, 32k), ARPACK above. Unlike ARPACK, native also splits its
+# items across threads (≈ 1.9× on this machine's 2 cores), which these one-thread numbers do not show.
+def native_dense_max(k: int) -> int:
+    """Largest block the CPU solves densely when the native backend is available (table above)."""
+    return max(48, 2 * k)
+
+
+def native_max(k: int) -> int:
+    """Largest item ``auto`` gives the native backend on the CPU; bigger ones go to ARPACK (table above)."""
+    return max(1024, 32 * k)
+
+
 def iterative_backend(device: torch.device) -> str:
     """The Krylov backend ``auto`` uses for blocks above ``dense_max``: ARPACK on the CPU (table above), the
     batched Lanczos on a GPU."""

@@ -51,7 +51,7 @@ def require_native(device: torch.device) -> ModuleType:
 
 
 def native_solve(problem: Problem, items: Items, k: int, tol_abs: float, maxiter: int | None,
-                 start: torch.Tensor | None, generator: torch.Generator,
+                 start: torch.Tensor | None, generator: torch.Generator, threads: int,
                  on_done: Callable[[int], None] | None = None) -> Candidates:
     """The min(k, n_g) lowest pairs of every item (each one connected component), ``GUARD_PAIRS`` more tracked.
 
@@ -59,6 +59,7 @@ def native_solve(problem: Problem, items: Items, k: int, tol_abs: float, maxiter
         start: the previous basis (N, s) or None: each item starts from the sum of its old vectors (as the scipy
             backend does), a random vector where that sum is zero.
         maxiter: Lanczos steps per item at most (default: the item's size, where the method is exact).
+        threads: CPU threads to split the items across (the caller's torch setting before any one-thread pinning).
         on_done: called with the number of items finished, chunk by chunk (a progress bar).
     """
     module = require_native(problem.device)
@@ -87,7 +88,7 @@ def native_solve(problem: Problem, items: Items, k: int, tol_abs: float, maxiter
         first = torch.where(items.valid(), summed[items.node_map.clamp(min=0)], 0).to(dtype).contiguous()
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     max_steps = int(items.sizes.max()) if maxiter is None else maxiter
-    threads = max(1, torch.get_num_threads())
+    threads = max(1, threads)
     # chunks only for the progress bar: each call splits its items across the threads
     chunk = num_items if on_done is None else max(8 * threads, -(-num_items // 20))
     for lo in range(0, num_items, chunk):

@@ -13,7 +13,7 @@ from ._cupy import cupy_solve
 from ._dense import dense_lowest, size_buckets
 from ._info import EigenInfo, NoConvergence
 from ._lanczos import block_lanczos, default_keep
-from ._native import native_solve, require_native
+from ._native import native_available, native_solve, require_native
 from ._operator import PaddedOperator
 from ._plan import Candidates, Items, make_plan, merge
 from ._problem import Problem, prepare, rounding_floor
@@ -118,9 +118,15 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
             raise ValueError(f"backend='dense' would run a dense eigh on a {n_max}-node block{where} (O(n³)); it is "
                              f"limited to {MAX_DENSE_GLOBAL_NODES} nodes per block — use backend='lanczos' or 'auto'")
         krylov = "lanczos"
+    elif backend == "auto" and problem.device.type == "cpu" and native_available():
+        krylov = "native"   # items above _auto.native_max go to ARPACK (see _krylov_parts)
+        dense_max = _auto.native_dense_max(k)
     elif backend == "auto":
         krylov = _auto.iterative_backend(problem.device)
         dense_max = max(m + block, _auto.dense_max(problem.device, k))
+    elif backend == "native":
+        dense_max = _auto.native_dense_max(k)
+        krylov = backend
     else:
         krylov = backend
         dense_max = m + block  # no room for a Krylov space: a dense solve is exact and as cheap
@@ -128,6 +134,7 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
     plan = make_plan(problem, dense_max, max_components)
 
     parts: list[Candidates] = []
+    ran: list[str] = []   # the Krylov solvers that ran
     workers = torch.get_num_threads()  # before cpu_threads() below may pin torch to one: dense eigh splits its batch
     bar = _progress_bar(progress, plan, k, krylov)
     basis_bytes = 0 if plan.krylov is None or krylov != "lanczos" else (
@@ -145,22 +152,26 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
                     if bar is not None:
                         bar.update(settled.items.num_items if krylov != "lanczos" else int(settled.count.sum()))
             if krylov_items is not None:
-                if krylov == "lanczos":
-                    part = _solve_lanczos(problem, krylov_items, k, tol_abs, maxiter, m, block, start, bar, op)
-                elif krylov == "native":
-                    part = native_solve(problem, krylov_items, k, tol_abs, maxiter, start,
-                                        _generator(torch.device("cpu")), bar.update if bar is not None else None)
-                elif krylov == "scipy":
-                    part = scipy_solve(problem, krylov_items, k, tol_abs, maxiter, ncv, start,
-                                       _generator(torch.device("cpu")), bar.update if bar is not None else None)
-                else:
-                    part = cupy_solve(problem, krylov_items, k, tol_abs, maxiter, ncv, start,
-                                      _generator(problem.device), bar.update if bar is not None else None)
-                if check_cost is not None:   # the products of a failed warm-start check count too
-                    part.matvecs += check_cost
-                    if krylov == "lanczos":     # ARPACK's restarts are not reported: leave its 0
-                        part.iterations += 1
-                parts.append(part)
+                for solver, index in _krylov_parts(krylov, krylov_items, k, backend == "auto"):
+                    items = krylov_items if index is None else krylov_items.subset(index)
+                    update = bar.update if bar is not None else None
+                    if solver == "lanczos":
+                        part = _solve_lanczos(problem, items, k, tol_abs, maxiter, m, block, start, bar, op)
+                    elif solver == "native":
+                        part = native_solve(problem, items, k, tol_abs, maxiter, start, _generator(torch.device("cpu")),
+                                            workers, update)
+                    elif solver == "scipy":
+                        part = scipy_solve(problem, items, k, tol_abs, maxiter, ncv, start,
+                                           _generator(torch.device("cpu")), update)
+                    else:
+                        part = cupy_solve(problem, items, k, tol_abs, maxiter, ncv, start, _generator(problem.device),
+                                          update)
+                    if check_cost is not None:   # the products of a failed warm-start check count too
+                        part.matvecs += check_cost if index is None else check_cost[index]
+                        if solver == "lanczos":     # the other backends do not restart (native) or report it (ARPACK)
+                            part.iterations += 1
+                    parts.append(part)
+                    ran.append(solver)
     finally:
         if bar is not None:
             bar.close()
@@ -169,7 +180,9 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
     valid = torch.arange(k).unsqueeze(0) < sizes.clamp(max=k).unsqueeze(1)
     # the in-solver residual came from stored products; the fresh one may differ by one product's rounding
     converged = merged.converged & valid & (residuals <= tol_abs + floor * problem.norm)
-    used = "dense" if plan.krylov is None else krylov if plan.dense is None else f"{krylov}+dense"
+    if plan.krylov is not None and not ran:   # a warm-start check settled every Krylov item
+        ran.append(krylov)
+    used = "+".join(ran + (["dense"] if plan.dense is not None else []))
     lanczos_ran = plan.krylov is not None and krylov == "lanczos"
     info = EigenInfo(backend=used, iterations=merged.iterations, matvecs=merged.matvecs, residuals=residuals,
                      converged=converged, tol=tol_abs, norm=problem.norm,
@@ -240,6 +253,19 @@ def _solve_dense(problem: Problem, items: Items, k: int, workers: int) -> list[C
                                 iterations=torch.zeros(sub.num_items, dtype=torch.int64),
                                 matvecs=torch.zeros(sub.num_items, dtype=torch.int64)))
     return parts
+
+
+def _krylov_parts(krylov: str, items: Items, k: int, auto: bool) -> list[tuple[str, torch.Tensor | None]]:
+    """(solver, item indices or None for all) for the Krylov items: ``auto``'s native backend hands the items above
+    ``_auto.native_max(k)`` nodes to ARPACK."""
+    if krylov != "native" or not auto:
+        return [(krylov, None)]
+    big = items.sizes > _auto.native_max(k)
+    if not bool(big.any()):
+        return [("native", None)]
+    if bool(big.all()):
+        return [("scipy", None)]
+    return [("native", torch.nonzero(~big).flatten()), ("scipy", torch.nonzero(big).flatten())]
 
 
 def _item_start(start: torch.Tensor, items: Items, columns: int) -> torch.Tensor:
@@ -338,7 +364,7 @@ def _progress_bar(enabled: bool, plan, k: int, backend: str):
         return None
     from tqdm.auto import tqdm
 
-    if backend in ("scipy", "cupy"):
+    if backend in ("scipy", "cupy", "native"):
         return tqdm(total=plan.krylov.num_items, desc=f"lowest_eigenpairs[{backend}]", unit="item")
     total = int(plan.krylov.sizes.clamp(max=k).sum())
     return tqdm(total=total, desc="lowest_eigenpairs[lanczos]", unit="pair")

@@ -1,0 +1,151 @@
+"""The ``native`` backend (compiled single-vector Lanczos, csrc/native) against float64 numpy references: what the
+shared contract tests in test_eigen.py do not reach — the kernel called directly on tiny and exhausted items,
+multiplicities inside one component, float32, threads, repeatability, step budgets and a missing module."""
+from __future__ import annotations
+
+import networkx as nx
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import spectralkern as sk
+from spectralkern.eigen import _auto, _native
+from spectralkern.eigen._plan import make_plan
+from spectralkern.eigen._problem import prepare, rounding_floor
+from spectralkern.eigen._scipy import GUARD_PAIRS
+from test_eigen import (DTYPES, check_basis, dense_of, laplacian_of, networkx_laplacian, random_adjacency,
+                        sizes_to_ptr)
+
+
+def test_the_module_is_built():
+    """CI installs with a C++ compiler: a build that silently fell back to pure Python would skip the backend."""
+    assert _native.native_available(), _native._load()[1]
+
+
+def kernel_pairs(L: sk.GraphLaplacian, k: int, *, threads: int = 1, maxiter: int | None = None, seed: int = 0):
+    """The kernel on every connected component of L as its own item (no dense routing): (items, Candidates)."""
+    problem = prepare("L", L)
+    plan = make_plan(problem, 0, None)       # dense_max = 0: every component is a Krylov item
+    tol_abs = max(1e-10, rounding_floor(problem)) * problem.norm   # as lowest_eigenpairs: never below rounding
+    part = _native.native_solve(problem, plan.krylov, k, tol_abs, maxiter, None,
+                                torch.Generator().manual_seed(seed), threads)
+    return problem, plan.krylov, part
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_on_tiny_and_exhausted_items(seed, dtype):
+    """Components of 1, 2, 3, 7 and 40 nodes with k ≥ most sizes: an item whose wanted pairs are all its pairs
+    runs Lanczos until the Krylov space is the whole item (refilling after every breakdown)."""
+    rng = np.random.default_rng(seed)
+    ptr = sizes_to_ptr([1, 2, 3, 7, 40])
+    adjacency = random_adjacency(rng, ptr, 1.0, isolated=0.0)   # dense blocks: each block one component
+    L = laplacian_of(adjacency, ptr, dtype=dtype)
+    k = 9
+    problem, items, part = kernel_pairs(L, k)
+    dense = dense_of(L)
+    for g in range(items.num_items):
+        nodes = items.node_map[g, : int(items.sizes[g])].numpy()
+        reference = np.linalg.eigvalsh(dense[np.ix_(nodes, nodes)])
+        count = int(part.count[g])
+        assert count == min(k, nodes.size)
+        values = part.values[g, :count].double().numpy()
+        np.testing.assert_allclose(values, reference[:count], rtol=0, atol=(1e-10 if dtype == torch.float64 else 1e-4) * 2)
+        Y = part.vectors[g, : nodes.size, :count].double().numpy()
+        np.testing.assert_allclose(Y.T @ Y, np.eye(count), rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-5)
+        assert bool(part.converged[g, :count].all())
+        steps_cap = nodes.size + count      # products: Lanczos steps (≤ n) + one verification product per pair
+        assert 0 < int(part.matvecs[g]) <= steps_cap + GUARD_PAIRS
+
+
+def test_multiplicities_inside_one_component_are_found(seed):
+    """A square grid has double eigenvalues within one connected component (u(a, b) and u(b, a)): single-vector
+    Lanczos sees the second copy only through rounding, like ARPACK; the check that every tracked pair
+    converged keeps it going until it does (measured: ~150 of 256 steps on the 16 × 16 grid)."""
+    for a, b in [(16, 16), (12, 12), (10, 10)]:
+        graph = nx.convert_node_labels_to_integers(nx.grid_2d_graph(a, b))
+        L = networkx_laplacian(graph)
+        n = graph.number_of_nodes()
+        basis = sk.lowest_eigenpairs(L, 16, backend="native")
+        check_basis(basis, dense_of(L), [0, n], 16, torch.float64)
+        values = np.linalg.eigvalsh(dense_of(L))[:16]
+        assert np.any(np.abs(np.diff(values)) < 1e-10), "the test graph must have a repeated eigenvalue"
+
+
+def test_threads_split_items_without_changing_them(seed):
+    """Each item draws its start from its own stream (seed, item), so the thread count changes nothing."""
+    rng = np.random.default_rng(seed)
+    ptr = sizes_to_ptr([90, 120, 64, 200, 75, 110])
+    L = laplacian_of(random_adjacency(rng, ptr, 0.1, isolated=0.0), ptr)
+    _, _, one = kernel_pairs(L, 6, threads=1, seed=seed)
+    _, _, three = kernel_pairs(L, 6, threads=3, seed=seed)
+    assert torch.equal(one.values, three.values) and torch.equal(one.vectors, three.vectors)
+    assert torch.equal(one.matvecs, three.matvecs)
+
+
+def test_solves_repeat_under_a_seed_and_differ_across_seeds(seed):
+    rng = np.random.default_rng(seed)
+    ptr = sizes_to_ptr([150, 150])
+    L = laplacian_of(random_adjacency(rng, ptr, 0.08, isolated=0.0), ptr)
+    runs = []
+    for torch_seed in (seed, seed, seed + 1):
+        torch.manual_seed(torch_seed)
+        runs.append(sk.lowest_eigenpairs(L, 5, tol=1e-9, backend="native"))
+    assert torch.equal(runs[0].U, runs[1].U)
+    assert not torch.equal(runs[0].U, runs[2].U)     # another start vector: other rounding
+    torch.testing.assert_close(runs[0].eigenvalues, runs[2].eigenvalues, rtol=0, atol=4e-9)
+
+
+def test_step_budget_gives_the_partial_result(seed):
+    """maxiter caps the Lanczos steps per item (never below the tracked pairs): NoConvergence carries orthonormal
+    Ritz vectors and the mask of the pairs that met the tolerance."""
+    L = networkx_laplacian(nx.path_graph(600))
+    with pytest.raises(sk.NoConvergence, match="did not reach the tolerance") as caught:
+        sk.lowest_eigenpairs(L, 12, maxiter=20, backend="native")
+    info = caught.value.info
+    assert info.backend == "native" and int(info.matvecs[0]) == 20 + 12 + GUARD_PAIRS
+    U = caught.value.basis.U.double()
+    torch.testing.assert_close(U.T @ U, torch.eye(12, dtype=torch.float64), rtol=0, atol=1e-10)
+    assert bool((info.residuals[0][~info.converged[0]] > info.tol).all())
+
+
+def test_auto_routes_by_size(seed):
+    """auto on the CPU: dense up to max(48, 2k) nodes, native up to max(1024, 32k), ARPACK above."""
+    rng = np.random.default_rng(seed)
+    k = 4
+    small, middle, big = _auto.native_dense_max(k), 300, _auto.native_max(k) + 30
+    ptr = sizes_to_ptr([small, middle, big])
+    L = laplacian_of(random_adjacency(rng, ptr, 0.02, isolated=0.0), ptr)
+    basis = sk.lowest_eigenpairs(L, k, tol=1e-9)
+    assert basis.info.backend == "native+scipy+dense", basis.info
+    assert int(basis.info.matvecs[0]) == 0 and int(basis.info.matvecs[1]) > 0 and int(basis.info.matvecs[2]) > 0
+    check_basis(basis, dense_of(L), ptr, k, torch.float64)
+
+
+def test_missing_module_is_a_clear_error(monkeypatch, seed):
+    monkeypatch.setattr(_native, "_load", lambda: (None, "No module named 'spectralkern._native'"))
+    L = networkx_laplacian(nx.karate_club_graph())
+    with pytest.raises(RuntimeError, match=r"backend='native' needs the compiled module spectralkern\._native.*"
+                                           r"No module named"):
+        sk.lowest_eigenpairs(L, 3, backend="native")
+    basis = sk.lowest_eigenpairs(L, 3)       # auto falls back to dense / ARPACK
+    assert basis.info.backend == "dense"
+
+
+def test_only_on_the_cpu():
+    with pytest.raises(ValueError, match="backend='native' runs on the CPU; L is on cuda"):
+        _native.require_native(torch.device("cuda"))
+
+
+@settings(max_examples=15, deadline=None)
+@given(sizes=st.lists(st.sampled_from([0, 1, 2, 9, 60, 130]), min_size=1, max_size=4), k=st.integers(1, 9),
+       density=st.floats(0.03, 0.6), normalized=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_hypothesis_layouts(sizes, k, density, normalized, seed):
+    """Random ragged layouts; blocks above max(48, 2k) nodes (and their big components) go through the kernel."""
+    rng = np.random.default_rng(seed)
+    ptr = sizes_to_ptr(sizes)
+    L = laplacian_of(random_adjacency(rng, ptr, density), ptr, normalized=normalized)
+    torch.manual_seed(seed)
+    basis = sk.lowest_eigenpairs(L, k, backend="native")
+    check_basis(basis, dense_of(L), ptr, k, torch.float64)
