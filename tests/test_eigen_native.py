@@ -149,3 +149,11 @@ def test_hypothesis_layouts(sizes, k, density, normalized, seed):
     torch.manual_seed(seed)
     basis = sk.lowest_eigenpairs(L, k, backend="native")
     check_basis(basis, dense_of(L), ptr, k, torch.float64)
+
+
+def test_refuses_huge_components():
+    n = 16385
+    L = networkx_laplacian(nx.path_graph(n))
+    with pytest.raises(ValueError, match=r"backend='native' keeps the whole Krylov basis.*limited to components of "
+                                         r"16384 nodes; L has one of 16385"):
+        sk.lowest_eigenpairs(L, 2, backend="native")

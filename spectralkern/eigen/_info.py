@@ -11,13 +11,15 @@ class EigenInfo:
     """Diagnostics of one ``lowest_eigenpairs`` call, per block of the returned basis.
 
     Attributes:
-        backend: what ran: "dense", "lanczos", "scipy" or "cupy", or "<krylov>+dense" when some blocks or
-            components were small enough for a dense solve (under "auto": what it chose).
+        backend: what ran: "dense", "lanczos", "scipy", "cupy" or "native", joined by "+" when several did
+            ("native+scipy+dense": auto on the CPU with components of every size range; "<krylov>+dense" when some
+            blocks or components were small enough for a dense solve).
         iterations: (B,) int64, CPU — restarts (Rayleigh–Ritz steps) of the Lanczos solver per block, a warm-start
-            check counting as one (a block the check settled: 1); 0 for blocks solved densely and for blocks
-            ARPACK (scipy/cupy) solved, which does not report its restarts.
+            check counting as one (a block the check settled: 1); 0 for blocks solved densely, by native (which
+            never restarts) and by ARPACK (scipy/cupy), which does not report its restarts.
         matvecs: (B,) int64, CPU — vectors multiplied by L per block (a block of p vectors counts p; 0 for
-            blocks solved densely and for cupy). The verification product at the end is not counted.
+            blocks solved densely and for cupy; native counts its Lanczos steps plus the one product per tracked
+            pair that verifies its Ritz vectors). The verification product at the end is not counted.
         residuals: (B, k) float64, CPU — ‖L u_j − λ_j u_j‖₂ of every returned pair, computed explicitly from the
             returned vectors with one fresh product by L; 0 in the padding columns j ≥ k_b.
         converged: (B, k) bool, CPU — True where pair j of block b met the tolerance; False in padding columns.

@@ -23,6 +23,9 @@ from ._warm import check_start
 BACKENDS = ("auto", "lanczos", "dense", "scipy", "cupy", "native")
 # Dense eigh is O(n³) per block; past this many nodes in one block the dense backend refuses.
 MAX_DENSE_GLOBAL_NODES = 8192
+# The native backend keeps an item's whole Krylov basis (no restarts): O(steps · n) memory and O(steps² · n) work,
+# so it refuses items above this size (auto gives it items up to _auto.native_max).
+MAX_NATIVE_ITEM_NODES = 16384
 
 
 def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | None = None, ncv: int | None = None,
@@ -41,11 +44,12 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
             ‖L‖ bounded by 2 (normalized Laplacian) or Gershgorin's bound, and floor = 8·√(max row nnz + 1)·eps
             the rounding of one product by L in L's dtype (the final check, a fresh product, may add one more
             floor·‖L‖). ``tol=0`` (default): as accurate as the dtype allows, like scipy's tol=0.
-        maxiter: most restarts per block (Lanczos), ARPACK's maxiter (scipy/cupy). Default for Lanczos:
+        maxiter: most restarts per block (Lanczos), ARPACK's maxiter (scipy/cupy), most Lanczos steps per component
+            (native; default its size, where the method is exact). Default for Lanczos:
             10·n_max / (vectors added per restart) + 100, i.e. a block gives up after about 10·n_b products.
         ncv: Krylov basis size per block (> k). Lanczos default max(2k + 4p, k + 32) with block size p (2 on the
             CPU, 8 on a GPU; a smaller ncv shrinks p to fit); scipy/cupy: their own default, raised to fit the
-            two guard pairs (see the notes below).
+            two guard pairs (see the notes below); native: unused (its basis grows as needed).
         v0: a previous basis of the same layout (same block_ptr, dtype and device), e.g. from the last refresh of
             a slowly changing graph. Every Krylov backend first checks its vectors (one Rayleigh–Ritz step, k
             products per block; a block that misses the tolerance by at most 10× gets a second one on the block
@@ -57,10 +61,14 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
             drifting graph (see ``eigen/_warm.py``).
         backend: "lanczos" (batched block Lanczos in torch, all blocks at once; blocks too small for a Krylov
             space are solved densely), "dense" (batched ``torch.linalg.eigh``, blocks up to 8192 nodes),
-            "scipy" (ARPACK per component, CPU), "cupy" (cupyx eigsh per component; needs cupy and a GPU), or
-            "auto": dense for blocks up to max(160, 4k) nodes and ARPACK above on the CPU, dense up to 32 nodes
-            and Lanczos above on a GPU (thresholds and the measurements behind them in ``eigen/_auto.py``).
-        progress: show a tqdm progress bar (pairs converged for Lanczos, components done for scipy/cupy).
+            "scipy" (ARPACK per component, CPU), "cupy" (cupyx eigsh per component; needs cupy and a GPU),
+            "native" (compiled single-vector Lanczos per component, never restarted, components split across
+            CPU threads; CPU only, components up to 16384 nodes; needs the compiled module ``spectralkern._native``
+            that a normal install builds), or "auto": on the CPU dense for blocks up to max(48, 2k) nodes, native
+            up to max(1024, 32k) and ARPACK above (without the compiled module: dense up to max(160, 4k), ARPACK
+            above); on a GPU dense up to 32 nodes and Lanczos above (thresholds and the measurements behind them in
+            ``eigen/_auto.py``).
+        progress: show a tqdm progress bar (pairs converged for Lanczos, components done for scipy/cupy/native).
         strict: when some pair misses the tolerance within ``maxiter``: raise ``NoConvergence`` (True) carrying
             the partial result, or warn and return it (False). Either way unconverged columns hold the current
             Ritz approximations and ``basis.info.converged`` marks the pairs that met the tolerance.
@@ -75,11 +83,11 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
     to sign, and up to rotation inside a repeated eigenvalue: compare eigenvalues, residuals and projectors U Uᵀ,
     not raw vectors. On the CPU a Lanczos solve with a basis under 64 MB runs on one thread (``_auto``).
 
-    The scipy and cupy backends ask for k + 2 pairs, each to a relative tolerance of at most 1e-5: ARPACK asked
-    for exactly k at a loose tolerance misses an eigenvalue of the wanted range for ~1% of random starts
-    (``eigen/_scipy.py``). Their cold starts, like Lanczos', are drawn from torch's RNG: under
-    ``torch.manual_seed`` a scipy-backend solve repeats exactly (Lanczos on the same device and thread count
-    repeats up to the reduction order of its BLAS).
+    The scipy, cupy and native backends track k + 2 pairs, and scipy and cupy ask ARPACK for each to a relative
+    tolerance of at most 1e-5: ARPACK asked for exactly k at a loose tolerance misses an eigenvalue of the wanted
+    range for ~1% of random starts (``eigen/_scipy.py``). Their cold starts, like Lanczos', are drawn from torch's
+    RNG: under ``torch.manual_seed`` a scipy- or native-backend solve repeats exactly (native whatever the thread
+    count; Lanczos on the same device and thread count repeats up to the reduction order of its BLAS).
     """
     check_positive_int("k", k)
     tol = _check_tol(tol)
@@ -133,6 +141,10 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
     max_components = block if krylov == "lanczos" else None
     plan = make_plan(problem, dense_max, max_components)
 
+    if backend == "native" and plan.krylov is not None and int(plan.krylov.sizes.max()) > MAX_NATIVE_ITEM_NODES:
+        raise ValueError(f"backend='native' keeps the whole Krylov basis of a connected component (it never "
+                         f"restarts) and is limited to components of {MAX_NATIVE_ITEM_NODES} nodes; L has one of "
+                         f"{int(plan.krylov.sizes.max())} — use backend='auto', 'scipy' or 'lanczos'")
     parts: list[Candidates] = []
     ran: list[str] = []   # the Krylov solvers that ran
     workers = torch.get_num_threads()  # before cpu_threads() below may pin torch to one: dense eigh splits its batch

@@ -7,6 +7,7 @@ nodes, scipy shift-invert eigsh at tol 1e-13 above).
 
 Providers (a provider's output is its eigenvalues, (B, k) float64):
     auto, lanczos, dense  ``spectralkern.lowest_eigenpairs`` with that backend (dense: blocks ≤ 2048 nodes)
+    native                the same, compiled single-vector Lanczos (CPU, blocks up to auto's native range)
     scipy_eigsh           ``scipy.sparse.linalg.eigsh`` per block, which='LA' on the flipped c·I − L, with
                           ARPACK's tol set so that ‖r‖ ≤ TOL·‖L‖
     scipy_eigsh_sa        the same with which='SA' on L itself, tol = TOL·‖L‖ / λ_k (ARPACK's test is relative
@@ -41,6 +42,8 @@ import scipy.spatial
 import torch
 
 from ...eigen import lowest_eigenpairs
+from ...eigen._auto import native_max
+from ...eigen._native import native_available
 from ...graph import GraphLaplacian, ParameterGraph
 from ..case import Case, Prepared, Provider
 
@@ -329,6 +332,14 @@ def _prepare(cfg: _Config, device: torch.device) -> Prepared:
     else:
         for name in ("dense", "torch_eigh"):
             skipped[name] = f"dense eigh of {cfg.n}-node blocks is O(n³): left out above {_DENSE_MAX} nodes"
+    if device.type != "cpu":
+        skipped["native"] = "CPU only"
+    elif not native_available():
+        skipped["native"] = "the compiled module spectralkern._native is not built"
+    elif cfg.n > native_max(cfg.k):
+        skipped["native"] = f"blocks of {cfg.n} nodes are above the native range (max(1024, 32k) = {native_max(cfg.k)})"
+    else:
+        add("native", "spectralkern", _ours(L, cfg, "native"))
     if device.type == "cpu":
         flipped_tols = np.full(cfg.num_blocks, cfg.tol)          # ‖r‖ ≤ tol·θ ≤ tol·2
         sa_tols = cfg.tol * 2.0 / reference[:, -1]                # ‖r‖ ≤ tol·|λ| ≤ tol·λ_k
