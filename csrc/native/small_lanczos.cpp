@@ -73,20 +73,23 @@ bool use_avx2() {
 }
 
 template <typename T>
-void solve_items(int64_t first_item, int64_t num_items, int64_t n_pad, const int64_t* sizes, const int64_t* crow,
-               const int64_t* col, const T* val, const int64_t* want, int64_t kw, const T* start,
-               const baseline::Options& options, uint64_t seed, int threads, T* values, T* vectors,
-               double* residuals, uint8_t* converged, int64_t* steps, int64_t* products) {
+void solve_items(int64_t first_item, int64_t num_items, int64_t n_pad, const int64_t* sizes, const int64_t* node_map,
+                 const int64_t* crow, const int64_t* col, const T* val, const int64_t* item_of,
+                 const int64_t* local_of, const int64_t* want, int64_t kw, const T* start,
+                 const baseline::Options& options, uint64_t seed, int threads, T* values, T* vectors,
+                 double* residuals, uint8_t* converged, int64_t* steps, int64_t* products) {
   py::gil_scoped_release release;
 #ifdef SPECTRALKERN_HAVE_AVX2
   if (use_avx2()) {
     const avx2::Options same{options.tol, options.norm, options.eps, options.guards, options.max_steps};
-    avx2::solve_all<T>(first_item, num_items, n_pad, sizes, crow, col, val, want, kw, start, same, seed, threads,
+    const avx2::Graph<T> graph{crow, col, val, item_of, local_of};
+    avx2::solve_all<T>(first_item, num_items, n_pad, sizes, node_map, graph, want, kw, start, same, seed, threads,
                        values, vectors, residuals, converged, steps, products);
     return;
   }
 #endif
-  baseline::solve_all<T>(first_item, num_items, n_pad, sizes, crow, col, val, want, kw, start, options, seed,
+  const baseline::Graph<T> graph{crow, col, val, item_of, local_of};
+  baseline::solve_all<T>(first_item, num_items, n_pad, sizes, node_map, graph, want, kw, start, options, seed,
                          threads, values, vectors, residuals, converged, steps, products);
 }
 
@@ -95,27 +98,37 @@ T* as_ptr(uintptr_t address) {
   return reinterpret_cast<T*>(address);
 }
 
-void lowest_eigenpairs(const std::string& dtype, int64_t first_item, int64_t num_items, int64_t n_pad, uintptr_t sizes, uintptr_t crow,
-                       uintptr_t col, uintptr_t val, uintptr_t want, int64_t kw, uintptr_t start, double tol,
+template <typename T>
+void dispatch(int64_t first_item, int64_t num_items, int64_t n_pad, uintptr_t sizes, uintptr_t node_map,
+              uintptr_t crow, uintptr_t col, uintptr_t val, uintptr_t item_of, uintptr_t local_of, uintptr_t want,
+              int64_t kw, uintptr_t start, const baseline::Options& options, uint64_t seed, int threads,
+              uintptr_t values, uintptr_t vectors, uintptr_t residuals, uintptr_t converged, uintptr_t steps,
+              uintptr_t products) {
+  solve_items<T>(first_item, num_items, n_pad, as_ptr<const int64_t>(sizes), as_ptr<const int64_t>(node_map),
+                 as_ptr<const int64_t>(crow), as_ptr<const int64_t>(col), as_ptr<const T>(val),
+                 as_ptr<const int64_t>(item_of), as_ptr<const int64_t>(local_of), as_ptr<const int64_t>(want), kw,
+                 as_ptr<const T>(start), options, seed, threads, as_ptr<T>(values), as_ptr<T>(vectors),
+                 as_ptr<double>(residuals), as_ptr<uint8_t>(converged), as_ptr<int64_t>(steps),
+                 as_ptr<int64_t>(products));
+}
+
+void lowest_eigenpairs(const std::string& dtype, int64_t first_item, int64_t num_items, int64_t n_pad,
+                       uintptr_t sizes, uintptr_t node_map, uintptr_t crow, uintptr_t col, uintptr_t val,
+                       uintptr_t item_of, uintptr_t local_of, uintptr_t want, int64_t kw, uintptr_t start, double tol,
                        double norm, int guards, int64_t max_steps, uint64_t seed, int threads, uintptr_t values,
                        uintptr_t vectors, uintptr_t residuals, uintptr_t converged, uintptr_t steps,
                        uintptr_t products) {
   if (first_item < 0 || num_items < 0 || n_pad < 1 || kw < 0 || guards < 0 || max_steps < 1 || threads < 1)
     throw std::invalid_argument("lowest_eigenpairs: bad sizes");
+  const int steps_cap = static_cast<int>(std::min<int64_t>(max_steps, std::numeric_limits<int>::max()));
   if (dtype == "float64") {
-    baseline::Options options{tol, norm, std::numeric_limits<double>::epsilon() / 2, guards, static_cast<int>(max_steps)};
-    solve_items<double>(first_item, num_items, n_pad, as_ptr<const int64_t>(sizes), as_ptr<const int64_t>(crow),
-                      as_ptr<const int64_t>(col), as_ptr<const double>(val), as_ptr<const int64_t>(want), kw,
-                      as_ptr<const double>(start), options, seed, threads, as_ptr<double>(values),
-                      as_ptr<double>(vectors), as_ptr<double>(residuals), as_ptr<uint8_t>(converged),
-                      as_ptr<int64_t>(steps), as_ptr<int64_t>(products));
+    const baseline::Options options{tol, norm, std::numeric_limits<double>::epsilon() / 2, guards, steps_cap};
+    dispatch<double>(first_item, num_items, n_pad, sizes, node_map, crow, col, val, item_of, local_of, want, kw,
+                     start, options, seed, threads, values, vectors, residuals, converged, steps, products);
   } else if (dtype == "float32") {
-    baseline::Options options{tol, norm, std::numeric_limits<float>::epsilon() / 2, guards, static_cast<int>(max_steps)};
-    solve_items<float>(first_item, num_items, n_pad, as_ptr<const int64_t>(sizes), as_ptr<const int64_t>(crow),
-                     as_ptr<const int64_t>(col), as_ptr<const float>(val), as_ptr<const int64_t>(want), kw,
-                     as_ptr<const float>(start), options, seed, threads, as_ptr<float>(values),
-                     as_ptr<float>(vectors), as_ptr<double>(residuals), as_ptr<uint8_t>(converged),
-                     as_ptr<int64_t>(steps), as_ptr<int64_t>(products));
+    const baseline::Options options{tol, norm, std::numeric_limits<float>::epsilon() / 2, guards, steps_cap};
+    dispatch<float>(first_item, num_items, n_pad, sizes, node_map, crow, col, val, item_of, local_of, want, kw,
+                    start, options, seed, threads, values, vectors, residuals, converged, steps, products);
   } else {
     throw std::invalid_argument("lowest_eigenpairs: dtype must be 'float32' or 'float64', got " + dtype);
   }
@@ -126,10 +139,12 @@ void lowest_eigenpairs(const std::string& dtype, int64_t first_item, int64_t num
 PYBIND11_MODULE(_native, m) {
   m.doc() = "spectralkern's compiled CPU kernels (see csrc/native/).";
   m.def("lowest_eigenpairs", &lowest_eigenpairs,
-        "Lowest eigenpairs of items [first_item, first_item + num_items) of a padded CSR with the items on its "
-        "diagonal, one item per thread (raw pointers to whole arrays; see spectralkern/eigen/_native.py).",
-        py::arg("dtype"), py::arg("first_item"), py::arg("num_items"), py::arg("n_pad"), py::arg("sizes"), py::arg("crow"), py::arg("col"),
-        py::arg("val"), py::arg("want"), py::arg("kw"), py::arg("start"), py::arg("tol"), py::arg("norm"),
+        "Lowest eigenpairs of items [first_item, first_item + num_items) of L (CSR), item g being the nodes "
+        "node_map[g, :sizes[g]]; one item per thread (raw pointers to whole arrays; see "
+        "spectralkern/eigen/_native.py).",
+        py::arg("dtype"), py::arg("first_item"), py::arg("num_items"), py::arg("n_pad"), py::arg("sizes"),
+        py::arg("node_map"), py::arg("crow"), py::arg("col"), py::arg("val"), py::arg("item_of"),
+        py::arg("local_of"), py::arg("want"), py::arg("kw"), py::arg("start"), py::arg("tol"), py::arg("norm"),
         py::arg("guards"), py::arg("max_steps"), py::arg("seed"), py::arg("threads"), py::arg("values"),
         py::arg("vectors"), py::arg("residuals"), py::arg("converged"), py::arg("steps"), py::arg("products"));
 }

@@ -71,19 +71,45 @@ void combine(const T* V, int rows, int n, const double* coef, double scale, doub
   for (; r < rows; ++r) axpy(scale * coef[r], V + static_cast<size_t>(r) * n, y, n);
 }
 
-// The sparse item: rows [0, n) of a CSR whose row r starts at crow[r], column indices local to the item.
+// L's CSR (global node numbering) and where every node belongs: item_of[v] (-1: no item) and its row local_of[v].
 template <typename T>
-struct Item {
+struct Graph {
   const int64_t* crow;
   const int64_t* col;
   const T* val;
-  int64_t col_offset;  // subtracted from col: the items are diagonal blocks of one padded CSR
-  int n;
+  const int64_t* item_of;
+  const int64_t* local_of;
+};
+
+// One item's submatrix of L in local CSR form, copied out of L once per item (entries to other items dropped:
+// items are unions of connected components, so none exist).
+template <typename T>
+struct Item {
+  std::vector<int32_t> crow, col;
+  std::vector<T> val;
+  int n = 0;
+
+  void load(const Graph<T>& graph, const int64_t* nodes, int size, int64_t self) {
+    n = size;
+    crow.assign(1, 0);
+    col.clear();
+    val.clear();
+    for (int r = 0; r < n; ++r) {
+      const int64_t node = nodes[r];
+      for (int64_t t = graph.crow[node]; t < graph.crow[node + 1]; ++t) {
+        const int64_t c = graph.col[t];
+        if (graph.item_of[c] != self) continue;
+        col.push_back(static_cast<int32_t>(graph.local_of[c]));
+        val.push_back(graph.val[t]);
+      }
+      crow.push_back(static_cast<int32_t>(col.size()));
+    }
+  }
 
   void apply(const T* x, double* y) const {
     for (int r = 0; r < n; ++r) {
       double s = 0;
-      for (int64_t t = crow[r]; t < crow[r + 1]; ++t) s += static_cast<double>(val[t]) * x[col[t] - col_offset];
+      for (int32_t t = crow[r]; t < crow[r + 1]; ++t) s += static_cast<double>(val[t]) * x[col[t]];
       y[r] = s;
     }
   }
@@ -216,13 +242,18 @@ class Solver {
     int j = 0;  // Lanczos steps taken: V[0..j) are the basis, V[j] the next vector (while j < max_steps)
     int next_check = std::min(max_steps, std::max(2 * K, K + 16));
     const int stride = std::max(8, K / 2);
+    int previous_j = 0;
+    double previous_estimate = 0;
     for (;;) {
       step(item, j, max_steps, rng);
       ++j;
       const bool last = j >= max_steps;
       if (j < next_check && !last) continue;
-      next_check = std::min(max_steps, j + stride);
-      if (!ritz(j, K, j == n, last, rng) && !last) continue;
+      const bool ok = ritz(j, K, j == n, last, rng);
+      next_check = std::min(max_steps, j + next_gap(j, previous_j, previous_estimate, stride));
+      previous_j = j;
+      previous_estimate = top_estimate_;
+      if (!ok && !last) continue;
       if (verify(item, j, K, want) || last) break;
     }
     // results: the lowest `want` of the K verified pairs, ascending
@@ -304,6 +335,7 @@ class Solver {
   // budget is spent: the pairs are needed whatever their state), a failing check may return before S_ is filled.
   bool ritz(int j, int K, bool exhausted, bool last, Random& rng) {
     const int count = std::min(K, j);
+    top_estimate_ = std::numeric_limits<double>::infinity();
     if (count < K && !exhausted && !last) return false;
     std::vector<double>& x = work_;
     x.resize(j);
@@ -315,7 +347,8 @@ class Solver {
       // converge): a failing checkpoint costs one bisection and one inverse iteration, not the whole spectrum
       // (to 1e-10 of the scale: enough for two steps of inverse iteration to find its vector)
       tridiagonal_eigenvalues(alpha_.data(), beta_.data(), j, K - 1, 1, 1e-10, theta_, d_, e_);
-      if (!(estimate(theta_[0], j, x, rng) <= 0.5 * opt_.tol)) return false;
+      top_estimate_ = estimate(theta_[0], j, x, rng);
+      if (!(top_estimate_ <= 0.5 * opt_.tol)) return false;
     }
     tridiagonal_eigenvalues(alpha_.data(), beta_.data(), j, 0, count, 1e-10, theta_, d_, e_);
     double scale = 0;
@@ -351,6 +384,20 @@ class Solver {
       if (estimate > 0.5 * opt_.tol) all = false;
     }
     return all;
+  }
+
+  // Steps to the next checkpoint. The top pair's residual estimate falls about geometrically in the step count
+  // (faster as it converges), so extrapolating its rate from the last two checks to half the tolerance
+  // overshoots the step that meets it by little; without two estimates, half a stride.
+  int next_gap(int j, int previous_j, double previous_estimate, int stride) const {
+    const double target = 0.5 * opt_.tol;
+    const double now = top_estimate_;
+    if (previous_j > 0 && previous_estimate > now && now > target && std::isfinite(previous_estimate)) {
+      const double rate = std::log(previous_estimate / now) / (j - previous_j);
+      const double steps = std::ceil(std::log(now / target) / rate);
+      return static_cast<int>(std::clamp(steps, 2.0, 2.0 * stride));
+    }
+    return std::max(2, stride / 2);
   }
 
   // Residual estimate beta_{j-1} |s[j-1]| of the Ritz pair of T_j at `value` (inverse iteration; x: scratch).
@@ -420,25 +467,27 @@ class Solver {
   std::vector<double> w_, coef_, alpha_, beta_, d_, e_, theta_, S_, work_, u0_, u1_, u2_, Y_, rho_, res_, ly_;
   std::vector<int> order_;
   int64_t products_ = 0;
+  double top_estimate_ = 0;  // the last cheap check's residual estimate of the top tracked pair
 };
 
 template <typename T>
-void solve_all(int64_t first_item, int64_t num_items, int64_t n_pad, const int64_t* sizes, const int64_t* crow, const int64_t* col,
-               const T* val, const int64_t* want, int64_t kw, const T* start, const Options& options, uint64_t seed,
-               int threads, T* values, T* vectors, double* residuals, uint8_t* converged, int64_t* steps,
-               int64_t* products) {
+void solve_all(int64_t first_item, int64_t num_items, int64_t n_pad, const int64_t* sizes, const int64_t* node_map,
+               const Graph<T>& graph, const int64_t* want, int64_t kw, const T* start, const Options& options,
+               uint64_t seed, int threads, T* values, T* vectors, double* residuals, uint8_t* converged,
+               int64_t* steps, int64_t* products) {
   std::atomic<int64_t> next{first_item};
   const int64_t end = first_item + num_items;
   std::mutex error_lock;
   std::string error;
   auto worker = [&]() {
     Solver<T> solver(options);
+    Item<T> item;
     for (;;) {
       const int64_t g = next.fetch_add(1);
       if (g >= end) return;
       try {
-        Item<T> item{crow + g * n_pad, col, val, g * n_pad, static_cast<int>(sizes[g])};
-        if (item.n == 0 || want[g] == 0) continue;
+        if (sizes[g] == 0 || want[g] == 0) continue;
+        item.load(graph, node_map + g * n_pad, static_cast<int>(sizes[g]), g);
         const T* item_start = start != nullptr ? start + g * n_pad : nullptr;
         auto [s, p] = solver.solve(item, static_cast<int>(want[g]), static_cast<int>(kw), item_start,
                                    seed ^ (0xD1B54A32D192ED03ull * static_cast<uint64_t>(g + 1)),

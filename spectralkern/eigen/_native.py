@@ -17,7 +17,6 @@ from types import ModuleType
 
 import torch
 
-from ._operator import PaddedOperator
 from ._plan import Candidates, Items
 from ._problem import Problem
 from ._scipy import GUARD_PAIRS
@@ -77,10 +76,17 @@ def native_solve(problem: Problem, items: Items, k: int, tol_abs: float, maxiter
     if num_items == 0 or kw == 0:
         return Candidates(items, values, vectors, want, converged, steps, products)
 
-    op = PaddedOperator.build(matrix, items.node_map, 0.0, "csr")   # L itself on the items' diagonal blocks
-    crow = op.matrix.crow_indices().contiguous()
-    col = op.matrix.col_indices().contiguous()
-    val = op.matrix.values().contiguous()
+    # Each item copies its rows of L out of L's own CSR; it only needs to know which nodes are its own.
+    node_map = items.node_map.contiguous()
+    valid = node_map >= 0
+    nodes = node_map[valid]
+    item_of = torch.full((problem.num_nodes,), -1, dtype=torch.int64)
+    item_of[nodes] = torch.arange(num_items).unsqueeze(1).expand(num_items, n_pad)[valid]
+    local_of = torch.zeros(problem.num_nodes, dtype=torch.int64)
+    local_of[nodes] = torch.arange(n_pad).unsqueeze(0).expand(num_items, n_pad)[valid]
+    crow = matrix.crow_indices().contiguous()
+    col = matrix.col_indices().contiguous()
+    val = matrix.values().contiguous()
     sizes = items.sizes.contiguous()
     first = None
     if start is not None:   # (G, n_pad), zero on padding
@@ -94,10 +100,11 @@ def native_solve(problem: Problem, items: Items, k: int, tol_abs: float, maxiter
     for lo in range(0, num_items, chunk):
         count = min(chunk, num_items - lo)
         module.lowest_eigenpairs(
-            str(dtype).removeprefix("torch."), lo, count, n_pad, sizes.data_ptr(), crow.data_ptr(), col.data_ptr(),
-            val.data_ptr(), want.data_ptr(), kw, first.data_ptr() if first is not None else 0, tol_abs,
-            problem.norm, GUARD_PAIRS, max_steps, seed, threads, values.data_ptr(), vectors.data_ptr(),
-            residuals.data_ptr(), converged.data_ptr(), steps.data_ptr(), products.data_ptr())
+            str(dtype).removeprefix("torch."), lo, count, n_pad, sizes.data_ptr(), node_map.data_ptr(),
+            crow.data_ptr(), col.data_ptr(), val.data_ptr(), item_of.data_ptr(), local_of.data_ptr(),
+            want.data_ptr(), kw, first.data_ptr() if first is not None else 0, tol_abs, problem.norm, GUARD_PAIRS,
+            max_steps, seed, threads, values.data_ptr(), vectors.data_ptr(), residuals.data_ptr(),
+            converged.data_ptr(), steps.data_ptr(), products.data_ptr())
         if on_done is not None:
             on_done(count)
     return Candidates(items=items, values=values, vectors=vectors, count=want, converged=converged,
