@@ -106,11 +106,22 @@ struct Item {
     }
   }
 
+  // y = L x. Four partial sums per row: one sum's chain of dependent FMAs (~20 per row here) was the bottleneck.
   void apply(const T* x, double* y) const {
+    const int32_t* c = col.data();
+    const T* v = val.data();
     for (int r = 0; r < n; ++r) {
-      double s = 0;
-      for (int32_t t = crow[r]; t < crow[r + 1]; ++t) s += static_cast<double>(val[t]) * x[col[t]];
-      y[r] = s;
+      double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+      int32_t t = crow[r];
+      const int32_t end = crow[r + 1];
+      for (; t + 4 <= end; t += 4) {
+        s0 += static_cast<double>(v[t]) * x[c[t]];
+        s1 += static_cast<double>(v[t + 1]) * x[c[t + 1]];
+        s2 += static_cast<double>(v[t + 2]) * x[c[t + 2]];
+        s3 += static_cast<double>(v[t + 3]) * x[c[t + 3]];
+      }
+      for (; t < end; ++t) s0 += static_cast<double>(v[t]) * x[c[t]];
+      y[r] = (s0 + s1) + (s2 + s3);
     }
   }
 };
@@ -142,8 +153,11 @@ void tridiagonal_eigenvalues(const double* alpha, const double* beta, int m, int
   const int iterations = static_cast<int>(std::ceil(std::log2((ghi - glo) / width + 1.0))) + 1;
   out.assign(count, glo);  // lower ends
   hi.assign(count, ghi);
-  std::vector<double> q(count), x(count);
-  std::vector<int> below(count);
+  thread_local std::vector<double> q, x;   // scratch, reused across calls
+  thread_local std::vector<int> below;
+  q.resize(count);
+  x.resize(count);
+  below.resize(count);
   for (int iteration = 0; iteration < iterations; ++iteration) {
 #pragma omp simd
     for (int k = 0; k < count; ++k) {
@@ -171,47 +185,64 @@ void tridiagonal_eigenvalues(const double* alpha, const double* beta, int m, int
   for (int k = 0; k < count; ++k) out[k] = 0.5 * (out[k] + hi[k]);
 }
 
-// Solves (T - shift I) x = b in place for the tridiagonal (alpha, beta) of size m: Gaussian elimination with
-// partial pivoting (the factor has two superdiagonals); a zero pivot is replaced by `tiny`.
-void shifted_tridiagonal_solve(const double* alpha, const double* beta, int m, double shift, double tiny,
-                               std::vector<double>& x, std::vector<double>& u0, std::vector<double>& u1,
-                               std::vector<double>& u2) {
-  // Row i of the working matrix: [.., a_i, b_i, c_i] at columns i, i+1, i+2.
-  double a = alpha[0] - shift, b = m > 1 ? beta[0] : 0.0, c = 0.0;
-  for (int i = 0; i < m - 1; ++i) {
-    const double sub = beta[i], next_diag = alpha[i + 1] - shift, next_super = i + 1 < m - 1 ? beta[i + 1] : 0.0;
-    if (std::fabs(sub) > std::fabs(a)) {  // swap rows i and i + 1
-      const double l = a / sub;
-      u0[i] = sub;
-      u1[i] = next_diag;
-      u2[i] = next_super;
-      std::swap(x[i], x[i + 1]);
-      x[i + 1] -= l * x[i];
-      a = b - l * next_diag;
-      b = c - l * next_super;
-      c = 0.0;
-    } else {
-      if (a == 0.0) a = tiny;
-      const double l = sub / a;
-      u0[i] = a;
-      u1[i] = b;
-      u2[i] = c;
-      x[i + 1] -= l * x[i];
-      a = next_diag - l * b;
-      b = next_super - l * c;
+// LU factorisation of T - shift I with partial pivoting (T symmetric tridiagonal (alpha, beta) of size m; the factor
+// has two superdiagonals), kept for several solves: inverse iteration solves twice with one factorisation. A zero
+// pivot is replaced by `tiny`.
+struct ShiftedTridiagonal {
+  std::vector<double> inverse_pivot, u1, u2, mult;
+  std::vector<char> swapped;
+  int m = 0;
+
+  void factor(const double* alpha, const double* beta, int size, double shift, double tiny) {
+    m = size;
+    inverse_pivot.resize(m);
+    u1.resize(m);
+    u2.resize(m);
+    mult.resize(m);
+    swapped.resize(m);
+    // the row being eliminated: [a, b, c] at columns i, i + 1, i + 2
+    double a = alpha[0] - shift, b = m > 1 ? beta[0] : 0.0, c = 0.0;
+    for (int i = 0; i < m - 1; ++i) {
+      const double sub = beta[i], diag = alpha[i + 1] - shift, super = i + 1 < m - 1 ? beta[i + 1] : 0.0;
+      if (std::fabs(sub) > std::fabs(a)) {  // row i + 1 becomes the pivot row
+        const double l = a / sub;
+        swapped[i] = 1;
+        mult[i] = l;
+        inverse_pivot[i] = 1.0 / sub;
+        u1[i] = diag;
+        u2[i] = super;
+        a = b - l * diag;
+        b = c - l * super;
+      } else {
+        if (a == 0.0) a = tiny;
+        const double l = sub / a;
+        swapped[i] = 0;
+        mult[i] = l;
+        inverse_pivot[i] = 1.0 / a;
+        u1[i] = b;
+        u2[i] = c;
+        a = diag - l * b;
+        b = super - l * c;
+      }
       c = 0.0;
     }
+    inverse_pivot[m - 1] = 1.0 / (a == 0.0 ? tiny : a);
   }
-  u0[m - 1] = a == 0.0 ? tiny : a;
-  // back substitution with the two superdiagonals
-  for (int i = m - 1; i >= 0; --i) {
-    double s = x[i];
-    if (i + 1 < m) s -= u1[i] * x[i + 1];
-    if (i + 2 < m) s -= u2[i] * x[i + 2];
-    const double pivot = u0[i] == 0.0 ? tiny : u0[i];
-    x[i] = s / pivot;
+
+  // x <- (T - shift I)^-1 x
+  void solve(double* x) const {
+    for (int i = 0; i < m - 1; ++i) {
+      if (swapped[i]) std::swap(x[i], x[i + 1]);
+      x[i + 1] -= mult[i] * x[i];
+    }
+    for (int i = m - 1; i >= 0; --i) {
+      double s = x[i];
+      if (i + 1 < m) s -= u1[i] * x[i + 1];
+      if (i + 2 < m) s -= u2[i] * x[i + 2];
+      x[i] = s * inverse_pivot[i];
+    }
   }
-}
+};
 
 template <typename T>
 class Solver {
@@ -339,9 +370,6 @@ class Solver {
     if (count < K && !exhausted && !last) return false;
     std::vector<double>& x = work_;
     x.resize(j);
-    u0_.resize(j);
-    u1_.resize(j);
-    u2_.resize(j);
     if (!exhausted && !last) {
       // first the top tracked pair alone (Lanczos converges from the ends inwards, so it is usually the last to
       // converge): a failing checkpoint costs one bisection and one inverse iteration, not the whole spectrum
@@ -365,8 +393,9 @@ class Solver {
       // shifts of equal eigenvalues are separated slightly so that their solves differ (as LAPACK's dstein)
       const double shift = theta_[i] + (i - cluster_start) * 10.0 * tiny;
       for (int t = 0; t < j; ++t) x[t] = rng.uniform();
+      lu_.factor(alpha_.data(), beta_.data(), j, shift, tiny);
       for (int sweep = 0; sweep < 2; ++sweep) {
-        shifted_tridiagonal_solve(alpha_.data(), beta_.data(), j, shift, tiny, x, u0_, u1_, u2_);
+        lu_.solve(x.data());
         for (int p = cluster_start; p < i; ++p) {  // orthogonal to the cluster's earlier vectors
           const double* sp = S_.data() + static_cast<size_t>(p) * j;
           const double c = dot(sp, x.data(), j);
@@ -406,8 +435,9 @@ class Solver {
     for (int i = 0; i < j; ++i) scale = std::max(scale, std::fabs(alpha_[i]) + 2 * std::fabs(beta_[i]));
     const double tiny = std::numeric_limits<double>::epsilon() * std::max(scale, std::numeric_limits<double>::min());
     for (int t = 0; t < j; ++t) x[t] = rng.uniform();
+    lu_.factor(alpha_.data(), beta_.data(), j, value, tiny);
     for (int sweep = 0; sweep < 2; ++sweep) {
-      shifted_tridiagonal_solve(alpha_.data(), beta_.data(), j, value, tiny, x, u0_, u1_, u2_);
+      lu_.solve(x.data());
       const double norm = std::sqrt(dot(x.data(), x.data(), j));
       if (!(norm > 0) || !std::isfinite(norm)) return std::numeric_limits<double>::infinity();
       for (int t = 0; t < j; ++t) x[t] /= norm;
@@ -450,12 +480,14 @@ class Solver {
     order_.resize(count);
     for (int i = 0; i < count; ++i) order_[i] = i;
     std::stable_sort(order_.begin(), order_.end(), [&](int a, int b) { return rho_[a] < rho_[b]; });
-    std::vector<double> Y(Y_), rho(rho_), res(res_);
-    for (int i = 0; i < count; ++i) {
-      std::copy(Y.begin() + static_cast<size_t>(order_[i]) * n, Y.begin() + static_cast<size_t>(order_[i] + 1) * n,
-                Y_.begin() + static_cast<size_t>(i) * n);
-      rho_[i] = rho[order_[i]];
-      res_[i] = res[order_[i]];
+    if (!std::is_sorted(order_.begin(), order_.end())) {
+      const std::vector<double> Y(Y_), rho(rho_), res(res_);
+      for (int i = 0; i < count; ++i) {
+        std::copy(Y.begin() + static_cast<size_t>(order_[i]) * n, Y.begin() + static_cast<size_t>(order_[i] + 1) * n,
+                  Y_.begin() + static_cast<size_t>(i) * n);
+        rho_[i] = rho[order_[i]];
+        res_[i] = res[order_[i]];
+      }
     }
     for (int i = 0; i < std::min(want, count); ++i)
       if (!(res_[i] <= opt_.tol)) return false;
@@ -464,8 +496,9 @@ class Solver {
 
   Options opt_;
   std::vector<T> V_, yt_;
-  std::vector<double> w_, coef_, alpha_, beta_, d_, e_, theta_, S_, work_, u0_, u1_, u2_, Y_, rho_, res_, ly_;
+  std::vector<double> w_, coef_, alpha_, beta_, d_, e_, theta_, S_, work_, Y_, rho_, res_, ly_;
   std::vector<int> order_;
+  ShiftedTridiagonal lu_;
   int64_t products_ = 0;
   double top_estimate_ = 0;  // the last cheap check's residual estimate of the top tracked pair
 };
