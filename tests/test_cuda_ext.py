@@ -108,12 +108,16 @@ def test_jobs_from_memory_and_cpus(monkeypatch):
 
 
 def test_every_csrc_file_is_built_and_the_check_samples_the_adamw_kernels():
-    on_disk = {p.name for p in (ROOT / "csrc").iterdir()}
+    on_disk = {p.name for p in (ROOT / "csrc").iterdir() if p.is_file()}
     cu = {name for name in on_disk if name.endswith(".cu")}
     assert set(setup_py.CUDA_SOURCES) == cu - {"adamw_check.cu"}
     assert set(setup_py.COMPILE_CHECK_CUDA_SOURCES) == (
         set(setup_py.CUDA_SOURCES) - {"adamw_f32.cu", "adamw_f16.cu", "adamw_bf16.cu"}) | {"adamw_check.cu"}
     assert set(setup_py.HEADERS) | set(setup_py.CXX_SOURCES) == on_disk - cu
+    # the CPU module (csrc/native) is its own extension
+    native = {f"native/{p.name}" for p in (ROOT / "csrc" / "native").iterdir()}
+    assert set(setup_py.NATIVE_SOURCES) | set(setup_py.NATIVE_HEADERS) == native
+    assert {p.name for p in (ROOT / "csrc").iterdir() if p.is_dir()} == {"native"}
 
 
 def test_build_is_skipped_without_nvcc_or_when_asked(monkeypatch):
