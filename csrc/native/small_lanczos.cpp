@@ -21,7 +21,7 @@
 // Multiplicities inside one item are found as in any single-vector Lanczos (ARPACK included): through rounding
 // and random refills. The caller gives each connected component its own item, so the repeated eigenvalues that
 // disconnected components produce never have to be found that way.
-#include <pybind11/pybind11.h>
+#include "native.h"
 
 #include <algorithm>
 #include <atomic>
@@ -35,8 +35,6 @@
 #include <string>
 #include <thread>
 #include <vector>
-
-namespace py = pybind11;
 
 namespace {
 
@@ -78,7 +76,6 @@ void solve_items(int64_t first_item, int64_t num_items, int64_t n_pad, const int
                  const int64_t* local_of, const int64_t* want, int64_t kw, const T* start,
                  const baseline::Options& options, uint64_t seed, int threads, T* values, T* vectors,
                  double* residuals, uint8_t* converged, int64_t* steps, int64_t* products) {
-  py::gil_scoped_release release;
 #ifdef SPECTRALKERN_HAVE_AVX2
   if (use_avx2()) {
     const avx2::Options same{options.tol, options.norm, options.eps, options.guards, options.max_steps};
@@ -112,6 +109,10 @@ void dispatch(int64_t first_item, int64_t num_items, int64_t n_pad, uintptr_t si
                  as_ptr<int64_t>(products));
 }
 
+}  // namespace
+
+namespace spectralkern_native {
+
 void lowest_eigenpairs(const std::string& dtype, int64_t first_item, int64_t num_items, int64_t n_pad,
                        uintptr_t sizes, uintptr_t node_map, uintptr_t crow, uintptr_t col, uintptr_t val,
                        uintptr_t item_of, uintptr_t local_of, uintptr_t want, int64_t kw, uintptr_t start, double tol,
@@ -134,17 +135,4 @@ void lowest_eigenpairs(const std::string& dtype, int64_t first_item, int64_t num
   }
 }
 
-}  // namespace
-
-PYBIND11_MODULE(_native, m) {
-  m.doc() = "spectralkern's compiled CPU kernels (see csrc/native/).";
-  m.def("lowest_eigenpairs", &lowest_eigenpairs,
-        "Lowest eigenpairs of items [first_item, first_item + num_items) of L (CSR), item g being the nodes "
-        "node_map[g, :sizes[g]]; one item per thread (raw pointers to whole arrays; see "
-        "spectralkern/eigen/_native.py).",
-        py::arg("dtype"), py::arg("first_item"), py::arg("num_items"), py::arg("n_pad"), py::arg("sizes"),
-        py::arg("node_map"), py::arg("crow"), py::arg("col"), py::arg("val"), py::arg("item_of"),
-        py::arg("local_of"), py::arg("want"), py::arg("kw"), py::arg("start"), py::arg("tol"), py::arg("norm"),
-        py::arg("guards"), py::arg("max_steps"), py::arg("seed"), py::arg("threads"), py::arg("values"),
-        py::arg("vectors"), py::arg("residuals"), py::arg("converged"), py::arg("steps"), py::arg("products"));
-}
+}  // namespace spectralkern_native

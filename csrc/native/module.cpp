@@ -1,0 +1,33 @@
+// pybind11 bindings of spectralkern._native (the CPU module). Every call releases the GIL.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+
+#include "native.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_native, m) {
+  m.doc() = "spectralkern's compiled CPU kernels (see csrc/native/).";
+  m.def("lowest_eigenpairs", &spectralkern_native::lowest_eigenpairs,
+        "Lowest eigenpairs of items [first_item, first_item + num_items) of L (CSR), item g being the nodes "
+        "node_map[g, :sizes[g]]; one item per thread (raw pointers to whole arrays; see "
+        "spectralkern/eigen/_native.py).",
+        py::arg("dtype"), py::arg("first_item"), py::arg("num_items"), py::arg("n_pad"), py::arg("sizes"),
+        py::arg("node_map"), py::arg("crow"), py::arg("col"), py::arg("val"), py::arg("item_of"),
+        py::arg("local_of"), py::arg("want"), py::arg("kw"), py::arg("start"), py::arg("tol"), py::arg("norm"),
+        py::arg("guards"), py::arg("max_steps"), py::arg("seed"), py::arg("threads"), py::arg("values"),
+        py::arg("vectors"), py::arg("residuals"), py::arg("converged"), py::arg("steps"), py::arg("products"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "connected_components",
+      [](int64_t n, uintptr_t crow, uintptr_t col, uintptr_t labels) {
+        if (n < 0) throw std::invalid_argument("connected_components: n must be >= 0");
+        spectralkern_native::connected_components(n, reinterpret_cast<const int64_t*>(crow),
+                                                  reinterpret_cast<const int64_t*>(col),
+                                                  reinterpret_cast<int64_t*>(labels));
+      },
+      "Component label of every node of an n x n CSR pattern (int64 crow, col; labels: int64[n]).", py::arg("n"),
+      py::arg("crow"), py::arg("col"), py::arg("labels"), py::call_guard<py::gil_scoped_release>());
+}
