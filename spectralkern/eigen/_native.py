@@ -126,6 +126,8 @@ def native_solve(problem: Problem, items: Items, k: int, tol_abs: float, maxiter
             converged.data_ptr(), steps.data_ptr(), products.data_ptr())
         if on_done is not None:
             on_done(count)
-    converged = residuals <= tol_abs    # explicit residuals from the kernel's verification products
+    # the kernel's own flags hold against stop_tol; the verdict is against tol_abs, on the explicit residuals
+    # of its verification products
+    converged = residuals <= tol_abs
     return Candidates(items=items, values=values, vectors=vectors, count=want, converged=converged,
                       iterations=torch.zeros(num_items, dtype=torch.int64), matvecs=products)
