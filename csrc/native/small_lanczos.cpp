@@ -75,19 +75,19 @@ void solve_items(int64_t first_item, int64_t num_items, int64_t n_pad, const int
                  const int64_t* crow, const int64_t* col, const T* val, const int64_t* item_of,
                  const int64_t* local_of, const int64_t* want, int64_t kw, const T* start,
                  const baseline::Options& options, uint64_t seed, int threads, T* values, T* vectors,
-                 double* residuals, uint8_t* converged, int64_t* steps, int64_t* products) {
+                 double* residuals, int64_t* products) {
 #ifdef SPECTRALKERN_HAVE_AVX2
   if (use_avx2()) {
     const avx2::Options same{options.tol, options.norm, options.eps, options.guards, options.max_steps};
     const avx2::Graph<T> graph{crow, col, val, item_of, local_of};
     avx2::solve_all<T>(first_item, num_items, n_pad, sizes, node_map, graph, want, kw, start, same, seed, threads,
-                       values, vectors, residuals, converged, steps, products);
+                       values, vectors, residuals, products);
     return;
   }
 #endif
   const baseline::Graph<T> graph{crow, col, val, item_of, local_of};
   baseline::solve_all<T>(first_item, num_items, n_pad, sizes, node_map, graph, want, kw, start, options, seed,
-                         threads, values, vectors, residuals, converged, steps, products);
+                         threads, values, vectors, residuals, products);
 }
 
 template <typename T>
@@ -99,14 +99,12 @@ template <typename T>
 void dispatch(int64_t first_item, int64_t num_items, int64_t n_pad, uintptr_t sizes, uintptr_t node_map,
               uintptr_t crow, uintptr_t col, uintptr_t val, uintptr_t item_of, uintptr_t local_of, uintptr_t want,
               int64_t kw, uintptr_t start, const baseline::Options& options, uint64_t seed, int threads,
-              uintptr_t values, uintptr_t vectors, uintptr_t residuals, uintptr_t converged, uintptr_t steps,
-              uintptr_t products) {
+              uintptr_t values, uintptr_t vectors, uintptr_t residuals, uintptr_t products) {
   solve_items<T>(first_item, num_items, n_pad, as_ptr<const int64_t>(sizes), as_ptr<const int64_t>(node_map),
                  as_ptr<const int64_t>(crow), as_ptr<const int64_t>(col), as_ptr<const T>(val),
                  as_ptr<const int64_t>(item_of), as_ptr<const int64_t>(local_of), as_ptr<const int64_t>(want), kw,
                  as_ptr<const T>(start), options, seed, threads, as_ptr<T>(values), as_ptr<T>(vectors),
-                 as_ptr<double>(residuals), as_ptr<uint8_t>(converged), as_ptr<int64_t>(steps),
-                 as_ptr<int64_t>(products));
+                 as_ptr<double>(residuals), as_ptr<int64_t>(products));
 }
 
 }  // namespace
@@ -117,19 +115,18 @@ void lowest_eigenpairs(const std::string& dtype, int64_t first_item, int64_t num
                        uintptr_t sizes, uintptr_t node_map, uintptr_t crow, uintptr_t col, uintptr_t val,
                        uintptr_t item_of, uintptr_t local_of, uintptr_t want, int64_t kw, uintptr_t start, double tol,
                        double norm, int guards, int64_t max_steps, uint64_t seed, int threads, uintptr_t values,
-                       uintptr_t vectors, uintptr_t residuals, uintptr_t converged, uintptr_t steps,
-                       uintptr_t products) {
+                       uintptr_t vectors, uintptr_t residuals, uintptr_t products) {
   if (first_item < 0 || num_items < 0 || n_pad < 1 || kw < 0 || guards < 0 || max_steps < 1 || threads < 1)
     throw std::invalid_argument("lowest_eigenpairs: bad sizes");
   const int steps_cap = static_cast<int>(std::min<int64_t>(max_steps, std::numeric_limits<int>::max()));
   if (dtype == "float64") {
     const baseline::Options options{tol, norm, std::numeric_limits<double>::epsilon() / 2, guards, steps_cap};
     dispatch<double>(first_item, num_items, n_pad, sizes, node_map, crow, col, val, item_of, local_of, want, kw,
-                     start, options, seed, threads, values, vectors, residuals, converged, steps, products);
+                     start, options, seed, threads, values, vectors, residuals, products);
   } else if (dtype == "float32") {
     const baseline::Options options{tol, norm, std::numeric_limits<float>::epsilon() / 2, guards, steps_cap};
     dispatch<float>(first_item, num_items, n_pad, sizes, node_map, crow, col, val, item_of, local_of, want, kw,
-                    start, options, seed, threads, values, vectors, residuals, converged, steps, products);
+                    start, options, seed, threads, values, vectors, residuals, products);
   } else {
     throw std::invalid_argument("lowest_eigenpairs: dtype must be 'float32' or 'float64', got " + dtype);
   }

@@ -250,9 +250,9 @@ class Solver {
   explicit Solver(const Options& options) : opt_(options) {}
 
   // Solves one item; writes `want` pairs: values[want], vectors[n_pad x kw] (row-major, column c of row r at
-  // r * kw + c), residuals[want], converged[want]. Returns (steps, products).
-  std::pair<int64_t, int64_t> solve(const Item<T>& item, int want, int kw, const T* start, uint64_t seed,
-                                    T* values, T* vectors, double* residuals, uint8_t* converged) {
+  // r * kw + c) and the explicit residuals[want]. Returns the products by L it took.
+  int64_t solve(const Item<T>& item, int want, int kw, const T* start, uint64_t seed, T* values, T* vectors,
+                double* residuals) {
     const int n = item.n;
     const int K = std::min(want + opt_.guards, n);
     const int max_steps = std::max(std::min(opt_.max_steps, n), K);  // never fewer steps than tracked pairs
@@ -291,10 +291,9 @@ class Solver {
     for (int c = 0; c < want; ++c) {
       values[c] = static_cast<T>(rho_[c]);
       residuals[c] = res_[c];
-      converged[c] = res_[c] <= opt_.tol ? 1 : 0;
       for (int r = 0; r < n; ++r) vectors[static_cast<size_t>(r) * kw + c] = static_cast<T>(Y_[static_cast<size_t>(c) * n + r]);
     }
-    return {j, products_};
+    return products_;
   }
 
  private:
@@ -506,8 +505,7 @@ class Solver {
 template <typename T>
 void solve_all(int64_t first_item, int64_t num_items, int64_t n_pad, const int64_t* sizes, const int64_t* node_map,
                const Graph<T>& graph, const int64_t* want, int64_t kw, const T* start, const Options& options,
-               uint64_t seed, int threads, T* values, T* vectors, double* residuals, uint8_t* converged,
-               int64_t* steps, int64_t* products) {
+               uint64_t seed, int threads, T* values, T* vectors, double* residuals, int64_t* products) {
   std::atomic<int64_t> next{first_item};
   const int64_t end = first_item + num_items;
   std::mutex error_lock;
@@ -522,11 +520,9 @@ void solve_all(int64_t first_item, int64_t num_items, int64_t n_pad, const int64
         if (sizes[g] == 0 || want[g] == 0) continue;
         item.load(graph, node_map + g * n_pad, static_cast<int>(sizes[g]), g);
         const T* item_start = start != nullptr ? start + g * n_pad : nullptr;
-        auto [s, p] = solver.solve(item, static_cast<int>(want[g]), static_cast<int>(kw), item_start,
-                                   seed ^ (0xD1B54A32D192ED03ull * static_cast<uint64_t>(g + 1)),
-                                   values + g * kw, vectors + g * n_pad * kw, residuals + g * kw, converged + g * kw);
-        steps[g] = s;
-        products[g] = p;
+        products[g] = solver.solve(item, static_cast<int>(want[g]), static_cast<int>(kw), item_start,
+                                   seed ^ (0xD1B54A32D192ED03ull * static_cast<uint64_t>(g + 1)), values + g * kw,
+                                   vectors + g * n_pad * kw, residuals + g * kw);
       } catch (const std::exception& exc) {
         std::lock_guard<std::mutex> guard(error_lock);
         if (error.empty()) error = "item " + std::to_string(g) + ": " + exc.what();

@@ -18,6 +18,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
+from ._operator import node_positions
 from ._plan import Candidates, Items
 from ._problem import Problem
 from ._scipy import ARPACK_TOL_CAP, GUARD_PAIRS, theta_max
@@ -84,20 +85,13 @@ def native_solve(problem: Problem, items: Items, k: int, tol_abs: float, maxiter
     values = torch.zeros(num_items, kw, dtype=dtype)
     vectors = torch.zeros(num_items, n_pad, kw, dtype=dtype)
     residuals = torch.full((num_items, kw), float("inf"), dtype=torch.float64)
-    converged = torch.zeros(num_items, kw, dtype=torch.bool)
-    steps = torch.zeros(num_items, dtype=torch.int64)
     products = torch.zeros(num_items, dtype=torch.int64)
     if num_items == 0 or kw == 0:
-        return Candidates(items, values, vectors, want, converged, steps, products)
+        return Candidates(items, values, vectors, want, residuals <= tol_abs, torch.zeros_like(products), products)
 
     # Each item copies its rows of L out of L's own CSR; it only needs to know which nodes are its own.
     node_map = items.node_map.contiguous()
-    valid = node_map >= 0
-    nodes = node_map[valid]
-    item_of = torch.full((problem.num_nodes,), -1, dtype=torch.int64)
-    item_of[nodes] = torch.arange(num_items).unsqueeze(1).expand(num_items, n_pad)[valid]
-    local_of = torch.zeros(problem.num_nodes, dtype=torch.int64)
-    local_of[nodes] = torch.arange(n_pad).unsqueeze(0).expand(num_items, n_pad)[valid]
+    item_of, local_of = node_positions(node_map, problem.num_nodes)
     crow = matrix.crow_indices().to(torch.int64).contiguous()
     col = matrix.col_indices().to(torch.int64).contiguous()
     val = matrix.values().contiguous()
@@ -105,7 +99,7 @@ def native_solve(problem: Problem, items: Items, k: int, tol_abs: float, maxiter
     first = None
     if start is not None:   # (G, n_pad), zero on padding
         summed = start.sum(dim=1)
-        first = torch.where(items.valid(), summed[items.node_map.clamp(min=0)], 0).to(dtype).contiguous()
+        first = torch.where(node_map >= 0, summed[node_map.clamp(min=0)], 0).to(dtype).contiguous()
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     max_steps = int(items.sizes.max()) if maxiter is None else maxiter
     # Like ARPACK, a Lanczos run stopped at a loose tolerance can lack an eigenvector that is still weak in its
@@ -123,11 +117,9 @@ def native_solve(problem: Problem, items: Items, k: int, tol_abs: float, maxiter
             crow.data_ptr(), col.data_ptr(), val.data_ptr(), item_of.data_ptr(), local_of.data_ptr(),
             want.data_ptr(), kw, first.data_ptr() if first is not None else 0, stop_tol, problem.norm, GUARD_PAIRS,
             max_steps, seed, threads, values.data_ptr(), vectors.data_ptr(), residuals.data_ptr(),
-            converged.data_ptr(), steps.data_ptr(), products.data_ptr())
+            products.data_ptr())
         if on_done is not None:
             on_done(count)
-    # the kernel's own flags hold against stop_tol; the verdict is against tol_abs, on the explicit residuals
-    # of its verification products
-    converged = residuals <= tol_abs
-    return Candidates(items=items, values=values, vectors=vectors, count=want, converged=converged,
+    # converged: the explicit residuals of the kernel's verification products against tol_abs (not stop_tol)
+    return Candidates(items=items, values=values, vectors=vectors, count=want, converged=residuals <= tol_abs,
                       iterations=torch.zeros(num_items, dtype=torch.int64), matvecs=products)

@@ -25,6 +25,20 @@ def coo_rows(matrix: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(rows, crow[1:] - crow[:-1])
 
 
+def node_positions(node_map: torch.Tensor, num_nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each of L's nodes sits in a (G, n_pad) node map: its item (−1: in none) and its row there, both
+    (num_nodes,) int64 on the node map's device."""
+    num_items, n_pad = node_map.shape
+    device = node_map.device
+    item_of = torch.full((num_nodes,), -1, dtype=torch.int64, device=device)
+    local_of = torch.zeros(num_nodes, dtype=torch.int64, device=device)
+    present = node_map >= 0
+    nodes = node_map[present]
+    item_of[nodes] = torch.arange(num_items, device=device).unsqueeze(1).expand(-1, n_pad)[present]
+    local_of[nodes] = torch.arange(n_pad, device=device).unsqueeze(0).expand(num_items, -1)[present]
+    return item_of, local_of
+
+
 class PaddedOperator:
     """A = shift·I − L restricted to G padded items; see the module docstring.
 
@@ -64,14 +78,7 @@ class PaddedOperator:
         components (or whole blocks of a block-diagonal L), so no entry of L links two items.
         """
         num_items, n_pad = node_map.shape
-        n = matrix.shape[0]
-        device = matrix.device
-        item_of = torch.full((n,), -1, dtype=torch.int64, device=device)
-        local_of = torch.zeros(n, dtype=torch.int64, device=device)
-        present = node_map >= 0
-        nodes = node_map[present]
-        item_of[nodes] = torch.arange(num_items, device=device).unsqueeze(1).expand(-1, n_pad)[present]
-        local_of[nodes] = torch.arange(n_pad, device=device).unsqueeze(0).expand(num_items, -1)[present]
+        item_of, local_of = node_positions(node_map, matrix.shape[0])
         r, c, v = coo_rows(matrix), matrix.col_indices(), matrix.values()
         inside = (item_of[r] >= 0) & (item_of[r] == item_of[c])
         r, c, v = r[inside], c[inside], v[inside]
