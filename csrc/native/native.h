@@ -12,8 +12,8 @@ namespace spectralkern_native {
 void lowest_eigenpairs(const std::string& dtype, int64_t first_item, int64_t num_items, int64_t n_pad,
                        uintptr_t sizes, uintptr_t node_map, uintptr_t crow, uintptr_t col, uintptr_t val,
                        uintptr_t item_of, uintptr_t local_of, uintptr_t want, int64_t kw, uintptr_t start, double tol,
-                       double norm, int guards, int64_t max_steps, uint64_t seed, int threads, uintptr_t values,
-                       uintptr_t vectors, uintptr_t residuals, uintptr_t products);
+                       double norm, int guards, int64_t max_steps, double semi_orthogonality, uint64_t seed,
+                       int threads, uintptr_t values, uintptr_t vectors, uintptr_t residuals, uintptr_t products);
 
 // labels[v] = the connected component of node v in the pattern of an n x n CSR matrix (int64 crow, col), numbered
 // 0, 1, ... in order of their first node.

@@ -78,7 +78,8 @@ void solve_items(int64_t first_item, int64_t num_items, int64_t n_pad, const int
                  double* residuals, int64_t* products) {
 #ifdef SPECTRALKERN_HAVE_AVX2
   if (use_avx2()) {
-    const avx2::Options same{options.tol, options.norm, options.eps, options.guards, options.max_steps};
+    const avx2::Options same{options.tol,    options.norm,      options.eps,
+                             options.guards, options.max_steps, options.semi_orthogonality};
     const avx2::Graph<T> graph{crow, col, val, item_of, local_of};
     avx2::solve_all<T>(first_item, num_items, n_pad, sizes, node_map, graph, want, kw, start, same, seed, threads,
                        values, vectors, residuals, products);
@@ -114,17 +115,20 @@ namespace spectralkern_native {
 void lowest_eigenpairs(const std::string& dtype, int64_t first_item, int64_t num_items, int64_t n_pad,
                        uintptr_t sizes, uintptr_t node_map, uintptr_t crow, uintptr_t col, uintptr_t val,
                        uintptr_t item_of, uintptr_t local_of, uintptr_t want, int64_t kw, uintptr_t start, double tol,
-                       double norm, int guards, int64_t max_steps, uint64_t seed, int threads, uintptr_t values,
-                       uintptr_t vectors, uintptr_t residuals, uintptr_t products) {
-  if (first_item < 0 || num_items < 0 || n_pad < 1 || kw < 0 || guards < 0 || max_steps < 1 || threads < 1)
+                       double norm, int guards, int64_t max_steps, double semi_orthogonality, uint64_t seed,
+                       int threads, uintptr_t values, uintptr_t vectors, uintptr_t residuals, uintptr_t products) {
+  if (first_item < 0 || num_items < 0 || n_pad < 1 || kw < 0 || guards < 0 || max_steps < 1 || threads < 1 ||
+      !(semi_orthogonality >= 0))
     throw std::invalid_argument("lowest_eigenpairs: bad sizes");
   const int steps_cap = static_cast<int>(std::min<int64_t>(max_steps, std::numeric_limits<int>::max()));
   if (dtype == "float64") {
-    const baseline::Options options{tol, norm, std::numeric_limits<double>::epsilon() / 2, guards, steps_cap};
+    const baseline::Options options{tol, norm, std::numeric_limits<double>::epsilon() / 2, guards, steps_cap,
+                                          semi_orthogonality};
     dispatch<double>(first_item, num_items, n_pad, sizes, node_map, crow, col, val, item_of, local_of, want, kw,
                      start, options, seed, threads, values, vectors, residuals, products);
   } else if (dtype == "float32") {
-    const baseline::Options options{tol, norm, std::numeric_limits<float>::epsilon() / 2, guards, steps_cap};
+    const baseline::Options options{tol, norm, std::numeric_limits<float>::epsilon() / 2, guards, steps_cap,
+                                          semi_orthogonality};
     dispatch<float>(first_item, num_items, n_pad, sizes, node_map, crow, col, val, item_of, local_of, want, kw,
                     start, options, seed, threads, values, vectors, residuals, products);
   } else {

@@ -132,6 +132,7 @@ struct Options {
   double eps;         // unit roundoff of the storage dtype
   int guards;         // Ritz pairs tracked beyond the wanted ones
   int max_steps;      // Lanczos steps per item at most (<= n)
+  double semi_orthogonality;  // estimated |q_i' q_k| that triggers a full Gram-Schmidt pass; 0: one every step
 };
 
 // The eigenvalues first..first+count-1 (0-based, ascending) of the symmetric tridiagonal (alpha, beta) of size m,
@@ -244,6 +245,132 @@ struct ShiftedTridiagonal {
   }
 };
 
+// Y[o] = sum_r coef[o * rows + r] V[r] for o < outputs (Y: outputs x n, row-major, overwritten). Column tiles keep
+// every output's piece in cache while V streams through once (one combine() per output would read a 4096-node
+// item's 22 MB basis once per Ritz vector).
+template <typename T>
+void combine_rows(const T* V, int rows, int n, const double* coef, int outputs, double* Y) {
+  constexpr int kTile = 256;
+  for (int c = 0; c < n; c += kTile) {
+    const int width = std::min(kTile, n - c);
+    for (int o = 0; o < outputs; ++o) std::fill_n(Y + static_cast<size_t>(o) * n + c, width, 0.0);
+    int r = 0;
+    for (; r + 4 <= rows; r += 4) {
+      const T* q0 = V + static_cast<size_t>(r) * n + c;
+      const T *q1 = q0 + n, *q2 = q1 + n, *q3 = q2 + n;
+      for (int o = 0; o < outputs; ++o) {
+        const double* a = coef + static_cast<size_t>(o) * rows + r;
+        const double a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+        double* y = Y + static_cast<size_t>(o) * n + c;
+#pragma omp simd
+        for (int i = 0; i < width; ++i)
+          y[i] += a0 * static_cast<double>(q0[i]) + a1 * static_cast<double>(q1[i]) + a2 * static_cast<double>(q2[i]) +
+                  a3 * static_cast<double>(q3[i]);
+      }
+    }
+    for (; r < rows; ++r)
+      for (int o = 0; o < outputs; ++o)
+        axpy(coef[static_cast<size_t>(o) * rows + r], V + static_cast<size_t>(r) * n + c,
+             Y + static_cast<size_t>(o) * n + c, width);
+  }
+}
+
+// In place G = R R' (m x m row-major; R lower triangular, the upper part left as it was). Returns the smallest
+// ratio of a squared pivot to its diagonal entry of G: 1 for orthogonal rows behind G, 0 for dependent ones.
+double cholesky(double* G, int m) {
+  double independence = 1.0;
+  for (int i = 0; i < m; ++i) {
+    for (int k = 0; k < i; ++k) {
+      double s = G[i * m + k];
+      for (int t = 0; t < k; ++t) s -= G[i * m + t] * G[k * m + t];
+      G[i * m + k] = s / G[k * m + k];
+    }
+    const double diagonal = G[i * m + i];
+    double s = diagonal;
+    for (int t = 0; t < i; ++t) s -= G[i * m + t] * G[i * m + t];
+    independence = std::min(independence, s > 0 && diagonal > 0 ? s / diagonal : 0.0);
+    G[i * m + i] = std::sqrt(std::max(s, std::numeric_limits<double>::min()));
+  }
+  return independence;
+}
+
+// B <- R^-1 B (R: the lower triangle of an m x m row-major matrix; B: m x m row-major), forward substitution.
+void lower_solve(const double* R, int m, double* B) {
+  for (int i = 0; i < m; ++i) {
+    double* row = B + static_cast<size_t>(i) * m;
+    for (int t = 0; t < i; ++t) axpy(-R[i * m + t], B + static_cast<size_t>(t) * m, row, m);
+    const double inv = 1.0 / R[i * m + i];
+    for (int c = 0; c < m; ++c) row[c] *= inv;
+  }
+}
+
+// B <- R^-T B (R as in lower_solve), back substitution.
+void lower_transposed_solve(const double* R, int m, double* B) {
+  for (int i = m - 1; i >= 0; --i) {
+    double* row = B + static_cast<size_t>(i) * m;
+    for (int t = i + 1; t < m; ++t) axpy(-R[t * m + i], B + static_cast<size_t>(t) * m, row, m);
+    const double inv = 1.0 / R[i * m + i];
+    for (int c = 0; c < m; ++c) row[c] *= inv;
+  }
+}
+
+void transpose(double* A, int m) {
+  for (int i = 0; i < m; ++i)
+    for (int k = i + 1; k < m; ++k) std::swap(A[i * m + k], A[k * m + i]);
+}
+
+// Eigenvalues (ascending) and eigenvectors (columns of Z, m x m row-major) of the symmetric m x m matrix A
+// (row-major, destroyed) by cyclic Jacobi rotations. Meant for the final Rayleigh-Ritz projection: small (m = the
+// tracked pairs) and nearly diagonal already, where Jacobi converges in a few sweeps and is accurate.
+void symmetric_eigen(double* A, int m, std::vector<double>& values, std::vector<double>& Z) {
+  Z.assign(static_cast<size_t>(m) * m, 0.0);
+  for (int i = 0; i < m; ++i) Z[i * m + i] = 1.0;
+  const double eps = std::numeric_limits<double>::epsilon();
+  for (int sweep = 0; sweep < 32; ++sweep) {
+    double off = 0, total = 0;
+    for (int i = 0; i < m; ++i)
+      for (int k = 0; k < m; ++k) {
+        const double a2 = A[i * m + k] * A[i * m + k];
+        total += a2;
+        if (i != k) off += a2;
+      }
+    if (off <= eps * eps * total) break;
+    for (int p = 0; p < m - 1; ++p) {
+      for (int q = p + 1; q < m; ++q) {
+        const double apq = A[p * m + q];
+        if (apq == 0.0) continue;
+        // the rotation J in the (p, q) plane that zeroes (J' A J)[p, q]
+        const double theta = (A[q * m + q] - A[p * m + p]) / (2.0 * apq);
+        const double t = (theta >= 0 ? 1.0 : -1.0) / (std::fabs(theta) + std::sqrt(theta * theta + 1.0));
+        const double c = 1.0 / std::sqrt(t * t + 1.0), s = t * c;
+        for (int r = 0; r < m; ++r) {  // columns p, q of A and Z
+          const double arp = A[r * m + p], arq = A[r * m + q];
+          A[r * m + p] = c * arp - s * arq;
+          A[r * m + q] = s * arp + c * arq;
+          const double zrp = Z[r * m + p], zrq = Z[r * m + q];
+          Z[r * m + p] = c * zrp - s * zrq;
+          Z[r * m + q] = s * zrp + c * zrq;
+        }
+        for (int r = 0; r < m; ++r) {  // rows p, q of A
+          const double apr = A[p * m + r], aqr = A[q * m + r];
+          A[p * m + r] = c * apr - s * aqr;
+          A[q * m + r] = s * apr + c * aqr;
+        }
+      }
+    }
+  }
+  std::vector<int> order(m);
+  for (int i = 0; i < m; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return A[a * m + a] < A[b * m + b]; });
+  values.resize(m);
+  std::vector<double> sorted(static_cast<size_t>(m) * m);
+  for (int i = 0; i < m; ++i) {
+    values[i] = A[order[i] * m + order[i]];
+    for (int r = 0; r < m; ++r) sorted[r * m + i] = Z[r * m + order[i]];
+  }
+  Z.swap(sorted);
+}
+
 template <typename T>
 class Solver {
  public:
@@ -254,15 +381,43 @@ class Solver {
   int64_t solve(const Item<T>& item, int want, int kw, const T* start, uint64_t seed, T* values, T* vectors,
                 double* residuals) {
     const int n = item.n;
+    Random rng(seed);
+    products_ = 0;
+    // Partial reorthogonalisation limits the attainable residual to a small multiple of sqrt(eps) |L| (the
+    // Gram-Schmidt coefficients it lets through, up to sqrt(eps) beta each, are left out of T_j): below that
+    // tolerance every step runs a full pass. And the omega recurrence models the rounding, it does not bound it:
+    // when the estimates pass but the explicit check fails, the item is solved again with full passes.
+    const bool partial =
+        opt_.semi_orthogonality > 0 && opt_.tol >= kPartialFloor * opt_.semi_orthogonality * opt_.norm;
+    if (run(item, want, start, rng, partial) == Verdict::fall_back) run(item, want, start, rng, false);
+    // results: the lowest `want` of the verified pairs, ascending
+    for (int c = 0; c < want; ++c) {
+      values[c] = static_cast<T>(rho_[c]);
+      residuals[c] = res_[c];
+      for (int r = 0; r < n; ++r) vectors[static_cast<size_t>(r) * kw + c] = static_cast<T>(U_[static_cast<size_t>(c) * n + r]);
+    }
+    return products_;
+  }
+
+ private:
+  enum class Verdict { converged, not_converged, lost_orthogonality, fall_back };
+  static constexpr double kPartialFloor = 0.1;
+
+  // Lanczos from the start vector until the pairs verify or the step budget is spent.
+  Verdict run(const Item<T>& item, int want, const T* start, Random& rng, bool partial) {
+    const int n = item.n;
     const int K = std::min(want + opt_.guards, n);
     const int max_steps = std::max(std::min(opt_.max_steps, n), K);  // never fewer steps than tracked pairs
-    Random rng(seed);
     // V grows with the basis (an item that converges early never touches an n x n buffer)
     V_.assign(static_cast<size_t>(std::min(max_steps, 2 * K + 32)) * n, T(0));
     w_.assign(n, 0.0);
     alpha_.assign(max_steps, 0.0);
     beta_.assign(max_steps, 0.0);
-    products_ = 0;
+    partial_ = partial;
+    repeat_full_ = false;
+    noise_ = opt_.eps * std::sqrt(static_cast<double>(n));
+    omega_.assign(1, 1.0);
+    omega_previous_.clear();
 
     // q_0: the warm start when it is not zero, else random
     double start_norm = 0;
@@ -285,18 +440,13 @@ class Solver {
       previous_j = j;
       previous_estimate = top_estimate_;
       if (!ok && !last) continue;
-      if (verify(item, j, K, want) || last) break;
+      const Verdict verdict = verify(item, j, K, want);
+      if (verdict == Verdict::converged) return verdict;
+      if (partial && (ok || verdict == Verdict::lost_orthogonality)) return Verdict::fall_back;
+      if (last) return verdict;
     }
-    // results: the lowest `want` of the K verified pairs, ascending
-    for (int c = 0; c < want; ++c) {
-      values[c] = static_cast<T>(rho_[c]);
-      residuals[c] = res_[c];
-      for (int r = 0; r < n; ++r) vectors[static_cast<size_t>(r) * kw + c] = static_cast<T>(Y_[static_cast<size_t>(c) * n + r]);
-    }
-    return products_;
   }
 
- private:
   // Writes w_ / |w_| (after removing V[0..j) twice) into V[j]; a w_ that is rounding noise becomes random.
   // Returns the norm of w_ before normalising (0 after a refill).
   double store_unit(int j, double scale, Random& rng) {
@@ -331,8 +481,12 @@ class Solver {
   }
 
   // One Lanczos step from V[j]: alpha_j, beta_j and V[j + 1] (when another step follows). The three-term
-  // recurrence first, then one classical Gram-Schmidt pass against all of V (a second one when the first removed
-  // more than half of what was left: "twice is enough"); its coefficients correct alpha_j.
+  // recurrence, then -- partial reorthogonalisation (Simon, 1984) -- a classical Gram-Schmidt pass against all of
+  // V only when the estimated loss of orthogonality of the new vector exceeds the semi-orthogonality level, and
+  // once more on the vector after (the one before it has lost as much). A pass is repeated when it removed more
+  // than half of what was left ("twice is enough"); its coefficients correct alpha_j. Semi-orthogonality
+  // (|q_i' q_k| <= sqrt(eps)) keeps T_j's eigenvalues those of L on span(V) to rounding; the Ritz vectors are made
+  // orthonormal again in verify().
   void step(const Item<T>& item, int j, int max_steps, Random& rng) {
     const int n = item.n;
     const size_t rows_needed = static_cast<size_t>(std::min(j + 2, max_steps)) * n;
@@ -345,19 +499,50 @@ class Solver {
     double alpha = dot(q, w_.data(), n);
     axpy(-alpha, q, w_.data(), n);
     double norm = std::sqrt(dot(w_.data(), w_.data(), n));
-    for (int pass = 0; pass < 2; ++pass) {
-      const double before = norm;
-      alpha += orthogonalize(j + 1);
-      norm = std::sqrt(dot(w_.data(), w_.data(), n));
-      if (norm >= 0.5 * before) break;
-      if (pass == 1) {  // what is left is rounding noise
-        norm = 0.0;
-        std::fill(w_.begin(), w_.end(), 0.0);
+    const bool repeat = repeat_full_;
+    const bool full = !partial_ || repeat || !semi_orthogonal(j, alpha, norm);
+    repeat_full_ = partial_ && full && !repeat;
+    if (full) {
+      for (int pass = 0; pass < 2; ++pass) {
+        const double before = norm;
+        alpha += orthogonalize(j + 1);
+        norm = std::sqrt(dot(w_.data(), w_.data(), n));
+        if (norm >= 0.5 * before) break;
+        if (pass == 1) {  // what is left is rounding noise
+          norm = 0.0;
+          std::fill(w_.begin(), w_.end(), 0.0);
+        }
       }
     }
     alpha_[j] = alpha;
     beta_[j] = norm;  // the coupling to the next vector, for the residual estimates
     if (j + 1 < max_steps) beta_[j] = store_unit(j + 1, image, rng);
+    if (full || beta_[j] == 0.0) {  // orthogonal to rounding now (a refill is orthogonalised twice)
+      omega_next_.assign(j + 2, noise_);
+      omega_next_[j + 1] = 1.0;
+    }
+    omega_previous_.swap(omega_);
+    omega_.swap(omega_next_);
+  }
+
+  // omega_next_[k] ~ q_{j+1}' q_k by Simon's recurrence from the two previous rows of these estimates (a model of
+  // how rounding errors spread through the three-term recurrence, each new error given the sign that makes it
+  // grow). True while every estimate stays within the semi-orthogonality level.
+  bool semi_orthogonal(int j, double alpha, double beta) {
+    omega_next_.assign(j + 2, 0.0);
+    omega_next_[j + 1] = 1.0;
+    if (!(beta > 0)) return false;
+    double worst = 0;
+    for (int k = 0; k < j; ++k) {
+      double t = beta_[k] * omega_[k + 1] + (alpha_[k] - alpha) * omega_[k] - beta_[j - 1] * omega_previous_[k];
+      if (k > 0) t += beta_[k - 1] * omega_[k - 1];
+      t += std::copysign(noise_ * (beta_[k] + beta), t);
+      omega_next_[k] = t / beta;
+      worst = std::max(worst, std::fabs(omega_next_[k]));
+    }
+    omega_next_[j] = noise_ * opt_.norm / beta;  // against q_j: what the local subtraction of alpha left
+    worst = std::max(worst, omega_next_[j]);
+    return worst <= opt_.semi_orthogonality;
   }
 
   // Rayleigh-Ritz on T_j: the K lowest eigenvalues theta_, their eigenvectors S_ (K x j) and residual estimates.
@@ -444,62 +629,75 @@ class Solver {
     return std::fabs(beta_[j - 1] * x[j - 1]);
   }
 
-  // Ritz vectors, one fresh product each, Rayleigh quotients and explicit residuals. True when every wanted pair
-  // meets the tolerance; the pairs are left sorted by Rayleigh quotient.
-  bool verify(const Item<T>& item, int j, int K, int want) {
+  // Ritz vectors Y = S V (one pass over V), a fresh product L y for each, then Rayleigh-Ritz on span(Y): with
+  // G = Y Y' = R R' and H = Y (L Y)', the eigenpairs (theta, z) of R^-1 H R^-T give U = W' Y and L U = W' (L Y)
+  // with W = R^-T Z. U is orthonormal to rounding even though V was only semi-orthogonal, and the explicit
+  // residuals |L u - theta u| are the verdict: converged when every wanted pair meets the tolerance.
+  // lost_orthogonality: the rows of Y were far from independent (G's Cholesky), which semi-orthogonality rules out.
+  Verdict verify(const Item<T>& item, int j, int K, int want) {
     const int n = item.n;
-    const int count = std::min(K, j);
-    Y_.assign(static_cast<size_t>(count) * n, 0.0);
-    for (int i = 0; i < count; ++i) {
-      double* y = Y_.data() + static_cast<size_t>(i) * n;
-      const double* s = S_.data() + static_cast<size_t>(i) * j;
-      combine(V_.data(), j, n, s, 1.0, y);
-      const double inv = 1.0 / std::sqrt(dot(y, y, n));
-      for (int r = 0; r < n; ++r) y[r] *= inv;
-    }
-    rho_.assign(count, 0.0);
-    res_.assign(count, 0.0);
-    ly_.resize(n);
+    const int m = std::min(K, j);
+    Y_.resize(static_cast<size_t>(m) * n);
+    LY_.resize(static_cast<size_t>(m) * n);
+    combine_rows(V_.data(), j, n, S_.data(), m, Y_.data());
     yt_.resize(n);
-    for (int i = 0; i < count; ++i) {
-      const double* y = Y_.data() + static_cast<size_t>(i) * n;
-      for (int r = 0; r < n; ++r) yt_[r] = static_cast<T>(y[r]);
-      item.apply(yt_.data(), ly_.data());
+    for (int i = 0; i < m; ++i) {
+      double* y = Y_.data() + static_cast<size_t>(i) * n;
+      for (int r = 0; r < n; ++r) {
+        yt_[r] = static_cast<T>(y[r]);
+        y[r] = static_cast<double>(yt_[r]);  // the vector L is applied to, exactly
+      }
+      item.apply(yt_.data(), LY_.data() + static_cast<size_t>(i) * n);
       ++products_;
-      const double rho = dot(y, ly_.data(), n);
+    }
+    G_.resize(static_cast<size_t>(m) * m);
+    H_.resize(static_cast<size_t>(m) * m);
+    for (int i = 0; i < m; ++i) {
+      const double* y = Y_.data() + static_cast<size_t>(i) * n;
+      project(Y_.data(), m, n, y, G_.data() + static_cast<size_t>(i) * m);
+      project(LY_.data(), m, n, y, H_.data() + static_cast<size_t>(i) * m);
+    }
+    for (int i = 0; i < m; ++i)
+      for (int k = 0; k < i; ++k) H_[i * m + k] = H_[k * m + i] = 0.5 * (H_[i * m + k] + H_[k * m + i]);
+    if (cholesky(G_.data(), m) < 0.5) return Verdict::lost_orthogonality;
+    lower_solve(G_.data(), m, H_.data());  // R^-1 H
+    transpose(H_.data(), m);               // H R^-T (H symmetric)
+    lower_solve(G_.data(), m, H_.data());  // R^-1 H R^-T
+    for (int i = 0; i < m; ++i)
+      for (int k = 0; k < i; ++k) H_[i * m + k] = H_[k * m + i] = 0.5 * (H_[i * m + k] + H_[k * m + i]);
+    symmetric_eigen(H_.data(), m, rho_, Z_);
+    lower_transposed_solve(G_.data(), m, Z_.data());  // W = R^-T Z
+    transpose(Z_.data(), m);                          // row o: the coefficients of u_o
+    U_.resize(static_cast<size_t>(m) * n);
+    combine_rows(Y_.data(), m, n, Z_.data(), m, U_.data());
+    LU_.resize(static_cast<size_t>(m) * n);
+    combine_rows(LY_.data(), m, n, Z_.data(), m, LU_.data());
+    res_.assign(m, 0.0);
+    for (int i = 0; i < m; ++i) {
+      const double* u = U_.data() + static_cast<size_t>(i) * n;
+      const double* lu = LU_.data() + static_cast<size_t>(i) * n;
       double r2 = 0;
       for (int r = 0; r < n; ++r) {
-        const double t = ly_[r] - rho * y[r];
+        const double t = lu[r] - rho_[i] * u[r];
         r2 += t * t;
       }
-      rho_[i] = rho;
       res_[i] = std::sqrt(r2);
     }
-    // ascending by Rayleigh quotient (inverse iteration may swap near-equal neighbours)
-    order_.resize(count);
-    for (int i = 0; i < count; ++i) order_[i] = i;
-    std::stable_sort(order_.begin(), order_.end(), [&](int a, int b) { return rho_[a] < rho_[b]; });
-    if (!std::is_sorted(order_.begin(), order_.end())) {
-      const std::vector<double> Y(Y_), rho(rho_), res(res_);
-      for (int i = 0; i < count; ++i) {
-        std::copy(Y.begin() + static_cast<size_t>(order_[i]) * n, Y.begin() + static_cast<size_t>(order_[i] + 1) * n,
-                  Y_.begin() + static_cast<size_t>(i) * n);
-        rho_[i] = rho[order_[i]];
-        res_[i] = res[order_[i]];
-      }
-    }
-    for (int i = 0; i < std::min(want, count); ++i)
-      if (!(res_[i] <= opt_.tol)) return false;
-    return true;
+    for (int i = 0; i < std::min(want, m); ++i)
+      if (!(res_[i] <= opt_.tol)) return Verdict::not_converged;
+    return Verdict::converged;
   }
 
   Options opt_;
   std::vector<T> V_, yt_;
-  std::vector<double> w_, coef_, alpha_, beta_, d_, e_, theta_, S_, work_, Y_, rho_, res_, ly_;
-  std::vector<int> order_;
+  std::vector<double> w_, coef_, alpha_, beta_, d_, e_, theta_, S_, work_, Y_, LY_, G_, H_, Z_, U_, LU_, rho_, res_;
+  std::vector<double> omega_, omega_previous_, omega_next_;  // rows j, j - 1 and j + 1 of the estimates q_j' q_k
   ShiftedTridiagonal lu_;
   int64_t products_ = 0;
   double top_estimate_ = 0;  // the last cheap check's residual estimate of the top tracked pair
+  double noise_ = 0;         // eps sqrt(n): the size of one rounding error in an inner product of unit vectors
+  bool partial_ = true;      // partial reorthogonalisation (false: a full pass every step)
+  bool repeat_full_ = false; // the last step ran a full pass that the estimates asked for: the next one runs one too
 };
 
 template <typename T>
