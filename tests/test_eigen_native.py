@@ -159,17 +159,28 @@ def test_step_budget_gives_the_partial_result(seed):
     assert bool((info.residuals[0][~info.converged[0]] > info.tol).all())
 
 
-def test_auto_routes_by_size(seed):
-    """auto on the CPU: dense up to max(48, 2k) nodes, native up to max(1024, 32k), ARPACK above."""
+def test_auto_routes_by_size(monkeypatch, seed):
+    """auto on the CPU: dense up to max(48, 2k) nodes, native up to NATIVE_MAX_NODES (16384; lowered here to keep
+    the test small), ARPACK above."""
     rng = np.random.default_rng(seed)
     k = 4
-    small, middle, big = _auto.native_dense_max(k), 300, _auto.native_max(k) + 30
+    monkeypatch.setattr(_auto, "NATIVE_MAX_NODES", 400)
+    small, middle, big = _auto.native_dense_max(k), 300, 430
     ptr = sizes_to_ptr([small, middle, big])
     L = laplacian_of(random_adjacency(rng, ptr, 0.02, isolated=0.0), ptr)
     basis = sk.lowest_eigenpairs(L, k, tol=1e-9)
     assert basis.info.backend == "native+scipy+dense", basis.info
     assert int(basis.info.matvecs[0]) == 0 and int(basis.info.matvecs[1]) > 0 and int(basis.info.matvecs[2]) > 0
     check_basis(basis, dense_of(L), ptr, k, torch.float64)
+
+
+def test_threads_are_cut_to_the_memory_budget():
+    """Each native thread's basis may grow to n × n values: 16384-node items get budget / 2 GiB threads."""
+    itemsize = 8
+    per_thread = 16384 * 16384 * itemsize
+    assert _auto.native_threads(64, 16384, itemsize) == _auto.NATIVE_MEMORY_BUDGET // per_thread
+    assert _auto.native_threads(2, 4096, itemsize) == 2
+    assert _auto.native_threads(64, 10**6, itemsize) == 1
 
 
 def test_missing_module_is_a_clear_error(monkeypatch, seed):

@@ -86,30 +86,47 @@ def dense_max(device: torch.device, k: int) -> int:
     return max(160, 4 * k) if device.type != "cuda" else 32
 
 
-# ``auto`` on the CPU when the compiled ``native`` backend is built (session 5; same machine, graphs and settings as
-# the table above, idle machine, one thread, ms per block, best of two):
+# ``auto`` on the CPU when the compiled ``native`` backend is built (same machine, graphs and settings as the table
+# above, one thread, ms per block, best of two; 16384 nodes in blocks of n, at least 2 blocks). Session 5, full
+# reorthogonalisation, idle machine:
 #
 #     k = 16   n =   64    128    256    512   1024   2048
 #     native         0.40   0.65   1.41   4.60   13.0   35.6
 #     dense          0.50   2.23   10.7   55.6    324      -
 #     scipy (ARPACK) 2.91   3.47   7.80   9.61   14.6   31.6
 #
-#     k = 64   n =  128    256    512   1024   2048
-#     native         1.92   3.34   8.30   23.2   99.4
-#     dense          1.79   9.31   53.0    299      -
-#     scipy (ARPACK) 1.84   14.1   25.1   48.8    116
+# Session 6, partial reorthogonalisation (native v8; products per block in brackets, native / ARPACK):
 #
-# (blocks of ≤ 50 nodes at k = 16 went dense whatever the backend: 0.18 ms at 32 nodes.) So with the module:
-# dense up to max(48, 2k) nodes, native up to max(1024, 32k), ARPACK above. Unlike ARPACK, native also splits its
-# items across threads (≈ 1.9× on this machine's 2 cores), which these one-thread numbers do not show.
+#     k = 16   n =    64    128    256    512   1024   2048   4096   8192  16384
+#     native         0.25   0.54   0.86   1.99   4.82   10.9   31.9   93.9    243
+#     scipy (ARPACK) 2.19   4.23   4.32   9.26   15.3   36.1   84.5    174    441
+#                                                (198/192)    (324/335)   (505/542)
+#     k = 64   n =   256    512   1024   2048   4096   8192  16384
+#     native         3.90   8.46   16.1   31.5    104    340   1024
+#     scipy (ARPACK) 14.8   30.9   51.2    114    348    847   2784
+#                                (355/300)     (687/617)    (1079/1024)
+#
+# (blocks of ≤ 50 nodes at k = 16 go dense whatever the backend: 0.18 ms at 32 nodes.) So with the module:
+# dense up to max(48, 2k) nodes, native up to NATIVE_MAX_NODES, ARPACK above. Native is 1.8–4× faster than ARPACK
+# at every size measured and also splits its items across threads (≈ 1.9× on this machine's 2 cores), which these
+# one-thread numbers do not show. Above 16384 nodes its unrestarted basis (steps × n values: 1079 × 16384 doubles =
+# 141 MB at k = 64) is what stops it, not speed; ARPACK restarts in O(k·n).
+NATIVE_MAX_NODES = 16384
+
+# Worst-case bytes of the native bases held at once (each thread's basis may grow to n × n values): the threads
+# are cut to fit, so a many-core machine solving 16384-node components keeps to a few GB.
+NATIVE_MEMORY_BUDGET = 8 * 2**30
+
+
 def native_dense_max(k: int) -> int:
     """Largest block the CPU solves densely when the native backend is available (table above)."""
     return max(48, 2 * k)
 
 
-def native_max(k: int) -> int:
-    """Largest item ``auto`` gives the native backend on the CPU; bigger ones go to ARPACK (table above)."""
-    return max(1024, 32 * k)
+def native_threads(threads: int, n_max: int, itemsize: int) -> int:
+    """Threads for the native backend: ``threads``, fewer when their worst-case bases (n_max² values each) would
+    exceed NATIVE_MEMORY_BUDGET."""
+    return max(1, min(threads, NATIVE_MEMORY_BUDGET // max(1, n_max * n_max * itemsize)))
 
 
 def iterative_backend(device: torch.device) -> str:

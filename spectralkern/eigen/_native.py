@@ -1,10 +1,10 @@
-"""The ``native`` backend: compiled single-vector Lanczos for small items on the CPU (``csrc/native``).
+"""The ``native`` backend: compiled single-vector Lanczos for components of up to 16384 nodes on the CPU
+(``csrc/native``).
 
-Each item (one connected component, see _plan) runs on one CPU thread, its whole Krylov basis in cache, with
-partial reorthogonalisation (the basis kept semi-orthogonal; a final Rayleigh–Ritz makes the returned vectors
+Each item (one connected component, see _plan) runs on one CPU thread, with reorthogonalisation (the basis kept semi-orthogonal; a final Rayleigh–Ritz makes the returned vectors
 orthonormal) and no restart: the basis may grow to the item's size, so the solve always converges
-(the last resort is the whole space, where Lanczos is a dense tridiagonalisation). Steps per 128-node kNN block at
-k = 16, tol 1e-8: ~55 (ARPACK: ~60 products plus its restarts). Threads split the items; the GIL is released.
+(the last resort is the whole space, where Lanczos is a dense tridiagonalisation). Products per kNN block at
+k = 16, tol 1e-8: ~78 at 128 nodes, ~200 at 1024 (ARPACK: 64, 192). Threads split the items; the GIL is released.
 
 The module ``spectralkern._native`` is built by setup.py with the host C++ compiler (no CUDA needed); a pure-
 Python install lacks it, and then ``auto`` keeps to dense + ARPACK on the CPU.
@@ -20,6 +20,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
+from ._auto import native_threads
 from ._operator import node_positions
 from ._plan import Candidates, Items
 from ._problem import Problem
@@ -76,7 +77,8 @@ def native_solve(problem: Problem, items: Items, k: int, tol_abs: float, maxiter
         start: the previous basis (N, s) or None: each item starts from the sum of its old vectors (as the scipy
             backend does), a random vector where that sum is zero.
         maxiter: Lanczos steps per item at most (default: the item's size, where the method is exact).
-        threads: CPU threads to split the items across (the caller's torch setting before any one-thread pinning).
+        threads: CPU threads to split the items across (the caller's torch setting before any one-thread pinning;
+            fewer when their bases could outgrow ``_auto.NATIVE_MEMORY_BUDGET``).
         on_done: called with the number of items finished, chunk by chunk (a progress bar).
         semi_orthogonality: the estimated |q_iᵀq_k| at which a Gram–Schmidt pass against the whole basis runs
             (default √u, u the dtype's unit roundoff: partial reorthogonalisation); 0 runs one every step.
@@ -112,7 +114,7 @@ def native_solve(problem: Problem, items: Items, k: int, tol_abs: float, maxiter
     # 256 blocks). So it stops only when the pairs meet the tolerance ARPACK is capped at (see _scipy); whether a
     # pair converged is still judged against tol_abs.
     stop_tol = min(tol_abs, ARPACK_TOL_CAP * theta_max(problem))
-    threads = max(1, threads)
+    threads = native_threads(max(1, threads), int(items.sizes.max()), val.element_size())
     if semi_orthogonality is None:
         semi_orthogonality = math.sqrt(torch.finfo(dtype).eps / 2)
     # chunks only for the progress bar: each call splits its items across the threads

@@ -23,9 +23,6 @@ from ._warm import check_start
 BACKENDS = ("auto", "lanczos", "dense", "scipy", "cupy", "native")
 # Dense eigh is O(n³) per block; past this many nodes in one block the dense backend refuses.
 MAX_DENSE_GLOBAL_NODES = 8192
-# The native backend keeps an item's whole Krylov basis (no restarts): O(steps · n) memory and O(steps² · n) work,
-# so it refuses items above this size (auto gives it items up to _auto.native_max).
-MAX_NATIVE_ITEM_NODES = 16384
 
 
 def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | None = None, ncv: int | None = None,
@@ -62,10 +59,10 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
         backend: "lanczos" (batched block Lanczos in torch, all blocks at once; blocks too small for a Krylov
             space are solved densely), "dense" (batched ``torch.linalg.eigh``, blocks up to 8192 nodes),
             "scipy" (ARPACK per component, CPU), "cupy" (cupyx eigsh per component; needs cupy and a GPU),
-            "native" (compiled single-vector Lanczos per component, never restarted, components split across
-            CPU threads; CPU only, components up to 16384 nodes; needs the compiled module ``spectralkern._native``
-            that a normal install builds), or "auto": on the CPU dense for blocks up to max(48, 2k) nodes, native
-            up to max(1024, 32k) and ARPACK above (without the compiled module: dense up to max(160, 4k), ARPACK
+            "native" (compiled single-vector Lanczos with partial reorthogonalisation per component, never
+            restarted, components split across CPU threads; CPU only, components up to 16384 nodes; needs the
+            compiled module ``spectralkern._native`` that a normal install builds), or "auto": on the CPU dense
+            for blocks up to max(48, 2k) nodes, native up to 16384 and ARPACK above (without the compiled module: dense up to max(160, 4k), ARPACK
             above); on a GPU dense up to 32 nodes and Lanczos above (thresholds and the measurements behind them in
             ``eigen/_auto.py``).
         progress: show a tqdm progress bar (pairs converged for Lanczos, components done for scipy/cupy/native).
@@ -127,7 +124,7 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
                              f"limited to {MAX_DENSE_GLOBAL_NODES} nodes per block — use backend='lanczos' or 'auto'")
         krylov = "lanczos"
     elif backend == "auto" and problem.device.type == "cpu" and native_available():
-        krylov = "native"   # items above _auto.native_max go to ARPACK (see _krylov_parts)
+        krylov = "native"   # items above _auto.NATIVE_MAX_NODES go to ARPACK (see _krylov_parts)
         dense_max = _auto.native_dense_max(k)
     elif backend == "auto":
         krylov = _auto.iterative_backend(problem.device)
@@ -141,9 +138,9 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
     max_components = block if krylov == "lanczos" else None
     plan = make_plan(problem, dense_max, max_components)
 
-    if backend == "native" and plan.krylov is not None and int(plan.krylov.sizes.max()) > MAX_NATIVE_ITEM_NODES:
+    if backend == "native" and plan.krylov is not None and int(plan.krylov.sizes.max()) > _auto.NATIVE_MAX_NODES:
         raise ValueError(f"backend='native' keeps the whole Krylov basis of a connected component (it never "
-                         f"restarts) and is limited to components of {MAX_NATIVE_ITEM_NODES} nodes; L has one of "
+                         f"restarts) and is limited to components of {_auto.NATIVE_MAX_NODES} nodes; L has one of "
                          f"{int(plan.krylov.sizes.max())} — use backend='auto', 'scipy' or 'lanczos'")
     parts: list[Candidates] = []
     ran: list[str] = []   # the Krylov solvers that ran
@@ -164,7 +161,7 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
                     if bar is not None:
                         bar.update(settled.items.num_items if krylov != "lanczos" else int(settled.count.sum()))
             if krylov_items is not None:
-                for solver, index in _krylov_parts(krylov, krylov_items, k, backend == "auto"):
+                for solver, index in _krylov_parts(krylov, krylov_items, backend == "auto"):
                     items = krylov_items if index is None else krylov_items.subset(index)
                     update = bar.update if bar is not None else None
                     if solver == "lanczos":
@@ -267,12 +264,12 @@ def _solve_dense(problem: Problem, items: Items, k: int, workers: int) -> list[C
     return parts
 
 
-def _krylov_parts(krylov: str, items: Items, k: int, auto: bool) -> list[tuple[str, torch.Tensor | None]]:
+def _krylov_parts(krylov: str, items: Items, auto: bool) -> list[tuple[str, torch.Tensor | None]]:
     """(solver, item indices or None for all) for the Krylov items: ``auto``'s native backend hands the items above
-    ``_auto.native_max(k)`` nodes to ARPACK."""
+    ``_auto.NATIVE_MAX_NODES`` nodes to ARPACK."""
     if krylov != "native" or not auto:
         return [(krylov, None)]
-    big = items.sizes > _auto.native_max(k)
+    big = items.sizes > _auto.NATIVE_MAX_NODES
     if not bool(big.any()):
         return [("native", None)]
     if bool(big.all()):

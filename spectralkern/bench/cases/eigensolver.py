@@ -42,7 +42,7 @@ import scipy.spatial
 import torch
 
 from ...eigen import lowest_eigenpairs
-from ...eigen._auto import native_max
+from ...eigen._auto import NATIVE_MAX_NODES
 from ...eigen._native import native_available
 from ...graph import GraphLaplacian, ParameterGraph
 from ..case import Case, Prepared, Provider
@@ -336,8 +336,8 @@ def _prepare(cfg: _Config, device: torch.device) -> Prepared:
         skipped["native"] = "CPU only"
     elif not native_available():
         skipped["native"] = "the compiled module spectralkern._native is not built"
-    elif cfg.n > native_max(cfg.k):
-        skipped["native"] = f"blocks of {cfg.n} nodes are above the native range (max(1024, 32k) = {native_max(cfg.k)})"
+    elif cfg.n > NATIVE_MAX_NODES:
+        skipped["native"] = f"blocks of {cfg.n} nodes are above the native range ({NATIVE_MAX_NODES} nodes)"
     else:
         add("native", "spectralkern", _ours(L, cfg, "native"))
     if device.type == "cpu":
