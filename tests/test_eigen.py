@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from scipy.sparse.csgraph import laplacian as scipy_laplacian
 
 import spectralkern as sk
-from spectralkern.eigen import _auto, _dense, _lanczos
+from spectralkern.eigen import _auto, _compiled, _dense, _lanczos
 
 DTYPES = [torch.float64, torch.float32]
 # the issue's accuracy bar: eigenvalues within this fraction of ‖L‖ of the float64 reference
@@ -589,12 +589,18 @@ def test_bad_arguments(small_laplacian, kwargs, error, match):
      "L must be symmetric"),
     (np.array([["a", "b"], ["c", "d"]]), TypeError, "L must have a real dtype"),
 ])
-def test_bad_matrices(matrix, error, match):
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled-checks", "torch-checks"])
+def test_bad_matrices(matrix, error, match, compiled, monkeypatch):
+    if not compiled:   # the checks' torch path (GPUs, installs without the compiled module)
+        monkeypatch.setattr(_compiled, "_load", lambda: (None, "disabled by the test"))
     with pytest.raises(error, match=match):
         sk.lowest_eigenpairs(matrix, 1)
 
 
-def test_non_symmetric_graph_laplacian_matrix_is_caught(seed):
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled-checks", "torch-checks"])
+def test_non_symmetric_graph_laplacian_matrix_is_caught(seed, compiled, monkeypatch):
+    if not compiled:
+        monkeypatch.setattr(_compiled, "_load", lambda: (None, "disabled by the test"))
     L = networkx_laplacian(nx.path_graph(50))
     dense = L.to_dense()
     dense[3, 20] = -0.7  # one-sided edge

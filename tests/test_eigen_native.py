@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import spectralkern as sk
-from spectralkern.eigen import _auto, _native
+from spectralkern.eigen import _auto, _compiled, _native
 from spectralkern.eigen._plan import make_plan
 from spectralkern.eigen._problem import prepare, rounding_floor
 from spectralkern.eigen._scipy import GUARD_PAIRS
@@ -21,7 +21,7 @@ from test_eigen import (DTYPES, check_basis, dense_of, laplacian_of, networkx_la
 
 def test_the_module_is_built():
     """CI installs with a C++ compiler: a build that silently fell back to pure Python would skip the backend."""
-    assert _native.native_available(), _native._load()[1]
+    assert _compiled.native_available(), _compiled._load()[1]
 
 
 def kernel_pairs(L: sk.GraphLaplacian, k: int, *, threads: int = 1, maxiter: int | None = None, seed: int = 0,
@@ -184,7 +184,7 @@ def test_threads_are_cut_to_the_memory_budget():
 
 
 def test_missing_module_is_a_clear_error(monkeypatch, seed):
-    monkeypatch.setattr(_native, "_load", lambda: (None, "No module named 'spectralkern._native'"))
+    monkeypatch.setattr(_compiled, "_load", lambda: (None, "No module named 'spectralkern._native'"))
     L = networkx_laplacian(nx.karate_club_graph())
     with pytest.raises(RuntimeError, match=r"backend='native' needs the compiled module spectralkern\._native.*"
                                            r"No module named"):
@@ -195,7 +195,7 @@ def test_missing_module_is_a_clear_error(monkeypatch, seed):
 
 def test_only_on_the_cpu():
     with pytest.raises(ValueError, match="backend='native' runs on the CPU; L is on cuda"):
-        _native.require_native(torch.device("cuda"))
+        _compiled.require_native(torch.device("cuda"))
 
 
 @settings(max_examples=15, deadline=None)
@@ -230,13 +230,54 @@ def test_connected_components_match_scipy(seed):
     adjacency = random_adjacency(rng, ptr, 0.02, isolated=0.2)
     adjacency[5, 7] = 1.0                     # one direction only
     matrix = torch.from_numpy(adjacency).to_sparse_csr()
-    labels = _native.connected_components(matrix)
+    labels = _compiled.connected_components(matrix)
     count, reference = scipy.sparse.csgraph.connected_components(scipy.sparse.csr_array(adjacency), directed=True,
                                                                  connection="weak")
     assert labels is not None and labels.max() + 1 == count
     # the same partition: labels map one-to-one
     pairs = set(zip(labels.tolist(), reference.tolist()))
     assert len(pairs) == count
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_input_summary_matches_torch(seed, dtype):
+    """prepare's one compiled pass over L's entries against the torch ops it replaces (still used on GPUs and
+    without the module): the same counts, bounds and block crossings, and both symmetry probes pass a symmetric
+    matrix and catch a one-sided entry."""
+    from spectralkern.eigen import _problem
+
+    rng = np.random.default_rng(seed)
+    ptr = sizes_to_ptr([30, 0, 45, 1, 60])
+    adjacency = random_adjacency(rng, ptr, 0.2)
+    dense = np.diag(adjacency.sum(axis=1)) - adjacency
+    block_ptr = torch.tensor(ptr)
+
+    def summaries(matrix: np.ndarray) -> tuple[dict, dict]:
+        csr = torch.from_numpy(matrix).to(dtype).to_sparse_csr()
+        return _compiled.csr_summary(csr, block_ptr), _problem._summary_torch(csr, block_ptr)
+
+    def allowed(summary: dict) -> float:
+        return 4 * (summary["max_row_nnz"] + 2) * torch.finfo(dtype).eps * summary["max_abs_row_sum"]
+
+    compiled, reference = summaries(dense)
+    for key in ("nonfinite", "max_row_nnz", "crosses_blocks"):
+        assert compiled[key] == reference[key], key
+    for key in ("max_abs_row_sum", "max_gershgorin_upper"):
+        assert compiled[key] == pytest.approx(reference[key], rel=1e-6 if dtype == torch.float32 else 1e-12), key
+    assert compiled["nonfinite"] == 0 and not compiled["crosses_blocks"]
+    for summary in (compiled, reference):
+        assert abs(summary["ytLx"] - summary["xtLy"]) <= allowed(summary)
+
+    crossing = dense.copy()
+    crossing[2, 100] = crossing[100, 2] = -0.5
+    assert all(summary["crosses_blocks"] for summary in summaries(crossing))
+    broken = dense.copy()
+    broken[[3, 40, 41], [3, 41, 40]] = [np.nan, np.inf, -np.inf]
+    assert [summary["nonfinite"] for summary in summaries(broken)] == [3, 3]
+    one_sided = dense.copy()
+    one_sided[5, 20] = -2.0
+    for summary in summaries(one_sided):
+        assert abs(summary["ytLx"] - summary["xtLy"]) > allowed(summary)
 
 
 def test_loose_tolerance_does_not_lose_an_interior_eigenvalue(monkeypatch):

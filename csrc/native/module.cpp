@@ -30,4 +30,32 @@ PYBIND11_MODULE(_native, m) {
       },
       "Component label of every node of an n x n CSR pattern (int64 crow, col; labels: int64[n]).", py::arg("n"),
       py::arg("crow"), py::arg("col"), py::arg("labels"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "csr_summary",
+      [](const std::string& dtype, int64_t n, uintptr_t crow, uintptr_t col, uintptr_t val, int64_t num_blocks,
+         uintptr_t block_ptr, uint64_t seed) {
+        if (n < 0 || num_blocks < 0) throw std::invalid_argument("csr_summary: n and num_blocks must be >= 0");
+        spectralkern_native::CsrSummary s;
+        {
+          py::gil_scoped_release release;
+          s = spectralkern_native::csr_summary(dtype, n, reinterpret_cast<const int64_t*>(crow),
+                                               reinterpret_cast<const int64_t*>(col),
+                                               reinterpret_cast<const void*>(val), num_blocks,
+                                               reinterpret_cast<const int64_t*>(block_ptr), seed);
+        }
+        py::dict out;
+        out["nonfinite"] = s.nonfinite;
+        out["max_row_nnz"] = s.max_row_nnz;
+        out["max_abs_row_sum"] = s.max_abs_row_sum;
+        out["max_gershgorin_upper"] = s.max_gershgorin_upper;
+        out["crosses_blocks"] = s.crosses_blocks;
+        out["ytLx"] = s.ytLx;
+        out["xtLy"] = s.xtLy;
+        return out;
+      },
+      "One pass over an n x n CSR matrix (int64 crow, col; values of `dtype`) for the eigensolver's input checks: "
+      "a dict of nonfinite, max_row_nnz, max_abs_row_sum, max_gershgorin_upper, crosses_blocks (of the int64 "
+      "block_ptr, num_blocks + 1 offsets; num_blocks = 0: none) and the symmetry probe ytLx, xtLy.",
+      py::arg("dtype"), py::arg("n"), py::arg("crow"), py::arg("col"), py::arg("val"), py::arg("num_blocks"),
+      py::arg("block_ptr"), py::arg("seed"));
 }

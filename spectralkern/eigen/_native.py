@@ -1,70 +1,27 @@
 """The ``native`` backend: compiled single-vector Lanczos for components of up to 16384 nodes on the CPU
 (``csrc/native``).
 
-Each item (one connected component, see _plan) runs on one CPU thread, with reorthogonalisation (the basis kept semi-orthogonal; a final Rayleigh–Ritz makes the returned vectors
-orthonormal) and no restart: the basis may grow to the item's size, so the solve always converges
-(the last resort is the whole space, where Lanczos is a dense tridiagonalisation). Products per kNN block at
-k = 16, tol 1e-8: ~78 at 128 nodes, ~200 at 1024 (ARPACK: 64, 192). Threads split the items; the GIL is released.
+Each item (one connected component, see _plan) runs on one CPU thread, with partial reorthogonalisation (the
+basis kept semi-orthogonal; a final Rayleigh–Ritz makes the returned vectors orthonormal) and no restart: the
+basis may grow to the item's size, so the solve always converges (the last resort is the whole space, where
+Lanczos is a dense tridiagonalisation). Products per kNN block at k = 16, tol 1e-8: ~78 at 128 nodes, ~200 at
+1024 (ARPACK: 64, 192). Threads split the items; the GIL is released.
 
-The module ``spectralkern._native`` is built by setup.py with the host C++ compiler (no CUDA needed); a pure-
-Python install lacks it, and then ``auto`` keeps to dense + ARPACK on the CPU.
+Without the compiled module (see _compiled) ``auto`` keeps to dense + ARPACK on the CPU.
 """
 from __future__ import annotations
 
-import functools
-import importlib
 import math
 from collections.abc import Callable
-from types import ModuleType
 
-import numpy as np
 import torch
 
 from ._auto import native_threads
+from ._compiled import require_native
 from ._operator import node_positions
 from ._plan import Candidates, Items
 from ._problem import Problem
 from ._scipy import ARPACK_TOL_CAP, GUARD_PAIRS, theta_max
-
-MODULE_NAME = "spectralkern._native"
-
-
-@functools.cache
-def _load() -> tuple[ModuleType | None, str]:
-    try:
-        return importlib.import_module(MODULE_NAME), ""
-    except ImportError as exc:
-        return None, str(exc)
-
-
-def native_available() -> bool:
-    """Whether the compiled module is importable."""
-    return _load()[0] is not None
-
-
-def require_native(device: torch.device) -> ModuleType:
-    """The compiled module, or a clear error: it is missing (pure-Python install) or L is not on the CPU."""
-    module, why = _load()
-    if module is None:
-        raise RuntimeError(f"backend='native' needs the compiled module {MODULE_NAME}, which this install lacks "
-                           f"({why}); reinstall with a C++ compiler present (`pip install -e .` builds it), or use "
-                           "backend='auto', 'lanczos' or 'scipy'")
-    if device.type != "cpu":
-        raise ValueError(f"backend='native' runs on the CPU; L is on {device} (use backend='lanczos' or 'auto' there)")
-    return module
-
-
-def connected_components(matrix: torch.Tensor) -> np.ndarray | None:
-    """Component labels (N,) int64 of a CSR matrix's pattern by the compiled union-find, or None without the module
-    or off the CPU."""
-    module = _load()[0]
-    if module is None or matrix.device.type != "cpu":
-        return None
-    crow = matrix.crow_indices().to(torch.int64).contiguous()
-    col = matrix.col_indices().to(torch.int64).contiguous()
-    labels = np.empty(matrix.shape[0], dtype=np.int64)
-    module.connected_components(matrix.shape[0], crow.data_ptr(), col.data_ptr(), labels.ctypes.data)
-    return labels
 
 
 def native_solve(problem: Problem, items: Items, k: int, tol_abs: float, maxiter: int | None,

@@ -23,6 +23,7 @@ import scipy.sparse
 import scipy.sparse.csgraph
 import torch
 
+from ._compiled import connected_components
 from ._problem import Problem
 
 
@@ -74,8 +75,6 @@ def _components(problem: Problem) -> np.ndarray:
     """Connected-component label of every node (isolated nodes are their own component): the compiled module's
     union-find when it is built (4× faster here than scipy, which first adds the pattern's transpose), else
     scipy's."""
-    from ._native import connected_components   # a lazy import: _native itself imports this module
-
     m = problem.matrix
     n = problem.num_nodes
     labels = connected_components(m)

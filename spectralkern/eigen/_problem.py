@@ -2,7 +2,8 @@
 
 Accepted: a ``GraphLaplacian`` (its blocks, or one global block when entries cross blocks), a torch tensor
 (dense, COO or CSR) or a scipy sparse matrix / numpy array (one global block). Checks: square, real float,
-finite, symmetric (a cheap probe, see ``_check_symmetric``).
+finite, symmetric (a cheap probe, see ``_check_symmetric``); on the CPU one compiled pass over the entries gathers
+what they need (``_compiled.csr_summary``), elsewhere torch ops do.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import scipy.sparse
 import torch
 
 from ..graph import GraphLaplacian
+from ._compiled import PROBE_SEED, csr_summary
 from ._operator import coo_rows
 
 _FLOAT = (torch.float32, torch.float64)
@@ -90,20 +92,42 @@ def _to_csr(name: str, value: object) -> torch.Tensor:
     return value.to_sparse_csr()
 
 
-def _check_symmetric(name: str, matrix: torch.Tensor, row_abs_sum: float, max_row_nnz: int) -> None:
+def _summary_torch(matrix: torch.Tensor, block_ptr: torch.Tensor | None) -> dict:
+    """What ``_compiled.csr_summary`` computes in one compiled pass, as torch ops (a CUDA matrix, or no compiled
+    module). Its symmetry probe draws its two vectors from torch's generator (seeded)."""
+    n = matrix.shape[0]
+    values = matrix.values()
+    crow, cols, rows = matrix.crow_indices(), matrix.col_indices(), coo_rows(matrix)
+    abs_sum = torch.zeros(n, dtype=torch.float64, device=matrix.device).index_add_(0, rows, values.abs().double())
+    diag = torch.zeros(n, dtype=torch.float64, device=matrix.device)
+    on_diag = rows == cols
+    diag.index_add_(0, rows[on_diag], values[on_diag].double())
+    crosses = False
+    if block_ptr is not None:
+        node_block = torch.repeat_interleave(torch.arange(block_ptr.numel() - 1), block_ptr.diff()).to(matrix.device)
+        crosses = bool((node_block[rows] != node_block[cols]).any())
+    ytLx = xtLy = 0.0
+    if n:
+        gen = torch.Generator(device=matrix.device).manual_seed(PROBE_SEED)
+        probe = torch.randn(n, 2, dtype=matrix.dtype, device=matrix.device, generator=gen)
+        probe /= torch.linalg.vector_norm(probe, dim=0, keepdim=True)
+        image = torch.sparse.mm(matrix, probe).double()
+        probe = probe.double()
+        ytLx, xtLy = float(probe[:, 1] @ image[:, 0]), float(probe[:, 0] @ image[:, 1])
+    return {"nonfinite": int((~torch.isfinite(values)).sum()),
+            "max_row_nnz": int((crow[1:] - crow[:-1]).max()) if n else 0,
+            "max_abs_row_sum": float(abs_sum.max()) if n else 0.0,
+            "max_gershgorin_upper": float((diag + (abs_sum - diag.abs())).max()) if n else 0.0,
+            "crosses_blocks": crosses, "ytLx": ytLx, "xtLy": xtLy}
+
+
+def _check_symmetric(name: str, summary: dict, dtype: torch.dtype) -> None:
     """Cheap symmetry probe: yᵀ(L x) must equal xᵀ(L y) for two random unit vectors, up to the worst-case rounding
     of the two sparse products ((max row nnz + 2)·eps·‖x‖‖y‖·max_i Σ_j |L_ij|). Catches any matrix that is not
     symmetric by more than rounding in a way x and y see; a single tiny asymmetric entry in a huge float32 matrix
     can slip through — this is a guard against passing the wrong matrix, not a proof."""
-    n = matrix.shape[0]
-    gen = torch.Generator(device=matrix.device).manual_seed(20240613)
-    probe = torch.randn(n, 2, dtype=matrix.dtype, device=matrix.device, generator=gen)
-    probe /= torch.linalg.vector_norm(probe, dim=0, keepdim=True)
-    image = torch.sparse.mm(matrix, probe).double()
-    probe = probe.double()
-    ytLx = float(probe[:, 1] @ image[:, 0])
-    xtLy = float(probe[:, 0] @ image[:, 1])
-    allowed = 4 * (max_row_nnz + 2) * torch.finfo(matrix.dtype).eps * row_abs_sum
+    ytLx, xtLy = summary["ytLx"], summary["xtLy"]
+    allowed = 4 * (summary["max_row_nnz"] + 2) * torch.finfo(dtype).eps * summary["max_abs_row_sum"]
     if abs(ytLx - xtLy) > allowed:
         raise ValueError(f"{name} must be symmetric: for random unit vectors x, y, yᵀ({name} x) = {ytLx:.6g} but "
                          f"xᵀ({name} y) = {xtLy:.6g} (rounding allows a difference of {allowed:.2g})")
@@ -122,44 +146,34 @@ def prepare(name: str, L: object) -> Problem:
     if n_rows != n_cols:
         raise ValueError(f"{name} must be square, got shape ({n_rows}, {n_cols})")
     n = n_rows
-    values = matrix.values()
-    if not bool(torch.isfinite(values).all()):
-        bad = int((~torch.isfinite(values)).sum())
-        raise ValueError(f"{name} contains {bad} NaN/Inf value(s); expected finite numbers")
-    crow = matrix.crow_indices()
-    rows = coo_rows(matrix)
-    cols = matrix.col_indices()
-    max_row_nnz = int((crow[1:] - crow[:-1]).max()) if n else 0
-    abs_sum = torch.zeros(n, dtype=torch.float64, device=matrix.device).index_add_(0, rows, values.abs().double())
-    diag = torch.zeros(n, dtype=torch.float64, device=matrix.device)
-    on_diag = rows == cols
-    diag.index_add_(0, rows[on_diag], values[on_diag].double())
-    off = abs_sum - diag.abs()
-    row_abs_sum = float(abs_sum.max()) if n else 0.0
-    if n:
-        _check_symmetric(name, matrix, row_abs_sum, max_row_nnz)
-
-    global_ptr = torch.tensor([0, n], dtype=torch.int64)
+    given_ptr = None
     if graph_laplacian:
         if L.block_ptr.numel() < 2 or int(L.block_ptr[-1]) != n:
             raise ValueError(f"{name}.block_ptr must end at the number of nodes ({n}), got "
                              f"{L.block_ptr.tolist()[-1:] or L.block_ptr.tolist()}")
-        block_ptr = L.block_ptr.to("cpu", torch.int64)
+        given_ptr = L.block_ptr.to("cpu", torch.int64)
+    summary = csr_summary(matrix, given_ptr)
+    if summary is None:
+        summary = _summary_torch(matrix, given_ptr)
+    if summary["nonfinite"]:
+        raise ValueError(f"{name} contains {summary['nonfinite']} NaN/Inf value(s); expected finite numbers")
+    if n:
+        _check_symmetric(name, summary, matrix.dtype)
+
+    global_ptr = torch.tensor([0, n], dtype=torch.int64)
+    if graph_laplacian:
         # The layout follows the entries, not the flag: any entry across blocks makes the basis global.
-        node_block = torch.repeat_interleave(torch.arange(block_ptr.numel() - 1), block_ptr.diff()).to(matrix.device)
-        if bool((node_block[rows] != node_block[cols]).any()):
-            block_ptr = global_ptr
+        block_ptr = global_ptr if summary["crosses_blocks"] else given_ptr
         shift = norm = float(L.spectrum_bound())
     else:
         block_ptr = global_ptr
-        upper = float((diag + off).max()) if n else 0.0
-        shift, norm = upper, row_abs_sum
+        shift, norm = summary["max_gershgorin_upper"], summary["max_abs_row_sum"]
     # ‖L‖ = 0 (no edges): any pair is exact; keep the relative tolerance meaningful
     norm = max(norm, torch.finfo(matrix.dtype).tiny)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        matrix = torch.sparse_csr_tensor(crow, cols, values, (n, n))
-    return Problem(matrix=matrix, block_ptr=block_ptr, shift=shift, norm=norm, max_row_nnz=max_row_nnz,
+        matrix = torch.sparse_csr_tensor(matrix.crow_indices(), matrix.col_indices(), matrix.values(), (n, n))
+    return Problem(matrix=matrix, block_ptr=block_ptr, shift=shift, norm=norm, max_row_nnz=summary["max_row_nnz"],
                    psd=graph_laplacian)
 
 
