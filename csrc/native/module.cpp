@@ -14,9 +14,8 @@ PYBIND11_MODULE(_native, m) {
         "Lowest eigenpairs of items [first_item, first_item + num_items) of L (CSR), item g being the nodes "
         "node_map[g, :sizes[g]]; one item per thread (raw pointers to whole arrays; see "
         "spectralkern/eigen/_native.py).",
-        py::arg("dtype"), py::arg("first_item"), py::arg("num_items"), py::arg("n_pad"), py::arg("sizes"),
-        py::arg("node_map"), py::arg("crow"), py::arg("col"), py::arg("val"), py::arg("item_of"),
-        py::arg("local_of"), py::arg("want"), py::arg("kw"), py::arg("start"), py::arg("tol"), py::arg("norm"),
+        py::arg("dtype"), py::arg("num_nodes"), py::arg("first_item"), py::arg("num_items"), py::arg("n_pad"),
+        py::arg("sizes"), py::arg("node_map"), py::arg("crow"), py::arg("col"), py::arg("val"), py::arg("want"), py::arg("kw"), py::arg("start"), py::arg("tol"), py::arg("norm"),
         py::arg("guards"), py::arg("max_steps"), py::arg("semi_orthogonality"), py::arg("seed"), py::arg("threads"), py::arg("values"),
         py::arg("vectors"), py::arg("residuals"), py::arg("products"),
         py::call_guard<py::gil_scoped_release>());

@@ -9,11 +9,11 @@ namespace spectralkern_native {
 
 // The lowest eigenpairs of items [first_item, first_item + num_items) of the symmetric CSR matrix L (see
 // small_lanczos.cpp). dtype: "float32" or "float64" (L's values, the start vectors and the outputs).
-void lowest_eigenpairs(const std::string& dtype, int64_t first_item, int64_t num_items, int64_t n_pad,
-                       uintptr_t sizes, uintptr_t node_map, uintptr_t crow, uintptr_t col, uintptr_t val,
-                       uintptr_t item_of, uintptr_t local_of, uintptr_t want, int64_t kw, uintptr_t start, double tol,
-                       double norm, int guards, int64_t max_steps, double semi_orthogonality, uint64_t seed,
-                       int threads, uintptr_t values, uintptr_t vectors, uintptr_t residuals, uintptr_t products);
+void lowest_eigenpairs(const std::string& dtype, int64_t num_nodes, int64_t first_item, int64_t num_items,
+                       int64_t n_pad, uintptr_t sizes, uintptr_t node_map, uintptr_t crow, uintptr_t col,
+                       uintptr_t val, uintptr_t want, int64_t kw, uintptr_t start, double tol, double norm,
+                       int guards, int64_t max_steps, double semi_orthogonality, uint64_t seed, int threads,
+                       uintptr_t values, uintptr_t vectors, uintptr_t residuals, uintptr_t products);
 
 // What the eigensolver's input checks need of an n x n CSR matrix (csr_checks.cpp): one pass over its entries.
 struct CsrSummary {

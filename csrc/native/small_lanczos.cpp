@@ -105,12 +105,12 @@ T* as_ptr(uintptr_t address) {
 
 template <typename T>
 void dispatch(int64_t first_item, int64_t num_items, int64_t n_pad, uintptr_t sizes, uintptr_t node_map,
-              uintptr_t crow, uintptr_t col, uintptr_t val, uintptr_t item_of, uintptr_t local_of, uintptr_t want,
-              int64_t kw, uintptr_t start, const baseline::Options& options, uint64_t seed, int threads,
+              uintptr_t crow, uintptr_t col, uintptr_t val, const int64_t* item_of, const int64_t* local_of,
+              uintptr_t want, int64_t kw, uintptr_t start, const baseline::Options& options, uint64_t seed, int threads,
               uintptr_t values, uintptr_t vectors, uintptr_t residuals, uintptr_t products) {
   solve_items<T>(first_item, num_items, n_pad, as_ptr<const int64_t>(sizes), as_ptr<const int64_t>(node_map),
                  as_ptr<const int64_t>(crow), as_ptr<const int64_t>(col), as_ptr<const T>(val),
-                 as_ptr<const int64_t>(item_of), as_ptr<const int64_t>(local_of), as_ptr<const int64_t>(want), kw,
+                 item_of, local_of, as_ptr<const int64_t>(want), kw,
                  as_ptr<const T>(start), options, seed, threads, as_ptr<T>(values), as_ptr<T>(vectors),
                  as_ptr<double>(residuals), as_ptr<int64_t>(products));
 }
@@ -119,24 +119,38 @@ void dispatch(int64_t first_item, int64_t num_items, int64_t n_pad, uintptr_t si
 
 namespace spectralkern_native {
 
-void lowest_eigenpairs(const std::string& dtype, int64_t first_item, int64_t num_items, int64_t n_pad,
-                       uintptr_t sizes, uintptr_t node_map, uintptr_t crow, uintptr_t col, uintptr_t val,
-                       uintptr_t item_of, uintptr_t local_of, uintptr_t want, int64_t kw, uintptr_t start, double tol,
-                       double norm, int guards, int64_t max_steps, double semi_orthogonality, uint64_t seed,
-                       int threads, uintptr_t values, uintptr_t vectors, uintptr_t residuals, uintptr_t products) {
-  if (first_item < 0 || num_items < 0 || n_pad < 1 || kw < 0 || guards < 0 || max_steps < 1 || threads < 1 ||
-      !(semi_orthogonality >= 0))
+void lowest_eigenpairs(const std::string& dtype, int64_t num_nodes, int64_t first_item, int64_t num_items,
+                       int64_t n_pad, uintptr_t sizes, uintptr_t node_map, uintptr_t crow, uintptr_t col,
+                       uintptr_t val, uintptr_t want, int64_t kw, uintptr_t start, double tol, double norm,
+                       int guards, int64_t max_steps, double semi_orthogonality, uint64_t seed, int threads,
+                       uintptr_t values, uintptr_t vectors, uintptr_t residuals, uintptr_t products) {
+  if (num_nodes < 0 || first_item < 0 || num_items < 0 || n_pad < 1 || kw < 0 || guards < 0 || max_steps < 1 ||
+      threads < 1 || !(semi_orthogonality >= 0))
     throw std::invalid_argument("lowest_eigenpairs: bad sizes");
+  // where each node of these items sits: its item and its row there (nodes of no item here: -1; no entry of L
+  // joins two items, each a union of connected components)
+  std::vector<int64_t> item_of(static_cast<size_t>(num_nodes), -1), local_of(static_cast<size_t>(num_nodes), 0);
+  const int64_t* map = as_ptr<const int64_t>(node_map);
+  for (int64_t g = first_item; g < first_item + num_items; ++g)
+    for (int64_t r = 0; r < n_pad; ++r) {
+      const int64_t node = map[g * n_pad + r];
+      if (node < 0) continue;
+      if (node >= num_nodes) throw std::invalid_argument("lowest_eigenpairs: node_map names a node past num_nodes");
+      item_of[node] = g;
+      local_of[node] = r;
+    }
   const int steps_cap = static_cast<int>(std::min<int64_t>(max_steps, std::numeric_limits<int>::max()));
   if (dtype == "float64") {
     const baseline::Options options{tol, norm, std::numeric_limits<double>::epsilon() / 2, guards, steps_cap,
                                           semi_orthogonality};
-    dispatch<double>(first_item, num_items, n_pad, sizes, node_map, crow, col, val, item_of, local_of, want, kw,
+    dispatch<double>(first_item, num_items, n_pad, sizes, node_map, crow, col, val, item_of.data(), local_of.data(),
+                     want, kw,
                      start, options, seed, threads, values, vectors, residuals, products);
   } else if (dtype == "float32") {
     const baseline::Options options{tol, norm, std::numeric_limits<float>::epsilon() / 2, guards, steps_cap,
                                           semi_orthogonality};
-    dispatch<float>(first_item, num_items, n_pad, sizes, node_map, crow, col, val, item_of, local_of, want, kw,
+    dispatch<float>(first_item, num_items, n_pad, sizes, node_map, crow, col, val, item_of.data(), local_of.data(),
+                    want, kw,
                     start, options, seed, threads, values, vectors, residuals, products);
   } else {
     throw std::invalid_argument("lowest_eigenpairs: dtype must be 'float32' or 'float64', got " + dtype);

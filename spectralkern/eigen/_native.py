@@ -18,7 +18,6 @@ import torch
 
 from ._auto import native_threads
 from ._compiled import require_native
-from ._operator import node_positions
 from ._plan import Candidates, Items
 from ._problem import Problem
 from ._scipy import ARPACK_TOL_CAP, GUARD_PAIRS, theta_max
@@ -53,9 +52,8 @@ def native_solve(problem: Problem, items: Items, k: int, tol_abs: float, maxiter
     if num_items == 0 or kw == 0:
         return Candidates(items, values, vectors, want, residuals <= tol_abs, torch.zeros_like(products), products)
 
-    # Each item copies its rows of L out of L's own CSR; it only needs to know which nodes are its own.
+    # Each item copies its rows of L out of L's own CSR (the kernel finds each node's item and row in node_map).
     node_map = items.node_map.contiguous()
-    item_of, local_of = node_positions(node_map, problem.num_nodes)
     crow = matrix.crow_indices().to(torch.int64).contiguous()
     col = matrix.col_indices().to(torch.int64).contiguous()
     val = matrix.values().contiguous()
@@ -79,10 +77,10 @@ def native_solve(problem: Problem, items: Items, k: int, tol_abs: float, maxiter
     for lo in range(0, num_items, chunk):
         count = min(chunk, num_items - lo)
         module.lowest_eigenpairs(
-            str(dtype).removeprefix("torch."), lo, count, n_pad, sizes.data_ptr(), node_map.data_ptr(),
-            crow.data_ptr(), col.data_ptr(), val.data_ptr(), item_of.data_ptr(), local_of.data_ptr(),
-            want.data_ptr(), kw, first.data_ptr() if first is not None else 0, stop_tol, problem.norm, GUARD_PAIRS,
-            max_steps, semi_orthogonality, seed, threads, values.data_ptr(), vectors.data_ptr(), residuals.data_ptr(),
+            str(dtype).removeprefix("torch."), problem.num_nodes, lo, count, n_pad, sizes.data_ptr(),
+            node_map.data_ptr(), crow.data_ptr(), col.data_ptr(), val.data_ptr(), want.data_ptr(), kw,
+            first.data_ptr() if first is not None else 0, stop_tol, problem.norm, GUARD_PAIRS, max_steps,
+            semi_orthogonality, seed, threads, values.data_ptr(), vectors.data_ptr(), residuals.data_ptr(),
             products.data_ptr())
         if on_done is not None:
             on_done(count)
