@@ -157,8 +157,10 @@ struct Options {
 };
 
 // The eigenvalues first..first+count-1 (0-based, ascending) of the symmetric tridiagonal (alpha, beta) of size m,
-// each to `relative` times the spectrum's scale: bisection on Sturm counts (the number of negative pivots of
-// T - x I), all `count` of them advancing together so that their divisions pipeline and vectorise.
+// each to `relative` times the spectrum's scale: multisection on Sturm counts (the number of negative pivots of
+// T - x I). Every value's bracket is probed at `points` interior points per sweep, all count x points Sturm
+// sequences advancing together so that their divisions pipeline and vectorise; points = 8 / count (at least 1:
+// bisection) keeps a few values -- the checkpoints' single top value -- from running one latency-bound chain.
 void tridiagonal_eigenvalues(const double* alpha, const double* beta, int m, int first, int count, double relative,
                              std::vector<double>& out, std::vector<double>& hi, std::vector<double>& beta2) {
   double glo = alpha[0], ghi = alpha[0];
@@ -172,37 +174,44 @@ void tridiagonal_eigenvalues(const double* alpha, const double* beta, int m, int
   const double scale = std::max(std::fabs(glo), std::fabs(ghi)) + std::numeric_limits<double>::min();
   const double tiny = std::numeric_limits<double>::epsilon() * scale;
   const double width = std::max(relative, 2 * std::numeric_limits<double>::epsilon()) * scale;
-  const int iterations = static_cast<int>(std::ceil(std::log2((ghi - glo) / width + 1.0))) + 1;
+  const int points = std::max(1, 8 / std::max(count, 1));
+  const int lanes = count * points;
+  const int sweeps =
+      static_cast<int>(std::ceil(std::log2((ghi - glo) / width + 1.0) / std::log2(points + 1.0))) + 1;
   out.assign(count, glo);  // lower ends
   hi.assign(count, ghi);
   thread_local std::vector<double> q, x;   // scratch, reused across calls
   thread_local std::vector<int> below;
-  q.resize(count);
-  x.resize(count);
-  below.resize(count);
-  for (int iteration = 0; iteration < iterations; ++iteration) {
+  q.resize(lanes);
+  x.resize(lanes);
+  below.resize(lanes);
+  for (int sweep = 0; sweep < sweeps; ++sweep) {
+    for (int k = 0; k < count; ++k)
+      for (int p = 0; p < points; ++p)
+        x[k * points + p] = out[k] + (hi[k] - out[k]) * (p + 1) / (points + 1);
 #pragma omp simd
-    for (int k = 0; k < count; ++k) {
-      x[k] = 0.5 * (out[k] + hi[k]);
-      q[k] = alpha[0] - x[k];
-      below[k] = q[k] < 0;
+    for (int l = 0; l < lanes; ++l) {
+      q[l] = alpha[0] - x[l];
+      below[l] = q[l] < 0;
     }
     for (int i = 1; i < m; ++i) {
       const double a = alpha[i], b2 = beta2[i - 1];
 #pragma omp simd
-      for (int k = 0; k < count; ++k) {
-        const double pivot = q[k] == 0.0 ? tiny : q[k];
-        q[k] = a - x[k] - b2 / pivot;
-        below[k] += q[k] < 0;
+      for (int l = 0; l < lanes; ++l) {
+        const double pivot = q[l] == 0.0 ? tiny : q[l];
+        q[l] = a - x[l] - b2 / pivot;
+        below[l] += q[l] < 0;
       }
     }
-#pragma omp simd
-    for (int k = 0; k < count; ++k) {
-      if (below[k] > first + k)
-        hi[k] = x[k];
-      else
-        out[k] = x[k];
-    }
+    // value first + k lies above every point with at most first + k eigenvalues below it, and below the others
+    for (int k = 0; k < count; ++k)
+      for (int p = 0; p < points; ++p) {
+        const int l = k * points + p;
+        if (below[l] > first + k)
+          hi[k] = std::min(hi[k], x[l]);
+        else
+          out[k] = std::max(out[k], x[l]);
+      }
   }
   for (int k = 0; k < count; ++k) out[k] = 0.5 * (out[k] + hi[k]);
 }
