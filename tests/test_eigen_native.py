@@ -122,6 +122,31 @@ def test_lost_orthogonality_falls_back_to_full_passes(seed):
     np.testing.assert_allclose(Y.T @ Y, np.eye(16), rtol=0, atol=1e-12)
 
 
+def test_item_whose_entries_are_all_zero(seed):
+    """A component whose stored entries are all zero (explicit zero weights), solved right after a normal one by the
+    same thread: T = 0 must not overflow inverse iteration's pivots, and nothing of the earlier item may be returned
+    (found in review: it returned the 40-node item's eigenvalues as converged)."""
+    rng = np.random.default_rng(seed)
+    adjacency = random_adjacency(rng, [0, 40], 0.3, isolated=0.0)
+    rows, cols = np.nonzero(np.diag(adjacency.sum(axis=1)) - adjacency)
+    values = (np.diag(adjacency.sum(axis=1)) - adjacency)[rows, cols]
+    path = np.arange(40, 45)
+    rows = np.concatenate([rows, path, path + 1, np.arange(40, 46)])
+    cols = np.concatenate([cols, path + 1, path, np.arange(40, 46)])
+    values = np.concatenate([values, np.zeros(2 * path.size + 6)])
+    L = torch.sparse_coo_tensor(torch.from_numpy(np.stack([rows, cols])), torch.from_numpy(values),
+                                (46, 46)).coalesce().to_sparse_csr()
+    _, items, part = kernel_pairs(L, 6, threads=1, seed=seed)
+    assert items.sizes.tolist() == [40, 6]
+    assert bool(part.converged.all())
+    reference = np.linalg.eigvalsh(np.diag(adjacency.sum(axis=1)) - adjacency)[:6]
+    np.testing.assert_allclose(part.values[0].numpy(), reference, rtol=0, atol=1e-10)
+    np.testing.assert_array_equal(part.values[1].numpy(), np.zeros(6))
+    for g, size in enumerate((40, 6)):
+        Y = part.vectors[g, :size, :6].numpy()
+        np.testing.assert_allclose(Y.T @ Y, np.eye(6), rtol=0, atol=1e-12)
+
+
 def test_threads_split_items_without_changing_them(seed):
     """Each item draws its start from its own stream (seed, item), so the thread count changes nothing."""
     rng = np.random.default_rng(seed)

@@ -216,6 +216,32 @@ void tridiagonal_eigenvalues(const double* alpha, const double* beta, int m, int
   for (int k = 0; k < count; ++k) out[k] = 0.5 * (out[k] + hi[k]);
 }
 
+// The scale of the tridiagonal T (alpha, beta) of size m: max_i |alpha_i| + 2 |beta_i| >= |T|.
+double tridiagonal_scale(const double* alpha, const double* beta, int m) {
+  double scale = 0;
+  for (int i = 0; i < m; ++i) scale = std::max(scale, std::fabs(alpha[i]) + 2 * std::fabs(beta[i]));
+  return scale;
+}
+
+// The replacement for a zero pivot of T - shift I: eps times T's scale, never so small that its reciprocal
+// overflows (T = 0: an item whose stored entries are all zero).
+double pivot_floor(double scale) {
+  return std::max(std::numeric_limits<double>::epsilon() * scale,
+                  std::numeric_limits<double>::min() / std::numeric_limits<double>::epsilon());
+}
+
+// x <- x / |x| (scaled by its largest entry first, so that inverse iteration's huge entries do not overflow the
+// sum of squares). False, x untouched, when x is zero or not finite.
+bool make_unit(double* x, int m) {
+  double big = 0;
+  for (int t = 0; t < m; ++t) big = std::max(big, std::fabs(x[t]));
+  if (!(big > 0) || !std::isfinite(big)) return false;
+  for (int t = 0; t < m; ++t) x[t] /= big;
+  const double inv = 1.0 / std::sqrt(dot(x, x, m));
+  for (int t = 0; t < m; ++t) x[t] *= inv;
+  return true;
+}
+
 // LU factorisation of T - shift I with partial pivoting (T symmetric tridiagonal (alpha, beta) of size m; the factor
 // has two superdiagonals), kept for several solves: inverse iteration solves twice with one factorisation. A zero
 // pivot is replaced by `tiny`.
@@ -593,10 +619,8 @@ class Solver {
       if (!(top_estimate_ <= 0.5 * opt_.tol)) return false;
     }
     tridiagonal_eigenvalues(alpha_.data(), beta_.data(), j, 0, count, 1e-10, theta_, d_, e_);
-    double scale = 0;
-    for (int i = 0; i < j; ++i) scale = std::max(scale, std::fabs(alpha_[i]) + 2 * std::fabs(beta_[i]));
-    scale = std::max(scale, std::numeric_limits<double>::min());
-    const double tiny = std::numeric_limits<double>::epsilon() * scale;
+    const double scale = tridiagonal_scale(alpha_.data(), beta_.data(), j);
+    const double tiny = pivot_floor(scale);
     const double cluster = 1e-3 * scale;
     S_.assign(static_cast<size_t>(count) * j, 0.0);
     bool all = true;
@@ -608,19 +632,19 @@ class Solver {
       const double shift = theta_[i] + (i - cluster_start) * 10.0 * tiny;
       for (int t = 0; t < j; ++t) x[t] = rng.uniform();
       lu_.factor(alpha_.data(), beta_.data(), j, shift, tiny);
+      // two sweeps, each leaving x a unit vector orthogonal to the cluster's earlier vectors (a sweep that
+      // breaks down restarts from a random vector made so)
       for (int sweep = 0; sweep < 2; ++sweep) {
         lu_.solve(x.data());
-        for (int p = cluster_start; p < i; ++p) {  // orthogonal to the cluster's earlier vectors
-          const double* sp = S_.data() + static_cast<size_t>(p) * j;
-          const double c = dot(sp, x.data(), j);
-          for (int t = 0; t < j; ++t) x[t] -= c * sp[t];
-        }
-        const double norm = std::sqrt(dot(x.data(), x.data(), j));
-        if (!(norm > 0) || !std::isfinite(norm)) {
+        for (int attempt = 0; attempt < 8; ++attempt) {
+          for (int p = cluster_start; p < i; ++p) {
+            const double* sp = S_.data() + static_cast<size_t>(p) * j;
+            const double c = dot(sp, x.data(), j);
+            for (int t = 0; t < j; ++t) x[t] -= c * sp[t];
+          }
+          if (make_unit(x.data(), j)) break;
           for (int t = 0; t < j; ++t) x[t] = rng.uniform();
-          continue;
         }
-        for (int t = 0; t < j; ++t) x[t] /= norm;
       }
       std::copy(x.begin(), x.end(), s);
       const double estimate = exhausted ? 0.0 : std::fabs(beta_[j - 1] * s[j - 1]);
@@ -645,16 +669,12 @@ class Solver {
 
   // Residual estimate beta_{j-1} |s[j-1]| of the Ritz pair of T_j at `value` (inverse iteration; x: scratch).
   double estimate(double value, int j, std::vector<double>& x, Random& rng) {
-    double scale = 0;
-    for (int i = 0; i < j; ++i) scale = std::max(scale, std::fabs(alpha_[i]) + 2 * std::fabs(beta_[i]));
-    const double tiny = std::numeric_limits<double>::epsilon() * std::max(scale, std::numeric_limits<double>::min());
+    const double tiny = pivot_floor(tridiagonal_scale(alpha_.data(), beta_.data(), j));
     for (int t = 0; t < j; ++t) x[t] = rng.uniform();
     lu_.factor(alpha_.data(), beta_.data(), j, value, tiny);
     for (int sweep = 0; sweep < 2; ++sweep) {
       lu_.solve(x.data());
-      const double norm = std::sqrt(dot(x.data(), x.data(), j));
-      if (!(norm > 0) || !std::isfinite(norm)) return std::numeric_limits<double>::infinity();
-      for (int t = 0; t < j; ++t) x[t] /= norm;
+      if (!make_unit(x.data(), j)) return std::numeric_limits<double>::infinity();
     }
     return std::fabs(beta_[j - 1] * x[j - 1]);
   }
@@ -682,7 +702,12 @@ class Solver {
     }
     for (int i = 0; i < m; ++i)
       for (int k = 0; k < i; ++k) H_[i * m + k] = H_[k * m + i] = 0.5 * (H_[i * m + k] + H_[k * m + i]);
-    if (cholesky(G_.data(), m) < 0.5) return Verdict::lost_orthogonality;
+    if (cholesky(G_.data(), m) < 0.5) {  // no usable pairs: nothing of an earlier item may be left to return
+      rho_.assign(m, 0.0);
+      res_.assign(m, std::numeric_limits<double>::infinity());
+      U_.assign(static_cast<size_t>(m) * n, 0.0);
+      return Verdict::lost_orthogonality;
+    }
     lower_solve(G_.data(), m, H_.data());  // R^-1 H
     transpose(H_.data(), m);               // H R^-T (H symmetric)
     lower_solve(G_.data(), m, H_.data());  // R^-1 H R^-T
@@ -740,6 +765,10 @@ void solve_all(int64_t first_item, int64_t num_items, int64_t n_pad, const int64
       if (g >= end) return;
       try {
         if (sizes[g] == 0 || want[g] == 0) continue;
+        if (sizes[g] > n_pad || want[g] > sizes[g] || want[g] > kw)
+          throw std::invalid_argument("bad sizes: want " + std::to_string(want[g]) + ", size " +
+                                      std::to_string(sizes[g]) + ", n_pad " + std::to_string(n_pad) + ", kw " +
+                                      std::to_string(kw));
         item.load(graph, node_map + g * n_pad, static_cast<int>(sizes[g]), g);
         const T* item_start = start != nullptr ? start + g * n_pad : nullptr;
         products[g] = solver.solve(item, static_cast<int>(want[g]), static_cast<int>(kw), item_start,
