@@ -575,6 +575,15 @@ def test_bad_arguments(small_laplacian, kwargs, error, match):
         sk.lowest_eigenpairs(small_laplacian, **kwargs)
 
 
+@pytest.fixture(params=["compiled-checks", "torch-checks"])
+def check_path(request, monkeypatch):
+    """Run a test on both paths of prepare's input checks: the compiled pass, and the torch ops (GPUs, installs
+    without the compiled module)."""
+    if request.param == "torch-checks":
+        monkeypatch.setattr(_compiled, "_load", lambda: (None, "disabled by the test"))
+    return request.param
+
+
 @pytest.mark.parametrize("matrix, error, match", [
     ([[1.0, 0.0], [0.0, 1.0]], TypeError, "L must be a GraphLaplacian, a torch tensor or a scipy sparse matrix, "
                                           "got list"),
@@ -589,18 +598,12 @@ def test_bad_arguments(small_laplacian, kwargs, error, match):
      "L must be symmetric"),
     (np.array([["a", "b"], ["c", "d"]]), TypeError, "L must have a real dtype"),
 ])
-@pytest.mark.parametrize("compiled", [True, False], ids=["compiled-checks", "torch-checks"])
-def test_bad_matrices(matrix, error, match, compiled, monkeypatch):
-    if not compiled:   # the checks' torch path (GPUs, installs without the compiled module)
-        monkeypatch.setattr(_compiled, "_load", lambda: (None, "disabled by the test"))
+def test_bad_matrices(matrix, error, match, check_path):
     with pytest.raises(error, match=match):
         sk.lowest_eigenpairs(matrix, 1)
 
 
-@pytest.mark.parametrize("compiled", [True, False], ids=["compiled-checks", "torch-checks"])
-def test_non_symmetric_graph_laplacian_matrix_is_caught(seed, compiled, monkeypatch):
-    if not compiled:
-        monkeypatch.setattr(_compiled, "_load", lambda: (None, "disabled by the test"))
+def test_non_symmetric_graph_laplacian_matrix_is_caught(seed, check_path):
     L = networkx_laplacian(nx.path_graph(50))
     dense = L.to_dense()
     dense[3, 20] = -0.7  # one-sided edge

@@ -370,6 +370,12 @@ void lower_transposed_solve(const double* R, int m, double* B) {
   }
 }
 
+// A <- (A + A') / 2 (m x m row-major): rounding leaves the projections slightly asymmetric.
+void symmetrize(double* A, int m) {
+  for (int i = 0; i < m; ++i)
+    for (int k = 0; k < i; ++k) A[i * m + k] = A[k * m + i] = 0.5 * (A[i * m + k] + A[k * m + i]);
+}
+
 void transpose(double* A, int m) {
   for (int i = 0; i < m; ++i)
     for (int k = i + 1; k < m; ++k) std::swap(A[i * m + k], A[k * m + i]);
@@ -700,8 +706,7 @@ class Solver {
       project(Y_.data(), m, n, y, G_.data() + static_cast<size_t>(i) * m);
       project(LY_.data(), m, n, y, H_.data() + static_cast<size_t>(i) * m);
     }
-    for (int i = 0; i < m; ++i)
-      for (int k = 0; k < i; ++k) H_[i * m + k] = H_[k * m + i] = 0.5 * (H_[i * m + k] + H_[k * m + i]);
+    symmetrize(H_.data(), m);
     if (cholesky(G_.data(), m) < 0.5) {  // no usable pairs: nothing of an earlier item may be left to return
       rho_.assign(m, 0.0);
       res_.assign(m, std::numeric_limits<double>::infinity());
@@ -711,8 +716,7 @@ class Solver {
     lower_solve(G_.data(), m, H_.data());  // R^-1 H
     transpose(H_.data(), m);               // H R^-T (H symmetric)
     lower_solve(G_.data(), m, H_.data());  // R^-1 H R^-T
-    for (int i = 0; i < m; ++i)
-      for (int k = 0; k < i; ++k) H_[i * m + k] = H_[k * m + i] = 0.5 * (H_[i * m + k] + H_[k * m + i]);
+    symmetrize(H_.data(), m);
     symmetric_eigen(H_.data(), m, rho_, Z_);
     lower_transposed_solve(G_.data(), m, Z_.data());  // W = R^-T Z
     transpose(Z_.data(), m);                          // row o: the coefficients of u_o
