@@ -293,15 +293,16 @@ def _compile_job(job: tuple[str, tuple[str, int, int], tuple[str, ...] | None]) 
         return f"FAIL sm_{target[1]} {module_name}: {exc}"
 
 
-def compile_all(hot_only: bool = False, workers: int | None = None) -> tuple[list[Resources], list[str]]:
-    """Compile every registered variant (or only the hot ones) for every target, one process per core."""
+def compile_all(hot_only: bool = False, workers: int | None = None,
+                targets: tuple[tuple[str, int, int], ...] = TARGETS) -> tuple[list[Resources], list[str]]:
+    """Compile every registered variant (or only the hot ones) for the targets, one process per core."""
     jobs = []
     for module_name in KERNEL_MODULES:
         suffix = module_name.rsplit("._triton_", 1)[-1]
         labels = tuple(label for mod, label in HOT if mod == suffix) if hot_only else None
         if hot_only and not labels:
             continue
-        jobs += [(module_name, target, labels) for target in TARGETS]
+        jobs += [(module_name, target, labels) for target in targets]
     rows, errors = [], []
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers or min(len(jobs), os.cpu_count() or 1)) as pool:
         for result in pool.map(_compile_job, jobs):
@@ -350,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the resource table as JSON here")
     parser.add_argument("--markdown", help="write the resource table as Markdown here")
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--targets", type=int, nargs="+", default=[cc for _, cc, _ in TARGETS],
+                        help="compute capabilities to compile for (default: 80 90)")
     parser.add_argument("--stride-check", action="store_true",
                         help="only lower every variant to TTIR and list 32-bit stride products (fast)")
     args = parser.parse_args(argv)
@@ -357,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         problems = stride_check()
         print("\n".join(problems) or "no 32-bit stride products")
         return 1 if problems else 0
-    rows, errors = compile_all(args.hot_only, args.workers)
+    rows, errors = compile_all(args.hot_only, args.workers, tuple(("cuda", cc, 32) for cc in args.targets))
     for r in rows:
         print(f"ok   sm_{r.target} {r.module} [{r.label}] warps={r.num_warps} regs={r.registers} "
               f"spill={r.spill_bytes} shared={r.shared_bytes} B i32_stride_products={r.i32_stride_products}")
