@@ -103,7 +103,8 @@ def _launch_spectral(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Ten
         U.stride(0), U.stride(1), gains.stride(0), gains.stride(1),
         float(passthrough), *_scalars(hyper),
         BLOCK_N=block_n, BLOCK_D=block_d, K_PAD=k_pad,
-        # tf32x3 keeps fp32 gradients at ~fp32 accuracy on tensor cores; half gradients fit one tf32 pass.
+        # tf32x3 keeps fp32 gradients at ~fp32 accuracy on tensor cores; half gradients take one tf32 pass, which
+        # rounds U (fp32) to tf32 (2^-11, under the bf16/fp16 rounding of the update; docs/gpu.md).
         DOT_PRECISION="tf32x3" if grad.dtype == torch.float32 else "tf32",
         HAS_PASSTHROUGH=passthrough != 0.0,
         enable_fp_fusion=False,  # each operation rounded once, as the CUDA kernel and torch do (no FMA contraction)

@@ -169,7 +169,8 @@ def _fast_trig(acc: torch.dtype) -> bool:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # tf32x3 keeps fp32 inputs at ~fp32 accuracy on tensor cores; fp16/bf16 inputs are rounded coarser than tf32.
+    # tf32x3 keeps fp32 inputs at ~fp32 accuracy on tensor cores; fp16/bf16 inputs take one tf32 pass, which rounds
+    # the fp32 twiddles to tf32 (2^-11, under the half output's rounding; docs/gpu.md).
     return {torch.float64: "ieee", torch.float32: "tf32x3"}.get(dtype, "tf32")
 
 
@@ -402,7 +403,8 @@ def fourier_adapter(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, coe
         expert_ptr: (E+1,) int offsets: expert e owns frequencies [expert_ptr[e], expert_ptr[e+1]).
             Default: one expert owning all n.
         gates: (..., E) per-token expert weights; zero means "not routed" (gradient returned as zero there,
-            see the module docstring). Default: every expert with weight 1. Differentiable.
+            see the module docstring). Default: every expert with weight 1. Differentiable; on a GPU the gates'
+            gradient is summed with fp32 atomics, so its last bits vary run to run (docs/gpu.md).
         base: (..., out) added to the result (e.g. the frozen layer's W x + b), fused into the output write.
     Returns:
         (..., out) in x's dtype. Accumulation in fp32 (fp64 for fp64 inputs). This function validates the index

@@ -173,7 +173,8 @@ def _launch_triton(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val: 
         d, num_col_tiles, x.stride(0), x.stride(1), out_strides[0], out_strides[1],
         BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d,
         ACC_DTYPE=tl.float64 if fp64 else tl.float32,
-        # tf32x3: fp32 accuracy on tensor cores for fp32 inputs; half inputs are exact in one tf32 pass.
+        # tf32x3: fp32 accuracy on tensor cores for fp32 inputs. Half inputs take one tf32 pass: exact on the Δ
+        # side, but L (fp32) is rounded to tf32 (2^-11 per entry; docs/gpu.md has the measured error).
         DOT_PRECISION="ieee" if fp64 else ("tf32x3" if x.dtype == torch.float32 else "tf32"),
         REDUCE=reduce,
     )

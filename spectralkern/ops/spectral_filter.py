@@ -88,8 +88,8 @@ def _launch_triton(x: torch.Tensor, U: torch.Tensor, block_ptr: torch.Tensor, ga
         float(passthrough),
         BLOCK_N=block_n, BLOCK_D=block_d, K_PAD=k_pad,
         ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32,
-        # tf32x3 keeps fp32 inputs at ~fp32 accuracy on tensor cores; fp16/bf16 inputs are already rounded
-        # coarser than tf32, so one tf32 pass loses nothing.
+        # tf32x3 keeps fp32 inputs at ~fp32 accuracy on tensor cores; fp16/bf16 inputs take one tf32 pass: exact on
+        # the x side, U (fp32) rounded to tf32 (2^-11, under the half output's rounding; docs/gpu.md).
         DOT_PRECISION="ieee" if acc == torch.float64 else ("tf32x3" if x.dtype == torch.float32 else "tf32"),
         HAS_PASSTHROUGH=passthrough != 0.0, WRITE_Y=write_y, GAIN_GRAD=gain_grad,
     )
