@@ -13,9 +13,12 @@ GEMM, so a dropout-free SMoA layer costs one GEMM plus the on-chip rebuild (R / 
 The same kernel computes grad_x = grad_y · W_eff with the roles swapped through strides (W → Wᵀ, Bt ↔ Atᵀ,
 row blocks ↔ column blocks); see ``smoa_linear._launch_modulated_gemm``.
 
-Operands of the big dot use DOT_DTYPE: the input dtype for fp16/bf16 on a GPU (tensor cores), fp32 under the
-interpreter (which gets bf16 arithmetic wrong, so loads are converted to fp32 right away), fp32 with tf32x3 for
-fp32 inputs, fp64 for fp64.
+Operands of the big dot use DOT_DTYPE: the input dtype for fp16/bf16 (tensor cores; also under the interpreter
+when the tests' value-correct bf16 shim is installed, fp32 under Triton's own interpreter), fp32 with tf32x3 for
+fp32 inputs, fp64 for fp64. With 16-bit operands the base product and the update are two dots: W ⊙ (1 + s·BA)
+rounded to bf16 would drop every update below half an ulp of W (|s·BA| ≈ 1e-3 left ~99% of the effective weights
+equal to W), while ΔW = W ⊙ s·BA rounded on its own keeps the update to bf16's relative precision. The cost is a
+second tensor-core GEMM per tile (2× the forward's MMA work for 16-bit inputs; fp32/fp64 keep one dot).
 """
 from __future__ import annotations
 
