@@ -86,7 +86,7 @@ def _launch_spectral(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Ten
                      hyper: AdamWHyper, basis: SpectralBasis, gains: torch.Tensor, passthrough: float) -> None:
     import triton
 
-    from ._triton_spectral_adamw import spectral_adamw_kernel, tile_sizes
+    from ._triton_spectral_adamw import num_warps, spectral_adamw_kernel, tile_sizes
 
     n, d = param.shape
     if n == 0 or d == 0:
@@ -108,6 +108,7 @@ def _launch_spectral(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Ten
         DOT_PRECISION="tf32x3" if grad.dtype == torch.float32 else "tf32",
         HAS_PASSTHROUGH=passthrough != 0.0,
         enable_fp_fusion=False,  # each operation rounded once, as the CUDA kernel and torch do (no FMA contraction)
+        num_warps=num_warps(k_pad),
     )
 
 

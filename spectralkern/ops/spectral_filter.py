@@ -64,7 +64,7 @@ def _launch_triton(x: torch.Tensor, U: torch.Tensor, block_ptr: torch.Tensor, ga
     import triton
     import triton.language as tl
 
-    from ._triton_spectral_filter import spectral_filter_kernel, tile_sizes
+    from ._triton_spectral_filter import num_warps, spectral_filter_kernel, tile_sizes
 
     n, d = x.shape
     k = U.shape[1]
@@ -92,6 +92,7 @@ def _launch_triton(x: torch.Tensor, U: torch.Tensor, block_ptr: torch.Tensor, ga
         # the x side, U (fp32) rounded to tf32 (2^-11, under the half output's rounding; docs/gpu.md).
         DOT_PRECISION="ieee" if acc == torch.float64 else ("tf32x3" if x.dtype == torch.float32 else "tf32"),
         HAS_PASSTHROUGH=passthrough != 0.0, WRITE_Y=write_y, GAIN_GRAD=gain_grad,
+        num_warps=num_warps(k_pad, fp64=acc == torch.float64),
     )
     grads = partial.sum(dim=1)[:, :k] if gain_grad else None
     return y, grads
