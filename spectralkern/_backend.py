@@ -26,6 +26,7 @@ from types import MappingProxyType
 
 import torch
 
+from . import _extensions  # importing it loads neither module: the first dispatch (or `info`) probes them
 from ._checks import FLOAT_DTYPES
 
 BACKENDS = ("cuda", "triton", "native", "torch")  # the order ``auto`` tries them in, for every op
@@ -191,6 +192,8 @@ _LAYOUT = ("uniform", "rows", "blocks", "max_block")
 _CHEBYSHEV = ("order", "block_n", "d")
 _SPECTRAL_ADAMW_STATES = {torch.float32: (torch.float32,), torch.float16: (torch.float32,),
                           torch.bfloat16: (torch.float32, torch.bfloat16)}
+_GROUPED = {"grouped": "a whole param group in one call (adamw_update_group_)"}
+_SAME_DTYPE = {"same_dtype": "param, grad and moments share one dtype, float32 or float64"}
 _DENSE_STATE = {"dense_state": "exp_avg and exp_avg_sq share one dtype and param's strides; param is contiguous"}
 
 OPS: dict[str, OpSpec] = {spec.name: spec for spec in (
@@ -210,6 +213,15 @@ OPS: dict[str, OpSpec] = {spec.name: spec for spec in (
         Backend("cuda", CUDA_DTYPES, {"k": CUDA_MAX_K}, _DENSE_STATE, _SPECTRAL_ADAMW_STATES),
         Backend("triton", CUDA_DTYPES, {"k": TRITON_MAX_K}, _DENSE_STATE),
         Backend("torch"),
+    ), algorithms=(
+        Algorithm("fused", ("torch",), {**_GROUPED, "filtered": "a basis is given", **_SAME_DTYPE}, None,
+                  "the group's filtered gradients (the filter's own algorithm) into temporaries, then one "
+                  "torch._fused_adamw_ over them: bit-identical to torch.optim.AdamW(fused=True)"),
+        Algorithm("foreach", ("torch",), {**_GROUPED, "plain": "no basis", **_SAME_DTYPE}, None,
+                  "torch._foreach_* ops over the group in torch.optim.AdamW's order: bit-identical to it"),
+        Algorithm("reference", ("torch",), {}, None,
+                  "per parameter: filter into a temporary, then torch's single-tensor AdamW ops (fp32 arithmetic "
+                  "for half-precision parameters)"),
     ), doc="one AdamW step in place, on the spectrally filtered gradient when a basis is given"),
     OpSpec("chebyshev_filter", (
         Backend("triton", TRITON_DTYPES),
@@ -246,7 +258,7 @@ OPS: dict[str, OpSpec] = {spec.name: spec for spec in (
 
 
 # ------------------------------------------------------------------------------------------ runtimes
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity: the registry keys its cached decisions on the status objects
 class BackendStatus:
     name: str
     live: bool
@@ -276,8 +288,6 @@ def triton_status() -> BackendStatus:
 
 
 def _extension_status(name: str) -> BackendStatus:
-    from . import _extensions  # loads nothing at import of spectralkern: the first dispatch or `info` gets here
-
     status = _extensions.status(name)
     return BackendStatus(name, status.live, status.reason)
 
@@ -417,12 +427,32 @@ def backend_of(op: str, *tensors: torch.Tensor | None, backend: str | None = Non
             raise ValueError(f"backend_of({op!r}) needs a tensor or both dtype= and device=")
         dtype = first.dtype if dtype is None else dtype
         device = first.device if device is None else device
-    device = torch.device(device)
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
     forced = (backend.strip().lower() if backend is not None else requested_backend())
     if forced not in BACKENDS and forced != "auto":
         raise ValueError(f"backend must be one of auto, {', '.join(BACKENDS)}; got {backend!r}")
     source = "backend=" if backend is not None and forced != "auto" else f"{ENV_VAR}="
+    key = tuple(sorted(facts.items()))
+    try:
+        hash(key)
+    except TypeError:  # an unhashable fact: decide without the cache
+        return _decide.__wrapped__(op, dtype, device, forced, source, algorithm, key, _runtimes())
+    return _decide(op, dtype, device, forced, source, algorithm, key, _runtimes())
 
+
+def _runtimes() -> tuple[object, ...]:
+    """What the decision reads besides its arguments: the runtimes' statuses (the cache key, so a test that swaps
+    a status, or a process that turns the interpreter on, gets fresh answers)."""
+    return _extensions.status("cuda"), _extensions.status("native"), triton_status(), triton_interpreter_on()
+
+
+@functools.lru_cache(maxsize=4096)
+def _decide(op: str, dtype: torch.dtype, device: torch.device, forced: str, source: str, algorithm: str | None,
+            facts_items: tuple[tuple[str, object], ...], runtimes: tuple[object, ...]) -> Choice:
+    """backend_of's decision (cached: an op asks on every call, and the answer is a few µs from the cache)."""
+    spec = OPS[op]
+    facts = dict(facts_items)
     reasons = {entry.name: why_not(op, entry.name, dtype, device, **facts) for entry in spec.backends}
     if forced not in reasons and forced != "auto":
         raise BackendUnavailable(f"{op}: {source}{forced} cannot run here: {op} has no {forced} "

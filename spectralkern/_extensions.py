@@ -128,7 +128,7 @@ def check_compatibility(info: BuildInfo, compiled: dict, driver_version: int,
     return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity: the registry keys its cached decisions on the status objects
 class ExtensionStatus:
     """One compiled module's state in this process: ``live`` (usable here) and, either way, ``reason`` (what it is,
     or why it cannot run); ``module`` when it loaded, ``info`` the build metadata (_C only)."""

@@ -10,12 +10,14 @@ which runs. The public entry point is ``spectral_filter(x, basis, gains, passthr
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
 from .._backend import Choice, backend_of
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ..basis import SpectralBasis
+from ._eager import plain_eager_call
 
 
 # ------------------------------------------------------------------------------------------ torch reference
@@ -52,16 +54,38 @@ def spectral_filter_gains_grad_reference(grad_y: torch.Tensor, x: torch.Tensor, 
 
 
 # ------------------------------------------------------------------------------------------ torch backend
-def _as_batch(t: torch.Tensor, block_ptr: torch.Tensor, algorithm: str, acc: torch.dtype,
-              mask: torch.Tensor | None) -> torch.Tensor:
-    """t (N, c) as (B, n, c): a view of uniform blocks ("batched"), or a zero-padded copy (``mask`` (B, n_max):
-    which padded rows are real, in row order)."""
-    t = t.to(acc)
-    if algorithm == "batched":
-        return t.unflatten(0, (block_ptr.numel() - 1, -1))
-    padded = t.new_zeros(*mask.shape, t.shape[1])
-    padded[mask] = t
-    return padded
+def _padded_rows(block_ptr: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:
+    """(rows (N,): where row i sits in the (B·n_max, ·) padded layout, n_max)."""
+    sizes = block_ptr[1:] - block_ptr[:-1]
+    n_max = int(sizes.max())
+    starts = block_ptr[:-1]
+    shift = torch.arange(sizes.numel(), device=block_ptr.device) * n_max - starts  # padded start − real start
+    rows = torch.arange(int(block_ptr[-1]), device=block_ptr.device) + torch.repeat_interleave(shift, sizes)
+    return rows.to(device), n_max
+
+
+def _as_batch(t: torch.Tensor, num_blocks: int, acc: torch.dtype,
+              padded: tuple[torch.Tensor, int] | None) -> torch.Tensor:
+    """t (N, c) as (B, n, c): a view of uniform blocks (``padded`` None), else a zero-padded copy."""
+    t = t if t.dtype == acc else t.to(acc)
+    if padded is None:
+        return t.unflatten(0, (num_blocks, -1))
+    rows, n_max = padded
+    out = t.new_zeros(num_blocks * n_max, t.shape[1])
+    return out.index_copy_(0, rows, t).unflatten(0, (num_blocks, n_max))
+
+
+def _filter_loop(x: torch.Tensor, U: torch.Tensor, block_ptr: torch.Tensor, gains: torch.Tensor,
+                 passthrough: float, acc: torch.dtype) -> torch.Tensor:
+    """Two GEMMs per block, the second writing y_b = h·x_b + U_b c_b in place (addmm)."""
+    xs, Us, coef = x.to(acc), U.to(acc), gains.to(acc) - passthrough
+    y = torch.empty_like(xs) if xs.is_contiguous() else torch.empty(xs.shape, dtype=acc, device=x.device)
+    offsets = block_ptr.tolist()
+    for b, (start, stop) in enumerate(zip(offsets[:-1], offsets[1:])):
+        if stop > start:
+            U_b, x_b = Us[start:stop], xs[start:stop]
+            torch.addmm(x_b, U_b, (U_b.T @ x_b).mul_(coef[b].unsqueeze(1)), beta=passthrough, out=y[start:stop])
+    return y
 
 
 def filter_torch(x: torch.Tensor, U: torch.Tensor, block_ptr: torch.Tensor, gains: torch.Tensor,
@@ -71,35 +95,33 @@ def filter_torch(x: torch.Tensor, U: torch.Tensor, block_ptr: torch.Tensor, gain
     the gains' gradient Σ_cols (U_bᵀ x_b)(U_bᵀ saved_b) (B, k) when ``saved_x`` is given, else None).
 
     ``algorithm`` (the registry's): "batched" — uniform blocks as (B, n, ·) views, two bmm; "padded" — ragged
-    blocks zero-padded to the largest (padded rows of U are zero, so they add nothing); "loop" — the reference's
-    two GEMMs per block. Accumulates in fp32 (fp64 for fp64 inputs).
+    blocks zero-padded to the largest (padded rows of U are zero, so they add nothing); "loop" — two GEMMs per
+    block. Accumulates in fp32 (fp64 for fp64 inputs).
     """
     acc = torch.promote_types(x.dtype, torch.float32)
-    if algorithm == "loop":
-        y = spectral_filter_reference(x, U, block_ptr, gains, passthrough).contiguous() if write_y else x.new_empty(0)
-        grads = (spectral_filter_gains_grad_reference(x, saved_x, U, block_ptr) if saved_x is not None else None)
-        return y, grads
     num_blocks, k = block_ptr.numel() - 1, U.shape[1]
-    if x.numel() == 0 or num_blocks == 0 or int(block_ptr[-1]) == 0:
+    if x.numel() == 0:  # no nodes (so only empty blocks) or no columns
         y = (passthrough * x.to(acc)).to(x.dtype).contiguous() if write_y else x.new_empty(0)
         return y, (torch.zeros(num_blocks, k, dtype=acc, device=x.device) if saved_x is not None else None)
-    mask = None
-    if algorithm == "padded":
-        sizes = block_ptr[1:] - block_ptr[:-1]
-        mask = torch.arange(int(sizes.max()), device=x.device) < sizes.to(x.device)[:, None]  # (B, n_max)
-    U3 = _as_batch(U, block_ptr, algorithm, acc, mask)                     # (B, n, k)
-    x3 = _as_batch(x, block_ptr, algorithm, acc, mask)                     # (B, n, d)
+    if algorithm == "loop":
+        y = _filter_loop(x, U, block_ptr, gains, passthrough, acc).to(x.dtype) if write_y else x.new_empty(0)
+        grads = (spectral_filter_gains_grad_reference(x, saved_x, U, block_ptr) if saved_x is not None else None)
+        return y, grads
+    padded = _padded_rows(block_ptr, x.device) if algorithm == "padded" else None
+    U3 = _as_batch(U, num_blocks, acc, padded)                             # (B, n, k)
+    x3 = _as_batch(x, num_blocks, acc, padded)                             # (B, n, d)
     coef = torch.bmm(U3.transpose(1, 2), x3)                              # (B, k, d) = U_bᵀ x_b
     grads = None
     if saved_x is not None:
-        saved_coef = torch.bmm(U3.transpose(1, 2), _as_batch(saved_x, block_ptr, algorithm, acc, mask))
+        saved_coef = torch.bmm(U3.transpose(1, 2), _as_batch(saved_x, num_blocks, acc, padded))
         grads = (coef * saved_coef).sum(dim=2)
     if not write_y:
         return x.new_empty(0), grads
-    coef.mul_((gains.to(acc) - passthrough).unsqueeze(2))
-    y3 = (torch.baddbmm(x3, U3, coef, beta=passthrough) if passthrough != 0.0 else torch.bmm(U3, coef))
-    y = y3.flatten(0, 1) if algorithm == "batched" else y3[mask]
-    return y.to(x.dtype).contiguous(), grads
+    scale = gains if gains.dtype == acc else gains.to(acc)
+    coef.mul_((scale - passthrough if passthrough != 0.0 else scale).unsqueeze(2))
+    y3 = torch.baddbmm(x3, U3, coef, beta=passthrough) if passthrough != 0.0 else torch.bmm(U3, coef)
+    y = y3.flatten(0, 1) if padded is None else y3.flatten(0, 1).index_select(0, padded[0])
+    return (y if y.dtype == x.dtype else y.to(x.dtype)), grads
 
 
 # ------------------------------------------------------------------------------------------ triton launcher
@@ -184,14 +206,31 @@ def _launch_cuda(x: torch.Tensor, U: torch.Tensor, block_ptr: torch.Tensor, gain
 
 
 # ------------------------------------------------------------------------------------------ custom ops
+# Layout facts per block_ptr tensor (the same object every call: SpectralBasis.block_ptr_on caches it), keyed by
+# id and in-place version and checked by a weak reference: a host read of block_ptr per call costs µs.
+_LAYOUTS: dict[tuple[int, int], tuple[weakref.ref, dict[str, object]]] = {}
+_LAYOUTS_KEEP = 256
+
+
 def block_layout_facts(block_ptr: torch.Tensor) -> dict[str, object]:
     """The registry's layout facts of block offsets (B+1,): rows, blocks, max_block, uniform (all the same size,
     none empty)."""
+    key = (id(block_ptr), block_ptr._version)
+    hit = _LAYOUTS.get(key)
+    if hit is not None and hit[0]() is block_ptr:
+        return hit[1]
     offsets = block_ptr.tolist()
     sizes = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
     largest = max(sizes, default=0)
-    return {"rows": offsets[-1], "blocks": len(sizes), "max_block": largest,
-            "uniform": largest > 0 and min(sizes) == largest}
+    facts = {"rows": offsets[-1], "blocks": len(sizes), "max_block": largest,
+             "uniform": largest > 0 and min(sizes) == largest}
+    if len(_LAYOUTS) >= _LAYOUTS_KEEP:
+        _LAYOUTS.clear()
+    try:
+        _LAYOUTS[key] = (weakref.ref(block_ptr), facts)
+    except TypeError:  # a tensor type without weak references (tracing): no cache
+        pass
+    return facts
 
 
 def spectral_filter_backend(x: torch.Tensor, k: int, block_ptr: torch.Tensor | None = None,
@@ -202,15 +241,21 @@ def spectral_filter_backend(x: torch.Tensor, k: int, block_ptr: torch.Tensor | N
     return backend_of("spectral_filter", x, k=k, backend=backend, algorithm=algorithm, **facts)
 
 
-@torch.library.custom_op("spectralkern::spectral_filter", mutates_args=())
-def _spectral_filter_op(x: torch.Tensor, U: torch.Tensor, block_ptr: torch.Tensor, gains: torch.Tensor,
-                        passthrough: float) -> torch.Tensor:
+def _forward(x: torch.Tensor, U: torch.Tensor, block_ptr: torch.Tensor, gains: torch.Tensor,
+             passthrough: float) -> torch.Tensor:
+    """The op's forward on the registry's backend (and algorithm)."""
     choice = spectral_filter_backend(x, U.shape[1], block_ptr)
     if choice.backend == "cuda":
         return _launch_cuda(x, U, block_ptr, gains, passthrough)[0]
     if choice.backend == "triton":
         return _launch_triton(x, U, block_ptr, gains, passthrough)[0]
     return filter_torch(x, U, block_ptr, gains, passthrough, choice.algorithm)[0]
+
+
+@torch.library.custom_op("spectralkern::spectral_filter", mutates_args=())
+def _spectral_filter_op(x: torch.Tensor, U: torch.Tensor, block_ptr: torch.Tensor, gains: torch.Tensor,
+                        passthrough: float) -> torch.Tensor:
+    return _forward(x, U, block_ptr, gains, passthrough)
 
 
 @_spectral_filter_op.register_fake
@@ -266,6 +311,14 @@ _spectral_filter_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------------------------ public API
+def filter_gradient(grad: torch.Tensor, basis: SpectralBasis, gains: torch.Tensor,
+                    passthrough: float = 0.0) -> torch.Tensor:
+    """The filter without input checks or autograd, for optimizers: grad (N, d) on the basis' device, gains (B, k)
+    -> a new (N, d) tensor in grad's dtype, on the registry's backend."""
+    return _forward(grad, basis.U, basis.block_ptr_on(grad.device), gains, float(passthrough))
+
+
+
 def spectral_filter(x: torch.Tensor, basis: SpectralBasis, gains: torch.Tensor,
                     passthrough: float = 0.0) -> torch.Tensor:
     """Filter x along its node dimension in the spectral basis of each block.
@@ -303,5 +356,9 @@ def spectral_filter(x: torch.Tensor, basis: SpectralBasis, gains: torch.Tensor,
     vector = x.dim() == 1
     x2 = x.unsqueeze(1) if vector else x
     gains2 = gains.expand(num_blocks, k)  # a view: autograd sums the per-block gradient back to (k,)
-    y = torch.ops.spectralkern.spectral_filter(x2, basis.U, basis.block_ptr_on(x.device), gains2, float(passthrough))
+    block_ptr = basis.block_ptr_on(x.device)
+    if plain_eager_call(x2, gains2, basis.U):  # the custom op's dispatch costs as much as a small filter
+        y = _forward(x2, basis.U, block_ptr, gains2, float(passthrough))
+    else:
+        y = torch.ops.spectralkern.spectral_filter(x2, basis.U, block_ptr, gains2, float(passthrough))
     return y.squeeze(1) if vector else y
