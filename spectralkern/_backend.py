@@ -158,11 +158,14 @@ class BackendUnavailable(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------ algorithm costs
-# The torch filter's cost model, in "rows of batched GEMM" (benchmarks/NOTES.md, "CPU spectral filter", 2 threads):
-# a block of the Python loop costs its rows plus a fixed dispatch overhead of two small GEMMs; the padded form
-# multiplies every block at the largest block's size and pays a gather and a scatter per row.
-LOOP_ROWS_PER_BLOCK = 96.0
-PADDED_COPY_PER_ROW = 0.5
+# The torch filter's cost model, in rows of batched GEMM work (one row: 4·d·k FLOPs). Fitted to callgrind
+# instruction counts on this repo's CPU machine at d = 256, k = 8 (benchmarks/NOTES.md, "CPU spectral filter"):
+# a block of the Python loop costs its rows plus a fixed overhead of two small GEMM calls (~52 rows' work there,
+# so 52·2048/(d·k) in general); the padded form multiplies every block at the largest block's size (~0.87 of a
+# batched row: one pass over bigger batches) and copies each real row in and out (~2 rows' work at k = 8: 16/k).
+LOOP_BLOCK_OVERHEAD = 52.0 * 256 * 8
+PADDED_ROW = 0.87
+PADDED_COPY = 16.0
 
 
 def _batched_cost(facts: Mapping[str, object]) -> float:
@@ -170,11 +173,13 @@ def _batched_cost(facts: Mapping[str, object]) -> float:
 
 
 def _padded_cost(facts: Mapping[str, object]) -> float:
-    return float(facts["blocks"]) * float(facts["max_block"]) + PADDED_COPY_PER_ROW * float(facts["rows"])
+    return (PADDED_ROW * float(facts["blocks"]) * float(facts["max_block"])
+            + PADDED_COPY / max(1, int(facts["k"])) * float(facts["rows"]))
 
 
 def _loop_cost(facts: Mapping[str, object]) -> float:
-    return float(facts["rows"]) + LOOP_ROWS_PER_BLOCK * float(facts["blocks"])
+    per_block = LOOP_BLOCK_OVERHEAD / max(1, int(facts["d"]) * int(facts["k"]))
+    return float(facts["rows"]) + per_block * float(facts["blocks"])
 
 
 def _materialized_cost(facts: Mapping[str, object]) -> float:
@@ -188,7 +193,7 @@ def _recursion_cost(facts: Mapping[str, object]) -> float:
 
 
 # ------------------------------------------------------------------------------------------ the table
-_LAYOUT = ("uniform", "rows", "blocks", "max_block")
+_LAYOUT = ("uniform", "rows", "blocks", "max_block", "d", "k")
 _CHEBYSHEV = ("order", "block_n", "d")
 _SPECTRAL_ADAMW_STATES = {torch.float32: (torch.float32,), torch.float16: (torch.float32,),
                           torch.bfloat16: (torch.float32, torch.bfloat16)}

@@ -238,7 +238,8 @@ def spectral_filter_backend(x: torch.Tensor, k: int, block_ptr: torch.Tensor | N
     """The registry's choice for filtering an input like ``x`` with a basis of ``k`` columns; with ``block_ptr``
     also the torch backend's algorithm (batched / padded / loop)."""
     facts = block_layout_facts(block_ptr) if block_ptr is not None else {}
-    return backend_of("spectral_filter", x, k=k, backend=backend, algorithm=algorithm, **facts)
+    d = x.shape[1] if x.dim() == 2 else 1
+    return backend_of("spectral_filter", x, k=k, d=d, backend=backend, algorithm=algorithm, **facts)
 
 
 def _forward(x: torch.Tensor, U: torch.Tensor, block_ptr: torch.Tensor, gains: torch.Tensor,
