@@ -268,6 +268,7 @@ class BackendStatus:
     name: str
     live: bool
     reason: str
+    on_cpu: bool = False  # triton: the interpreter is on (TRITON_INTERPRET=1 must be set before triton's import)
 
 
 def triton_interpreter_on() -> bool:
@@ -284,7 +285,8 @@ def triton_status() -> BackendStatus:
     except Exception as exc:  # a broken install must not break `import spectralkern`
         return BackendStatus("triton", False, f"import triton failed: {exc!r}")
     if triton_interpreter_on():
-        return BackendStatus("triton", True, f"triton {triton.__version__} (interpreter, TRITON_INTERPRET=1)")
+        return BackendStatus("triton", True, f"triton {triton.__version__} (interpreter, TRITON_INTERPRET=1)",
+                             on_cpu=True)
     if not torch.cuda.is_available():
         return BackendStatus("triton", False,
                              f"triton {triton.__version__} installed, but no CUDA device "
@@ -323,14 +325,17 @@ def _device_reason(name: str, device: torch.device) -> str | None:
         return None if device.type == "cpu" else f"tensors are on {device}; the native backend runs on the CPU"
     if device.type == "cuda":
         return None
-    if name == "triton" and device.type == "cpu" and triton_interpreter_on():
+    if name == "triton" and device.type == "cpu" and status.on_cpu:
         return None
     return f"tensors are on {device}, and the {name} backend needs a CUDA device"
 
 
 def requested_backend() -> str:
     """The value of SPECTRALKERN_BACKEND, validated ('auto' when unset)."""
-    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    value = os.environ.get(ENV_VAR)
+    if value is None:
+        return "auto"
+    value = value.strip().lower() or "auto"
     if value != "auto" and value not in BACKENDS:
         raise ValueError(f"{ENV_VAR} must be one of auto, {', '.join(BACKENDS)}; got {value!r}")
     return value
@@ -420,7 +425,7 @@ def backend_of(op: str, *tensors: torch.Tensor | None, backend: str | None = Non
         backend: force one ("cuda", "triton", "native", "torch"); None or "auto": SPECTRALKERN_BACKEND, else auto.
         algorithm: force one of the op's algorithms on the chosen backend.
         facts: the size and layout facts the table's entries test (k, rank, head_dim, dim, state_dtype,
-            dense_state, uniform, blocks, max_block, rows, ...; see ``OPS``).
+            dense_state, uniform, blocks, max_block, rows, ...; see ``OPS``); hashable values.
     Returns:
         a Choice. Raises BackendUnavailable when the forced backend or algorithm cannot run (the message names the
         reason), ValueError for an unknown op or backend name.
@@ -438,18 +443,13 @@ def backend_of(op: str, *tensors: torch.Tensor | None, backend: str | None = Non
     if forced not in BACKENDS and forced != "auto":
         raise ValueError(f"backend must be one of auto, {', '.join(BACKENDS)}; got {backend!r}")
     source = "backend=" if backend is not None and forced != "auto" else f"{ENV_VAR}="
-    key = tuple(sorted(facts.items()))
-    try:
-        hash(key)
-    except TypeError:  # an unhashable fact: decide without the cache
-        return _decide.__wrapped__(op, dtype, device, forced, source, algorithm, key, _runtimes())
-    return _decide(op, dtype, device, forced, source, algorithm, key, _runtimes())
+    return _decide(op, dtype, device, forced, source, algorithm, tuple(facts.items()), _runtimes())
 
 
 def _runtimes() -> tuple[object, ...]:
-    """What the decision reads besides its arguments: the runtimes' statuses (the cache key, so a test that swaps
-    a status, or a process that turns the interpreter on, gets fresh answers)."""
-    return _extensions.status("cuda"), _extensions.status("native"), triton_status(), triton_interpreter_on()
+    """What the decision reads besides its arguments: the runtimes' statuses (in the cache key, so a test that swaps
+    a status gets fresh answers)."""
+    return _extensions.status("cuda"), _extensions.status("native"), triton_status()
 
 
 @functools.lru_cache(maxsize=4096)

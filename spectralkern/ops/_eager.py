@@ -12,8 +12,7 @@ import torch
 
 def plain_eager_call(*tensors: torch.Tensor) -> bool:
     """Whether a call on ``tensors`` can bypass the custom op (see the module docstring)."""
-    if torch.compiler.is_compiling():
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    return all(type(t) is torch.Tensor for t in tensors)
+    for t in tensors:
+        if type(t) is not torch.Tensor or (t.requires_grad and torch.is_grad_enabled()):
+            return False
+    return not torch.compiler.is_compiling()  # last: dynamo sees FakeTensors as plain tensors

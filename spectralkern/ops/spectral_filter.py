@@ -69,7 +69,7 @@ def _as_batch(t: torch.Tensor, num_blocks: int, acc: torch.dtype,
     """t (N, c) as (B, n, c): a view of uniform blocks (``padded`` None), else a zero-padded copy."""
     t = t if t.dtype == acc else t.to(acc)
     if padded is None:
-        return t.unflatten(0, (num_blocks, -1))
+        return t.view(num_blocks, -1, t.shape[1]) if t.is_contiguous() else t.unflatten(0, (num_blocks, -1))
     rows, n_max = padded
     out = t.new_zeros(num_blocks * n_max, t.shape[1])
     return out.index_copy_(0, rows, t).unflatten(0, (num_blocks, n_max))
@@ -117,9 +117,10 @@ def filter_torch(x: torch.Tensor, U: torch.Tensor, block_ptr: torch.Tensor, gain
         grads = (coef * saved_coef).sum(dim=2)
     if not write_y:
         return x.new_empty(0), grads
+    # (g − h) scales U_b's columns (n·k products) rather than the coefficients (k·d): y_b = (U_b diag(g − h)) c_b
     scale = gains if gains.dtype == acc else gains.to(acc)
-    coef.mul_((scale - passthrough if passthrough != 0.0 else scale).unsqueeze(2))
-    y3 = torch.baddbmm(x3, U3, coef, beta=passthrough) if passthrough != 0.0 else torch.bmm(U3, coef)
+    U3g = U3 * (scale - passthrough if passthrough != 0.0 else scale).unsqueeze(1)
+    y3 = torch.baddbmm(x3, U3g, coef, beta=passthrough) if passthrough != 0.0 else torch.bmm(U3g, coef)
     y = y3.flatten(0, 1) if padded is None else y3.flatten(0, 1).index_select(0, padded[0])
     return (y if y.dtype == x.dtype else y.to(x.dtype)), grads
 
