@@ -430,8 +430,9 @@ def backend_of(op: str, *tensors: torch.Tensor | None, backend: str | None = Non
         a Choice. Raises BackendUnavailable when the forced backend or algorithm cannot run (the message names the
         reason), ValueError for an unknown op or backend name.
     """
-    spec = _spec(op)
-    first = next((t for t in tensors if t is not None), None)
+    if op not in OPS:
+        raise ValueError(f"op must be one of {', '.join(OPS)}; got {op!r}")
+    first = tensors[0] if tensors and tensors[0] is not None else next((t for t in tensors if t is not None), None)
     if dtype is None or device is None:
         if first is None:
             raise ValueError(f"backend_of({op!r}) needs a tensor or both dtype= and device=")

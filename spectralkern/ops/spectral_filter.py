@@ -98,7 +98,7 @@ def filter_torch(x: torch.Tensor, U: torch.Tensor, block_ptr: torch.Tensor, gain
     blocks zero-padded to the largest (padded rows of U are zero, so they add nothing); "loop" — two GEMMs per
     block. Accumulates in fp32 (fp64 for fp64 inputs).
     """
-    acc = torch.promote_types(x.dtype, torch.float32)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     num_blocks, k = block_ptr.numel() - 1, U.shape[1]
     if x.numel() == 0:  # no nodes (so only empty blocks) or no columns
         y = (passthrough * x.to(acc)).to(x.dtype).contiguous() if write_y else x.new_empty(0)
@@ -357,7 +357,7 @@ def spectral_filter(x: torch.Tensor, basis: SpectralBasis, gains: torch.Tensor,
         raise TypeError(f"passthrough must be a finite float, got {passthrough!r}")
     vector = x.dim() == 1
     x2 = x.unsqueeze(1) if vector else x
-    gains2 = gains.expand(num_blocks, k)  # a view: autograd sums the per-block gradient back to (k,)
+    gains2 = gains.expand(num_blocks, k) if gains.dim() == 1 else gains  # autograd sums a (k,)'s gradient back
     block_ptr = basis.block_ptr_on(x.device)
     if plain_eager_call(x2, gains2, basis.U):  # the custom op's dispatch costs as much as a small filter
         y = _forward(x2, basis.U, block_ptr, gains2, float(passthrough))
