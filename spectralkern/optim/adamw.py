@@ -13,8 +13,9 @@ read from the groups at every step (LR schedulers work), state keys 'step', 'exp
 AdamW state_dict loads, and ours loads into torch's). Differences: fp16/bf16 parameters keep fp32 moments (torch
 keeps them in the parameter's dtype; ``state_dtype=torch.bfloat16`` does the same for bf16 parameters, with
 fp32 arithmetic); maximize, foreach, fused, capturable and differentiable are not offered.
-On the CPU the update is the torch reference, bit-identical to torch.optim.AdamW (fp32 and fp64 parameters;
-half-precision parameters are updated in fp32 and rounded once).
+On the CPU (``adamw_update_group_``): untargeted fp32/fp64 parameters bit-identical to torch.optim.AdamW, targeted
+ones to torch.optim.AdamW(fused=True) on the filtered gradients; half-precision parameters are updated in fp32 and
+rounded once.
 """
 from __future__ import annotations
 
