@@ -13,8 +13,9 @@ read from the groups at every step (LR schedulers work), state keys 'step', 'exp
 AdamW state_dict loads, and ours loads into torch's). Differences: fp16/bf16 parameters keep fp32 moments (torch
 keeps them in the parameter's dtype; ``state_dtype=torch.bfloat16`` does the same for bf16 parameters, with
 fp32 arithmetic); maximize, foreach, fused, capturable and differentiable are not offered.
-On the CPU the update is the torch reference, bit-identical to torch.optim.AdamW (fp32 and fp64 parameters;
-half-precision parameters are updated in fp32 and rounded once).
+On the CPU (``adamw_update_group_``): untargeted fp32/fp64 parameters bit-identical to torch.optim.AdamW, targeted
+ones to torch.optim.AdamW(fused=True) on the filtered gradients; half-precision parameters are updated in fp32 and
+rounded once.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from itertools import chain
 import torch
 
 from ..distributed.shards import local_tensor
-from ..ops.adamw_update import AdamWHyper, adamw_update_, state_dtype
+from ..ops.adamw_update import GroupHyper, SpectralTarget, adamw_update_group_, state_dtype
 from .gradient_filter import SpectralGradientFilter
 
 
@@ -99,6 +100,7 @@ class SpectralAdamW(torch.optim.Optimizer):
             if group.get("maximize", False):
                 raise ValueError("SpectralAdamW does not implement maximize; the param group has maximize=True")
             beta1, beta2 = group["betas"]
+            batch = _GroupBatch()  # the group's updates, run together by adamw_update_group_ (one multi-tensor call)
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -112,21 +114,22 @@ class SpectralAdamW(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 state["step"] += 1
-                hyper = AdamWHyper(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
-                                   eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
-                                   step=float(state["step"]))
                 target = filt._target_of(p) if filt is not None else None
                 # DTensors (FSDP2 shards, replicas): the update is elementwise, or row-local for the filtered
                 # weights (blocks never straddle shards), so it runs on the local tensors in place.
                 param, exp_avg, exp_avg_sq = local_tensor(p), local_tensor(state["exp_avg"]), local_tensor(
                     state["exp_avg_sq"])
                 if target is None:
-                    adamw_update_(param, local_tensor(p.grad), exp_avg, exp_avg_sq, hyper)
+                    batch.add(param, local_tensor(p.grad), exp_avg, exp_avg_sq, state["step"], None)
                 else:
                     grad = filt.local_grad(target, p.grad)
                     filt._observe(target, grad)
-                    adamw_update_(param, grad, exp_avg, exp_avg_sq, hyper, target.basis, target.gains,
-                                  filt.passthrough)
+                    batch.add(param, grad, exp_avg, exp_avg_sq, state["step"],
+                              SpectralTarget(target.basis, target.gains, filt.passthrough))
+            adamw_update_group_(*batch.lists(), GroupHyper(lr=float(group["lr"]), beta1=float(beta1),
+                                                           beta2=float(beta2), eps=float(group["eps"]),
+                                                           weight_decay=float(group["weight_decay"])),
+                                batch.targets)
         if filt is not None:
             filt._advance()
         return loss
@@ -146,6 +149,21 @@ class SpectralAdamW(torch.optim.Optimizer):
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in saved:
                     self.state[p][key] = saved[key].to(device=p.device, dtype=dtype, copy=True)
+
+
+class _GroupBatch:
+    """One param group's tensors, collected for adamw_update_group_."""
+
+    def __init__(self):
+        self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.steps, self.targets = [], [], [], [], [], []
+
+    def add(self, param, grad, exp_avg, exp_avg_sq, step, target) -> None:
+        for bucket, value in zip((self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.steps,
+                                  self.targets), (param, grad, exp_avg, exp_avg_sq, step, target)):
+            bucket.append(value)
+
+    def lists(self) -> tuple[list, ...]:
+        return self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.steps
 
 
 def _check_targets_updated(spectral_filter: SpectralGradientFilter, param_groups: list[dict]) -> None:
