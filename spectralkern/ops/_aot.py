@@ -82,7 +82,25 @@ HOT = (
     ("coeff_attn_bwd_kv", "bf16 d=64 heads/prog=2 causal=True mask=False"),
 )
 # (module, label, target) -> why that hot variant still spills (the gate accepts exactly these).
-KNOWN_SPILLS: dict[tuple[str, str, int], str] = {}
+_SM80_ONLY = "sm_80 only (the H100 build does not spill); A100 tuning is left for an A100"
+_CHEBYSHEV_TILES = ("four live (BLOCK_N x BLOCK_D) fp32 tiles plus tf32x3 operand splits; BLOCK_D 16 and 16 warps "
+                    "were tried (fp32 build still 368 / 900 B): smaller tiles re-read the block more often, so the "
+                    "choice needs a GPU measurement")
+KNOWN_SPILLS: dict[tuple[str, str, int], str] = {
+    ("spectral_filter", "x fp32, U fp32, K_PAD=64", 80): _SM80_ONLY,
+    ("spectral_filter", "x bf16, U fp32, K_PAD=16", 80): _SM80_ONLY,
+    ("spectral_filter", "x bf16, U fp32, K_PAD=64", 80): _SM80_ONLY,
+    ("fourier_synthesis", "x bf16, forward gated", 80): _SM80_ONLY,
+    **{("chebyshev_block", label, target): _CHEBYSHEV_TILES
+       for label in ("fp32 BLOCK_N=128 build tf32x3", "fp32 BLOCK_N=128 fwd tf32x3", "bf16 BLOCK_N=128 apply tf32")
+       for target in (80, 90)},
+    **{("coeff_attn_fwd", label, 90): ("48-160 B; 2 heads per program removes it at d = 128 but rebuilds every "
+                                       "score tile twice as often: decide on the GPU")
+       for label in ("bf16 d=64 heads/prog=8 causal=True mask=False", "bf16 d=128 heads/prog=4 causal=False mask=True")},
+    **{("coeff_attn_bwd_kv", "bf16 d=64 heads/prog=2 causal=True mask=False", target): (
+        "2.5-3.4 KB; 1 head per program on 8 warps cuts it to 60 B at twice the recomputation: the first lever if "
+        "the GPU run shows the key-side backward slow") for target in (80, 90)},
+}
 
 
 def launch_signature(kernel, pointer_types: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:
