@@ -107,20 +107,24 @@ def launch_signature(kernel, pointer_types: dict[str, str], constexprs: dict[str
     """The signature Triton's launcher builds for ``kernel``: pointers as given, constexprs, float scalars as
     annotated (``name: tl.float64``) or fp32 (what Triton makes of a Python float), every other scalar (sizes,
     strides) i32 — what Triton passes for any integer below 2³¹."""
+    import inspect
+
+    fn = getattr(kernel, "fn", kernel)  # a JITFunction, or the interpreter's wrapper (both hold the function)
     signature = {}
-    for param in kernel.params:
-        name = param.name
+    for name, param in inspect.signature(fn).parameters.items():
+        annotation = str(param.annotation).removeprefix("tl.") if param.annotation is not param.empty else ""
         if name in constexprs:
             signature[name] = "constexpr"
         elif name in pointer_types:
             signature[name] = f"*{pointer_types[name]}"
-        elif param.annotation_type:
-            signature[name] = param.annotation_type
+        elif annotation in _ANNOTATED:
+            signature[name] = _ANNOTATED[annotation]
         else:
             signature[name] = "fp32" if name in FLOAT_SCALARS else "i32"
     return signature
 
 
+_ANNOTATED = {"float64": "fp64", "float32": "fp32", "int64": "i64", "int32": "i32"}
 # Scalar arguments that are Python floats at launch (all kernels); every other unannotated scalar is an int.
 FLOAT_SCALARS = frozenset({"scale", "qk_scale", "passthrough", "one_minus_beta1", "beta2", "one_minus_beta2", "eps",
                            "decay", "step_size", "bias_correction2_sqrt"})
