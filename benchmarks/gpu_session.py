@@ -129,9 +129,9 @@ def run_step(step: Step, out: Path, dry_run: bool, remaining: float) -> None:
             log.write(f"\n== {step.name} ({'dry run' if dry_run else 'run'}, budget {step.budget_s} s): "
                       f"{' '.join(command)}\n")
             log.flush()
-        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, timeout=limit,
-                                env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-                                     "PYTHONUNBUFFERED": "1"})
+        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               "PYTHONUNBUFFERED": "1"}
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, timeout=limit, env=env)
         step.status = "ok" if result.returncode == 0 else f"failed (exit {result.returncode})"
     except subprocess.TimeoutExpired:
         step.status = f"timed out after {limit:.0f} s"

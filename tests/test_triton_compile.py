@@ -97,7 +97,8 @@ FMA_DEMO = """
 from spectralkern.ops import _aot, _triton_adamw as m
 label, signature, constexprs, options = m.aot_variants()[0]
 for fusion in (False, True):
-    binary, _ = _aot._compile(m.adamw_kernel, signature, constexprs, ("cuda", 90, 32), {**options, "enable_fp_fusion": fusion})
+    binary, _ = _aot._compile(m.adamw_kernel, signature, constexprs, ("cuda", 90, 32),
+                              {**options, "enable_fp_fusion": fusion})
     print(fusion, binary.asm["ptx"].count("fma.rn.f32"))
 """
 

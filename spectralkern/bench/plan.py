@@ -120,7 +120,8 @@ def format_table(rows: list[PlanRow], roofline: Roofline = H100) -> str:
     for r in rows:
         measured = (f"{r.measured_us:>9.1f} {r.measured_us / r.predicted_us:>9.2f}" if r.measured_us is not None
                     else f"{'—':>9} {'—':>9}")
-        lines.append(f"{r.op:<16} {r.case:<44} {r.dtype:<9} {r.backend:<7} {r.compute_kind:<7} {r.megabytes:>9.1f} {r.gflop:>9.2f} "
+        lines.append(f"{r.op:<16} {r.case:<44} {r.dtype:<9} {r.backend:<7} {r.compute_kind:<7} "
+                     f"{r.megabytes:>9.1f} {r.gflop:>9.2f} "
                      f"{r.bytes_us:>9.1f} {r.flops_us:>9.1f} {r.predicted_us:>9.1f} {r.bound:<6} {measured}")
     return "\n".join(lines)
 

@@ -96,7 +96,8 @@ KNOWN_SPILLS: dict[tuple[str, str, int], str] = {
        for target in (80, 90)},
     **{("coeff_attn_fwd", label, 90): ("48-160 B; 2 heads per program removes it at d = 128 but rebuilds every "
                                        "score tile twice as often: decide on the GPU")
-       for label in ("bf16 d=64 heads/prog=8 causal=True mask=False", "bf16 d=128 heads/prog=4 causal=False mask=True")},
+       for label in ("bf16 d=64 heads/prog=8 causal=True mask=False",
+                     "bf16 d=128 heads/prog=4 causal=False mask=True")},
     **{("coeff_attn_bwd_kv", "bf16 d=64 heads/prog=2 causal=True mask=False", target): (
         "2.5-3.4 KB; 1 head per program on 8 warps cuts it to 60 B at twice the recomputation: the first lever if "
         "the GPU run shows the key-side backward slow") for target in (80, 90)},
