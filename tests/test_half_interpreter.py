@@ -40,7 +40,7 @@ def test_shim_is_installed_and_the_launchers_use_half_operands():
 
     x = torch.zeros(1, dtype=torch.bfloat16)
     assert half_operands_ok()
-    assert smoa_linear._dtypes_for(x, x)[2] is not None and "bf16" in str(smoa_linear._dtypes_for(x, x)[2])
+    assert "bf16" in str(smoa_linear._dtypes_for(x, x)[2])  # the dot operands: what a GPU runs
     assert "bf16" in str(coeff_attention._dtypes_for(x, x, x)[2])
 
 
