@@ -22,7 +22,9 @@ from spectralkern.integrations.filter_checkpoint import FILTER_STATE_NAME  # noq
 from spectralkern.integrations.hf import SpectralFilterCallback, SpectralTrainer  # noqa: E402
 
 STEPS, SAVE_AT = 6, 4
-FILTER = dict(target_modules=["query", "value"], block_size=16, k=4, knn=4, refresh_every=3, reg_weight=1.0)
+# Blocks of 64 rows: above the CPU's dense-eigh limit, so every basis solve draws its start from torch's global RNG
+# (at a different RNG state the bases come out with other signs): the resume must restore that stream too.
+FILTER = dict(target_modules=["query", "value"], block_size=64, k=4, knn=4, refresh_every=3, reg_weight=1.0)
 
 
 @pytest.fixture(autouse=True)
@@ -31,10 +33,10 @@ def torch_backend(monkeypatch):
 
 
 def tiny_bert() -> BertForSequenceClassification:
-    """2 layers, hidden 32 (query/value: 32 × 32, two blocks of 16 rows), dropout 0.1: training draws from the
+    """2 layers, hidden 128 (query/value: 128 × 128, two blocks of 64 rows), dropout 0.1: training draws from the
     global RNG, so a resume is only bit-identical if the Trainer restores it."""
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    config = BertConfig(vocab_size=64, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=16, num_labels=3)
     return BertForSequenceClassification(config)
 
@@ -137,3 +139,130 @@ def test_every_checkpoint_holds_the_filter_state_of_its_step(tmp_path):
         assert set(saved["fingerprints"]) == {name for name, _ in get_filter().targets}
     assert steps == [(2, 2), (4, 4), (6, 6)]
     assert not any(f.endswith(".partial") for f in os.listdir(tmp_path / "checkpoint-6"))
+
+
+# ------------------------------------------------------------------------------------------------ resume errors
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> str:
+    """A SpectralTrainer run (built filter) with checkpoints at steps 2, 4 and 6."""
+    output_dir = str(tmp_path_factory.mktemp("finished"))
+    trainer, _ = make_trainer("SpectralTrainer", "built", output_dir, args_overrides={"save_steps": 2})
+    trainer.train()
+    return output_dir
+
+
+def copy_checkpoint(finished_run: str, step: int, destination) -> str:
+    folder = str(destination / f"checkpoint-{step}")
+    shutil.copytree(os.path.join(finished_run, f"checkpoint-{step}"), folder)
+    return folder
+
+
+def filter_state(filt: sk.SpectralGradientFilter) -> dict:
+    state = filt.state_dict()
+    return {"steps": state["steps"], **{f"{name}.{key}": value.clone() for name, entry in state["targets"].items()
+                                        for key, value in entry.items()}}
+
+
+def assert_same_state(before: dict, after: dict) -> None:
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        assert torch.equal(after[key], value) if isinstance(value, torch.Tensor) else after[key] == value, key
+
+
+@pytest.mark.parametrize("way", ["SpectralTrainer", "callback"])
+def test_a_checkpoint_without_the_filter_state_is_refused_unless_opted_out(way, finished_run, tmp_path):
+    folder = copy_checkpoint(finished_run, 4, tmp_path)
+    os.remove(os.path.join(folder, FILTER_STATE_NAME))
+    trainer, get_filter = make_trainer(way, "built", str(tmp_path))
+    before = filter_state(get_filter())
+    with pytest.raises(FileNotFoundError, match="resumed training at global step 4, but the checkpoint holds no "
+                                                "filter state.*resume_without_filter_state=True"):
+        trainer.train(resume_from_checkpoint=folder)
+    assert_same_state(before, filter_state(get_filter()))
+
+    trainer, get_filter = make_trainer(way, "built", str(tmp_path), resume_without_filter_state=True)
+    with pytest.warns(UserWarning, match="the filter restarts"):
+        trainer.train(resume_from_checkpoint=folder)
+    assert get_filter().steps == STEPS - SAVE_AT  # restarted at the resume, as asked
+
+
+def test_a_filter_state_of_another_step_or_run_is_refused_before_anything_changes(finished_run, tmp_path):
+    folder = copy_checkpoint(finished_run, 4, tmp_path)
+    shutil.copy(os.path.join(finished_run, "checkpoint-2", FILTER_STATE_NAME), folder)
+    trainer, get_filter = make_trainer("SpectralTrainer", "built", str(tmp_path))
+    before = filter_state(get_filter())
+    with pytest.raises(ValueError, match="saved at global step 2, but the Trainer resumed at step 4"):
+        trainer.train(resume_from_checkpoint=folder)
+    assert_same_state(before, filter_state(get_filter()))
+
+    # The file of checkpoint-4 of another run (other weights): the fingerprints differ.
+    other = tmp_path / "other"
+    trainer, _ = make_trainer("SpectralTrainer", "built", str(other), args_overrides={"seed": 4, "max_steps": 4})
+    trainer.train()
+    shutil.copy(other / "checkpoint-4" / FILTER_STATE_NAME, folder)
+    trainer, get_filter = make_trainer("SpectralTrainer", "built", str(tmp_path))
+    with pytest.raises(ValueError, match="saved with other weights than the model holds now"):
+        trainer.train(resume_from_checkpoint=folder)
+    assert_same_state(before, filter_state(get_filter()))
+
+
+def test_callback_finds_a_checkpoint_outside_output_dir_through_training_arguments(finished_run, tmp_path):
+    """The callback cannot see train()'s argument: it looks in output_dir and in args.resume_from_checkpoint."""
+    folder = copy_checkpoint(finished_run, 4, tmp_path / "elsewhere")
+    trainer, _ = make_trainer("callback", "factory", str(tmp_path / "new"))
+    with pytest.raises(FileNotFoundError, match=r"also set TrainingArguments\(resume_from_checkpoint="):
+        trainer.train(resume_from_checkpoint=folder)
+    trainer, get_filter = make_trainer("callback", "factory", str(tmp_path / "new"),
+                                       args_overrides={"resume_from_checkpoint": folder})
+    trainer.train(resume_from_checkpoint=folder)
+    assert get_filter().steps == STEPS
+
+
+# ------------------------------------------------------------------------------------------------ joint loss
+class QueryValue(torch.nn.Module):
+    """Two targetable Linears; the loss reads the target from ``target`` or ``labels`` (none: no loss, as when a
+    compute_loss_func takes the labels). forward takes **kwargs: the Trainer treats it as accepting loss kwargs."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.query, self.value = torch.nn.Linear(6, 32), torch.nn.Linear(32, 4)
+
+    def forward(self, x, target=None, labels=None, **kwargs):
+        out = self.value(torch.tanh(self.query(x)))
+        target = target if target is not None else labels
+        return {"logits": out} if target is None else {"loss": torch.nn.functional.mse_loss(out, target), "logits": out}
+
+
+def summed_squares(outputs, labels, num_items_in_batch):
+    return ((outputs["logits"] - labels) ** 2).sum() / num_items_in_batch
+
+
+@pytest.mark.parametrize("trainer_divides", [True, False])
+def test_the_regulariser_counts_once_per_optimizer_step_under_gradient_accumulation(trainer_divides, tmp_path):
+    """Two micro-batches accumulate the gradient of mean task loss + regulariser, whether the Trainer divides each
+    micro-batch loss by the accumulation steps (no num_items_in_batch) or the loss function normalised it."""
+    model = QueryValue()
+    filt = sk.SpectralGradientFilter(model, target_modules=["query", "value"], block_size=16, k=4, knn=4,
+                                     reg_weight=3.0)
+    with torch.no_grad():  # move away from W₀, so that the regulariser has a gradient
+        for _, param in filt.targets:
+            param.add_(0.1 * torch.randn_like(param))
+    key = "target" if trainer_divides else "labels"
+    gen = torch.Generator().manual_seed(6)
+    x, y = torch.randn(4, 6, generator=gen), torch.randn(4, 4, generator=gen)
+    micro_batches = [{"x": x[:2], key: y[:2]}, {"x": x[2:], key: y[2:]}]
+    trainer = SpectralTrainer(model=model, args=training_args(str(tmp_path), gradient_accumulation_steps=2),
+                              train_dataset=dataset(), spectral_filter=filt,
+                              compute_loss_func=None if trainer_divides else summed_squares)
+    trainer.current_gradient_accumulation_steps = 2
+    model.zero_grad()
+    for batch in micro_batches:
+        trainer.training_step(model, dict(batch), None if trainer_divides else torch.tensor(y.numel()))
+    accumulated = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model.zero_grad()
+    (torch.nn.functional.mse_loss(model(x)["logits"], y) + filt.regularization()).backward()
+    assert float(filt.regularization().detach()) > 0
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(accumulated[name], param.grad, rtol=1e-5, atol=1e-7, msg=name)
