@@ -266,3 +266,124 @@ def test_the_regulariser_counts_once_per_optimizer_step_under_gradient_accumulat
     assert float(filt.regularization().detach()) > 0
     for name, param in model.named_parameters():
         torch.testing.assert_close(accumulated[name], param.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+# ------------------------------------------------------------------------------------------------ the three ways in
+# (moved here from tests/test_finetune.py and tests/test_distributed.py, on the tiny BERT instead of MiniLM)
+def batch_of(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+
+
+def test_callback_filters_before_the_optimizer_step(tmp_path):
+    """Trainer + SGD + SpectralFilterCallback: the update of a targeted weight lies in its low-frequency band; an
+    untargeted weight's does not."""
+    model = tiny_bert()
+    model.get_input_embeddings().weight.requires_grad_(False)
+    filt = sk.SpectralGradientFilter(model, target_modules=["query"], block_size=64, k=4, knn=4, refresh_every=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # A large SGD step, so that Δ = W_after − W_before stands far above the float32 rounding of W.
+    args = training_args(str(tmp_path), max_steps=2, optim="sgd", learning_rate=20.0, save_strategy="no")
+    trainer = Trainer(model=model, args=args, train_dataset=dataset(), callbacks=[SpectralFilterCallback(filt)])
+    trainer.train()
+    assert filt.steps == 2
+    bases = filt.bases()
+    key = "bert.encoder.layer.0.attention.self.key.weight"
+    key_basis = sk.SpectralBasis.from_laplacian(sk.ParameterGraph.knn(before[key], k=4, block_size=64).laplacian(), 4)
+    for name, basis in list(bases.items()) + [(key, key_basis)]:
+        delta = model.get_parameter(name).detach() - before[name]
+        residual = float((delta - basis.reconstruct(basis.project(delta))).norm())
+        assert float(delta.norm()) > 0, name
+        if name in bases:
+            assert residual <= 1e-4 * float(delta.norm()), name
+        else:
+            assert residual > 0.5 * float(delta.norm()), name  # an unfiltered update is not in the band
+
+
+def test_spectral_trainer_uses_spectral_adamw_and_the_joint_loss(tmp_path):
+    from spectralkern.integrations.hf import spectral_adamw
+
+    model = tiny_bert()
+    filt = sk.SpectralGradientFilter(model, target_modules=["value"], block_size=64, k=4, knn=4, reg_weight=10.0)
+    args = training_args(str(tmp_path), max_steps=2, learning_rate=1e-3, save_strategy="no")
+    trainer = SpectralTrainer(model=model, args=args, train_dataset=dataset(), spectral_filter=filt)
+    trainer.train()
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    assert isinstance(optimizer, sk.SpectralAdamW) and optimizer.spectral_filter is filt
+    assert filt.steps == 2 and float(filt.regularization().detach()) > 0
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # the Trainer's linear schedule ran
+    # compute_loss in training mode is the task loss plus the regulariser; in eval mode the task loss alone.
+    batch = batch_of(dataset()[:4])
+    model.eval()
+    with torch.no_grad():
+        task = model(**batch)["loss"]
+        assert float(trainer.compute_loss(model, dict(batch))) == pytest.approx(float(task), rel=1e-6)
+    model.train()
+    with torch.no_grad():
+        torch.manual_seed(0)  # the same dropout masks for both forward passes
+        joint = trainer.compute_loss(model, dict(batch))
+        torch.manual_seed(0)
+        task = model(**batch)["loss"]
+        assert float(joint) == pytest.approx(float(task + filt.regularization()), rel=1e-5)
+    cls, kwargs = spectral_adamw(filt, args, lr=5e-4)
+    assert cls is sk.SpectralAdamW and kwargs["lr"] == 5e-4 and kwargs["spectral_filter"] is filt
+    with pytest.raises(TypeError, match="spectral_filter must be a spectralkern.SpectralGradientFilter"):
+        spectral_adamw(object())
+
+
+def test_peft_lora_model_with_the_filter_on_its_adapters():
+    peft = pytest.importorskip("peft")
+    from spectralkern.integrations.hf import lora_targets
+
+    model = peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+    # LoRA B starts at zero, so its kNN graph is edgeless until a refresh: the filter warns about that.
+    with pytest.warns(UserWarning, match="have no edges"):
+        filt = sk.SpectralGradientFilter(model, target_modules=["query", "value"], block_size=64, k=4, knn=4)
+    names = [name for name, _ in filt.targets]
+    assert len(names) == 2 * 2 * 2 and all(".lora_A." in n or ".lora_B." in n for n in names)
+    assert len(lora_targets(model)) == 4
+    with pytest.raises(ValueError, match="no peft LoRA layers"):
+        lora_targets(tiny_bert())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = batch_of(dataset()[:8])
+    for _ in range(2):  # the second step has non-zero lora_A gradients (B has moved)
+        optimizer.zero_grad()
+        model(**batch)["loss"].backward()
+        raw = {n: p.grad.clone() for n, p in filt.targets}
+        filt.step()
+        for name, param in filt.targets:
+            basis = filt.bases()[name]
+            gains = sk.heat(2.0)(basis.eigenvalues).float()
+            expected = sk.spectral_filter_reference(raw[name], basis.U, basis.block_ptr, gains)
+            torch.testing.assert_close(param.grad, expected, rtol=1e-5, atol=1e-7, msg=name)
+        optimizer.step()
+    assert any(float(p.detach().abs().max()) > 0 for n, p in filt.targets if ".lora_B." in n)
+
+
+def test_filter_factory_is_called_on_the_trained_model_and_bad_sources_are_refused(tmp_path):
+    """The factory is called when train() starts, on the trained model, and its filter joins SpectralAdamW; bad
+    factories and combinations are refused with the fix."""
+    model = tiny_bert()
+    seen = []
+    factory = functools.partial(sk.SpectralGradientFilter, **FILTER)
+    args = training_args(str(tmp_path), max_steps=2, save_strategy="no")
+    trainer = SpectralTrainer(model=model, args=args, train_dataset=dataset(),
+                              spectral_filter=lambda m: seen.append(m) or factory(m))
+    assert trainer.spectral_filter is None and not seen
+    trainer.train()
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    assert seen == [model] and optimizer.spectral_filter is trainer.spectral_filter
+    assert trainer.spectral_filter.steps == 2
+
+    kwargs = dict(model=model, args=args, train_dataset=dataset())
+    with pytest.raises(ValueError, match="spectral_filter is a factory.*an optimizer was passed through optimizers="):
+        SpectralTrainer(**kwargs, spectral_filter=factory, optimizers=(torch.optim.SGD(model.parameters()), None))
+    with pytest.raises(TypeError, match="spectral_filter must be a spectralkern.SpectralGradientFilter or a "
+                                        "factory model -> SpectralGradientFilter .*got BertForSequenceClassification"):
+        SpectralTrainer(**kwargs, spectral_filter=model)
+    with pytest.raises(TypeError, match="got object"):
+        SpectralFilterCallback(object())
+    with pytest.raises(TypeError, match="resume_without_filter_state must be a bool, got 'yes'"):
+        SpectralFilterCallback(factory, resume_without_filter_state="yes")
+    with pytest.raises(TypeError, match="the spectral_filter factory must return a spectralkern."
+                                        "SpectralGradientFilter, got NoneType"):
+        Trainer(**kwargs, callbacks=[SpectralFilterCallback(lambda m: None)]).train()
