@@ -36,6 +36,14 @@ With the callback, gradient clipping (``max_grad_norm``) acts on the raw gradien
 SpectralAdamW the filter runs inside the optimizer step, also after clipping. Do not combine the callback with
 SpectralAdamW (the filter would run twice; SpectralAdamW raises).
 
+Checkpoints: the callback and SpectralTrainer write the filter's state (step count, graphs, bases, W₀, the
+correlation EMA) into every ``checkpoint-N/`` the Trainer saves (``filter_checkpoint.py``: ``spectral_filter.pt``,
+loadable with ``torch.load(weights_only=True)``), and ``train(resume_from_checkpoint=...)`` restores it when
+training starts, after a factory built its filter. On the CPU the resumed run then ends bit-identical to the
+uninterrupted one (weights, filter steps, bases, regulariser), given the Trainer's own conditions for that (its
+RNG state file; the filter's eigensolver draws its start vectors from torch's global RNG, which the Trainer
+restores). A resumed checkpoint without the filter's state raises, unless ``resume_without_filter_state=True``.
+
 peft: wrap first, then build the filter on the peft model. Target names match peft's LoRA layers, so
 ``target_modules=["query", "value"]`` on a LoRA model filters the adapter weights ``lora_A`` / ``lora_B`` of those
 layers (and the base weight only if it is trainable); ``lora_targets(model)`` lists them.
