@@ -387,3 +387,47 @@ def test_filter_factory_is_called_on_the_trained_model_and_bad_sources_are_refus
     with pytest.raises(TypeError, match="the spectral_filter factory must return a spectralkern."
                                         "SpectralGradientFilter, got NoneType"):
         Trainer(**kwargs, callbacks=[SpectralFilterCallback(lambda m: None)]).train()
+
+
+# ------------------------------------------------------------------------------------------------ the file itself
+def test_row_sharded_filters_write_one_file_per_rank(tmp_path):
+    """Under FSDP2 (here a one-process gloo mesh) every rank saves its rows' state in its own file; another world
+    size finds none of its own and says what is there."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from spectralkern.integrations.filter_checkpoint import load_filter_state, save_filter_state
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        filt = sk.SpectralGradientFilter(model, ["0"], block_size=16, k=4, knn=3, reg_weight=0.1)
+        path = save_filter_state(filt, str(tmp_path), global_step=3)
+        assert os.path.basename(path) == "spectral_filter-rank0-of-1.pt"
+        before = filter_state(filt)
+        load_filter_state(filt, str(tmp_path), global_step=3)
+        assert_same_state(before, filter_state(filt))
+        with pytest.raises(FileNotFoundError, match="rank1-of-2.pt does not exist .the folder holds "
+                                                    "spectral_filter-rank0-of-1.pt: saved on another world size"):
+            load_filter_state(filt, str(tmp_path), global_step=3, rank=1, world_size=2)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_damaged_file_is_refused_with_its_path(finished_run, tmp_path):
+    from spectralkern.integrations.filter_checkpoint import read_filter_state
+
+    folder = copy_checkpoint(finished_run, 4, tmp_path)
+    trainer, get_filter = make_trainer("SpectralTrainer", "built", str(tmp_path))
+    path = os.path.join(folder, FILTER_STATE_NAME)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(ValueError, match="spectral_filter.pt cannot be read as a spectral filter state"):
+        read_filter_state(get_filter(), folder, global_step=SAVE_AT)
+    torch.save({"format": 1, "filter": {}}, path)
+    with pytest.raises(ValueError, match=r"is not a spectral filter state of format 1 with keys \['filter', "
+                                         r"'fingerprints', 'format', 'global_step'\] \(got format 1 with keys"):
+        read_filter_state(get_filter(), folder, global_step=SAVE_AT)

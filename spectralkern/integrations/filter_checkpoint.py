@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 import time
 
 import torch
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 FILTER_STATE_NAME = "spectral_filter.pt"
 _FORMAT = 1
+_KEYS = {"format", "global_step", "fingerprints", "filter"}
 
 
 def filter_state_path(folder: str, spectral_filter: SpectralGradientFilter, rank: int = 0,
@@ -79,10 +81,15 @@ def read_filter_state(spectral_filter: SpectralGradientFilter, folder: str, *, g
             if os.path.isdir(folder) else []
         raise FileNotFoundError(f"{path} does not exist" + (f" (the folder holds {', '.join(present)}: saved on "
                                                              "another world size)" if present else ""))
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-        got = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise ValueError(f"{path} is not a spectral filter state of format {_FORMAT} (got {got!r})")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:  # truncated, corrupted, or not torch.save's
+        raise ValueError(f"{path} cannot be read as a spectral filter state: {error}") from error
+    if not isinstance(payload, dict) or payload.get("format") != _FORMAT or not _KEYS <= payload.keys():
+        got = (f"format {payload.get('format')!r} with keys {sorted(payload)}" if isinstance(payload, dict)
+               else type(payload).__name__)
+        raise ValueError(f"{path} is not a spectral filter state of format {_FORMAT} with keys {sorted(_KEYS)} "
+                         f"(got {got})")
     if payload["global_step"] != global_step:
         raise ValueError(f"{path} was saved at global step {payload['global_step']}, but the Trainer resumed at "
                          f"step {global_step}")

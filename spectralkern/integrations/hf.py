@@ -171,12 +171,11 @@ def _restore_filter(spectral_filter: SpectralGradientFilter, folders: list[str],
     message = (f"the Trainer resumed training at global step {state.global_step}, but "
                f"{'no filter state matches this checkpoint' if found else 'the checkpoint holds no filter state'}: "
                f"{'; '.join(str(p) for p in problems)}. Without it the spectral filter would restart from scratch "
-               f"(step count, graphs, bases and W₀ of a fresh filter). {how_to_point}If that is what you want, pass "
-               "resume_without_filter_state=True")
+               f"(step count, graphs, bases and W₀ of a fresh filter). {how_to_point}")
     if not resume_without_filter_state:
-        raise (ValueError if found else FileNotFoundError)(message)
-    warnings.warn(message.replace("If that is what you want, pass resume_without_filter_state=True",
-                                  "resume_without_filter_state=True: the filter restarts"), stacklevel=3)
+        raise (ValueError if found else FileNotFoundError)(
+            message + "If that is what you want, pass resume_without_filter_state=True")
+    warnings.warn(message + "resume_without_filter_state=True: the filter restarts", stacklevel=3)
 
 
 class SpectralFilterCallback(TrainerCallback):
