@@ -240,32 +240,42 @@ def summed_squares(outputs, labels, num_items_in_batch):
 
 @pytest.mark.parametrize("trainer_divides", [True, False])
 def test_the_regulariser_counts_once_per_optimizer_step_under_gradient_accumulation(trainer_divides, tmp_path):
-    """Two micro-batches accumulate the gradient of mean task loss + regulariser, whether the Trainer divides each
-    micro-batch loss by the accumulation steps (no num_items_in_batch) or the loss function normalised it."""
+    """Two micro-batches give the step the gradient of mean task loss + regulariser, whether the Trainer divides
+    each micro-batch loss by the accumulation steps (no num_items_in_batch) or the loss function normalised it.
+    The filter's step() completes the gradient (the regulariser's part is added there, after filtering)."""
     model = QueryValue()
     filt = sk.SpectralGradientFilter(model, target_modules=["query", "value"], block_size=16, k=4, knn=4,
-                                     reg_weight=3.0)
+                                     reg_weight=3.0, refresh_every=0)
     with torch.no_grad():  # move away from W₀, so that the regulariser has a gradient
         for _, param in filt.targets:
             param.add_(0.1 * torch.randn_like(param))
     key = "target" if trainer_divides else "labels"
     gen = torch.Generator().manual_seed(6)
     x, y = torch.randn(4, 6, generator=gen), torch.randn(4, 4, generator=gen)
-    micro_batches = [{"x": x[:2], key: y[:2]}, {"x": x[2:], key: y[2:]}]
+
+    def step_gradient(backward) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        backward()
+        filt.step()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    task_only = step_gradient(lambda: torch.nn.functional.mse_loss(model(x)["logits"], y).backward())
+    joint = step_gradient(lambda: (torch.nn.functional.mse_loss(model(x)["logits"], y)
+                                   + filt.regularization()).backward())
+    assert all(float((joint[n] - task_only[n]).norm()) > 0.01 * float(joint[n].norm()) for n, _ in filt.targets)
+
     trainer = SpectralTrainer(model=model, args=training_args(str(tmp_path), gradient_accumulation_steps=2),
                               train_dataset=dataset(), spectral_filter=filt,
                               compute_loss_func=None if trainer_divides else summed_squares)
     trainer.current_gradient_accumulation_steps = 2
-    model.zero_grad()
-    for batch in micro_batches:
-        trainer.training_step(model, dict(batch), None if trainer_divides else torch.tensor(y.numel()))
-    accumulated = {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    model.zero_grad()
-    (torch.nn.functional.mse_loss(model(x)["logits"], y) + filt.regularization()).backward()
-    assert float(filt.regularization().detach()) > 0
-    for name, param in model.named_parameters():
-        torch.testing.assert_close(accumulated[name], param.grad, rtol=1e-5, atol=1e-7, msg=name)
+    def accumulate():
+        for batch in ({"x": x[:2], key: y[:2]}, {"x": x[2:], key: y[2:]}):
+            trainer.training_step(model, batch, None if trainer_divides else torch.tensor(y.numel()))
+
+    accumulated = step_gradient(accumulate)
+    for name, grad in joint.items():
+        torch.testing.assert_close(accumulated[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 # ------------------------------------------------------------------------------------------------ the three ways in
@@ -387,6 +397,11 @@ def test_filter_factory_is_called_on_the_trained_model_and_bad_sources_are_refus
     with pytest.raises(TypeError, match="the spectral_filter factory must return a spectralkern."
                                         "SpectralGradientFilter, got NoneType"):
         Trainer(**kwargs, callbacks=[SpectralFilterCallback(lambda m: None)]).train()
+    # fp16's GradScaler (not available on the CPU: planted) unscales .grad before the optimizer adds the regulariser.
+    trainer = SpectralTrainer(**kwargs, spectral_filter=factory)
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu")
+    with pytest.raises(ValueError, match="joint loss does not work with a GradScaler .*bf16=True"):
+        trainer.train()
 
 
 # ------------------------------------------------------------------------------------------------ the file itself

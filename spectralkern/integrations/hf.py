@@ -314,6 +314,12 @@ class _AttachSpectralFilter(TrainerCallback):
         trainer = self.trainer
         from_factory = trainer.spectral_filter is None
         trainer.spectral_filter = _filter_for(trainer._filter_source, trainer.spectral_filter, trainer.model)
+        if trainer.spectral_filter.reg_weight != 0 and getattr(trainer.accelerator, "scaler", None) is not None:
+            # The regulariser's gradient is added inside the optimizer step, scaled by the loss scale its backward
+            # saw, but the GradScaler has unscaled .grad by then: the regulariser would weigh S times too much.
+            raise ValueError("SpectralTrainer's joint loss does not work with a GradScaler (fp16=True, loss scale "
+                             f"S): reg_weight={trainer.spectral_filter.reg_weight} would act S times too strongly. "
+                             "Train with bf16=True (no loss scale), or build the filter with reg_weight=0")
         if from_factory:
             optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper
             optimizer.set_spectral_filter(trainer.spectral_filter)
