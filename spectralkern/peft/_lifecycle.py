@@ -60,9 +60,12 @@ class SpectralPeftConfig(PeftConfig):
             checked whenever it is loaded (a different base raises ``BaseWeightMismatchError`` naming the layer).
         progress: tqdm bar over the layers while the adapter is set up (None: tqdm's auto-disable when not a
             TTY). Does not change the adapter.
+        weights_sha256: digest of the adapter tensors last saved with this config (set by ``save_pretrained``,
+            checked at load: a damaged or edited weights file raises instead of loading wrong numbers).
     """
     target_modules: list[str] | str | None = None
     base_fingerprints: dict[str, str] | None = None
+    weights_sha256: str | None = None
     progress: bool | None = field(default=None, metadata={"help": "progress bar during setup; no effect on weights"})
 
     PEFT_TYPE: ClassVar[str] = ""
@@ -196,7 +199,9 @@ class SpectralTuner(BaseTuner):
         them: index ranges, permutations, ... (presence, shape, dtype, finiteness are checked generically after).
         Raise ValueError / TypeError."""
 
-    def fingerprint(self, base: nn.Module) -> str:
+    @staticmethod
+    def fingerprint(base: nn.Module) -> str:
+        """sha256 of the base module's weights (the adapter's anchors / the weights it was trained against)."""
         return fingerprint_tensors({"weight": base.weight})
 
     # -------------------------------------------------------------- peft hooks
@@ -213,10 +218,35 @@ class SpectralTuner(BaseTuner):
         return key.replace(f".{attr}.{adapter_name}.", f".{attr}.", 1)
 
     @classmethod
+    def _get_adapter_state_dict(cls, model: nn.Module, config: PeftConfig, adapter_name: str,
+                                state_dict: dict[str, torch.Tensor], unwanted_adapter_names: list[str]
+                                ) -> dict[str, torch.Tensor]:
+        """peft's selection; records the digest of what is saved in the config (peft writes the config after the
+        weights, so the file and its digest travel together)."""
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        config.weights_sha256 = cls._digest({cls._remove_adapter_name_from_key(k, adapter_name): v
+                                             for k, v in selected.items()})
+        return selected
+
+    @classmethod
+    def _digest(cls, checkpoint_tensors: Mapping[str, torch.Tensor]) -> str:
+        """sha256 of this method's tensors in a checkpoint-keyed state dict (``base_model.model.`` stripped)."""
+        attr = f".{cls.tuner_layer_cls.adapter_attr}."
+        return fingerprint_tensors({k.removeprefix(PEFT_PREFIX): v for k, v in checkpoint_tensors.items()
+                                    if attr in k})
+
+    @classmethod
+    def _check_digest(cls, config: PeftConfig, checkpoint_tensors: Mapping[str, torch.Tensor], where: str) -> None:
+        if config.weights_sha256 is not None and cls._digest(checkpoint_tensors) != config.weights_sha256:
+            raise ValueError(f"{where}: the adapter tensors do not match the weights_sha256 recorded in "
+                             "adapter_config.json when they were saved (damaged or edited file)")
+
+    @classmethod
     def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: PeftConfig, adapter_name: str,
                                            state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """peft's key remapping, then every tensor of this adapter checked (presence, shape, dtype, finiteness,
-        the method's index ranges) before peft copies anything into the model."""
+        the method's index ranges) before peft copies anything into the model. (The digest is checked where the
+        file's own config is known: :func:`load` and ``from_pretrained``; here ``config`` is the in-memory one.)"""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         attr = cls.tuner_layer_cls.adapter_attr
         marker = f".{attr}.{adapter_name}."
@@ -310,7 +340,7 @@ class SpectralTuner(BaseTuner):
                     self.check_saved_tensors(config, name, base, tensors)
                 unit = self.build_unit(config, name, base, tensors)
                 if tensors is not None:
-                    _check_tensors_match(unit.state_dict(), tensors, what=where)
+                    _check_tensors_match(unit.state_dict(), tensors)
                     unit.load_state_dict(tensors)
             except (ValueError, TypeError) as exc:
                 raise type(exc)(f"{where}: {exc}") from None
@@ -344,23 +374,25 @@ def _describe(t: torch.Tensor) -> str:
 
 
 def _check_tensors_match(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], *,
-                         what: str) -> None:
-    """Every expected key present with the same shape and dtype, nothing extra, floats finite."""
+                         what: str = "") -> None:
+    """Every expected key present with the same shape and dtype, nothing extra, floats finite. ``what`` prefixes
+    the messages."""
+    what = f"{what}" if what else ""
     missing = sorted(set(expected) - set(found))
     if missing:
-        raise ValueError(f"{what}: the adapter file lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
+        raise ValueError(f"{what}the adapter file lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
     extra = sorted(set(found) - set(expected))
     if extra:
-        raise ValueError(f"{what}: the adapter file has tensors the adapter does not, e.g. {extra[:3]}")
+        raise ValueError(f"{what}the adapter file has tensors the adapter does not, e.g. {extra[:3]}")
     for key in sorted(expected):
         want, got = expected[key], found[key]
         if not isinstance(got, torch.Tensor):
-            raise TypeError(f"{what}: {key} is a {type(got).__name__}, expected a tensor")
+            raise TypeError(f"{what}{key} is a {type(got).__name__}, expected a tensor")
         if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
-            raise ValueError(f"{what}: {key} has {_describe(got)} in the file; expected {_describe(want)}")
+            raise ValueError(f"{what}{key} has {_describe(got)} in the file; expected {_describe(want)}")
         if got.is_floating_point() and not bool(torch.isfinite(got).all()):
             bad = int((~torch.isfinite(got)).sum())
-            raise ValueError(f"{what}: {key} holds {bad} NaN/Inf value(s)")
+            raise ValueError(f"{what}{key} holds {bad} NaN/Inf value(s)")
 
 
 def _read_saved_file(tuner: SpectralTuner, config: SpectralPeftConfig, targets: list[tuple[str, nn.Module]]
@@ -371,6 +403,7 @@ def _read_saved_file(tuner: SpectralTuner, config: SpectralPeftConfig, targets: 
     if path is None:
         return None
     tensors = read_safetensors(path)
+    type(tuner)._check_digest(config, tensors, path)
     attr = tuner.tuner_layer_cls.adapter_attr
     per_layer: dict[str, dict[str, torch.Tensor]] = {name: {} for name, _ in targets}
     for key, value in tensors.items():
@@ -485,25 +518,32 @@ def load(model: nn.Module, path: str | os.PathLike, *, config_cls: type[Spectral
         raise ValueError(f"{path!r} holds a {cls.__name__} adapter ({peft_type}); expected a {config_cls.__name__}")
     if not os.path.isfile(os.path.join(path, ADAPTER_WEIGHTS_NAME)):
         raise FileNotFoundError(f"{os.path.join(path, ADAPTER_WEIGHTS_NAME)!r} does not exist")
-    cls.from_pretrained(path)  # config errors surface here, before the model is looked at
+    loaded = cls.from_pretrained(path)  # config errors surface here, before the model is looked at
     if isinstance(model, PeftModel):
         if adapter_name in model.peft_config:
             # replacing an adapter's weights: peft loads into the existing layers after our checks
-            _check_existing(model, path, adapter_name)
+            _check_existing(model, path, adapter_name, loaded)
         model.load_adapter(path, adapter_name, is_trainable=is_trainable)
         return model
     return PeftModel.from_pretrained(model, path, adapter_name=adapter_name, is_trainable=is_trainable)
 
 
-def _check_existing(model: nn.Module, path: str, adapter_name: str) -> None:
+def _check_existing(model: nn.Module, path: str, adapter_name: str, loaded: SpectralPeftConfig) -> None:
+    """Before weights are loaded into an existing adapter: not merged, same method, same base, intact file."""
     merged = [n for n, m in model.named_modules() if isinstance(m, SpectralTunerLayer) and m.merged]
     if merged:
         raise ValueError(f"the model has merged adapter layers {merged[:4]}; unmerge_adapter() before loading")
     config = model.peft_config[adapter_name]
-    loaded = type(config).from_pretrained(path)
     if type(loaded) is not type(config):
         raise ValueError(f"adapter {adapter_name!r} is a {type(config).__name__}; {path!r} holds a "
                          f"{type(loaded).__name__}")
+    tuner_cls = _REGISTERED[loaded.PEFT_TYPE]
+    tuner_cls._check_digest(loaded, read_safetensors(loaded._weights_file), loaded._weights_file)
+    base = model.get_base_model()
+    fingerprints = {name: tuner_cls.fingerprint(layer.get_base_layer())
+                    for name, layer in layers_of(base, tuner_cls.tuner_layer_cls).items()
+                    if adapter_name in layer.units}
+    _check_fingerprints(loaded, fingerprints)
 
 
 def layers_of(model: nn.Module, layer_cls: type[SpectralTunerLayer] = SpectralTunerLayer
