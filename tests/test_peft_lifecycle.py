@@ -237,7 +237,7 @@ def _unsigned(config):  # an edited file whose config no longer carries the dige
 
 COMMON_BAD_FILES = {  # (edit, what the error must say)
     "flipped payload bytes": (dict(raw=_flip_payload), "weights_sha256"),
-    "unknown config field": (dict(config=lambda c: {**c, "frobnicate": 3}), r"do not know: \['frobnicate'\]"),
+    "unknown config field": (dict(config=lambda c: {**c, "frobnicate": 3}), r"does not know: \['frobnicate'\]"),
     "other method": (dict(config=lambda c: {**c, "peft_type": "LORA"}), "'LORA' adapter, not a spectralkern"),
 }
 BAD_FILES = {
