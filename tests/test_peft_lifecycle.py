@@ -42,8 +42,13 @@ def tiny_llama():
 ARCHS = {"bert": (tiny_bert, ["query", "value"]), "llama": (tiny_llama, ["q_proj", "v_proj"])}
 METHODS = {
     "smoa": lambda targets: sk.peft.SMoAConfig(r=4, alpha=8, num_blocks=2, target_modules=targets),
+    "fourierft": lambda targets: sk.peft.FourierFTConfig(n_frequencies=24, scale=40.0, target_modules=targets),
+    "fourier_moe": lambda targets: sk.peft.FourierMoEConfig(num_experts=2, top_k=1, n_frequencies=24, scale=40.0,
+                                                            target_modules=targets),
+    "fourier_moe_static": lambda targets: sk.peft.FourierMoEConfig(num_experts=2, router=None, n_frequencies=24,
+                                                                   scale=40.0, target_modules=targets),
 }
-MERGEABLE = {"smoa"}
+MERGEABLE = {"smoa", "fourierft", "fourier_moe_static"}
 
 
 @pytest.fixture(params=sorted(ARCHS))
@@ -254,6 +259,19 @@ BAD_FILES = {
                                                  torch.zeros(2)}, config=_unsigned), "pooler.dense.smoa_adapters.x"),
     },
 }
+FOURIER_BAD_FILES = {
+    **COMMON_BAD_FILES,
+    "frequency row out of range": (dict(tensors=lambda w: {**w, _first(w, "rows"): torch.full_like(
+        w[_first(w, "rows")], 16)}, config=_unsigned), r"rows holds frequency indices outside \[0, 16\)"),
+    "broken expert_ptr": (dict(tensors=lambda w: {**w, _first(w, "expert_ptr"): torch.zeros_like(
+        w[_first(w, "expert_ptr")])}, config=_unsigned), "expert_ptr must rise from 0"),
+    "missing coefficients": (dict(tensors=lambda w: _drop(w, "coef_im"), config=_unsigned), "lacks 1 tensor"),
+    "NaN coefficient": (dict(tensors=lambda w: _nan(w, "coef_re"), config=_unsigned), "coef_re holds 1 NaN"),
+    "bad config value": (dict(config=lambda c: {**c, "scale": "big"}), "scale must be a finite number"),
+}
+BAD_FILES["fourierft"] = FOURIER_BAD_FILES
+BAD_FILES["fourier_moe"] = {**FOURIER_BAD_FILES, "router weight shape": (dict(
+    tensors=lambda w: _reshape(w, "router.weight"), config=_unsigned), "router.weight has shape")}
 BAD_CASES = [(m, case) for m in sorted(METHODS) for case in sorted(BAD_FILES.get(m, {}))]
 
 

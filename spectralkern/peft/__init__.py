@@ -8,10 +8,8 @@ from ._lifecycle import (SpectralPeftConfig, SpectralTuner, SpectralTunerLayer, 
 from ._patching import (BaseWeightMismatchError, ParameterReport, fingerprint_tensors, is_linear_like,
                         linear_features, linear_weight, trainable_parameters)
 from .smoa import SMoAConfig, SMoALinear, SMoAModel, apply_smoa
-from .fourier_moe import (FourierFTConfig, FourierMoEConfig, FourierMoELinear, apply_fourier_moe,
-                          fourier_moe_aux_loss, fourier_moe_layers, fourier_moe_parameter_count, from_peft_fourierft,
-                          from_peft_fourierft_model, load_fourier_moe, merge_fourier_moe, save_fourier_moe,
-                          unmerge_fourier_moe)
+from .fourier_moe import (FourierFTConfig, FourierFTLinear, FourierMoEConfig, FourierMoELinear, apply_fourier_moe,
+                          fourier_moe_aux_loss, fourier_moe_layers, from_peft_fourierft, from_peft_fourierft_model)
 from .coeff_tuning import (CoeffMultiheadAttention, CoeffTuning, CoeffTuningConfig, apply_coeff_tuning,
                            coeff_tuning_layers, coeff_tuning_parameter_count, is_coeff_target, load_coeff_tuning,
                            merge_coeff_tuning, save_coeff_tuning)
@@ -22,9 +20,8 @@ __all__ = [
     "adapter_parameters", "find_target_modules", "fingerprint_tensors", "is_linear_like", "layers_of",
     "linear_features", "linear_like_names", "linear_weight", "load", "parameter_count", "trainable_parameters",
     "SMoAConfig", "SMoALinear", "SMoAModel", "apply_smoa",
-    "FourierFTConfig", "FourierMoEConfig", "FourierMoELinear", "apply_fourier_moe", "fourier_moe_aux_loss",
-    "fourier_moe_layers", "fourier_moe_parameter_count", "from_peft_fourierft", "from_peft_fourierft_model",
-    "load_fourier_moe", "merge_fourier_moe", "save_fourier_moe", "unmerge_fourier_moe",
+    "FourierFTConfig", "FourierFTLinear", "FourierMoEConfig", "FourierMoELinear", "apply_fourier_moe",
+    "fourier_moe_aux_loss", "fourier_moe_layers", "from_peft_fourierft", "from_peft_fourierft_model",
     "CoeffMultiheadAttention", "CoeffTuning", "CoeffTuningConfig", "apply_coeff_tuning", "coeff_tuning_layers",
     "coeff_tuning_parameter_count", "is_coeff_target", "load_coeff_tuning", "merge_coeff_tuning", "save_coeff_tuning",
 ]

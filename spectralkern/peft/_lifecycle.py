@@ -334,7 +334,7 @@ class SpectralTuner(BaseTuner):
         for name, module in tqdm(targets, desc=f"{type(self).__name__} layers", disable=disable, leave=False):
             base = _base_of(module)
             tensors = None if saved is None else saved[name]
-            where = f"layer {name!r}" if saved is None else f"{config._weights_file}: layer {name!r}"
+            where = f"layer {name!r}" if config._weights_file is None else f"{config._weights_file}: layer {name!r}"
             try:
                 if tensors is not None:
                     self.check_saved_tensors(config, name, base, tensors)
@@ -399,6 +399,14 @@ def _read_saved_file(tuner: SpectralTuner, config: SpectralPeftConfig, targets: 
                      ) -> dict[str, dict[str, torch.Tensor]] | None:
     """{layer name: {unit key: tensor}} from the config's weights file (checked by _build_units); None without
     a file. Every tensor must belong to a targeted layer."""
+    initial = getattr(config, "_initial_tensors", None)
+    if initial is not None:  # a conversion hands its tensors over directly (see fourier_moe/conversion.py)
+        unknown = sorted(set(initial) - {name for name, _ in targets})
+        if unknown or len(initial) != len(targets):
+            raise ValueError(f"initial tensors for layers {sorted(initial)} do not match the targets "
+                             f"{[name for name, _ in targets]}")
+        object.__setattr__(config, "_initial_tensors", None)
+        return initial
     path = config._weights_file
     if path is None:
         return None
