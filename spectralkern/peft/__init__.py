@@ -10,9 +10,8 @@ from ._patching import (BaseWeightMismatchError, ParameterReport, fingerprint_te
 from .smoa import SMoAConfig, SMoALinear, SMoAModel, apply_smoa
 from .fourier_moe import (FourierFTConfig, FourierFTLinear, FourierMoEConfig, FourierMoELinear, apply_fourier_moe,
                           fourier_moe_aux_loss, fourier_moe_layers, from_peft_fourierft, from_peft_fourierft_model)
-from .coeff_tuning import (CoeffMultiheadAttention, CoeffTuning, CoeffTuningConfig, apply_coeff_tuning,
-                           coeff_tuning_layers, coeff_tuning_parameter_count, is_coeff_target, load_coeff_tuning,
-                           merge_coeff_tuning, save_coeff_tuning)
+from .coeff_tuning import (CoeffTuning, CoeffTuningAttention, CoeffTuningConfig, apply_coeff_tuning,
+                           coeff_tuning_layers, coeff_tuning_parameter_count, is_coeff_target)
 from ._patching import find_target_modules, linear_like_names
 
 __all__ = [
@@ -22,6 +21,6 @@ __all__ = [
     "SMoAConfig", "SMoALinear", "SMoAModel", "apply_smoa",
     "FourierFTConfig", "FourierFTLinear", "FourierMoEConfig", "FourierMoELinear", "apply_fourier_moe",
     "fourier_moe_aux_loss", "fourier_moe_layers", "from_peft_fourierft", "from_peft_fourierft_model",
-    "CoeffMultiheadAttention", "CoeffTuning", "CoeffTuningConfig", "apply_coeff_tuning", "coeff_tuning_layers",
-    "coeff_tuning_parameter_count", "is_coeff_target", "load_coeff_tuning", "merge_coeff_tuning", "save_coeff_tuning",
+    "CoeffTuning", "CoeffTuningAttention", "CoeffTuningConfig", "apply_coeff_tuning", "coeff_tuning_layers",
+    "coeff_tuning_parameter_count", "is_coeff_target",
 ]

@@ -38,7 +38,7 @@ from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from .._targets import check_target_modules, find_modules, matches
+from .._targets import check_target_modules, find_modules
 from ._patching import BaseWeightMismatchError, fingerprint_tensors
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,8 @@ class SpectralPeftConfig(PeftConfig):
     progress: bool | None = field(default=None, metadata={"help": "progress bar during setup; no effect on weights"})
 
     PEFT_TYPE: ClassVar[str] = ""
+    #: False for methods where target_modules=None means "every module the method accepts"
+    requires_targets: ClassVar[bool] = True
     # Set by from_pretrained (never saved): the weights file next to the config, checked before injection.
     _weights_file: ClassVar[str | None] = None
 
@@ -79,9 +81,11 @@ class SpectralPeftConfig(PeftConfig):
                              f"(expected {self.PEFT_TYPE!r})")
         self.peft_type = self.PEFT_TYPE
         if self.target_modules is None:
-            raise ValueError(f"{type(self).__name__} needs target_modules (module-name suffixes or a regex); "
-                             "spectralkern has no per-architecture defaults")
-        self.target_modules = check_target_modules(self.target_modules)
+            if self.requires_targets:
+                raise ValueError(f"{type(self).__name__} needs target_modules (module-name suffixes or a regex); "
+                                 "spectralkern has no per-architecture defaults")
+        else:
+            self.target_modules = check_target_modules(self.target_modules)
         if self.base_fingerprints is not None:
             if (not isinstance(self.base_fingerprints, Mapping)
                     or not all(isinstance(k, str) and isinstance(v, str) for k, v in self.base_fingerprints.items())):
@@ -131,6 +135,7 @@ class SpectralTunerLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self._disable_adapters = False
         self._active_adapter = adapter_name
+        self.train(base_layer.training)  # follow the model's mode (a new module starts in training mode)
         self.add_unit(adapter_name, unit)
 
     @property
@@ -205,9 +210,9 @@ class SpectralTuner(BaseTuner):
         return fingerprint_tensors({"weight": base.weight})
 
     # -------------------------------------------------------------- peft hooks
-    @staticmethod
-    def _check_target_module_exists(peft_config: PeftConfig, key: str) -> bool:
-        return matches(key, peft_config.target_modules)
+    def _check_target_module_exists(self, peft_config: PeftConfig, key: str) -> bool:  # type: ignore[override]
+        # the targets were resolved (by the one rule, spectralkern._targets) and built before injection
+        return key in self._pending_units
 
     def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
         return peft_config
@@ -318,9 +323,17 @@ class SpectralTuner(BaseTuner):
     # -------------------------------------------------------------- helpers
     def _resolve_targets(self, model: nn.Module, config: SpectralPeftConfig) -> list[tuple[str, nn.Module]]:
         inside = {n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
-        found = find_modules(model, config.target_modules,
-                             accept=lambda m: isinstance(m, self.tuner_layer_cls) or self.accepts(m),
-                             what=self.accepts_what)
+
+        def accept(module: nn.Module) -> bool:
+            return isinstance(module, self.tuner_layer_cls) or self.accepts(module)
+
+        if config.target_modules is None:  # every module the method accepts
+            found = [(n, m) for n, m in model.named_modules() if n and accept(m)]
+            if not found:
+                raise ValueError(f"{type(model).__name__} has no module {type(self).__name__} can adapt "
+                                 f"({self.accepts_what})")
+        else:
+            found = find_modules(model, config.target_modules, accept=accept, what=self.accepts_what)
         # leave out what lives inside an existing tuner layer (its base_layer and units)
         return [(n, m) for n, m in found if not any(n.startswith(p + ".") for p in inside)]
 
