@@ -115,7 +115,9 @@ def from_peft_fourierft(layer: nn.Module, adapter_name: str | None = None, *, co
     """One peft ``FourierFTLinear`` as our ``FourierFTLinear`` (same outputs and gradients; the base layer is
     shared, the spectrum copied). ``config``: the peft FourierFTConfig it was made with (None: peft's defaults
     with the layer's own scaling, seed and n)."""
-    names = list(getattr(layer, "fourierft_spectrum", {}).keys())
+    if not _is_peft_fourierft(layer):
+        raise TypeError(f"layer must be a peft FourierFTLinear, got {type(layer).__name__}")
+    names = list(layer.fourierft_spectrum.keys())
     name = adapter_name if adapter_name is not None else next(
         (a for a in getattr(layer, "active_adapters", []) if a in names), names[0] if names else None)
     if config is None:
