@@ -591,11 +591,20 @@ def parameter_count(model: nn.Module, adapter_name: str | None = None) -> int:
 
 
 def apply(model: nn.Module, config: SpectralPeftConfig, *, adapter_name: str = "default") -> nn.Module:
-    """Inject an adapter into ``model`` in place, without a ``PeftModel`` around it (peft's
-    ``inject_adapter_in_model``): only the adapter trains afterwards. Save such a model's adapter by wrapping it
-    the peft way instead: ``get_peft_model(base, config)`` then ``save_pretrained``."""
-    from peft import inject_adapter_in_model
+    """Inject an adapter into ``model`` in place, without a ``PeftModel`` around it (like peft's
+    ``inject_adapter_in_model``): only adapters train afterwards (adapters already there, e.g. LoRA, keep
+    training). A ``PeftModel`` is adapted inside (its base model). Save adapters the peft way instead:
+    ``get_peft_model(base, config)`` then ``save_pretrained``."""
+    from peft import PeftModel
 
     if not isinstance(config, SpectralPeftConfig):
         raise TypeError(f"config must be a spectralkern adapter config, got {type(config).__name__}")
-    return inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    target = model.get_base_model() if isinstance(model, PeftModel) else model
+    # a model holding another method's layers carries that method's peft_config dict; keep ours out of it
+    other = target.__dict__.pop("peft_config", None)
+    try:
+        _REGISTERED[config.PEFT_TYPE](target, config, adapter_name)
+    finally:
+        if other is not None:
+            target.__dict__["peft_config"] = other
+    return model

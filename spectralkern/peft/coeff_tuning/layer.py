@@ -158,6 +158,11 @@ class CoeffTuningAttention(SpectralTunerLayer):
         return layer
 
     @property
+    def delta_c(self) -> nn.Parameter:
+        """The active adapter's ΔC (single-adapter users)."""
+        return self.units[self.active_adapters[0]].delta_c
+
+    @property
     def impl(self) -> str:
         units = self.active_units()
         return units[0].impl if units else "fused"
