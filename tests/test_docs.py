@@ -85,6 +85,11 @@ def docs_env(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SPECTRALKERN_BACKEND", "torch")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # a distributed example that failed half-way
+        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if python_blocks(p)], ids=_relative)
