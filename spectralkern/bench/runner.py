@@ -23,7 +23,7 @@ from .ceilings import Ceilings, measure_ceilings
 from .records import Environment, Record, append_records, environment, measure_peak_memory, utc_timestamp
 from .plots import plot_op
 from .table import format_table
-from .timers import TimerBudget, Timing, time_fn
+from .timers import TimerBudget, Timing, time_cpu_interleaved, time_fn
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,17 +76,15 @@ def _budget(device: torch.device, quick: bool) -> TimerBudget:
     return TimerBudget(warmup_ms=20, rep_ms=200) if quick else TimerBudget(warmup_ms=50, rep_ms=500)
 
 
-def _measure(provider: Provider, device: torch.device, budget: TimerBudget, reference: torch.Tensor,
-             tolerance: float) -> tuple[Timing, float, tuple[int, str]]:
-    """Check one provider's answer (its first call, which also absorbs compilation), then time it."""
+def _check(provider: Provider, device: torch.device, reference: torch.Tensor, tolerance: float) -> float:
+    """Check one provider's answer (its first call, which also absorbs compilation); its relative error."""
     out = provider.fn()
     _sync(device)
     err = relative_error(out, reference)
     del out
     if not err <= tolerance:  # also catches nan
         raise RuntimeError(f"wrong answer: relative error {err:.3e} > tolerance {tolerance:.0e}")
-    timing = time_fn(provider.fn, device, budget)
-    return timing, err, measure_peak_memory(provider.fn, device)
+    return err
 
 
 def _time_providers(case: Case, device: torch.device, budget: TimerBudget, only: set[str] | None
@@ -104,19 +102,25 @@ def _time_providers(case: Case, device: torch.device, budget: TimerBudget, only:
     for name, why in prepared.skipped.items():
         if only is None or name in only:
             print(f"  {name}: not run ({why})", flush=True)
-    results, failures = {}, []
+    failures, checked = [], []
     for provider in prepared.providers:
         if only is not None and provider.name not in only:
             continue
         try:
-            timing, err, memory = _measure(provider, device, budget, prepared.reference_for(provider.name),
-                                           prepared.tolerance)
+            checked.append((provider, _check(provider, device, prepared.reference_for(provider.name),
+                                             prepared.tolerance)))
         except Exception as exc:
             traceback.print_exc()
             failures.append(f"{title} {provider.label}: {exc!r}")
             print(f"  {provider.label}: FAILED ({exc!r})", flush=True)
-            continue
-        results[provider.name] = (provider.backend, timing, err, memory)
+    if device.type == "cpu":  # the peers in turn: their ratios hold on a shared, drifting machine
+        timings = time_cpu_interleaved({provider.name: provider.fn for provider, _ in checked}, budget)
+    else:
+        timings = {provider.name: time_fn(provider.fn, device, budget) for provider, _ in checked}
+    results = {}
+    for provider, err in checked:
+        timing = timings[provider.name]
+        results[provider.name] = (provider.backend, timing, err, measure_peak_memory(provider.fn, device))
         print(f"  {provider.label:<22} {timing.median_ms:10.4g} ms  "
               f"{case.bytes / timing.median_ms / 1e6:8.1f} GB/s  rel err {err:.1e}", flush=True)
     return results, failures

@@ -24,13 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .._backend import backend_for
+from .._backend import Choice, backend_of
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ._interpreter import half_operands_ok
-
-# The forward keeps an (BLOCK_O × R_PAD) tile of B in registers; past this total rank it would spill.
-TRITON_MAX_RANK = 64
-
 
 # ------------------------------------------------------------------------------------------ block layout
 @dataclass(frozen=True)
@@ -306,10 +302,9 @@ def _factor_grads_triton(grad_y, x, weight, b_packed, a_packed, parts, block_siz
 
 
 # ------------------------------------------------------------------------------------------ custom ops
-def smoa_linear_backend(x: torch.Tensor, rank: int) -> str:
-    """The backend that runs smoa_linear for an input like ``x`` and a packed rank ``rank``."""
-    triton_ok = x.dtype in FLOAT_DTYPES and rank <= TRITON_MAX_RANK
-    return backend_for(x.device, ("triton", "torch") if triton_ok else ("torch",))
+def smoa_linear_backend(x: torch.Tensor, rank: int, backend: str | None = None) -> Choice:
+    """The registry's choice for an input like ``x`` and a packed rank ``rank``."""
+    return backend_of("smoa_linear", x, backend=backend, rank=rank)
 
 
 @torch.library.custom_op("spectralkern::smoa_linear", mutates_args=())

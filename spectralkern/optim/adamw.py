@@ -26,8 +26,10 @@ read from the groups at every step (LR schedulers work), state keys 'step', 'exp
 AdamW state_dict loads, and ours loads into torch's). Differences: fp16/bf16 parameters keep fp32 moments (torch
 keeps them in the parameter's dtype; ``state_dtype=torch.bfloat16`` does the same for bf16 parameters, with
 fp32 arithmetic); maximize, foreach, fused, capturable and differentiable are not offered.
-On the CPU the update is the torch reference, bit-identical to torch.optim.AdamW (fp32 and fp64 parameters;
-half-precision parameters are updated in fp32 and rounded once).
+On the CPU each param group is updated by multi-tensor calls (``ops.adamw_update.adamw_update_group_``): the
+untargeted fp32/fp64 parameters bit-identical to torch.optim.AdamW, the targeted ones to
+``torch.optim.AdamW(fused=True)`` given their filtered gradients; half-precision parameters are updated in fp32 and
+rounded once.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ from itertools import chain
 import torch
 
 from ..distributed.shards import local_tensor
-from ..ops.adamw_update import AdamWHyper, adamw_update_, state_dtype
+from ..ops.adamw_update import AdamWHyper, GroupHyper, SpectralTarget, adamw_update_group_, state_dtype
 from .gradient_filter import FilterTarget, SpectralGradientFilter
 
 
@@ -112,6 +114,9 @@ class SpectralAdamW(torch.optim.Optimizer):
             if group.get("maximize", False):
                 raise ValueError("SpectralAdamW does not implement maximize; the param group has maximize=True")
             beta1, beta2 = group["betas"]
+            hyper = GroupHyper(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
+                               eps=float(group["eps"]), weight_decay=float(group["weight_decay"]))
+            batch = _GroupBatch()  # the group's updates, run together by adamw_update_group_ (multi-tensor calls)
             for p in group["params"]:
                 target = targets.get(id(p))
                 reg = target.regularizer_grad() if target is not None else None
@@ -127,28 +132,27 @@ class SpectralAdamW(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 state["step"] += 1
-                hyper = AdamWHyper(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
-                                   eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
-                                   step=float(state["step"]))
                 # DTensors (FSDP2 shards, replicas): the update is elementwise, or row-local for the filtered
                 # weights (blocks never straddle shards), so it runs on the local tensors in place.
                 param, exp_avg, exp_avg_sq = local_tensor(p), local_tensor(state["exp_avg"]), local_tensor(
                     state["exp_avg_sq"])
                 if target is None:
-                    adamw_update_(param, local_tensor(p.grad), exp_avg, exp_avg_sq, hyper)
+                    batch.add(param, local_tensor(p.grad), exp_avg, exp_avg_sq, state["step"], None)
                     continue
                 grad = target.local_grad(p.grad) if p.grad is not None else None
                 if grad is not None:
                     target.observe(grad)
                 if self.lowpass_update:
                     _lowpass_adamw_update_(param, _filtered_direction(target, grad, reg, param), exp_avg,
-                                           exp_avg_sq, hyper, target)
+                                           exp_avg_sq, hyper.at(float(state["step"])), target)
                 elif reg is None and target.filter_method == "basis":
-                    adamw_update_(param, grad, exp_avg, exp_avg_sq, hyper, target.basis, target.gains,
-                                  target.passthrough)
+                    batch.add(param, grad, exp_avg, exp_avg_sq, state["step"],
+                              SpectralTarget(target.basis, target.gains, target.passthrough))
                 else:
                     direction = _filtered_direction(target, grad, reg, param)
-                    adamw_update_(param, direction.to(param.dtype), exp_avg, exp_avg_sq, hyper)
+                    batch.add(param, direction.to(param.dtype), exp_avg, exp_avg_sq, state["step"], None)
+            adamw_update_group_(batch.params, batch.grads, batch.exp_avgs, batch.exp_avg_sqs, batch.steps, hyper,
+                                batch.targets)
         if filt is not None:
             filt.end_step()
         return loss
@@ -203,6 +207,27 @@ def _lowpass_adamw_update_(param: torch.Tensor, grad: torch.Tensor, exp_avg: tor
     for stored, worked in ((param, p), (exp_avg, m), (exp_avg_sq, v)):
         if worked is not stored:
             stored.copy_(worked)
+
+
+class _GroupBatch:
+    """One param group's tensors, collected for ``adamw_update_group_``."""
+
+    def __init__(self) -> None:
+        self.params: list[torch.Tensor] = []
+        self.grads: list[torch.Tensor] = []
+        self.exp_avgs: list[torch.Tensor] = []
+        self.exp_avg_sqs: list[torch.Tensor] = []
+        self.steps: list[torch.Tensor] = []
+        self.targets: list[SpectralTarget | None] = []
+
+    def add(self, param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+            step: torch.Tensor, target: SpectralTarget | None) -> None:
+        self.params.append(param)
+        self.grads.append(grad)
+        self.exp_avgs.append(exp_avg)
+        self.exp_avg_sqs.append(exp_avg_sq)
+        self.steps.append(step)
+        self.targets.append(target)
 
 
 def _check_targets_updated(spectral_filter: SpectralGradientFilter, param_groups: list[dict]) -> None:
