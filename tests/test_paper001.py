@@ -202,9 +202,15 @@ def test_plain_spectral_adamw_leaves_the_band(seed):
 
 # ---------------------------------------------------------------------------- 3. full-spectrum filter g(L)
 @pytest.mark.parametrize("normalized", [True, False])
-def test_chebyshev_filter_method_applies_g_to_the_whole_spectrum(backend, seed, normalized):
+@pytest.mark.parametrize("form", ["materialized ragged", "materialized uniform", "recursion"])
+def test_chebyshev_filter_method_applies_g_to_the_whole_spectrum(backend, seed, normalized, form, monkeypatch):
+    """g(L) of every block (ragged 8, 8, 4 or uniform 10, 10), as materialised per block or as the per-step
+    recursion (blocks above MATERIALIZE_MAX_BLOCK), against float64 eigendecompositions."""
+    if form == "recursion":
+        monkeypatch.setattr(sk.optim.gradient_filter, "MATERIALIZE_MAX_BLOCK", 0)
     model, filt = model_and_filter(seed, filter_method="chebyshev", gains=sk.heat(1.0), chebyshev_order=24,
-                                   normalized=normalized)
+                                   normalized=normalized, block_size=10 if form == "materialized uniform" else 8)
+    assert (filt.filter_targets[0].block_operator is None) == (form == "recursion")
     grad = torch.randn(20, 6, generator=torch.Generator().manual_seed(seed))
     t = filt.filter_targets[0]
     # float64 g(L) = V exp(−Λ) Vᵀ by a dense eigendecomposition of each block
@@ -243,7 +249,7 @@ def test_regulariser_laplacian_kinds_and_their_identities(seed, reg_normalized):
         deg = W.sum(1)
         x = torch.where(deg[:, None] > 0, x / deg.clamp_min(1e-300).sqrt()[:, None], torch.zeros_like(x))
     pairwise = 0.5 * (W * (x[:, None, :] - x[None, :, :]).square().sum(-1)).sum()
-    assert abs(float(filt.regularization()) - LAM * float(pairwise)) <= 1e-5 * LAM * float(pairwise)
+    assert abs(filt.regularization().item() - LAM * float(pairwise)) <= 1e-5 * LAM * float(pairwise)
 
 
 def test_laplacian_matmul_equals_the_dense_product(backend, seed):

@@ -81,6 +81,11 @@ logger = logging.getLogger(__name__)
 
 GRAPHS = ("knn", "gradient_correlation")
 FILTER_METHODS = ("basis", "chebyshev")
+# filter_method="chebyshev" materialises g(L_b) of blocks up to this size at each refresh and applies it as one
+# batched GEMM per step: at 384 x 384 / blocks of 128 that is ~30x cheaper on one CPU thread than the K sparse
+# products of the Chebyshev recursion per step (benchmarks/NOTES.md, "Full-spectrum filter per step"). Memory:
+# N_r x n_max floats per weight.
+MATERIALIZE_MAX_BLOCK = 512
 _STATE_VERSION = 2
 
 
@@ -135,6 +140,7 @@ class FilterTarget:
         self.basis: SpectralBasis
         self.gains: torch.Tensor
         self.chebyshev_coeffs: torch.Tensor | None = None
+        self.block_operator: torch.Tensor | None = None  # (B, n_max, n_max) g(L_b) for filter_method="chebyshev"
         self.lambda_max: float = 2.0
         self.theta0: torch.Tensor | None = None
         self.correlation: torch.Tensor | None = None
@@ -177,6 +183,8 @@ class FilterTarget:
     def filter(self, grad: torch.Tensor) -> torch.Tensor:
         """F(grad) for (N_r, d) local rows, a new tensor in grad's dtype (see the module docstring)."""
         if self.filter_method == "chebyshev":
+            if self.block_operator is not None:
+                return _apply_block_operator(self.block_operator, self.graph.block_ptr, grad)
             return chebyshev_filter(grad, self.laplacian, self.chebyshev_coeffs, lambda_max=self.lambda_max)
         return spectral_filter(grad, self.basis, self.gains, passthrough=self.passthrough)
 
@@ -307,7 +315,9 @@ class SpectralGradientFilter:
         filter_method: "basis" (U diag(g) Uᵀ + h·(I − U Uᵀ) on the k computed eigenpairs per block; the fused
             SpectralAdamW kernel) or "chebyshev" (g(L) on the whole spectrum of every block through
             ``sk.chebyshev_filter``, a degree-``chebyshev_order`` polynomial on [0, λ_max]; paper 001's
-            U g(Λ) Uᵀ with the full U, no eigendecomposition needed for it).
+            U g(Λ) Uᵀ with the full U, no eigendecomposition needed for it). Blocks up to
+            ``MATERIALIZE_MAX_BLOCK`` rows get g(L_b) materialised at each refresh and applied by one batched GEMM
+            per step; larger ones run the recursion every step.
         chebyshev_order: the polynomial degree K for filter_method="chebyshev".
         refresh_every: rebuild graphs and bases every this many steps (0 or None: never).
         reg_weight: λ of the joint loss; W₀ is kept (one copy of the targeted weights) only when it is non-zero.
@@ -680,9 +690,11 @@ class SpectralGradientFilter:
                   "gains": self._gains_for(t.name, basis), "theta0": theta0, "correlation": correlation}
         if self.filter_method == "chebyshev":
             lambda_max = laplacian.spectrum_bound() or 1.0  # an edgeless graph: spectrum {0}
-            staged["lambda_max"] = lambda_max
-            staged["chebyshev_coeffs"] = chebyshev_coefficients(self.gains, self.chebyshev_order, lambda_max).to(
-                device=device, dtype=torch.float64 if local.dtype == torch.float64 else torch.float32)
+            acc = torch.float64 if local.dtype == torch.float64 else torch.float32
+            coeffs = chebyshev_coefficients(self.gains, self.chebyshev_order, lambda_max).to(device=device, dtype=acc)
+            staged["lambda_max"], staged["chebyshev_coeffs"] = lambda_max, coeffs
+            staged["block_operator"] = (_block_operator(laplacian, coeffs, lambda_max, acc)
+                                        if 0 < n_max <= MATERIALIZE_MAX_BLOCK else None)
         return staged
 
     @staticmethod
@@ -801,6 +813,39 @@ def _checked_graph(name: str, rows: int, block_ptr: torch.Tensor, row: torch.Ten
         raise ValueError(f"state_dict graph of {name}: edge weights must be finite and non-negative")
     return ParameterGraph(rows, block_ptr, row.to(device, torch.int64), col.to(device, torch.int64),
                           weight.to(device))
+
+
+def _block_operator(laplacian: GraphLaplacian, coeffs: torch.Tensor, lambda_max: float,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """(B, n_max, n_max) dense g(L_b) of every block: the Chebyshev polynomial applied to the block-local identity
+    (column j of block b: g(L_b) e_j), zero-padded. No eigendecomposition."""
+    ptr = laplacian.block_ptr
+    sizes = ptr[1:] - ptr[:-1]
+    num_blocks, n = sizes.numel(), int(ptr[-1])
+    n_max = int(sizes.max())
+    device = laplacian.device
+    node_block = torch.repeat_interleave(torch.arange(num_blocks), sizes)
+    local = torch.arange(n) - ptr[:-1][node_block]
+    eye = torch.zeros(n, n_max, dtype=dtype, device=device)
+    eye[torch.arange(n, device=device), local.to(device)] = 1
+    columns = chebyshev_filter(eye, laplacian, coeffs, lambda_max=lambda_max)        # (N, n_max): rows of g(L_b)
+    operator = torch.zeros(num_blocks, n_max, n_max, dtype=dtype, device=device)
+    operator[node_block.to(device), local.to(device)] = columns
+    return operator
+
+
+def _apply_block_operator(operator: torch.Tensor, block_ptr: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """y_b = G_b x_b for every block of the rows of x (N, d); one batched GEMM; y in x's dtype."""
+    num_blocks, n_max = operator.shape[0], operator.shape[1]
+    sizes = block_ptr[1:] - block_ptr[:-1]
+    xw = x.to(operator.dtype)
+    if bool((sizes == n_max).all()):
+        return torch.bmm(operator, xw.reshape(num_blocks, n_max, -1)).reshape(x.shape).to(x.dtype)
+    node_block = torch.repeat_interleave(torch.arange(num_blocks), sizes).to(x.device)
+    local = (torch.arange(int(block_ptr[-1])) - block_ptr[:-1][node_block.cpu()]).to(x.device)
+    padded = xw.new_zeros(num_blocks, n_max, x.shape[1])
+    padded[node_block, local] = xw
+    return torch.bmm(operator, padded)[node_block, local].to(x.dtype)
 
 
 def _block_gram(grad: torch.Tensor, block_ptr: torch.Tensor, n_max: int) -> torch.Tensor:
