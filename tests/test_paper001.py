@@ -324,3 +324,46 @@ def test_construction_logs_each_target(seed, caplog):
         model_and_filter(seed, progress=False)
     (record,) = [r for r in caplog.records if "spectral basis of 0.weight" in r.getMessage()]
     assert "20 rows in 3 blocks, k=3, eigensolver" in record.getMessage()
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_grad_scaler_step_unscales_the_regulariser_too_and_skips_inf_steps(seed, optimizer):
+    """scaler.step(opt) with a loss scale of 2^10 gives the unscaled run's parameters; an inf step is skipped
+    without counting and without leaving its regulariser scale behind for the next step."""
+    def make(model, filt):
+        if optimizer == "adamw":
+            return sk.SpectralAdamW(model.parameters(), lr=1e-2, spectral_filter=filt)
+        return sk.SpectralSGD(model.parameters(), lr=0.1, momentum=0.5, spectral_filter=filt)
+
+    runs = []
+    for scaled in (False, True):
+        model, filt = model_and_filter(seed)
+        opt = make(model, filt)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000) if scaled else None
+        for step in range(3):
+            loss = model(inputs(step)).square().mean() + filt.regularization()
+            if scaled:
+                scaler.scale(loss).backward()
+                if step == 1:  # poison one step: the scaler must skip it
+                    model[2].bias.grad[0] = float("inf")
+                scaler.step(opt)
+                scaler.update()
+            elif step != 1:
+                loss.backward()
+                opt.step()
+            opt.zero_grad()
+        runs.append((model, filt))
+    (plain, plain_filt), (scaled_model, scaled_filt) = runs
+    assert scaled_filt.steps == plain_filt.steps == 2
+    for p, q in zip(scaled_model.parameters(), plain.parameters()):
+        assert rel(p, q) <= 1e-6
+
+
+def test_unscaled_gradients_with_a_pending_regulariser_are_refused(seed):
+    model, filt = model_and_filter(seed)
+    opt = sk.SpectralAdamW(model.parameters(), lr=1e-2, spectral_filter=filt)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(model(inputs(seed)).square().mean() + filt.regularization()).backward()
+    scaler.unscale_(opt)  # e.g. for gradient clipping
+    with pytest.raises(RuntimeError, match="scaler.unscale_\\(optimizer\\) ran before scaler.step\\(optimizer\\)"):
+        scaler.step(opt)

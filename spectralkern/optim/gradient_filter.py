@@ -39,9 +39,9 @@ backward puts nothing into any weight's ``.grad``: it records the gradient it re
 and sums it over the calls since the last step. The step then adds scale·2λ L_reg Δ, computed once from the current
 Δ. So the regulariser enters the update exactly as often and as scaled as the loss that contained it, with no second
 backward. The recorded scale includes a loss scale, so the filter must see ``.grad`` in the scale the backward left
-it: with ``torch.amp.GradScaler`` (fp16) call ``filt.step()`` before ``scaler.unscale_(optimizer)``; SpectralAdamW and
-SpectralSGD, which filter inside ``scaler.step()`` after it unscaled ``.grad``, do not support a GradScaler together
-with the regulariser yet (bf16 autocast needs no scaler and works).
+it: with ``torch.amp.GradScaler`` (fp16) call ``filt.step()`` before ``scaler.unscale_(optimizer)``. SpectralAdamW
+and SpectralSGD take ``scaler.step(opt)`` themselves (``optim/amp.py``): they divide gradients and the recorded scale
+by S together, and skip inf/nan steps without counting them.
 
 The per-target protocol (``filt.targets_for_update()`` → ``FilterTarget``s, then ``filt.end_step()``) is what the
 optimizers, the checkpoint code and any other update rule use; nothing outside this module touches the filter's
@@ -527,6 +527,17 @@ class SpectralGradientFilter:
         self.steps += 1
         if self.refresh_every and self.steps % self.refresh_every == 0:
             self.refresh()
+
+    @property
+    def regularizer_pending(self) -> bool:
+        """True when a backward went through ``regularization()`` since the last step (its gradient is due)."""
+        return self._recorded_scale is not None
+
+    def scale_recorded_regularizer_(self, factor: torch.Tensor | float) -> None:
+        """Multiply the recorded regulariser scale by ``factor`` (what unscaling ``.grad`` by 1/S does to the task
+        gradient, applied to the regulariser's share; used by ``optim.amp``)."""
+        if self._recorded_scale is not None:
+            self._recorded_scale = self._recorded_scale * torch.as_tensor(factor).to(self._recorded_scale)
 
     def skip_step(self) -> None:
         """Forget the gradients' recorded regulariser scale without counting a step (an optimizer step skipped
