@@ -367,3 +367,24 @@ def test_unscaled_gradients_with_a_pending_regulariser_are_refused(seed):
     scaler.unscale_(opt)  # e.g. for gradient clipping
     with pytest.raises(RuntimeError, match="scaler.unscale_\\(optimizer\\) ran before scaler.step\\(optimizer\\)"):
         scaler.step(opt)
+
+
+def test_unscale_regularizer_after_an_explicit_unscale(seed):
+    """scaler.unscale_ (for clipping) + filt.unscale_regularizer_(1/S), then scaler.step: the unscaled run's step."""
+    runs = []
+    for scaled in (False, True):
+        model, filt = model_and_filter(seed)
+        opt = sk.SpectralSGD(model.parameters(), lr=0.1, spectral_filter=filt)
+        loss = model(inputs(seed)).square().mean() + filt.regularization()
+        if scaled:
+            scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            filt.unscale_regularizer_(1 / scaler.get_scale())
+            scaler.step(opt)
+        else:
+            loss.backward()
+            opt.step()
+        runs.append(model)
+    for p, q in zip(runs[1].parameters(), runs[0].parameters()):
+        assert rel(p, q) <= 1e-6

@@ -27,13 +27,13 @@ def prepare_scaled_step(optimizer: torch.optim.Optimizer, spectral_filter: Spect
         return False
     grad_scale = getattr(optimizer, "grad_scale", None)
     if grad_scale is None:  # scaler.unscale_(optimizer) already divided .grad by S (e.g. for clipping)
-        if spectral_filter is not None and spectral_filter.regularizer_pending:
+        if (spectral_filter is not None and spectral_filter.regularizer_pending
+                and not spectral_filter.regularizer_unscaled):
             spectral_filter.skip_step()
             raise RuntimeError("scaler.unscale_(optimizer) ran before scaler.step(optimizer) while the spectral "
                                "regulariser's gradient is pending: .grad is unscaled but the regulariser's recorded "
-                               "scale still carries the loss scale, which the optimizer cannot see. Clip after "
-                               "scaler.step(), use bf16 autocast (no scaler), or use explicit filt.step() before "
-                               "scaler.unscale_()")
+                               "scale still carries the loss scale, which the optimizer cannot see. Call "
+                               "filt.unscale_regularizer_(1 / scaler.get_scale()) right after scaler.unscale_()")
         return True
     inverse = grad_scale.double().reciprocal().float()
     for group in optimizer.param_groups:
@@ -41,8 +41,8 @@ def prepare_scaled_step(optimizer: torch.optim.Optimizer, spectral_filter: Spect
             if p.grad is not None:
                 grad = local_tensor(p.grad)
                 grad.mul_(inverse.to(grad.device))
-    if spectral_filter is not None:
-        spectral_filter.scale_recorded_regularizer_(inverse)
+    if spectral_filter is not None and not spectral_filter.regularizer_unscaled:
+        spectral_filter.unscale_regularizer_(inverse)
     return True
 
 

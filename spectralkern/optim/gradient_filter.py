@@ -39,9 +39,10 @@ backward puts nothing into any weight's ``.grad``: it records the gradient it re
 and sums it over the calls since the last step. The step then adds scale·2λ L_reg Δ, computed once from the current
 Δ. So the regulariser enters the update exactly as often and as scaled as the loss that contained it, with no second
 backward. The recorded scale includes a loss scale, so the filter must see ``.grad`` in the scale the backward left
-it: with ``torch.amp.GradScaler`` (fp16) call ``filt.step()`` before ``scaler.unscale_(optimizer)``. SpectralAdamW
-and SpectralSGD take ``scaler.step(opt)`` themselves (``optim/amp.py``): they divide gradients and the recorded scale
-by S together, and skip inf/nan steps without counting them.
+it: with ``torch.amp.GradScaler`` (fp16) call ``filt.step()`` before ``scaler.unscale_(optimizer)``, or call
+``filt.unscale_regularizer_(1 / scaler.get_scale())`` right after it. SpectralAdamW and SpectralSGD take
+``scaler.step(opt)`` themselves (``optim/amp.py``): they divide gradients and the recorded scale by S together, and
+skip inf/nan steps without counting them.
 
 The per-target protocol (``filt.targets_for_update()`` → ``FilterTarget``s, then ``filt.end_step()``) is what the
 optimizers, the checkpoint code and any other update rule use; nothing outside this module touches the filter's
@@ -385,6 +386,7 @@ class SpectralGradientFilter:
         self.steps = 0
         self._explicit_pending = False  # step() filtered grads that no optimizer step has consumed yet
         self._recorded_scale: torch.Tensor | None = None  # Σ of the gradients regularization()'s backward received
+        self._recorded_unscaled = False                    # unscale_regularizer_() ran since the last step
         self._anchor: torch.Tensor | None = None
         self._keeps_theta0 = self._reg_weight != 0  # W₀ is kept for the filter's lifetime, or never
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
@@ -523,7 +525,7 @@ class SpectralGradientFilter:
 
     def end_step(self) -> None:
         """Close a step: forget the recorded regulariser scale, count the step, refresh the bases when due."""
-        self._recorded_scale = None
+        self._recorded_scale, self._recorded_unscaled = None, False
         self.steps += 1
         if self.refresh_every and self.steps % self.refresh_every == 0:
             self.refresh()
@@ -533,16 +535,26 @@ class SpectralGradientFilter:
         """True when a backward went through ``regularization()`` since the last step (its gradient is due)."""
         return self._recorded_scale is not None
 
-    def scale_recorded_regularizer_(self, factor: torch.Tensor | float) -> None:
-        """Multiply the recorded regulariser scale by ``factor`` (what unscaling ``.grad`` by 1/S does to the task
-        gradient, applied to the regulariser's share; used by ``optim.amp``)."""
+    @property
+    def regularizer_unscaled(self) -> bool:
+        """True when ``unscale_regularizer_`` ran since the last step."""
+        return self._recorded_unscaled
+
+    def unscale_regularizer_(self, inv_scale: torch.Tensor | float) -> None:
+        """Divide the recorded regulariser scale by the loss scale S (``inv_scale`` = 1/S): what
+        ``scaler.unscale_(optimizer)`` does to ``.grad``, done to the regulariser's share. Call it right after an
+        explicit ``scaler.unscale_`` (e.g. before clipping); ``scaler.step`` of SpectralAdamW / SpectralSGD calls it
+        itself otherwise. Once per step."""
+        if self._recorded_unscaled:
+            raise RuntimeError("unscale_regularizer_() was already called since the last step")
         if self._recorded_scale is not None:
-            self._recorded_scale = self._recorded_scale * torch.as_tensor(factor).to(self._recorded_scale)
+            self._recorded_scale = self._recorded_scale * torch.as_tensor(inv_scale).to(self._recorded_scale)
+        self._recorded_unscaled = True
 
     def skip_step(self) -> None:
         """Forget the gradients' recorded regulariser scale without counting a step (an optimizer step skipped
         because of inf/nan gradients under a GradScaler)."""
-        self._recorded_scale = None
+        self._recorded_scale, self._recorded_unscaled = None, False
         self._explicit_pending = False
 
     def refresh(self) -> None:
@@ -635,7 +647,7 @@ class SpectralGradientFilter:
             self._assign(t, new | {"block_ptr": new["graph"].block_ptr})
         self.steps = steps
         self._explicit_pending = False
-        self._recorded_scale = None
+        self._recorded_scale, self._recorded_unscaled = None, False
 
     def __repr__(self) -> str:
         return (f"SpectralGradientFilter(targets={len(self._targets)}, graph={self.graph_kind!r}, "
