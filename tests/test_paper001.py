@@ -262,6 +262,13 @@ def test_laplacian_matmul_equals_the_dense_product(backend, seed):
         assert rel(sk.laplacian_matmul(x[:, 0], L, torch.tensor(0.7)), expected[:, 0]) <= 1e-6
 
 
+def test_laplacian_matmul_gradcheck(seed):
+    L = sk.ParameterGraph.knn(torch.randn(7, 3, dtype=torch.float64), k=2, block_size=4).laplacian()
+    x = torch.randn(7, 2, dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, s: sk.laplacian_matmul(x, L, s), (x, scale))
+
+
 # ------------------------------------------------------------------------------ 5. protocol and atomic loading
 def test_targets_for_update_refuses_filtered_gradients_and_hook_mode(seed):
     model, filt = model_and_filter(seed)
@@ -296,6 +303,15 @@ def test_failed_load_leaves_the_filter_unchanged(seed):
     with pytest.raises(ValueError, match="saved W₀ of 2.weight is torch.float32 of shape \\(12, 7\\)"):
         filt.load_state_dict(broken)
     assert all(t.state() == before[t.name] for t in filt.filter_targets)
+    broken = other.state_dict()
+    entry = broken["targets"]["2.weight"]
+    broken["targets"]["2.weight"] = dict(entry, U=entry["U"].double(), eigenvalues=entry["eigenvalues"].double())
+    with pytest.raises(ValueError, match="the basis of 2.weight is torch.float64, its graph torch.float32"):
+        filt.load_state_dict(broken)
+    broken = other.state_dict() | {"version": 99}
+    with pytest.raises(ValueError, match="version 2\\), got dict with version 99"):
+        filt.load_state_dict(broken)
+    assert all(t.state() == before[t.name] for t in filt.filter_targets) and filt.steps == 0
     filt.load_state_dict(saved)  # a good state still loads
 
 

@@ -682,7 +682,10 @@ class SpectralGradientFilter:
         if not torch.equal(basis.block_ptr, expected_ptr.cpu()):
             raise ValueError(f"the basis of {t.name} has blocks {basis.block_ptr.tolist()}, its graph "
                              f"{expected_ptr.tolist()}")
-        if not basis.dtype.is_floating_point or basis.device != device or graph.device != device:
+        if basis.dtype != graph.dtype:
+            raise ValueError(f"the basis of {t.name} is {basis.dtype}, its graph {graph.dtype}; the basis must have "
+                             "the Laplacian's dtype")
+        if basis.device != device or graph.device != device:
             raise ValueError(f"the state of {t.name} is on {graph.device} / {basis.device} ({basis.dtype}); the "
                              f"weight is on {device}")
         theta0, correlation = state.theta0, state.correlation
