@@ -186,6 +186,8 @@ def test_updates_that_claim_the_band_stay_in_span_u(backend, seed, optimizer):
         opt.zero_grad()
     update = model[0].weight.detach() - before
     assert update.norm() > 0 and outside_span(update, filt.bases()["0.weight"]) < 1e-6
+    outside, total = filt.filter_targets[0].band_energy(update)
+    assert float(outside) <= 1e-6 * float(total)
 
 
 def test_plain_spectral_adamw_leaves_the_band(seed):
@@ -197,7 +199,11 @@ def test_plain_spectral_adamw_leaves_the_band(seed):
         model(inputs(step)).square().mean().backward()
         opt.step()
         opt.zero_grad()
-    assert outside_span(model[0].weight.detach() - before, filt.bases()["0.weight"]) > 1e-3
+    update = model[0].weight.detach() - before
+    share = outside_span(update, filt.bases()["0.weight"])
+    assert share > 1e-3
+    outside, total = filt.filter_targets[0].band_energy(update)
+    assert abs(float(outside / total) - share) <= 1e-4 * share
 
 
 # ---------------------------------------------------------------------------- 3. full-spectrum filter g(L)

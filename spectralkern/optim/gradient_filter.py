@@ -205,6 +205,13 @@ class FilterTarget:
         delta = weight.to(acc) - self.theta0.to(acc)
         return laplacian_matmul(delta, self.reg_laplacian, (2 * scale).to(device=delta.device, dtype=acc))
 
+    def band_energy(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(‖x − U Uᵀ x‖², ‖x‖²) over the local rows of x (N_r, d), fp32 0-dim tensors (fp64 for fp64 x): how much
+        of an update's energy lies outside span(U), the band the basis filter keeps."""
+        inside = spectral_filter(x, self.basis, torch.ones_like(self.gains), passthrough=0.0)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return (x.to(acc) - inside.to(acc)).square().sum(), x.to(acc).square().sum()
+
     def state(self) -> TargetState:
         """References to the current state (the filter never changes these tensors in place)."""
         return TargetState(self.graph, self.basis, self.theta0, self.correlation)
