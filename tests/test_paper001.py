@@ -5,6 +5,7 @@ per-target protocol, and all-or-nothing state loading."""
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 
 import pytest
@@ -346,10 +347,20 @@ def test_theta0_of_another_width_is_refused(seed):
     assert unchanged(wide, before)
 
 
-def test_construction_logs_each_target(seed, caplog):
-    with caplog.at_level("INFO", logger="spectralkern.optim.gradient_filter"):
+def test_construction_logs_each_target(seed):
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logger = logging.getLogger("spectralkern.optim.gradient_filter")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
         model_and_filter(seed, progress=False)
-    (record,) = [r for r in caplog.records if "spectral basis of 0.weight" in r.getMessage()]
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    (record,) = [r for r in records if "spectral basis of 0.weight" in r.getMessage()]
     assert "20 rows in 3 blocks, k=3, eigensolver" in record.getMessage()
 
 
