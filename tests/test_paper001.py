@@ -150,6 +150,22 @@ def test_zero_task_loss_spectral_sgd_steps_along_the_regulariser_gradient(backen
     assert rel(model[0].weight.detach() - before, expected) <= 1e-5
 
 
+def test_zero_grad_discards_the_regulariser_share_too(seed):
+    """backward, zero_grad (a discarded batch), backward, step: the step sees one regulariser term, as .grad."""
+    runs = []
+    for discard in (False, True):
+        model, filt = model_and_filter(seed)
+        opt = sk.SpectralSGD(model.parameters(), lr=0.5, spectral_filter=filt)
+        if discard:
+            (model(inputs(seed)).square().mean() + filt.regularization()).backward()
+            opt.zero_grad()
+        (model(inputs(seed + 1)).square().mean() + filt.regularization()).backward()
+        opt.step()
+        runs.append(model)
+    for p, q in zip(runs[1].parameters(), runs[0].parameters()):
+        assert torch.equal(p, q)
+
+
 # --------------------------------------------------------------------------- 2. the update rules and span(U)
 def test_spectral_sgd_is_the_papers_rule_with_momentum_as_torch_sgd(seed):
     """θ ← θ − η(F g + 2λLΔ) with momentum: equals torch.optim.SGD fed those directions."""

@@ -559,8 +559,9 @@ class SpectralGradientFilter:
         self._recorded_unscaled = True
 
     def skip_step(self) -> None:
-        """Forget the gradients' recorded regulariser scale without counting a step (an optimizer step skipped
-        because of inf/nan gradients under a GradScaler)."""
+        """Forget the gradients' recorded regulariser scale without counting a step: the gradients were discarded
+        (``zero_grad`` of SpectralAdamW / SpectralSGD) or an optimizer step was skipped (inf/nan under a
+        GradScaler). With another optimizer, call it when you zero gradients without stepping."""
         self._recorded_scale, self._recorded_unscaled = None, False
         self._explicit_pending = False
 
