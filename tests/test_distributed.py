@@ -518,35 +518,3 @@ def test_hf_trainer_fsdp2_and_ddp_match_one_process(tmp_path):
     assert message is not None and "spectral_filter targets net.0.weight, net.2.weight, which this optimizer " \
                                    "does not update" in message
     assert "SpectralTrainer(..., spectral_filter=lambda model:" in message
-
-
-def test_hf_trainer_filter_factory_one_process(tmp_path):
-    """The factory is called when train() starts, on the trained model, and its filter joins SpectralAdamW; bad
-    factories and combinations are refused with the fix."""
-    pytest.importorskip("transformers")
-    from transformers import Trainer
-
-    from spectralkern.integrations.hf import SpectralFilterCallback, SpectralTrainer
-
-    model = Regressor()
-    seen = []
-    trainer = SpectralTrainer(model=model, args=trainer_args(str(tmp_path), 1), train_dataset=trainer_dataset(),
-                              spectral_filter=lambda m: seen.append(m) or trainer_filter(m))
-    assert trainer.spectral_filter is None and not seen
-    trainer.train()
-    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
-    assert seen == [model] and optimizer.spectral_filter is trainer.spectral_filter
-    assert trainer.spectral_filter.steps == TRAINER_STEPS
-
-    kwargs = dict(model=model, args=trainer_args(str(tmp_path), 1), train_dataset=trainer_dataset())
-    with pytest.raises(ValueError, match="spectral_filter is a factory.*an optimizer was passed through optimizers="):
-        SpectralTrainer(**kwargs, spectral_filter=trainer_filter, optimizers=(torch.optim.SGD(model.parameters()),
-                                                                              None))
-    with pytest.raises(TypeError, match="spectral_filter must be a spectralkern.SpectralGradientFilter or a "
-                                        "factory model -> SpectralGradientFilter .*got Regressor"):
-        SpectralTrainer(**kwargs, spectral_filter=model)
-    with pytest.raises(TypeError, match="got object"):
-        SpectralFilterCallback(object())
-    with pytest.raises(TypeError, match="the spectral_filter factory must return a spectralkern."
-                                        "SpectralGradientFilter, got NoneType"):
-        Trainer(**kwargs, callbacks=[SpectralFilterCallback(lambda m: None)]).train()
