@@ -77,7 +77,8 @@ def make_trainer(way: str, source: str, output_dir: str, callbacks=(), args_over
     model = tiny_bert()
     factory = functools.partial(sk.SpectralGradientFilter, **FILTER)
     spectral_filter = factory if source == "factory" else factory(model)
-    kwargs = dict(model=model, args=training_args(output_dir, **(args_overrides or {})), train_dataset=dataset(), callbacks=list(callbacks))
+    kwargs = dict(model=model, args=training_args(output_dir, **(args_overrides or {})), train_dataset=dataset(),
+                  callbacks=list(callbacks))
     if way == "SpectralTrainer":
         trainer = SpectralTrainer(**kwargs, spectral_filter=spectral_filter, **trainer_kwargs)
         return trainer, lambda: trainer.spectral_filter
@@ -231,7 +232,9 @@ class QueryValue(torch.nn.Module):
     def forward(self, x, target=None, labels=None, **kwargs):
         out = self.value(torch.tanh(self.query(x)))
         target = target if target is not None else labels
-        return {"logits": out} if target is None else {"loss": torch.nn.functional.mse_loss(out, target), "logits": out}
+        if target is None:
+            return {"logits": out}
+        return {"loss": torch.nn.functional.mse_loss(out, target), "logits": out}
 
 
 def summed_squares(outputs, labels, num_items_in_batch):
