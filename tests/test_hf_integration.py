@@ -71,10 +71,17 @@ class StopAt(TrainerCallback):
         return control
 
 
-def make_trainer(way: str, source: str, output_dir: str, callbacks=(), args_overrides=None, **trainer_kwargs):
+def lora_bert():
+    """tiny_bert with peft LoRA adapters on query and value (the filter then targets lora_A / lora_B)."""
+    peft = pytest.importorskip("peft")
+    return peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+
+
+def make_trainer(way: str, source: str, output_dir: str, callbacks=(), args_overrides=None, lora: bool = False,
+                 **trainer_kwargs):
     """(trainer, get_filter) for way in {"SpectralTrainer", "callback"} and source in {"factory", "built"};
     ``trainer_kwargs`` go to SpectralTrainer or SpectralFilterCallback."""
-    model = tiny_bert()
+    model = lora_bert() if lora else tiny_bert()
     factory = functools.partial(sk.SpectralGradientFilter, **FILTER)
     spectral_filter = factory if source == "factory" else factory(model)
     kwargs = dict(model=model, args=training_args(output_dir, **(args_overrides or {})), train_dataset=dataset(),
@@ -106,25 +113,30 @@ def assert_identical(resumed: dict, uninterrupted: dict) -> None:
     assert float(uninterrupted["regularization"]) > 0
 
 
-@pytest.mark.parametrize("way,source", [("SpectralTrainer", "factory"), ("SpectralTrainer", "built"),
-                                        ("callback", "factory"), ("callback", "built")])
-def test_interrupted_and_resumed_run_ends_bit_identical(way, source, tmp_path):
+@pytest.mark.parametrize("way,source,lora,resume", [
+    ("SpectralTrainer", "factory", False, "path"), ("SpectralTrainer", "built", False, "last"),
+    ("callback", "factory", False, "last"), ("callback", "built", False, "path"),
+    ("SpectralTrainer", "factory", True, "path")])
+@pytest.mark.filterwarnings("ignore:the kNN graphs of .* have no edges")  # LoRA B starts at zero
+def test_interrupted_and_resumed_run_ends_bit_identical(way, source, lora, resume, tmp_path):
     """6 steps straight vs 4 steps, interruption, and a new process state (new model, filter and Trainer; the
-    global RNG elsewhere) resuming from checkpoint-4: the same weights, filter steps, bases and regulariser. The
-    bases are refreshed at steps 3 and 6, so the last refresh happens after the checkpoint."""
-    trainer, get_filter = make_trainer(way, source, str(tmp_path / "straight"))
+    global RNG elsewhere) resuming from checkpoint-4 (its path, or True: the last one in output_dir): the same
+    weights, filter steps, bases and regulariser. The bases are refreshed at steps 3 and 6, so the last refresh
+    happens after the checkpoint. With peft LoRA the checkpoint holds the adapters only."""
+    trainer, get_filter = make_trainer(way, source, str(tmp_path / "straight"), lora=lora)
     trainer.train()
     uninterrupted = outcome(trainer, get_filter())
     assert uninterrupted["bases"] != {}
 
-    trainer, get_filter = make_trainer(way, source, str(tmp_path / "interrupted"), callbacks=[StopAt(SAVE_AT)])
+    trainer, get_filter = make_trainer(way, source, str(tmp_path / "interrupted"), callbacks=[StopAt(SAVE_AT)],
+                                       lora=lora)
     trainer.train()
     assert trainer.state.global_step == SAVE_AT and get_filter().steps == SAVE_AT
     checkpoint = tmp_path / "interrupted" / f"checkpoint-{SAVE_AT}"
 
     torch.manual_seed(12345)  # whatever the RNG holds now, the Trainer restores the checkpoint's
-    trainer, get_filter = make_trainer(way, source, str(tmp_path / "interrupted"))
-    trainer.train(resume_from_checkpoint=str(checkpoint))
+    trainer, get_filter = make_trainer(way, source, str(tmp_path / "interrupted"), lora=lora)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if resume == "path" else True)
     assert_identical(outcome(trainer, get_filter()), uninterrupted)
     saved = torch.load(checkpoint / FILTER_STATE_NAME, weights_only=True)  # plain containers and tensors
     assert saved["global_step"] == SAVE_AT and saved["filter"]["steps"] == SAVE_AT
@@ -344,10 +356,9 @@ def test_spectral_trainer_uses_spectral_adamw_and_the_joint_loss(tmp_path):
 
 
 def test_peft_lora_model_with_the_filter_on_its_adapters():
-    peft = pytest.importorskip("peft")
     from spectralkern.integrations.hf import lora_targets
 
-    model = peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+    model = lora_bert()
     # LoRA B starts at zero, so its kNN graph is edgeless until a refresh: the filter warns about that.
     with pytest.warns(UserWarning, match="have no edges"):
         filt = sk.SpectralGradientFilter(model, target_modules=["query", "value"], block_size=64, k=4, knn=4)
