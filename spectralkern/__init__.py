@@ -2,6 +2,11 @@
 
 Layers (each only looks down): graph → basis → ops → (optim / peft) → bench / demo → cli.
 """
+from logging import NullHandler as _NullHandler, getLogger as _getLogger
+
+# Modules log through logging.getLogger(__name__); the application (or the `spectralkern` command) adds handlers.
+_getLogger(__name__).addHandler(_NullHandler())
+
 from . import filters
 from .basis import SpectralBasis
 from .eigen import EigenInfo, NoConvergence, lowest_eigenpairs

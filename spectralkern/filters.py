@@ -53,14 +53,17 @@ class Tikhonov:
 
 
 def low_pass(cutoff: float) -> LowPass:
+    """The ideal low-pass gain function: ``low_pass(c)(eigenvalues)`` is 1 where λ ≤ c, else 0 (same shape)."""
     return LowPass(_finite("cutoff", cutoff))
 
 
 def heat(t: float) -> Heat:
+    """The heat-kernel gain function: ``heat(t)(eigenvalues)`` is exp(−t·λ) (same shape); t ≥ 0."""
     return Heat(_non_negative("t", t))
 
 
 def tikhonov(tau: float) -> Tikhonov:
+    """The Tikhonov gain function: ``tikhonov(tau)(eigenvalues)`` is 1 / (1 + τ·λ) (same shape); τ ≥ 0."""
     return Tikhonov(_non_negative("tau", tau))
 
 
