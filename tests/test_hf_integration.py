@@ -460,3 +460,63 @@ def test_a_damaged_file_is_refused_with_its_path(finished_run, tmp_path):
     with pytest.raises(ValueError, match=r"is not a spectral filter state of format 1 with keys \['filter', "
                                          r"'fingerprints', 'format', 'global_step'\] \(got format 1 with keys"):
         read_filter_state(get_filter(), folder, global_step=SAVE_AT)
+
+
+# ------------------------------------------------------------------------------------------------ FSDP2, 2 ranks
+class _StopAtSaveStep(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = state.global_step == SAVE_AT
+
+
+def _fsdp2_resume_worker(rank: int, world: int, port: int, workdir: str) -> None:
+    """Straight, interrupted and resumed runs of SpectralTrainer with a factory under FSDP2 on 2 CPU ranks (the
+    distributed tests' Regressor, data and relabelled process state); rank 0 saves what the parent compares."""
+    import torch.distributed as dist
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+    from test_distributed import TRAINER_STEPS, Regressor, params_of, trainer_dataset, trainer_filter
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+
+    def run(output_dir, callbacks=(), resume=None):
+        args = TrainingArguments(output_dir=output_dir, max_steps=TRAINER_STEPS, per_device_train_batch_size=8 // world,
+                                 train_sampling_strategy="sequential", learning_rate=1e-2, report_to=[],
+                                 save_strategy="steps", save_steps=SAVE_AT, use_cpu=True, disable_tqdm=True,
+                                 logging_strategy="no", dataloader_num_workers=0, fsdp=True,
+                                 fsdp_config={"fsdp_version": 2})
+        PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU  # FSDP2 on gloo
+        trainer = SpectralTrainer(model=Regressor(), args=args, train_dataset=trainer_dataset(),
+                                  spectral_filter=trainer_filter, callbacks=list(callbacks))
+        trainer.train(resume_from_checkpoint=resume)
+        filt = trainer.spectral_filter
+        return {"params": params_of(trainer.model), "steps": filt.steps, "reg": filt.regularization().detach()}
+
+    results: dict = {}
+    try:
+        results["straight"] = run(os.path.join(workdir, "straight"))
+        run(os.path.join(workdir, "interrupted"), [_StopAtSaveStep()])
+        checkpoint = os.path.join(workdir, "interrupted", f"checkpoint-{SAVE_AT}")
+        results["files"] = sorted(f for f in os.listdir(checkpoint) if f.startswith("spectral_filter"))
+        results["resumed"] = run(os.path.join(workdir, "interrupted"), resume=checkpoint)
+        if rank == 0:
+            torch.save(results, os.path.join(workdir, "results.pt"))
+        dist.barrier()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_fsdp2_trainer_resumes_bit_identical_from_per_rank_filter_files(tmp_path):
+    """2 ranks, FSDP2 (accelerate's fully_shard inside train()), the factory's filter on the sharded model: each
+    rank writes its rows' filter state, and the resumed run ends where the straight one does."""
+    test_distributed = pytest.importorskip("test_distributed")
+    pytest.importorskip("accelerate")
+    results = test_distributed._spawn(str(tmp_path), _fsdp2_resume_worker)
+    assert results["files"] == ["spectral_filter-rank0-of-2.pt", "spectral_filter-rank1-of-2.pt"]
+    straight, resumed = results["straight"], results["resumed"]
+    assert resumed["steps"] == straight["steps"] == test_distributed.TRAINER_STEPS
+    assert torch.equal(resumed["reg"], straight["reg"]) and float(straight["reg"]) > 0
+    for name, param in straight["params"].items():
+        assert torch.equal(resumed["params"][name], param), name
