@@ -39,6 +39,8 @@ import torch
 
 from ..distributed.shards import local_tensor
 from ..ops.adamw_update import AdamWHyper, adamw_update_, state_dtype
+from .amp import prepare_scaled_step
+from .attach import check_filter_attachable, check_targets_updated
 from .gradient_filter import FilterTarget, SpectralGradientFilter
 
 
@@ -59,6 +61,9 @@ class SpectralAdamW(torch.optim.Optimizer):
             parameter) or torch.bfloat16 (4 bytes, as torch.optim.AdamW keeps them for bf16 parameters). fp32 and
             fp64 parameters always keep moments in their own dtype. The arithmetic is fp32 either way.
     """
+
+    # torch.amp.GradScaler hands us scaled gradients with grad_scale / found_inf (optim/amp.py)
+    _step_supports_amp_scaling = True
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
@@ -89,7 +94,7 @@ class SpectralAdamW(torch.optim.Optimizer):
                 raise TypeError(f"spectral_filter must be a SpectralGradientFilter or None, "
                                 f"got {type(spectral_filter).__name__}")
             check_filter_attachable(spectral_filter)
-            _check_targets_updated(spectral_filter, self.param_groups)
+            check_targets_updated(spectral_filter, self.param_groups)
         self.spectral_filter = spectral_filter
 
     @torch.no_grad()
@@ -100,11 +105,13 @@ class SpectralAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         filt = self.spectral_filter
+        if not prepare_scaled_step(self, filt):
+            return loss
         targets: dict[int, FilterTarget] = {}
         if filt is not None:
             # Engines may swap the parameters after construction (accelerate's FSDP2 prepare); a filter holding the
             # old ones would silently filter nothing.
-            _check_targets_updated(filt, self.param_groups)
+            check_targets_updated(filt, self.param_groups)
             targets = {id(t.param): t for t in filt.targets_for_update()}
         for group in self.param_groups:
             if group.get("amsgrad", False):
@@ -170,14 +177,6 @@ class SpectralAdamW(torch.optim.Optimizer):
                     self.state[p][key] = saved[key].to(device=p.device, dtype=dtype, copy=True)
 
 
-def check_filter_attachable(spectral_filter: SpectralGradientFilter) -> None:
-    """Raise if ``spectral_filter`` cannot drive an optimizer that filters inside its step (hook mode)."""
-    if spectral_filter.hook:
-        raise ValueError("spectral_filter is in hook mode, which already filters the gradients during backward; "
-                         "an optimizer with spectral_filter= would filter them a second time. Build the filter with "
-                         "hook=False (or call filt.remove_hooks())")
-
-
 def _filtered_direction(target: FilterTarget, grad: torch.Tensor | None, reg: torch.Tensor | None,
                         param: torch.Tensor) -> torch.Tensor:
     """F(grad) + reg (either may be absent), in fp32 (fp64 for fp64 parameters)."""
@@ -203,18 +202,6 @@ def _lowpass_adamw_update_(param: torch.Tensor, grad: torch.Tensor, exp_avg: tor
     for stored, worked in ((param, p), (exp_avg, m), (exp_avg_sq, v)):
         if worked is not stored:
             stored.copy_(worked)
-
-
-def _check_targets_updated(spectral_filter: SpectralGradientFilter, param_groups: list[dict]) -> None:
-    """Raise if a weight the filter targets is not among the optimizer's parameters (the same tensor object)."""
-    mine = {id(p) for p in chain.from_iterable(g["params"] for g in param_groups)}
-    missing = [name for name, p in spectral_filter.targets if id(p) not in mine]
-    if missing:
-        raise ValueError(f"spectral_filter targets {', '.join(missing)}, which this optimizer does not update: "
-                         "its parameters are other tensors. Pass every targeted parameter to SpectralAdamW, and "
-                         "build the filter after the model is wrapped (fully_shard, and accelerate's FSDP2 prepare "
-                         "inside Trainer.train(), replace the parameters); with the HF Trainer pass a factory: "
-                         "SpectralTrainer(..., spectral_filter=lambda model: sk.SpectralGradientFilter(model, ...))")
 
 
 def _check_hyper(lr: float, betas: tuple[float, float], eps: float, weight_decay: float, amsgrad: bool) -> None:
