@@ -293,6 +293,45 @@ def test_the_regulariser_counts_once_per_optimizer_step_under_gradient_accumulat
         torch.testing.assert_close(accumulated[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_fp16_loss_scale_reaches_the_regulariser_as_the_trainer_unscales_gradients(tmp_path):
+    """fp16 training (no GradScaler on the CPU: one is planted) in the Trainer's order — scaled backward,
+    scaler.unscale_ (the Trainer's clipping / norm), on_pre_optimizer_step, scaler.step — updates exactly as the
+    unscaled step does (S = 2⁸ scales exactly); without SpectralTrainer's hook the filter refuses the step."""
+    def make():
+        model = QueryValue()
+        filt = sk.SpectralGradientFilter(model, target_modules=["query", "value"], block_size=16, k=4, knn=4,
+                                         reg_weight=3.0, refresh_every=0)
+        with torch.no_grad():
+            for _, param in filt.targets:
+                param.add_(0.1 * torch.randn(param.shape, generator=torch.Generator().manual_seed(7)))
+        trainer = SpectralTrainer(model=model, args=training_args(str(tmp_path)), train_dataset=dataset(),
+                                  spectral_filter=filt)
+        return model, filt, trainer, sk.SpectralAdamW(model.parameters(), lr=1e-2, spectral_filter=filt)
+
+    gen = torch.Generator().manual_seed(6)
+    x, y = torch.randn(4, 6, generator=gen), torch.randn(4, 4, generator=gen)
+    model, filt, _, opt = make()
+    (model(x, y)["loss"] + filt.regularization()).backward()
+    opt.step()
+    expected = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    for with_hook in (True, False):
+        model, filt, trainer, opt = make()
+        scaler = trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+        scaler.scale(model(x, y)["loss"] + filt.regularization()).backward()
+        scaler.unscale_(opt)
+        if not with_hook:
+            with pytest.raises(RuntimeError, match="filt.unscale_regularizer_"):
+                scaler.step(opt)
+            continue
+        trainer.callback_handler.on_pre_optimizer_step(trainer.args, trainer.state, trainer.control)
+        scaler.step(opt)
+        scaler.update()
+        assert filt.steps == 1
+        for name, param in model.named_parameters():
+            assert torch.equal(param.detach(), expected[name]), name
+
+
 # ------------------------------------------------------------------------------------------------ the three ways in
 # (moved here from tests/test_finetune.py and tests/test_distributed.py, on the tiny BERT instead of MiniLM)
 def batch_of(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -411,11 +450,6 @@ def test_filter_factory_is_called_on_the_trained_model_and_bad_sources_are_refus
     with pytest.raises(TypeError, match="the spectral_filter factory must return a spectralkern."
                                         "SpectralGradientFilter, got NoneType"):
         Trainer(**kwargs, callbacks=[SpectralFilterCallback(lambda m: None)]).train()
-    # fp16's GradScaler (not available on the CPU: planted) unscales .grad before the optimizer adds the regulariser.
-    trainer = SpectralTrainer(**kwargs, spectral_filter=factory)
-    trainer.accelerator.scaler = torch.amp.GradScaler("cpu")
-    with pytest.raises(ValueError, match="joint loss does not work with a GradScaler .*bf16=True"):
-        trainer.train()
 
 
 # ------------------------------------------------------------------------------------------------ the file itself

@@ -237,7 +237,8 @@ class SpectralTrainer(Trainer):
     on the model as the engine wrapped it, and its filter is attached to the Trainer's SpectralAdamW; until then
     ``trainer.spectral_filter`` is None. The filter's reg_weight sets λ (0: no regulariser, only the filtered
     optimizer). With a built filter, an optimizer passed through ``optimizers=`` or ``optimizer_cls_and_kwargs=``
-    replaces SpectralAdamW (add ``SpectralFilterCallback`` then); with a factory that raises.
+    replaces SpectralAdamW (add ``SpectralFilterCallback`` then); with a factory that raises. Under fp16 the
+    regulariser's recorded loss scale is divided when the Trainer unscales the gradients (before the step).
 
     Checkpoints: every ``checkpoint-N/`` gets the filter's state; ``train(resume_from_checkpoint=...)`` restores it
     from that folder when training starts (after a factory built the filter). A checkpoint without it raises
@@ -314,18 +315,21 @@ class _AttachSpectralFilter(TrainerCallback):
         trainer = self.trainer
         from_factory = trainer.spectral_filter is None
         trainer.spectral_filter = _filter_for(trainer._filter_source, trainer.spectral_filter, trainer.model)
-        if trainer.spectral_filter.reg_weight != 0 and getattr(trainer.accelerator, "scaler", None) is not None:
-            # The regulariser's gradient is added inside the optimizer step, scaled by the loss scale its backward
-            # saw, but the GradScaler has unscaled .grad by then: the regulariser would weigh S times too much.
-            raise ValueError("SpectralTrainer's joint loss does not work with a GradScaler (fp16=True, loss scale "
-                             f"S): reg_weight={trainer.spectral_filter.reg_weight} would act S times too strongly. "
-                             "Train with bf16=True (no loss scale), or build the filter with reg_weight=0")
         if from_factory:
             optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper
             optimizer.set_spectral_filter(trainer.spectral_filter)
         if trainer._resuming_from is not None:
             _restore_filter(trainer.spectral_filter, [trainer._resuming_from], args, state,
                             resume_without_filter_state=trainer.resume_without_filter_state, how_to_point="")
+        return control
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        # fp16: the Trainer has unscaled .grad by now (accelerate's clip_grad_norm_, for clipping or for the logged
+        # norm), but the regulariser's recorded scale still carries the loss scale S; divide it too. (Had .grad not
+        # been unscaled, SpectralAdamW would unscale it in scaler.step and leave the regulariser as done here.)
+        filt, scaler = self.trainer.spectral_filter, getattr(self.trainer.accelerator, "scaler", None)
+        if scaler is not None and filt.regularizer_pending and not filt.regularizer_unscaled:
+            filt.unscale_regularizer_(1.0 / scaler.get_scale())
         return control
 
     def on_save(self, args, state, control, **kwargs):
