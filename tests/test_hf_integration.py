@@ -497,11 +497,6 @@ def test_a_damaged_file_is_refused_with_its_path(finished_run, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ FSDP2, 2 ranks
-class _StopAtSaveStep(TrainerCallback):
-    def on_step_end(self, args, state, control, **kwargs):
-        control.should_training_stop = state.global_step == SAVE_AT
-
-
 def _fsdp2_resume_worker(rank: int, world: int, port: int, workdir: str) -> None:
     """Straight, interrupted and resumed runs of SpectralTrainer with a factory under FSDP2 on 2 CPU ranks (the
     distributed tests' Regressor, data and relabelled process state); rank 0 saves what the parent compares."""
@@ -530,7 +525,7 @@ def _fsdp2_resume_worker(rank: int, world: int, port: int, workdir: str) -> None
     results: dict = {}
     try:
         results["straight"] = run(os.path.join(workdir, "straight"))
-        run(os.path.join(workdir, "interrupted"), [_StopAtSaveStep()])
+        run(os.path.join(workdir, "interrupted"), [StopAt(SAVE_AT)])
         checkpoint = os.path.join(workdir, "interrupted", f"checkpoint-{SAVE_AT}")
         results["files"] = sorted(f for f in os.listdir(checkpoint) if f.startswith("spectral_filter"))
         results["resumed"] = run(os.path.join(workdir, "interrupted"), resume=checkpoint)
