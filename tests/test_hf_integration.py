@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import types
 
 import pytest
 import torch
@@ -293,10 +294,12 @@ def test_the_regulariser_counts_once_per_optimizer_step_under_gradient_accumulat
         torch.testing.assert_close(accumulated[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_fp16_loss_scale_reaches_the_regulariser_as_the_trainer_unscales_gradients(tmp_path):
+@pytest.mark.parametrize("way", ["SpectralTrainer", "callback"])
+def test_fp16_loss_scale_reaches_the_regulariser_as_the_trainer_unscales_gradients(way, tmp_path):
     """fp16 training (no GradScaler on the CPU: one is planted) in the Trainer's order — scaled backward,
     scaler.unscale_ (the Trainer's clipping / norm), on_pre_optimizer_step, scaler.step — updates exactly as the
-    unscaled step does (S = 2⁸ scales exactly); without SpectralTrainer's hook the filter refuses the step."""
+    unscaled step does (S = 2⁸ scales exactly). The callback's user adds the regulariser to the loss; without the
+    hooks the filter would see .grad unscaled and the regulariser's scale not (SpectralAdamW refuses that step)."""
     def make():
         model = QueryValue()
         filt = sk.SpectralGradientFilter(model, target_modules=["query", "value"], block_size=16, k=4, knn=4,
@@ -304,32 +307,41 @@ def test_fp16_loss_scale_reaches_the_regulariser_as_the_trainer_unscales_gradien
         with torch.no_grad():
             for _, param in filt.targets:
                 param.add_(0.1 * torch.randn(param.shape, generator=torch.Generator().manual_seed(7)))
-        trainer = SpectralTrainer(model=model, args=training_args(str(tmp_path)), train_dataset=dataset(),
-                                  spectral_filter=filt)
-        return model, filt, trainer, sk.SpectralAdamW(model.parameters(), lr=1e-2, spectral_filter=filt)
+        if way == "SpectralTrainer":
+            trainer = SpectralTrainer(model=model, args=training_args(str(tmp_path)), train_dataset=dataset(),
+                                      spectral_filter=filt)
+            return model, filt, trainer, sk.SpectralAdamW(model.parameters(), lr=1e-2, spectral_filter=filt)
+        trainer = Trainer(model=model, args=training_args(str(tmp_path)), train_dataset=dataset(),
+                          callbacks=[SpectralFilterCallback(filt)])
+        return model, filt, trainer, torch.optim.AdamW(model.parameters(), lr=1e-2)
 
     gen = torch.Generator().manual_seed(6)
     x, y = torch.randn(4, 6, generator=gen), torch.randn(4, 4, generator=gen)
     model, filt, _, opt = make()
     (model(x, y)["loss"] + filt.regularization()).backward()
+    if way == "callback":
+        filt.step()
     opt.step()
     expected = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    for with_hook in (True, False):
+    model, filt, trainer, opt = make()
+    scaler = trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    scaler.scale(model(x, y)["loss"] + filt.regularization()).backward()
+    scaler.unscale_(opt)
+    # what the Trainer hands callbacks under fp16: accelerate's optimizer wrapper, with its scaler
+    trainer.callback_handler.optimizer = types.SimpleNamespace(optimizer=opt, scaler=scaler)
+    trainer.callback_handler.on_pre_optimizer_step(trainer.args, trainer.state, trainer.control)
+    scaler.step(opt)
+    scaler.update()
+    assert filt.steps == 1
+    for name, param in model.named_parameters():
+        assert torch.equal(param.detach(), expected[name]), name
+    if way == "SpectralTrainer":  # the same step without the hook is refused by SpectralAdamW
         model, filt, trainer, opt = make()
-        scaler = trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
         scaler.scale(model(x, y)["loss"] + filt.regularization()).backward()
         scaler.unscale_(opt)
-        if not with_hook:
-            with pytest.raises(RuntimeError, match="filt.unscale_regularizer_"):
-                scaler.step(opt)
-            continue
-        trainer.callback_handler.on_pre_optimizer_step(trainer.args, trainer.state, trainer.control)
-        scaler.step(opt)
-        scaler.update()
-        assert filt.steps == 1
-        for name, param in model.named_parameters():
-            assert torch.equal(param.detach(), expected[name]), name
+        with pytest.raises(RuntimeError, match="filt.unscale_regularizer_"):
+            scaler.step(opt)
 
 
 # ------------------------------------------------------------------------------------------------ the three ways in

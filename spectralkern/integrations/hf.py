@@ -178,6 +178,15 @@ def _restore_filter(spectral_filter: SpectralGradientFilter, folders: list[str],
     warnings.warn(message + "resume_without_filter_state=True: the filter restarts", stacklevel=3)
 
 
+def _unscale_regularizer(spectral_filter: SpectralGradientFilter, scaler: Any) -> None:
+    """fp16 (a GradScaler): before the optimizer step the Trainer has unscaled ``.grad`` (accelerate's
+    clip_grad_norm_, for clipping or for the logged norm), but the regulariser's recorded scale still carries the
+    loss scale S; divide it too. (Had ``.grad`` not been unscaled, SpectralAdamW would unscale it in
+    ``scaler.step`` and leave the regulariser's scale as divided here.)"""
+    if scaler is not None and spectral_filter.regularizer_pending and not spectral_filter.regularizer_unscaled:
+        spectral_filter.unscale_regularizer_(1.0 / scaler.get_scale())
+
+
 class SpectralFilterCallback(TrainerCallback):
     """Calls ``spectral_filter.step()`` before every optimizer step of a Trainer (the explicit filter mode), and
     keeps the filter's state in the Trainer's checkpoints.
@@ -216,11 +225,12 @@ class SpectralFilterCallback(TrainerCallback):
         return control
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        optimizer = kwargs.get("optimizer")
-        optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the Trainer's optimizer
+        wrapper = kwargs.get("optimizer")
+        optimizer = getattr(wrapper, "optimizer", wrapper)  # accelerate wraps the Trainer's optimizer
         if isinstance(optimizer, SpectralAdamW) and optimizer.spectral_filter is self.spectral_filter:
             raise RuntimeError("SpectralFilterCallback and SpectralAdamW share one filter: the gradients would be "
                                "filtered twice. Use either the callback or SpectralAdamW")
+        _unscale_regularizer(self.spectral_filter, getattr(wrapper, "scaler", None))
         self.spectral_filter.step()
         return control
 
@@ -324,12 +334,7 @@ class _AttachSpectralFilter(TrainerCallback):
         return control
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        # fp16: the Trainer has unscaled .grad by now (accelerate's clip_grad_norm_, for clipping or for the logged
-        # norm), but the regulariser's recorded scale still carries the loss scale S; divide it too. (Had .grad not
-        # been unscaled, SpectralAdamW would unscale it in scaler.step and leave the regulariser as done here.)
-        filt, scaler = self.trainer.spectral_filter, getattr(self.trainer.accelerator, "scaler", None)
-        if scaler is not None and filt.regularizer_pending and not filt.regularizer_unscaled:
-            filt.unscale_regularizer_(1.0 / scaler.get_scale())
+        _unscale_regularizer(self.trainer.spectral_filter, getattr(self.trainer.accelerator, "scaler", None))
         return control
 
     def on_save(self, args, state, control, **kwargs):
