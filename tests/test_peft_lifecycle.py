@@ -130,8 +130,12 @@ def test_peft_round_trip(method, arch, tmp_path, capsys):
         model.save_pretrained(tmp_path / "from_merged")  # the adapter tensors, not the merged weights
         reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "from_merged")
         torch.testing.assert_close(outputs(reloaded, ids), adapted, rtol=0, atol=0)
+        before = snapshot(model)
         with pytest.raises(ValueError, match="merged adapter layers"):  # a merged model refuses a load
             sk.peft.load(model, tmp_path / "adapter", adapter_name="other")
+        with pytest.raises(ValueError, match="merged adapter layers"):  # also through peft's own load_adapter
+            model.load_adapter(tmp_path / "adapter", "default")
+        assert_same_state(before, snapshot(model))
         model.unmerge_adapter()
         torch.testing.assert_close(outputs(model, ids), adapted, rtol=1e-4, atol=1e-5)
         merged = copy.deepcopy(model).merge_and_unload()

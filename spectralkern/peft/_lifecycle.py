@@ -256,7 +256,12 @@ class SpectralTuner(BaseTuner):
         attr = cls.tuner_layer_cls.adapter_attr
         marker = f".{attr}.{adapter_name}."
         model_state = model.state_dict()
-        for layer_name, layer in layers_of(model, cls.tuner_layer_cls).items():
+        layers = layers_of(model, cls.tuner_layer_cls)
+        merged = [name for name, layer in layers.items() if layer.merged]
+        if merged:  # the new tensors would not match what is folded into the base weights
+            raise ValueError(f"the model has merged adapter layers {merged[:4]}; unmerge_adapter() before loading "
+                             f"adapter {adapter_name!r}")
+        for layer_name, layer in layers.items():
             if adapter_name not in layer.units:
                 continue
             head = f"{layer_name}{marker}"
