@@ -171,10 +171,9 @@ class SpectralTunerLayer(nn.Module, BaseTunerLayer):
 
     @classmethod
     def wrap(cls, base_layer: nn.Module, adapter_name: str, unit: nn.Module) -> SpectralTunerLayer:
-        """The tuner layer around ``base_layer`` holding one adapter ``unit``."""
-        layer = cls.__new__(cls)
-        SpectralTunerLayer.__init__(layer, base_layer, adapter_name, unit)
-        return layer
+        """The tuner layer around ``base_layer`` holding one adapter ``unit`` (what the tuner calls; methods whose
+        layers need more set-up override it)."""
+        return cls(base_layer, adapter_name, unit)
 
 
 # ------------------------------------------------------------------------------------------ tuner
