@@ -92,6 +92,8 @@ class SpectralPeftConfig(PeftConfig):
                 raise TypeError("base_fingerprints must map module names to sha256 hex strings, got "
                                 f"{self.base_fingerprints!r}")
             self.base_fingerprints = dict(self.base_fingerprints)
+        if self.weights_sha256 is not None and not isinstance(self.weights_sha256, str):
+            raise TypeError(f"weights_sha256 must be a hex string or None, got {self.weights_sha256!r}")
         if self.progress is not None and not isinstance(self.progress, bool):
             raise TypeError(f"progress must be True, False or None, got {self.progress!r}")
 
