@@ -30,3 +30,12 @@ __all__ = [
     "fourier_adapter", "fourier_adapter_reference",
     "lowest_eigenpairs", "NoConvergence", "EigenInfo", "backend_of", "BackendUnavailable", "Choice",
 ]
+
+
+def __getattr__(name: str):
+    # `sk.peft` needs the optional peft package, so it is imported on first use rather than with spectralkern
+    if name == "peft":
+        import importlib
+
+        return importlib.import_module(".peft", __name__)
+    raise AttributeError(f"module 'spectralkern' has no attribute {name!r}")

@@ -151,8 +151,8 @@ def _float64_answer(layer: FourierMoELinear, x: torch.Tensor, grad_y: torch.Tens
     twin.coef_re.data = twin.coef_re.data.double()
     if twin.coef_im is not None:
         twin.coef_im.data = twin.coef_im.data.double()
-    twin.amplitude = twin.amplitude.double()
-    twin.impl = "fused"
+    twin.active_unit.amplitude = twin.active_unit.amplitude.double()
+    twin.active_unit.impl = "fused"
     x64 = x.detach().double().requires_grad_(grad_y is not None)
     with _forced_backend("torch"):
         y = twin(x64)
@@ -175,10 +175,11 @@ def _prepare(cfg: _Config, dtype: torch.dtype, device: torch.device) -> Prepared
                            target_modules=["layer"])
     layout = sample_frequencies(o, i, cfg.n, cfg.experts, _SEED)
     torch.manual_seed(_SEED)  # the coefficients' "normal" init and the router draw from the global RNG
-    fused = FourierMoELinear(base, layout, scale=moe.scale, top_k=moe.top_k, router=moe.router, init="normal")
+    fused = FourierMoELinear.from_layout(base, layout, scale=moe.scale, top_k=moe.top_k, router=moe.router,
+                                         init="normal")
     eager = copy.deepcopy(fused)
     eager.base_layer = base  # share the frozen weight instead of holding a second copy
-    eager.impl = "reference"
+    eager.active_unit.impl = "reference"
 
     dev_gen = torch.Generator(device=device).manual_seed(_SEED)
     x = torch.randn(cfg.tokens, i, device=device, generator=dev_gen).to(dtype)
