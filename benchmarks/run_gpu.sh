@@ -3,6 +3,7 @@
 # interpreter, so the GPU-only tests run too), then the full benchmark suite.
 #
 #   bash benchmarks/run_gpu.sh                 # from anywhere; works on a checkout that is not pip-installed
+#   bash benchmarks/run_gpu.sh --budget 12m [--dry-run] [--only STEP ...]   # the budgeted session (gpu_session.py)
 #   OUT=/some/dir bash benchmarks/run_gpu.sh   # the device tool: everything packed into $OUT/gpu-results.tar.gz
 #
 # Steps: build the CUDA extension (csrc/) in place for sm_90, the test suite (the CUDA backend's tests included),
@@ -29,6 +30,13 @@
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# With --budget (and --dry-run, --only): the budgeted session instead — the headline picture in one call of at most
+# the budget, 8 files in $OUT (benchmarks/gpu_session.py says what it runs).
+for arg in "$@"; do
+    if [[ "$arg" == --budget* || "$arg" == --dry-run || "$arg" == --only ]]; then
+        exec "${PYTHON:-python3}" benchmarks/gpu_session.py "$@"
+    fi
+done
 # The device tool brings back at most 8 files from $OUT: there, everything is written to a scratch folder and
 # packed into $OUT/gpu-results.tar.gz at the end, with the three logs beside it for a quick read.
 if [[ -n "${OUT:-}" ]]; then

@@ -15,16 +15,16 @@ from .graph import GraphLaplacian, ParameterGraph
 from .lambda_max import estimate_lambda_max
 from .ops.chebyshev_filter import chebyshev_filter, chebyshev_filter_reference
 from .ops.fourier_adapter import fourier_adapter, fourier_adapter_reference
-from .ops.laplacian_quadratic import laplacian_quadratic, laplacian_quadratic_reference
+from .ops.laplacian_quadratic import laplacian_matmul, laplacian_quadratic, laplacian_quadratic_reference
 from .ops.spectral_filter import spectral_filter, spectral_filter_reference
-from .optim import SpectralAdamW, SpectralGradientFilter
+from .optim import SpectralAdamW, SpectralGradientFilter, SpectralSGD
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GraphLaplacian", "ParameterGraph", "SpectralBasis", "filters", "heat", "learnable_gains", "low_pass",
     "spectral_filter", "spectral_filter_reference", "tikhonov", "__version__",
-    "laplacian_quadratic", "laplacian_quadratic_reference", "SpectralAdamW", "SpectralGradientFilter",
+    "laplacian_matmul", "laplacian_quadratic", "laplacian_quadratic_reference", "SpectralAdamW", "SpectralGradientFilter", "SpectralSGD",
     "chebyshev_filter", "chebyshev_filter_reference", "estimate_lambda_max",
     "fourier_adapter", "fourier_adapter_reference",
     "lowest_eigenpairs", "NoConvergence", "EigenInfo",

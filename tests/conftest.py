@@ -18,6 +18,14 @@ if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    import _bf16_interpreter  # tests/ is on sys.path (pytest's rootdir-relative conftest import)
+
+    try:
+        _bf16_interpreter.install()  # bf16 on values, fp32-accumulated dots: the interpreter runs the GPU paths
+    except ImportError:  # triton is not installed (it ships for Linux x86_64 only)
+        pass
+
 
 # Fresh inputs every run, reproducible: the run's base seed is printed in pytest's header;
 # SPECTRALKERN_SEED=<that number> replays a run.

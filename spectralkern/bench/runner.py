@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="time only these providers (e.g. spectralkern torch_bmm)")
     parser.add_argument("--max-cases", type=int, default=None, metavar="N", help="only the first N cases of each op")
     parser.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the static H100 roofline of every case (no GPU, nothing timed); with GPU records "
+                             "in --out, measured / predicted too")
     return parser
 
 
@@ -146,6 +149,9 @@ def run_case(case: Case, device: torch.device, budget: TimerBudget, ceilings: Ce
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmarks; returns the process exit status (0: every provider ran and was right)."""
     args = build_parser().parse_args(argv)
+    if args.plan:
+        from .plan import main as plan_main
+        return plan_main(args.ops, args.out or default_out_dir())
     started = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():

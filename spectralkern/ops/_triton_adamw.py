@@ -8,6 +8,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._aot import launch_signature
+
 # Elements per program. Untuned: 1024 × (4 loads + 3 stores) is a common size for memory-bound elementwise kernels.
 BLOCK = 1024
 
@@ -40,9 +42,6 @@ def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object]]]:
     for p_type, s_type in (("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32"), ("bf16", "bf16")):
         pointer_types = {"g_ptr": p_type, "p_ptr": p_type, "m_ptr": s_type, "v_ptr": s_type}
         constexprs = dict(BLOCK=BLOCK)
-        signature = {name: "constexpr" if name in constexprs else
-                     f"*{pointer_types[name]}" if name in pointer_types else
-                     "i64" if name == "numel" else "fp32"
-                     for name in adamw_kernel.arg_names}
-        variants.append((f"p {p_type}, m/v {s_type}", signature, constexprs))
+        signature = launch_signature(adamw_kernel, pointer_types, constexprs)
+        variants.append((f"p {p_type}, m/v {s_type}", signature, constexprs, {"enable_fp_fusion": False}))  # as the launcher passes it
     return variants

@@ -35,6 +35,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._aot import launch_signature
+
 MAX_BLOCK_NODES = 256  # past this, the launcher uses the CSR step kernel
 
 
@@ -106,10 +108,13 @@ def chebyshev_block_kernel(
         tl.store(partial, tl.sum(t0 * s))
         tl.store(partial + 1, tl.sum(t1 * s))
 
-    scratch = scratch_ptr + (block * num_col_tiles + tile) * (BLOCK_N * BLOCK_D)
+    # Scratch is (N, num_col_tiles · BLOCK_D): this program's tile holds its block's own rows only, so the buffer
+    # is x-sized whatever the largest block is (sizing it by BLOCK_N wasted up to BLOCK_N / n_b of it per block).
+    scratch = scratch_ptr + start * (num_col_tiles * BLOCK_D) + tile * BLOCK_D
+    scratch_row = num_col_tiles * BLOCK_D
     for m in range(2, order + 1):
         tl.debug_barrier()  # every thread is done reading the previous step's T from the scratch tile
-        tl.store(scratch + rows[:, None] * BLOCK_D + local_cols[None, :], t1)
+        tl.store(scratch + rows[:, None] * scratch_row + local_cols[None, :], t1, mask=row_ok[:, None])
         tl.debug_barrier()  # and now every thread sees this step's
         acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC_DTYPE)
         for k0 in range(0, n, BLOCK_K):
@@ -117,7 +122,7 @@ def chebyshev_block_kernel(
             k_ok = kk < n
             a = tl.load(a_rows + kk[None, :] * stride_aj, mask=row_ok[:, None] & k_ok[None, :],
                         other=0.0).to(ACC_DTYPE)
-            b = tl.load(scratch + kk[:, None] * BLOCK_D + local_cols[None, :], mask=k_ok[:, None], other=0.0,
+            b = tl.load(scratch + kk[:, None] * scratch_row + local_cols[None, :], mask=k_ok[:, None], other=0.0,
                         cache_modifier=".cg")
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         t2 = 2.0 * acc - t0
@@ -155,10 +160,7 @@ def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object], dict[st
         constexprs = dict(BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_K=block_k,
                           ACC_DTYPE=tl.float64 if acc == "fp64" else tl.float32, DOT_PRECISION=precision,
                           X_IDENTITY=mode == "build", WRITE_Y=True, COEF_GRAD=mode == "grad")
-        signature = {name: "constexpr" if name in constexprs else
-                     f"*{pointer_types[name]}" if name in pointer_types else
-                     "i64" if name.startswith("stride") else "i32"
-                     for name in chebyshev_block_kernel.arg_names}
+        signature = launch_signature(chebyshev_block_kernel, pointer_types, constexprs)
         variants.append((f"{x_type} BLOCK_N={block_n} {mode} {precision}", signature, constexprs,
                          {"num_warps": warps}))
     return variants

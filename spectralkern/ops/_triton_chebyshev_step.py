@@ -27,6 +27,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._aot import launch_signature
+
 
 def tile_config(fp64: bool) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_D, num_warps). Untuned starting point (no GPU measurement yet): 64 contiguous columns per
@@ -108,10 +110,7 @@ def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object], dict[st
                          "saved_ptr": x_type, "partial_ptr": acc, "coef_ptr": acc}
         constexprs = dict(BLOCK_R=block_r, BLOCK_D=block_d, ACC_DTYPE=tl.float64 if acc == "fp64" else tl.float32,
                           FIRST=first, WRITE_T=write_t, HAS_Y=has_y, COEF_GRAD=coef_grad)
-        signature = {name: "constexpr" if name in constexprs else
-                     f"*{pointer_types[name]}" if name in pointer_types else
-                     "i32"
-                     for name in chebyshev_step_kernel.arg_names}
+        signature = launch_signature(chebyshev_step_kernel, pointer_types, constexprs)
         label = (f"{x_type}{' first' if first else ''}{' write_t' if write_t else ''}{' y' if has_y else ''}"
                  f"{' coef_grad' if coef_grad else ''}")
         variants.append((label, signature, constexprs, {"num_warps": warps}))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._triton_coeff_attn_lse import aot_signature
+from ._aot import launch_signature
 
 
 def tile_sizes(head_dim_pad: int, heads_pad: int, interpreter: bool) -> tuple[int, int, int, int]:
@@ -37,20 +37,25 @@ def coeff_attn_bwd_kv_kernel(
     stride_ch, stride_cg, stride_mb, stride_mn, stride_lb, stride_lh, stride_lm,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_gb, stride_gh, stride_gn, stride_gd,
-    qk_scale, scale,
+    qk_scale: tl.float64, scale: tl.float64,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, HEADS_PER_PROG: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KV_MASK: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    qk_scale = (tl.zeros((1,), ACC_DTYPE) + qk_scale).to(ACC_DTYPE)  # fp64 arguments, exact
+    scale = (tl.zeros((1,), ACC_DTYPE) + scale).to(ACC_DTYPE)
+    # One grid axis (axis 1 holds at most 65,535 programs): the tiles of one (batch, head group) are consecutive.
+    tiles = tl.cdiv(seq_k, BLOCK_N)
+    pid = tl.program_id(0).to(tl.int64)
+    pid_n = pid % tiles
+    pid_bh = pid // tiles
     head_groups = tl.cdiv(num_heads, HEADS_PER_PROG)
     b = pid_bh // head_groups
     hs = (pid_bh % head_groups) * HEADS_PER_PROG + tl.arange(0, HEADS_PER_PROG)
     h_ok = hs < num_heads
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D_PAD)
+    offs_d = tl.arange(0, D_PAD).to(tl.int64)
     n_ok = offs_n < seq_k
     d_ok = offs_d < head_dim
     key_tile = offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
@@ -70,7 +75,7 @@ def coeff_attn_bwd_kv_kernel(
     if CAUSAL:  # query rows before the tile's first key minus the shift see none of its keys
         m_start = tl.maximum(pid_n * BLOCK_N - causal_shift, 0) // BLOCK_M * BLOCK_M
     for m0 in range(m_start, seq_q, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_m = tl.cast(m0, tl.int64) + tl.arange(0, BLOCK_M)
         m_ok = offs_m < seq_q
         keep = col_keep[None, :] & m_ok[:, None]
         if CAUSAL:
@@ -80,7 +85,8 @@ def coeff_attn_bwd_kv_kernel(
         row_mask = m_ok[:, None] & d_ok[None, :]
         mixed = tl.zeros((HEADS_PER_PROG, BLOCK_M, BLOCK_N), ACC_DTYPE)
         dp = tl.zeros((HEADS_PER_PROG, BLOCK_M, BLOCK_N), ACC_DTYPE)
-        for x in range(num_heads):
+        for x32 in range(num_heads):
+            x = tl.cast(x32, tl.int64)  # x · stride reaches heads·N·D
             q_x = tl.load(q_ptr + b * stride_qb + x * stride_qh + row_tile, mask=row_mask,
                           other=0.0).to(ACC_DTYPE).to(DOT_DTYPE)
             k_x = tl.load(k_ptr + b * stride_kb + (x // kv_rep) * stride_kh + key_tile, mask=key_mask,
@@ -134,6 +140,6 @@ def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object], dict[st
         constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, HEADS_PER_PROG=heads, CAUSAL=causal,
                           HAS_KV_MASK=has_mask, ACC_DTYPE=acc, DOT_DTYPE=dot, DOT_PRECISION=precision)
         variants.append((f"{x_type} d={d_pad} heads/prog={heads} causal={causal} mask={has_mask}",
-                         aot_signature(coeff_attn_bwd_kv_kernel, pointers, constexprs), constexprs,
+                         launch_signature(coeff_attn_bwd_kv_kernel, pointers, constexprs), constexprs,
                          {"num_warps": num_warps}))
     return variants

@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._triton_coeff_attn_lse import aot_signature
+from ._aot import launch_signature
 
 
 def tile_sizes(head_dim_pad: int, heads_pad: int, interpreter: bool) -> tuple[int, int, int, int]:
@@ -44,20 +44,25 @@ def coeff_attn_bwd_q_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_ccb, stride_cct, stride_cch, stride_ccg,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    qk_scale, scale,
+    qk_scale: tl.float64, scale: tl.float64,
     PHASE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
     HEADS_PER_PROG: tl.constexpr, H_PAD: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_MASK: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    qk_scale = (tl.zeros((1,), ACC_DTYPE) + qk_scale).to(ACC_DTYPE)  # fp64 arguments, exact
+    scale = (tl.zeros((1,), ACC_DTYPE) + scale).to(ACC_DTYPE)
+    # One grid axis (axis 1 holds at most 65,535 programs): the tiles of one (batch, head group) are consecutive.
+    tiles = tl.cdiv(seq_q, BLOCK_M)
+    pid = tl.program_id(0).to(tl.int64)
+    pid_m = pid % tiles
+    pid_bh = pid // tiles
     head_groups = tl.cdiv(num_heads, HEADS_PER_PROG)
     b = pid_bh // head_groups
     gs = (pid_bh % head_groups) * HEADS_PER_PROG + tl.arange(0, HEADS_PER_PROG)
     g_ok = gs < num_heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
+    offs_d = tl.arange(0, D_PAD).to(tl.int64)
     m_ok = offs_m < seq_q
     d_ok = offs_d < head_dim
     row_tile = offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
@@ -71,7 +76,7 @@ def coeff_attn_bwd_q_kernel(
     if PHASE == 1:
         delta = tl.zeros((HEADS_PER_PROG, BLOCK_M), ACC_DTYPE)
         dc = tl.zeros((H_PAD, HEADS_PER_PROG), ACC_DTYPE)
-        h_rows = tl.arange(0, H_PAD)
+        h_rows = tl.arange(0, H_PAD).to(tl.int64)
     else:
         delta = tl.load(delta_ptr + b * stride_lb + gs[:, None] * stride_lh + offs_m[None, :] * stride_lm,
                         mask=g_ok[:, None] & m_ok[None, :], other=0.0).to(ACC_DTYPE)
@@ -81,7 +86,7 @@ def coeff_attn_bwd_q_kernel(
     if CAUSAL:
         n_end = tl.minimum(seq_k, (pid_m + 1) * BLOCK_M + causal_shift)
     for n0 in range(0, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_n = tl.cast(n0, tl.int64) + tl.arange(0, BLOCK_N)
         n_ok = offs_n < seq_k
         keep = n_ok[None, :] & m_ok[:, None]
         if HAS_KV_MASK:
@@ -97,7 +102,8 @@ def coeff_attn_bwd_q_kernel(
         s = tl.dot(q, tl.trans(k, 0, 2, 1), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
         p = tl.where(keep[None, :, :], tl.exp2(s - lse[:, :, None] * LOG2E), 0.0)
         dp = tl.zeros((HEADS_PER_PROG, BLOCK_M, BLOCK_N), ACC_DTYPE)
-        for h in range(num_heads):
+        for h32 in range(num_heads):
+            h = tl.cast(h32, tl.int64)  # h · stride reaches heads·N·D
             do = tl.load(do_tile + h * stride_oh, mask=row_mask, other=0.0).to(ACC_DTYPE).to(DOT_DTYPE)
             v = tl.load(v_ptr + b * stride_vb + (h // kv_rep) * stride_vh + val_tile, mask=key_mask,
                         other=0.0).to(ACC_DTYPE).to(DOT_DTYPE)
@@ -141,6 +147,6 @@ def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object], dict[st
                               H_PAD=heads_pad, CAUSAL=causal, HAS_KV_MASK=has_mask, ACC_DTYPE=acc, DOT_DTYPE=dot,
                               DOT_PRECISION=precision)
             variants.append((f"phase {phase} {x_type} d={d_pad} heads/prog={heads} causal={causal} mask={has_mask}",
-                             aot_signature(coeff_attn_bwd_q_kernel, pointers, constexprs), constexprs,
+                             launch_signature(coeff_attn_bwd_q_kernel, pointers, constexprs), constexprs,
                              {"num_warps": num_warps}))
     return variants

@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._triton_coeff_attn_lse import aot_signature
+from ._aot import launch_signature
 
 
 def tile_sizes(head_dim_pad: int, heads_pad: int, interpreter: bool) -> tuple[int, int, int, int]:
@@ -39,20 +39,24 @@ def coeff_attn_fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ch, stride_cg, stride_mb, stride_mn, stride_lb, stride_lh, stride_lm,
     stride_ob, stride_oh, stride_om, stride_od,
-    qk_scale,
+    qk_scale: tl.float64,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, HEADS_PER_PROG: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KV_MASK: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    qk_scale = (tl.zeros((1,), ACC_DTYPE) + qk_scale).to(ACC_DTYPE)  # fp64 arguments, exact
+    # One grid axis (axis 1 holds at most 65,535 programs): the tiles of one (batch, head group) are consecutive.
+    tiles = tl.cdiv(seq_q, BLOCK_M)
+    pid = tl.program_id(0).to(tl.int64)
+    pid_m = pid % tiles
+    pid_bh = pid // tiles
     head_groups = tl.cdiv(num_heads, HEADS_PER_PROG)
     b = pid_bh // head_groups
     hs = (pid_bh % head_groups) * HEADS_PER_PROG + tl.arange(0, HEADS_PER_PROG)
     h_ok = hs < num_heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
+    offs_d = tl.arange(0, D_PAD).to(tl.int64)
     m_ok = offs_m < seq_q
     d_ok = offs_d < head_dim
     q_tile = q_ptr + b * stride_qb + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
@@ -64,7 +68,7 @@ def coeff_attn_fwd_kernel(
     if CAUSAL:
         n_end = tl.minimum(seq_k, (pid_m + 1) * BLOCK_M + causal_shift)
     for n0 in range(0, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_n = tl.cast(n0, tl.int64) + tl.arange(0, BLOCK_N)
         n_ok = offs_n < seq_k
         keep = n_ok[None, :] & m_ok[:, None]
         if HAS_KV_MASK:
@@ -75,7 +79,8 @@ def coeff_attn_fwd_kernel(
         kv_tile = offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
         kv_mask2 = n_ok[:, None] & d_ok[None, :]
         mixed = tl.zeros((HEADS_PER_PROG, BLOCK_M, BLOCK_N), ACC_DTYPE)
-        for g in range(num_heads):
+        for g32 in range(num_heads):
+            g = tl.cast(g32, tl.int64)  # g · stride reaches heads·N·D
             q = tl.load(q_tile + g * stride_qh, mask=q_mask, other=0.0).to(ACC_DTYPE).to(DOT_DTYPE)
             k = tl.load(k_ptr + b * stride_kb + (g // kv_rep) * stride_kh + kv_tile, mask=kv_mask2,
                         other=0.0).to(ACC_DTYPE).to(DOT_DTYPE)
@@ -109,6 +114,6 @@ def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object], dict[st
         pointers = {"q_ptr": x_type, "k_ptr": x_type, "v_ptr": x_type, "c_ptr": stat, "kv_mask_ptr": "i8",
                     "lse_ptr": stat, "out_ptr": x_type}
         variants.append((f"{x_type} d={d_pad} heads/prog={heads} causal={causal} mask={has_mask}",
-                         aot_signature(coeff_attn_fwd_kernel, pointers, constexprs), constexprs,
+                         launch_signature(coeff_attn_fwd_kernel, pointers, constexprs), constexprs,
                          {"num_warps": num_warps}))
     return variants

@@ -17,6 +17,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._aot import launch_signature
+
 LOG2E = 1.4426950408889634
 
 
@@ -35,17 +37,21 @@ def coeff_attn_lse_kernel(
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_mb, stride_mn, stride_lb, stride_lh, stride_lm,
-    qk_scale,
+    qk_scale: tl.float64,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KV_MASK: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    qk_scale = (tl.zeros((1,), ACC_DTYPE) + qk_scale).to(ACC_DTYPE)  # fp64 argument, exact
+    # One grid axis (axis 1 holds at most 65,535 programs): query tiles of one head are consecutive.
+    tiles_m = tl.cdiv(seq_q, BLOCK_M)
+    pid = tl.program_id(0).to(tl.int64)
+    pid_m = pid % tiles_m
+    pid_bh = pid // tiles_m
     b = pid_bh // num_heads
     g = pid_bh % num_heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
+    offs_d = tl.arange(0, D_PAD).to(tl.int64)
     m_ok = offs_m < seq_q
     d_ok = offs_d < head_dim
     q = tl.load(q_ptr + b * stride_qb + g * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
@@ -59,7 +65,7 @@ def coeff_attn_lse_kernel(
     row_max = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
     row_sum = tl.zeros((BLOCK_M,), ACC_DTYPE)
     for n0 in range(0, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_n = tl.cast(n0, tl.int64) + tl.arange(0, BLOCK_N)
         n_ok = offs_n < seq_k
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(ACC_DTYPE).to(DOT_DTYPE)
@@ -84,17 +90,6 @@ def coeff_attn_lse_kernel(
              mask=m_ok)
 
 
-def aot_signature(kernel, pointer_types: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:
-    """Triton signature of one of the Coeff-Tuning attention kernels: pointers as given, the float scalar in the
-    accumulation type, strides i64, the other integers i32 (shared by the four kernel modules)."""
-    scalar_float = "fp64" if constexprs["ACC_DTYPE"] == tl.float64 else "fp32"
-    return {name: "constexpr" if name in constexprs else
-            f"*{pointer_types[name]}" if name in pointer_types else
-            scalar_float if name in ("qk_scale", "scale") else
-            "i64" if name.startswith("stride") else "i32"
-            for name in kernel.arg_names}
-
-
 def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object], dict[str, int]]]:
     """The specialisations the launcher produces on a GPU, for ahead-of-time compile checks (see ``_aot``)."""
     variants = []
@@ -110,6 +105,6 @@ def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object], dict[st
         pointers = {"q_ptr": x_type, "k_ptr": x_type, "kv_mask_ptr": "i8",
                     "lse_ptr": "fp64" if x_type == "fp64" else "fp32"}
         variants.append((f"{x_type} d={d_pad} causal={causal} mask={has_mask}",
-                         aot_signature(coeff_attn_lse_kernel, pointers, constexprs), constexprs,
+                         launch_signature(coeff_attn_lse_kernel, pointers, constexprs), constexprs,
                          {"num_warps": num_warps}))
     return variants

@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from ._aot import launch_signature
 from triton.language.extra import libdevice
 
 
@@ -85,7 +87,7 @@ def fourier_analysis_kernel(
     js = start + tl.arange(0, BLOCK_J)
     j_ok = js < stop
     if HAS_GATE:
-        g = tl.load(gates_ptr + ts * stride_gt + expert * stride_ge, mask=t_ok, other=0.0).to(ACC_DTYPE)
+        g = tl.load(gates_ptr + ts * stride_gt + tl.cast(expert, tl.int64) * stride_ge, mask=t_ok, other=0.0).to(ACC_DTYPE)
         active = (stop > start) & (tl.max(tl.abs(g), axis=0) > 0)
     else:
         active = stop > start
@@ -99,7 +101,7 @@ def fourier_analysis_kernel(
     w_re = tl.zeros((BLOCK_T, BLOCK_J), dtype=ACC_DTYPE)
     w_im = tl.zeros((BLOCK_T, BLOCK_J), dtype=ACC_DTYPE)
     for q0 in range(0, tl.where(active, size, 0), BLOCK_Q):
-        qs = q0 + tl.arange(0, BLOCK_Q)
+        qs = tl.cast(q0, tl.int64) + tl.arange(0, BLOCK_Q)
         s = tl.load(sig_ptr + ts[:, None] * stride_st + qs[None, :] * stride_sq,
                     mask=t_ok[:, None] & (qs < size)[None, :], other=0.0).to(ACC_DTYPE)
         prod = qs[:, None] * f[None, :]
@@ -135,7 +137,7 @@ def fourier_analysis_kernel(
         v_re = tl.zeros((BLOCK_T, BLOCK_J), dtype=ACC_DTYPE)
         v_im = tl.zeros((BLOCK_T, BLOCK_J), dtype=ACC_DTYPE)
         for q0 in range(0, tl.where(active, size2, 0), BLOCK_Q):
-            qs = q0 + tl.arange(0, BLOCK_Q)
+            qs = tl.cast(q0, tl.int64) + tl.arange(0, BLOCK_Q)
             s2 = tl.load(sig2_ptr + ts[:, None] * stride_s2t + qs[None, :] * stride_s2q,
                          mask=t_ok[:, None] & (qs < size2)[None, :], other=0.0).to(ACC_DTYPE)
             prod = qs[:, None] * f2[None, :]
@@ -185,10 +187,7 @@ def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object], dict[st
         constexprs = dict(BLOCK_T=block_t, BLOCK_J=block_j, BLOCK_Q=block_q,
                           ACC_DTYPE=tl.float64 if acc == "fp64" else tl.float32, DOT_PRECISION=precision,
                           FAST_TRIG=acc == "fp32", HAS_GATE=has_gate, WRITE_A=write_a, PARAM_GRAD=param_grad)
-        signature = {name: "constexpr" if name in constexprs else
-                     f"*{pointer_types[name]}" if name in pointer_types else
-                     "i64" if name.startswith("stride") else "i32"
-                     for name in fourier_analysis_kernel.arg_names}
+        signature = launch_signature(fourier_analysis_kernel, pointer_types, constexprs)
         options = {"num_warps": NUM_WARPS if acc == "fp32" else 4}  # as the launcher passes them
         variants.append((f"x {x_type}, {label}", signature, constexprs, options))
     return variants

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from ._aot import launch_signature
 from triton.language.extra import libdevice
 
 
@@ -58,7 +60,7 @@ def fourier_synthesis_kernel(
         lo = tl.load(expert_ptr_ptr + e)
         hi = tl.load(expert_ptr_ptr + e + 1)
         if HAS_GATE:
-            g = tl.load(gates_ptr + ts * stride_gt + e * stride_ge, mask=t_ok, other=0.0)
+            g = tl.load(gates_ptr + ts * stride_gt + tl.cast(e, tl.int64) * stride_ge, mask=t_ok, other=0.0)
             hi = tl.where(tl.max(tl.abs(g), axis=0) > 0, hi, lo)  # nobody routed here: skip the expert
         for j0 in range(lo, hi, BLOCK_J):
             js = j0 + tl.arange(0, BLOCK_J)
@@ -81,6 +83,7 @@ def fourier_synthesis_kernel(
             acc -= tl.dot(a_im, sin, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
 
     out_mask = t_ok[:, None] & p_ok[None, :]
+    ps = ps.to(tl.int64)  # 32-bit above for the twiddle arithmetic; 64-bit for addresses
     if HAS_BASE:
         acc += tl.load(base_ptr + ts[:, None] * stride_bt + ps[None, :] * stride_bp, mask=out_mask,
                        other=0.0).to(ACC_DTYPE)
@@ -105,10 +108,7 @@ def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object], dict[st
         constexprs = dict(BLOCK_T=block_t, BLOCK_P=block_p, BLOCK_J=block_j,
                           ACC_DTYPE=tl.float64 if acc == "fp64" else tl.float32, DOT_PRECISION=precision,
                           FAST_TRIG=acc == "fp32", HAS_GATE=has_gate, HAS_BASE=has_base)
-        signature = {name: "constexpr" if name in constexprs else
-                     f"*{pointer_types[name]}" if name in pointer_types else
-                     "i64" if name.startswith("stride") else "i32"
-                     for name in fourier_synthesis_kernel.arg_names}
+        signature = launch_signature(fourier_synthesis_kernel, pointer_types, constexprs)
         options = {"num_warps": NUM_WARPS if acc == "fp32" else 4}  # as the launcher passes them
         variants.append((f"x {x_type}, {label}", signature, constexprs, options))
     return variants

@@ -16,6 +16,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._aot import launch_signature
+
 
 def tile_sizes(fp64: bool) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_C, BLOCK_D). Not tuned on a GPU yet: sized like the spectral filter's tiles, so the
@@ -96,9 +98,6 @@ def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object]]]:
             constexprs = dict(BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d,
                               ACC_DTYPE=tl.float64 if acc == "fp64" else tl.float32, DOT_PRECISION=precision,
                               REDUCE=reduce)
-            signature = {name: "constexpr" if name in constexprs else
-                         f"*{pointer_types[name]}" if name in pointer_types else
-                         "i64" if name.startswith("stride") else "i32"
-                         for name in laplacian_quadratic_kernel.arg_names}
+            signature = launch_signature(laplacian_quadratic_kernel, pointer_types, constexprs)
             variants.append((f"x {x_type}, {'forward' if reduce else 'backward'}", signature, constexprs))
     return variants

@@ -22,6 +22,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._aot import launch_signature
+
 
 def tile_sizes(dtype_bytes: int) -> tuple[int, int, int, int]:
     """(BLOCK_O, BLOCK_I, BLOCK_T, num_warps). Untuned starting points (no GPU was available): the fp32
@@ -37,7 +39,7 @@ def smoa_factor_grad_kernel(
     num_t, rank,
     stride_gt, stride_go, stride_xt, stride_xi, stride_wo, stride_wi,
     stride_bp, stride_br, stride_ar, stride_aq, stride_dbp, stride_dbr, stride_dar, stride_daq,
-    scale,
+    scale: tl.float64,
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, R_PAD: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     FACTOR_PRECISION: tl.constexpr,
@@ -62,7 +64,7 @@ def smoa_factor_grad_kernel(
 
     acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=ACC_DTYPE)
     for t0 in range(0, tokens, BLOCK_T):
-        ts = t0 + tl.arange(0, BLOCK_T)
+        ts = tl.cast(t0, tl.int64) + tl.arange(0, BLOCK_T)  # t · stride reaches tokens·out
         t_ok = ts < num_t
         g = tl.load(g_ptr + ts[:, None] * stride_gt + rows[None, :] * stride_go,
                     mask=t_ok[:, None] & p_ok[None, :], other=0.0).to(DOT_DTYPE)
@@ -73,9 +75,9 @@ def smoa_factor_grad_kernel(
     tile_ok = p_ok[:, None] & q_ok[None, :]
     anchor = tl.load(w_ptr + rows[:, None] * stride_wo + cols[None, :] * stride_wi, mask=tile_ok,
                      other=0.0).to(ACC_DTYPE)
-    h = acc * anchor * scale
+    h = acc * anchor * (tl.zeros((1,), ACC_DTYPE) + scale).to(ACC_DTYPE)  # fp64 argument, exact
 
-    rs = tl.arange(0, R_PAD)
+    rs = tl.arange(0, R_PAD).to(tl.int64)
     r_ok = rs < rank
     a = tl.load(a_ptr + rs[:, None] * stride_ar + qs[None, :] * stride_aq, mask=r_ok[:, None] & q_ok[None, :],
                 other=0.0).to(ACC_DTYPE)
@@ -105,10 +107,6 @@ def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object]]]:
             pointer_types = {"g_ptr": x_type, "x_ptr": x_type, "w_ptr": x_type, "row_perm_ptr": "i64",
                              "col_perm_ptr": "i64", "row_ptr_ptr": "i64", "col_ptr_ptr": "i64",
                              "b_ptr": acc_type, "a_ptr": acc_type, "db_ptr": acc_type, "da_ptr": acc_type}
-            signature = {name: "constexpr" if name in constexprs else
-                         f"*{pointer_types[name]}" if name in pointer_types else
-                         "fp32" if name == "scale" else
-                         "i64" if name.startswith("stride") else "i32"
-                         for name in smoa_factor_grad_kernel.arg_names}
+            signature = launch_signature(smoa_factor_grad_kernel, pointer_types, constexprs)
             variants.append((f"x {x_type}, R_PAD={r_pad}", signature, constexprs))
     return variants

@@ -22,6 +22,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._aot import launch_signature
+
 
 def tile_sizes(dtype_bytes: int) -> tuple[int, int, int, int]:
     """(BLOCK_T, BLOCK_O, BLOCK_I, num_warps) for an input element size. Untuned starting points (no GPU was
@@ -40,7 +42,7 @@ def smoa_modulated_gemm_kernel(
     num_t, num_out, num_in, rank,
     stride_xt, stride_xi, stride_wo, stride_wi, stride_bo, stride_br, stride_ar, stride_ai,
     stride_rb, stride_cb, stride_yt, stride_yo,
-    scale,
+    scale: tl.float64,
     BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, R_PAD: tl.constexpr,
     GROUP_T: tl.constexpr, INCLUDE_BASE: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -61,8 +63,10 @@ def smoa_modulated_gemm_kernel(
     os_ = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     t_ok = ts < num_t
     o_ok = os_ < num_out
-    rs = tl.arange(0, R_PAD)
+    rs = tl.arange(0, R_PAD).to(tl.int64)
     r_ok = rs < rank
+    # fp64 argument (a Python float compiles to fp32 otherwise); exact under the interpreter too
+    scale = (tl.zeros((1,), ACC_DTYPE) + scale).to(ACC_DTYPE)
 
     # Loop-invariant: this tile's rows of Bt and their block ids.
     bt = tl.load(bt_ptr + os_[:, None] * stride_bo + rs[None, :] * stride_br,
@@ -71,21 +75,25 @@ def smoa_modulated_gemm_kernel(
 
     acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=ACC_DTYPE)
     for i0 in range(0, num_in, BLOCK_I):
-        is_ = i0 + tl.arange(0, BLOCK_I)
+        is_ = tl.cast(i0, tl.int64) + tl.arange(0, BLOCK_I)  # i · stride reaches out·in in grad_x
         i_ok = is_ < num_in
         xt = tl.load(x_ptr + ts[:, None] * stride_xt + is_[None, :] * stride_xi,
                      mask=t_ok[:, None] & i_ok[None, :], other=0.0).to(DOT_DTYPE)
         w = tl.load(w_ptr + os_[:, None] * stride_wo + is_[None, :] * stride_wi,
-                    mask=o_ok[:, None] & i_ok[None, :], other=0.0).to(ACC_DTYPE)
+                    mask=o_ok[:, None] & i_ok[None, :], other=0.0)
         at = tl.load(at_ptr + rs[:, None] * stride_ar + is_[None, :] * stride_ai,
                      mask=r_ok[:, None] & i_ok[None, :], other=0.0).to(ACC_DTYPE)
         col_blk = tl.load(col_block_ptr + is_ * stride_cb, mask=i_ok, other=-2)
         # ΔW tile / W tile, built on chip: (Bt At) restricted to the diagonal blocks, scaled.
         mod = tl.dot(bt, at, input_precision=MOD_PRECISION, out_dtype=ACC_DTYPE)
         mod = tl.where(row_blk[:, None] == col_blk[None, :], mod * scale, 0.0)
-        if INCLUDE_BASE:
-            mod += 1.0
-        w_eff = (w * mod).to(DOT_DTYPE)
+        if INCLUDE_BASE and DOT_DTYPE != ACC_DTYPE:
+            # 16-bit operands: W ⊙ (1 + s·BA) rounded to bf16 would lose every update below half an ulp of W,
+            # so the base product and the update ΔW = W ⊙ s·BA (rounded relative to itself) are two dots.
+            acc += tl.dot(xt, tl.trans(w.to(DOT_DTYPE)), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        elif INCLUDE_BASE:
+            mod += 1.0  # fp32/fp64 operands carry W ⊙ (1 + s·BA) to their own precision: one dot
+        w_eff = (w.to(ACC_DTYPE) * mod).to(DOT_DTYPE)
         acc += tl.dot(xt, tl.trans(w_eff), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
 
     if HAS_BIAS:
@@ -110,10 +118,6 @@ def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object]]]:
                               DOT_PRECISION=precision, MOD_PRECISION=mod_precision)
             pointer_types = {"x_ptr": x_type, "w_ptr": x_type, "bt_ptr": factor_type, "at_ptr": factor_type,
                              "row_block_ptr": "i64", "col_block_ptr": "i64", "bias_ptr": x_type, "y_ptr": x_type}
-            signature = {name: "constexpr" if name in constexprs else
-                         f"*{pointer_types[name]}" if name in pointer_types else
-                         "fp32" if name == "scale" else
-                         "i64" if name.startswith("stride") else "i32"
-                         for name in smoa_modulated_gemm_kernel.arg_names}
+            signature = launch_signature(smoa_modulated_gemm_kernel, pointer_types, constexprs)
             variants.append((f"x {x_type}, R_PAD={r_pad}, base={include_base}", signature, constexprs))
     return variants

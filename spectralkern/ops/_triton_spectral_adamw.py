@@ -15,6 +15,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._aot import launch_signature
+
 
 def tile_sizes(k_pad: int) -> tuple[int, int]:
     """(BLOCK_N, BLOCK_D). The coefficients take K_PAD × BLOCK_D registers, plus a BLOCK_N × BLOCK_D tile for each
@@ -38,7 +40,7 @@ def spectral_adamw_kernel(
 
     cols = tile * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < d
-    ks = tl.arange(0, K_PAD)
+    ks = tl.arange(0, K_PAD).to(tl.int64)
     k_ok = ks < k
     chunk = tl.arange(0, BLOCK_N)
 
@@ -95,11 +97,7 @@ def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object]]]:
                              "gains_ptr": "fp32", "block_ptr_ptr": "i64"}
             constexprs = dict(BLOCK_N=block_n, BLOCK_D=block_d, K_PAD=k_pad, DOT_PRECISION=precision,
                               HAS_PASSTHROUGH=passthrough)
-            signature = {name: "constexpr" if name in constexprs else
-                         f"*{pointer_types[name]}" if name in pointer_types else
-                         "i64" if name.startswith("stride") else
-                         "i32" if name in ("d", "k") else "fp32"
-                         for name in spectral_adamw_kernel.arg_names}
+            signature = launch_signature(spectral_adamw_kernel, pointer_types, constexprs)
             label = f"p {p_type}, m/v {s_type}, K_PAD={k_pad}{', passthrough' if passthrough else ''}"
-            variants.append((label, signature, constexprs))
+            variants.append((label, signature, constexprs, {"enable_fp_fusion": False}))  # as the launcher passes it
     return variants

@@ -106,6 +106,7 @@ def _launch_spectral(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Ten
         # tf32x3 keeps fp32 gradients at ~fp32 accuracy on tensor cores; half gradients fit one tf32 pass.
         DOT_PRECISION="tf32x3" if grad.dtype == torch.float32 else "tf32",
         HAS_PASSTHROUGH=passthrough != 0.0,
+        enable_fp_fusion=False,  # each operation rounded once, as the CUDA kernel and torch do (no FMA contraction)
     )
 
 
@@ -119,7 +120,8 @@ def _launch_plain(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor
     if numel == 0:
         return
     adamw_kernel[(triton.cdiv(numel, BLOCK),)](
-        grad.contiguous(), param, exp_avg, exp_avg_sq, numel, *_scalars(hyper), BLOCK=BLOCK)
+        grad.contiguous(), param, exp_avg, exp_avg_sq, numel, *_scalars(hyper), BLOCK=BLOCK,
+        enable_fp_fusion=False)  # each operation rounded once, as the CUDA kernel and torch do
 
 
 def _scalars(hyper: AdamWHyper) -> tuple[float, ...]:

@@ -123,8 +123,9 @@ def _run_block_kernel(x: torch.Tensor | None, blocks: torch.Tensor, coeffs: torc
     num_blocks = block_ptr.numel() - 1
     block_d, block_k, warps = tile_config(block_n, fp64=acc == torch.float64)
     num_col_tiles = triton.cdiv(d, block_d)
-    scratch = (torch.empty(num_blocks * num_col_tiles * block_n * block_d, dtype=acc, device=blocks.device)
-               if order >= 2 else coeffs)  # never touched when there is no third step
+    # T_m between steps: one row per node (x-sized), never touched when there is no third step.
+    scratch = (torch.empty(blocks.shape[0] * num_col_tiles * block_d, dtype=acc, device=blocks.device)
+               if order >= 2 else coeffs)
     partial = (torch.empty(num_blocks, num_col_tiles, order + 1, dtype=acc, device=blocks.device)
                if saved is not None else coeffs)
     x_arg = x if x is not None else blocks

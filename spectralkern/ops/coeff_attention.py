@@ -23,6 +23,7 @@ import math
 import torch
 
 from .._backend import backend_for, triton_interpreter_on
+from ._interpreter import half_operands_ok
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
 
 # Register pressure: the kernels keep (heads per program) × tile × D_PAD accumulators; past 256 they would spill.
@@ -138,10 +139,10 @@ def _dtypes_for(*tensors: torch.Tensor):
     if any(t.dtype == torch.float64 for t in tensors):
         return torch.float64, tl.float64, tl.float64, "ieee"
     if (len({t.dtype for t in tensors}) == 1 and tensors[0].dtype in (torch.float16, torch.bfloat16)
-            and not triton_interpreter_on()):
+            and half_operands_ok()):
         half = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[tensors[0].dtype]
         return torch.float32, tl.float32, half, "tf32"  # tensor-core operands in the input dtype, fp32 accumulate
-    # fp32 inputs, mixed dtypes, or the interpreter (wrong bf16 arithmetic): fp32 operands, tf32x3 dots.
+    # fp32 inputs, mixed dtypes, or Triton's own interpreter (bf16 on bit patterns): fp32 operands, tf32x3 dots.
     return torch.float32, tl.float32, tl.float32, "tf32x3"
 
 
@@ -179,11 +180,12 @@ def _forward_triton(q, k, v, coeff, kv_mask, causal, scale):
     flags = dict(D_PAD=d_pad, CAUSAL=causal, HAS_KV_MASK=kv_mask is not None, ACC_DTYPE=acc_tl, DOT_DTYPE=dot_tl,
                  DOT_PRECISION=precision)
     block_m, block_n, num_warps = lse_tiles(d_pad, interp)
-    coeff_attn_lse_kernel[(triton.cdiv(seq_q, block_m), batch * heads)](
+    # Every grid is one axis (tiles × batch × head groups): axis 1 would cap batch · heads at 65,535.
+    coeff_attn_lse_kernel[(triton.cdiv(seq_q, block_m) * batch * heads,)](
         q, k, mask, lse, heads, heads // k.shape[1], seq_q, k.shape[2], dim, *q.stride(), *k.stride(),
         *args[-5:], scale * LOG2E, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags)
     block_m, block_n, per_prog, num_warps = fwd_tiles(d_pad, triton.next_power_of_2(heads), interp)
-    coeff_attn_fwd_kernel[(triton.cdiv(seq_q, block_m), batch * triton.cdiv(heads, per_prog))](
+    coeff_attn_fwd_kernel[(triton.cdiv(seq_q, block_m) * batch * triton.cdiv(heads, per_prog),)](
         q, k, v, coeff, mask, lse, out, *args, *out.stride(), scale * LOG2E,
         BLOCK_M=block_m, BLOCK_N=block_n, HEADS_PER_PROG=per_prog, num_warps=num_warps, **flags)
     return out, lse
@@ -216,14 +218,14 @@ def _backward_triton(grad_out, q, k, v, coeff, kv_mask, lse, causal, scale):
     block_m, block_n, per_prog, num_warps = q_tiles(d_pad, h_pad, interp)
     tiles_q = triton.cdiv(seq_q, block_m)
     dc_parts = torch.zeros((batch, tiles_q, heads, heads), dtype=acc_torch, device=q.device)
-    grid = (tiles_q, batch * triton.cdiv(heads, per_prog))
+    grid = (tiles_q * batch * triton.cdiv(heads, per_prog),)
     for phase in (1, 2):  # δ and dC first: dS needs the full row sum δ before any dQ tile
         coeff_attn_bwd_q_kernel[grid](
             q, k, v, coeff, mask, lse, grad_out, delta, dc_parts, dq, *args, *grad_out.stride(), *dc_parts.stride(),
             *dq.stride(), scale * LOG2E, scale, PHASE=phase, BLOCK_M=block_m, BLOCK_N=block_n,
             HEADS_PER_PROG=per_prog, H_PAD=h_pad, num_warps=num_warps, **flags)
     block_m, block_n, per_prog, num_warps = kv_tiles(d_pad, h_pad, interp)
-    coeff_attn_bwd_kv_kernel[(triton.cdiv(seq_k, block_n), batch * triton.cdiv(heads, per_prog))](
+    coeff_attn_bwd_kv_kernel[(triton.cdiv(seq_k, block_n) * batch * triton.cdiv(heads, per_prog),)](
         q, k, v, coeff, mask, lse, grad_out, delta, dk, dv, *args, *grad_out.stride(), *dk.stride(),
         scale * LOG2E, scale, BLOCK_M=block_m, BLOCK_N=block_n, HEADS_PER_PROG=per_prog, num_warps=num_warps,
         **flags)

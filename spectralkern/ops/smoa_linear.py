@@ -24,8 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .._backend import backend_for, triton_interpreter_on
+from .._backend import backend_for
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from ._interpreter import half_operands_ok
 
 # The forward keeps an (BLOCK_O × R_PAD) tile of B in registers; past this total rank it would spill.
 TRITON_MAX_RANK = 64
@@ -212,12 +213,12 @@ def _dtypes_for(*tensors: torch.Tensor):
 
     if any(t.dtype == torch.float64 for t in tensors):
         return torch.float64, tl.float64, tl.float64, "ieee", "ieee"
-    if all(t.dtype in (torch.float16, torch.bfloat16) for t in tensors) and not triton_interpreter_on():
+    if all(t.dtype in (torch.float16, torch.bfloat16) for t in tensors) and half_operands_ok():
         same = len({t.dtype for t in tensors}) == 1
         half = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[tensors[0].dtype]
         if same:  # tensor-core operands in the input dtype; the small factor products stay near-fp32
             return torch.float32, tl.float32, half, "tf32", "tf32x3"
-    # fp32 inputs, mixed half dtypes, or the interpreter (wrong bf16 arithmetic): fp32 operands, tf32x3 dots.
+    # fp32 inputs, mixed half dtypes, or Triton's own interpreter (bf16 on bit patterns): fp32 operands, tf32x3.
     return torch.float32, tl.float32, tl.float32, "tf32x3", "tf32x3"
 
 
