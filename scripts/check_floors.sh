@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 mode=${1:-hf}
 shift || true
 # Keep these in step with pyproject.toml: each is the lower bound written there.
-hf_floors=("transformers==4.46.0" "peft==0.10.0" "safetensors==0.4.1" "tqdm==4.60.0")
+hf_floors=("transformers==4.53.0" "peft==0.21.0" "safetensors==0.4.1" "tqdm==4.60.0")
 core_floors=("torch==2.5.0" "numpy==1.24.0" "scipy==1.11.0")
 case $mode in
     hf) floors=("torch==2.13.0" "${hf_floors[@]}") ;;
@@ -43,6 +43,6 @@ for name in ("torch", "numpy", "scipy", "transformers", "peft", "safetensors", "
         print(f"{name:<13}not installed")
 PY
 # The smoke subset: every layer once, the adapters on real HF models, the Trainer integration.
-python -m pytest -q -p no:cacheprovider -x \
+python -m pytest -q -p no:cacheprovider \
     tests/test_graph.py tests/test_basis.py tests/test_optim.py tests/test_smoa.py tests/test_fourier_moe.py \
     tests/test_coeff_tuning.py tests/test_finetune.py -k "not distributed" "$@"

