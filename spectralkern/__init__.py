@@ -3,6 +3,7 @@
 Layers (each only looks down): graph → basis → ops → (optim / peft) → bench / demo → cli.
 """
 from . import filters
+from ._backend import BackendUnavailable, Choice, backend_of
 from .basis import SpectralBasis
 from .eigen import EigenInfo, NoConvergence, lowest_eigenpairs
 from .filters import heat, learnable_gains, low_pass, tikhonov
@@ -22,5 +23,5 @@ __all__ = [
     "laplacian_quadratic", "laplacian_quadratic_reference", "SpectralAdamW", "SpectralGradientFilter",
     "chebyshev_filter", "chebyshev_filter_reference", "estimate_lambda_max",
     "fourier_adapter", "fourier_adapter_reference",
-    "lowest_eigenpairs", "NoConvergence", "EigenInfo",
+    "lowest_eigenpairs", "NoConvergence", "EigenInfo", "backend_of", "BackendUnavailable", "Choice",
 ]

@@ -3,7 +3,7 @@
 Accepted: a ``GraphLaplacian`` (its blocks, or one global block when entries cross blocks), a torch tensor
 (dense, COO or CSR) or a scipy sparse matrix / numpy array (one global block). Checks: square, real float,
 finite, symmetric (a cheap probe, see ``_check_symmetric``); on the CPU one compiled pass over the entries gathers
-what they need (``_compiled.csr_summary``), elsewhere torch ops do.
+what they need (``_native_csr.csr_summary``), elsewhere torch ops do.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import scipy.sparse
 import torch
 
 from ..graph import GraphLaplacian
-from ._compiled import PROBE_SEED, csr_summary
+from ._native_csr import PROBE_SEED, csr_summary
 from ._operator import coo_rows
 
 _FLOAT = (torch.float32, torch.float64)
@@ -93,7 +93,7 @@ def _to_csr(name: str, value: object) -> torch.Tensor:
 
 
 def _summary_torch(matrix: torch.Tensor, block_ptr: torch.Tensor | None) -> dict:
-    """What ``_compiled.csr_summary`` computes in one compiled pass, as torch ops (a CUDA matrix, or no compiled
+    """What ``_native_csr.csr_summary`` computes in one compiled pass, as torch ops (a CUDA matrix, or no compiled
     module). Its symmetry probe draws its two vectors from torch's generator (seeded)."""
     n = matrix.shape[0]
     values = matrix.values()

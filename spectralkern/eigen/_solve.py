@@ -13,8 +13,8 @@ from ._cupy import cupy_solve
 from ._dense import dense_lowest, size_buckets
 from ._info import EigenInfo, NoConvergence
 from ._lanczos import block_lanczos, default_keep
-from ._compiled import native_available, require_native
-from ._native import native_solve
+from ._native_csr import native_available, require_native
+from ._native_lanczos import native_solve
 from ._operator import PaddedOperator
 from ._plan import Candidates, Items, make_plan, merge
 from ._problem import Problem, prepare, rounding_floor

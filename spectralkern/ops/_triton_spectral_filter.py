@@ -92,7 +92,7 @@ def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object]]]:
     Returns (label, signature, constexprs) per variant; see ``spectralkern.ops._aot``.
     """
     # Every tile-size branch, both passes, and each dtype at least once; fp32 (the main path) in full.
-    # K_PAD 256 is the largest the launcher uses (spectral_filter.TRITON_MAX_K).
+    # K_PAD 256 is the largest the launcher uses (_backend.TRITON_MAX_K).
     cases = {("fp32", "fp32", "tf32x3"): ((16, False), (128, False), (64, True), (256, True)),
              ("bf16", "fp32", "tf32"): ((16, False), (128, False), (64, True)),
              ("fp16", "fp32", "tf32"): ((128, False),),

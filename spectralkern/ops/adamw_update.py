@@ -7,7 +7,7 @@
 This is exactly torch.optim.AdamW's non-amsgrad step (decoupled weight decay, same operation order as its
 single-tensor path), so the torch backend is bit-identical to torch AdamW on the CPU.
 
-Backends (``_backend.backend_for``):
+Backends (the registry decides: ``adamw_update_backend``; a forced backend that cannot run raises):
     triton  with a basis: ``_triton_spectral_adamw`` — one program per (block, column tile) keeps Uᵀg on chip and
             reads g, m, v, p once and writes m, v, p once (g is read a second time, from L2, only when h ≠ 0);
             without a basis: ``_triton_adamw``, a flat elementwise kernel.
@@ -22,14 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .._backend import backend_for
+from .._backend import Choice, backend_of
 from ..basis import SpectralBasis
-from ._cuda_adamw import adamw_update_cuda_, cuda_implemented
+from ._cuda_adamw import adamw_update_cuda_
 from .spectral_filter import spectral_filter_reference
-
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# The fused kernel keeps the (K_PAD × BLOCK_D) coefficients in registers; past this k they would spill.
-TRITON_MAX_K = 256
 
 
 @dataclass(frozen=True)
@@ -129,6 +125,16 @@ def _scalars(hyper: AdamWHyper) -> tuple[float, ...]:
 
 
 # ------------------------------------------------------------------------------------------ dispatch
+def adamw_update_backend(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                         basis: SpectralBasis | None = None, backend: str | None = None) -> Choice:
+    """The registry's choice for one update of ``param`` with these moments (and basis)."""
+    # The kernels index p, m and v with one set of strides (m, v) and assume flat, dense storage without a basis.
+    dense_state = (exp_avg.dtype == exp_avg_sq.dtype and exp_avg.stride() == param.stride() == exp_avg_sq.stride()
+                   and param.is_contiguous())
+    return backend_of("adamw_update", param, backend=backend, k=basis.k if basis is not None else None,
+                      state_dtype=exp_avg.dtype, dense_state=dense_state)
+
+
 def adamw_update_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                   hyper: AdamWHyper, basis: SpectralBasis | None = None, gains: torch.Tensor | None = None,
                   passthrough: float = 0.0) -> str:
@@ -136,25 +142,16 @@ def adamw_update_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor
 
     Shapes: param, grad (N, d) with a basis (N = basis.num_nodes), any shape without; exp_avg, exp_avg_sq like
     param (fp32, or bf16 for half-precision parameters); gains (B, k) on the basis' device. grad is only read.
+    Raises BackendUnavailable when SPECTRALKERN_BACKEND forces a backend that cannot run this update.
     """
-    triton_ok = param.dtype in _TRITON_DTYPES and (basis is None or basis.k <= TRITON_MAX_K)
-    implemented = ("triton", "torch") if triton_ok else ("torch",)
-    if cuda_implemented(param, exp_avg, exp_avg_sq, basis):  # listed even when not built: forcing it then says why
-        implemented = ("cuda",) + implemented
-    backend = backend_for(param.device, implemented)
-    # The kernels index p, m and v with one set of strides (m, v) and assume flat, dense storage without a basis.
-    same_layout = exp_avg.stride() == param.stride() == exp_avg_sq.stride() and param.is_contiguous()
-    if backend == "cuda" and same_layout:
-        with torch.no_grad():
-            adamw_update_cuda_(param, grad, exp_avg, exp_avg_sq, _scalars(hyper), basis, gains, passthrough)
-        return "cuda"
-    if backend == "triton" and same_layout:
-        with torch.no_grad():
-            if basis is not None:
-                _launch_spectral(param, grad, exp_avg, exp_avg_sq, hyper, basis, gains, passthrough)
-            else:
-                _launch_plain(param, grad, exp_avg, exp_avg_sq, hyper)
-        return "triton"
+    backend = adamw_update_backend(param, exp_avg, exp_avg_sq, basis).backend
     with torch.no_grad():
-        adamw_update_reference_(param, grad, exp_avg, exp_avg_sq, hyper, basis, gains, passthrough)
-    return "torch"
+        if backend == "cuda":
+            adamw_update_cuda_(param, grad, exp_avg, exp_avg_sq, _scalars(hyper), basis, gains, passthrough)
+        elif backend == "triton" and basis is not None:
+            _launch_spectral(param, grad, exp_avg, exp_avg_sq, hyper, basis, gains, passthrough)
+        elif backend == "triton":
+            _launch_plain(param, grad, exp_avg, exp_avg_sq, hyper)
+        else:
+            adamw_update_reference_(param, grad, exp_avg, exp_avg_sq, hyper, basis, gains, passthrough)
+    return backend

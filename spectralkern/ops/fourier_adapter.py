@@ -11,11 +11,11 @@ This is y = base + Σ_e G_e · ΔW_e x with ΔW_e[p, q] = Σ_{j∈e} Re(C_j e^{2
 real inverse DFT of a conjugate-symmetric spectrum (see ``spectralkern.peft.fourier_moe`` for how C_j is built
 from the trainable coefficients). Cost per token: O(n·(in + out)) instead of the O(in·out) of a dense ΔW.
 
-Backends (one dispatcher, ``_backend.backend_for``):
+Backends (the registry decides, ``_backend.OPS``):
 * ``triton``: two kernels per token chunk — analysis (z, scaled by C and G, written as a T × n complex
   workspace) then synthesis (y) — with twiddles generated on chip; the backward runs the same two kernels
   (analysis of grad_y at the row frequencies, fused with the coefficient/gate gradients; synthesis at the column
-  frequencies for grad_x). Dims up to ``TRITON_MAX_DIM`` (the in-kernel phase reduction is int32).
+  frequencies for grad_x). Dims up to ``_backend.TRITON_MAX_DIM`` (the in-kernel phase reduction is int32).
 * ``torch``: the same maths through ``torch.fft`` — rfft of x, gather at v, scale, scatter at u, irfft —
   O(in log in + out log out + n) per token; the CPU path and the fallback.
 
@@ -34,12 +34,8 @@ from typing import Optional
 
 import torch
 
-from .._backend import backend_for
+from .._backend import Choice, backend_of, triton_interpreter_on
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
-
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# The kernels reduce index·frequency modulo the dimension in int32: (dim + 64)·dim must stay below 2^31.
-TRITON_MAX_DIM = 46000
 # Upper bound for the per-chunk workspace (the T × n complex spectrum, or the FFT buffers of the torch path).
 WORKSPACE_BYTES = 32 * 2**20
 
@@ -163,8 +159,6 @@ def fourier_adapter_backward_reference(grad_y: torch.Tensor, x: torch.Tensor | N
 # ------------------------------------------------------------------------------------------ triton launchers
 def _fast_trig(acc: torch.dtype) -> bool:
     # MUFU cos/sin for fp32 on a GPU; the interpreter has no libdevice, fp64 needs the precise functions.
-    from .._backend import triton_interpreter_on
-
     return acc == torch.float32 and not triton_interpreter_on()
 
 
@@ -290,10 +284,10 @@ def _triton_backward(grad_y, x, in_features, rows, cols, coef_re, coef_im, exper
 
 
 # ------------------------------------------------------------------------------------------ custom ops
-def fourier_adapter_backend(x: torch.Tensor, in_features: int, out_features: int) -> str:
-    """The backend that runs the adapter for an input like ``x`` on a layer of this shape."""
-    triton_ok = x.dtype in _TRITON_DTYPES and max(in_features, out_features) <= TRITON_MAX_DIM
-    return backend_for(x.device, ("triton", "torch") if triton_ok else ("torch",))
+def fourier_adapter_backend(x: torch.Tensor, in_features: int, out_features: int,
+                            backend: str | None = None) -> Choice:
+    """The registry's choice for an input like ``x`` on a layer of this shape."""
+    return backend_of("fourier_adapter", x, backend=backend, dim=max(in_features, out_features))
 
 
 @torch.library.custom_op("spectralkern::fourier_adapter", mutates_args=())

@@ -25,12 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .._backend import backend_for, triton_interpreter_on
+from .._backend import Choice, backend_of, triton_interpreter_on
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
-
-# The forward keeps an (BLOCK_O × R_PAD) tile of B in registers; past this total rank it would spill.
-TRITON_MAX_RANK = 64
-
 
 # ------------------------------------------------------------------------------------------ block layout
 @dataclass(frozen=True)
@@ -389,10 +385,9 @@ def _factor_grads_triton(grad_y, x, weight, b_packed, a_packed, parts, block_siz
 
 
 # ------------------------------------------------------------------------------------------ custom ops
-def smoa_linear_backend(x: torch.Tensor, rank: int) -> str:
-    """The backend that runs smoa_linear for an input like ``x`` and a packed rank ``rank``."""
-    triton_ok = x.dtype in FLOAT_DTYPES and rank <= TRITON_MAX_RANK
-    return backend_for(x.device, ("triton", "torch") if triton_ok else ("torch",))
+def smoa_linear_backend(x: torch.Tensor, rank: int, backend: str | None = None) -> Choice:
+    """The registry's choice for an input like ``x`` and a packed rank ``rank``."""
+    return backend_of("smoa_linear", x, backend=backend, rank=rank)
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, b_packed: torch.Tensor,

@@ -1,9 +1,11 @@
 """spectral_filter: y = h·x + U diag(g − h) Uᵀ x, block by block, as one torch custom op.
 
-Three layers: the plain-torch reference (also the CPU backend), the Triton and compiled-CUDA (csrc/) launchers,
-and the custom ops ``spectralkern::spectral_filter`` / ``spectralkern::spectral_filter_backward`` with fake and
-autograd registrations so the op works under autograd and torch.compile. ``_backend.backend_for`` picks the
-implementation. The public entry point is ``spectral_filter(x, basis, gains, passthrough)``.
+Layers: the plain-torch reference (a loop over blocks: the float64 oracle), the torch backend (the blocks as
+one batch: (B, n, ·) views for uniform blocks, zero-padded to the largest block for ragged ones, or the loop —
+the registry's cost model picks), the Triton and compiled-CUDA (csrc/) launchers, and the custom ops
+``spectralkern::spectral_filter`` / ``spectralkern::spectral_filter_backward`` with fake and autograd registrations
+so the op works under autograd and torch.compile. ``spectral_filter_backend`` asks the registry (``_backend``)
+which runs. The public entry point is ``spectral_filter(x, basis, gains, passthrough)``.
 """
 from __future__ import annotations
 
@@ -11,13 +13,9 @@ import math
 
 import torch
 
-from .._backend import backend_for
+from .._backend import Choice, backend_of
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ..basis import SpectralBasis
-
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# The kernel keeps the (K_PAD × BLOCK_D) coefficients in registers; past this k they would spill.
-TRITON_MAX_K = 256
 
 
 # ------------------------------------------------------------------------------------------ torch reference
@@ -51,6 +49,57 @@ def spectral_filter_gains_grad_reference(grad_y: torch.Tensor, x: torch.Tensor, 
             U_b = Us[start:stop]
             out[b] = ((U_b.T @ gys[start:stop]) * (U_b.T @ xs[start:stop])).sum(dim=1)
     return out
+
+
+# ------------------------------------------------------------------------------------------ torch backend
+def _as_batch(t: torch.Tensor, block_ptr: torch.Tensor, algorithm: str, acc: torch.dtype,
+              mask: torch.Tensor | None) -> torch.Tensor:
+    """t (N, c) as (B, n, c): a view of uniform blocks ("batched"), or a zero-padded copy (``mask`` (B, n_max):
+    which padded rows are real, in row order)."""
+    t = t.to(acc)
+    if algorithm == "batched":
+        return t.unflatten(0, (block_ptr.numel() - 1, -1))
+    padded = t.new_zeros(*mask.shape, t.shape[1])
+    padded[mask] = t
+    return padded
+
+
+def filter_torch(x: torch.Tensor, U: torch.Tensor, block_ptr: torch.Tensor, gains: torch.Tensor,
+                 passthrough: float, algorithm: str, *, saved_x: torch.Tensor | None = None,
+                 write_y: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The torch backend, same contract as the launchers: (y (N, d) contiguous, or empty when not ``write_y``;
+    the gains' gradient Σ_cols (U_bᵀ x_b)(U_bᵀ saved_b) (B, k) when ``saved_x`` is given, else None).
+
+    ``algorithm`` (the registry's): "batched" — uniform blocks as (B, n, ·) views, two bmm; "padded" — ragged
+    blocks zero-padded to the largest (padded rows of U are zero, so they add nothing); "loop" — the reference's
+    two GEMMs per block. Accumulates in fp32 (fp64 for fp64 inputs).
+    """
+    acc = torch.promote_types(x.dtype, torch.float32)
+    if algorithm == "loop":
+        y = spectral_filter_reference(x, U, block_ptr, gains, passthrough).contiguous() if write_y else x.new_empty(0)
+        grads = (spectral_filter_gains_grad_reference(x, saved_x, U, block_ptr) if saved_x is not None else None)
+        return y, grads
+    num_blocks, k = block_ptr.numel() - 1, U.shape[1]
+    if x.numel() == 0 or num_blocks == 0 or int(block_ptr[-1]) == 0:
+        y = (passthrough * x.to(acc)).to(x.dtype).contiguous() if write_y else x.new_empty(0)
+        return y, (torch.zeros(num_blocks, k, dtype=acc, device=x.device) if saved_x is not None else None)
+    mask = None
+    if algorithm == "padded":
+        sizes = block_ptr[1:] - block_ptr[:-1]
+        mask = torch.arange(int(sizes.max()), device=x.device) < sizes.to(x.device)[:, None]  # (B, n_max)
+    U3 = _as_batch(U, block_ptr, algorithm, acc, mask)                     # (B, n, k)
+    x3 = _as_batch(x, block_ptr, algorithm, acc, mask)                     # (B, n, d)
+    coef = torch.bmm(U3.transpose(1, 2), x3)                              # (B, k, d) = U_bᵀ x_b
+    grads = None
+    if saved_x is not None:
+        saved_coef = torch.bmm(U3.transpose(1, 2), _as_batch(saved_x, block_ptr, algorithm, acc, mask))
+        grads = (coef * saved_coef).sum(dim=2)
+    if not write_y:
+        return x.new_empty(0), grads
+    coef.mul_((gains.to(acc) - passthrough).unsqueeze(2))
+    y3 = (torch.baddbmm(x3, U3, coef, beta=passthrough) if passthrough != 0.0 else torch.bmm(U3, coef))
+    y = y3.flatten(0, 1) if algorithm == "batched" else y3[mask]
+    return y.to(x.dtype).contiguous(), grads
 
 
 # ------------------------------------------------------------------------------------------ triton launcher
@@ -98,15 +147,6 @@ def _launch_triton(x: torch.Tensor, U: torch.Tensor, block_ptr: torch.Tensor, ga
 
 
 # ------------------------------------------------------------------------------------------ CUDA launcher
-_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-CUDA_MAX_K = 128  # the widest basis the compiled kernels instantiate (csrc/spectral_filter.h, kMaxK)
-
-
-def _tensor_desc(t: torch.Tensor) -> tuple[int, int, int, int, int]:
-    """A 2-D tensor as the extension takes it: (data_ptr, rows, cols, stride0, stride1), strides in elements."""
-    return t.data_ptr(), t.shape[0], t.shape[1], t.stride(0), t.stride(1)
-
-
 def _launch_cuda(x: torch.Tensor, U: torch.Tensor, block_ptr: torch.Tensor, gains: torch.Tensor,
                  passthrough: float, *, saved_x: torch.Tensor | None = None, write_y: bool = True,
                  out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -116,9 +156,10 @@ def _launch_cuda(x: torch.Tensor, U: torch.Tensor, block_ptr: torch.Tensor, gain
     they are not), block_ptr as int64 on x's device. The kernel runs on torch's current stream of x's device and
     writes into torch-allocated memory; the gains' gradient comes back as per-tile partial sums, added up here.
     """
-    from .. import _cuda_ext
+    from .. import _extensions
+    from ._cuda_args import tensor_desc
 
-    ext = _cuda_ext.module()
+    ext = _extensions.module("cuda")
     n, d = x.shape
     k = U.shape[1]
     num_blocks = block_ptr.numel() - 1
@@ -133,9 +174,9 @@ def _launch_cuda(x: torch.Tensor, U: torch.Tensor, block_ptr: torch.Tensor, gain
                if gain_grad else None)
     with torch.cuda.device(x.device):
         ext.spectral_filter(
-            x=_tensor_desc(x), U=_tensor_desc(U32), gains=_tensor_desc(gains32),
-            block_ptr=(offsets.data_ptr(), offsets.numel()), y=_tensor_desc(y) if write_y else None,
-            saved_x=_tensor_desc(saved) if gain_grad else None,
+            x=tensor_desc(x), U=tensor_desc(U32), gains=tensor_desc(gains32),
+            block_ptr=(offsets.data_ptr(), offsets.numel()), y=tensor_desc(y) if write_y else None,
+            saved_x=tensor_desc(saved) if gain_grad else None,
             gain_grad=(partial.data_ptr(), partial.numel()) if gain_grad else None,
             dtype=ext.DTYPES[str(x.dtype).removeprefix("torch.")], passthrough=float(passthrough),
             device=x.device.index, stream=torch.cuda.current_stream(x.device).cuda_stream)
@@ -143,25 +184,33 @@ def _launch_cuda(x: torch.Tensor, U: torch.Tensor, block_ptr: torch.Tensor, gain
 
 
 # ------------------------------------------------------------------------------------------ custom ops
-def spectral_filter_backend(x: torch.Tensor, k: int) -> str:
-    """The backend that runs the filter for an input like ``x`` and a basis with ``k`` columns."""
-    implemented = ("torch",)
-    if x.dtype in _TRITON_DTYPES and k <= TRITON_MAX_K:
-        implemented = ("triton",) + implemented
-    if x.dtype in _CUDA_DTYPES and k <= CUDA_MAX_K:  # listed even when not built: forcing it then says why
-        implemented = ("cuda",) + implemented
-    return backend_for(x.device, implemented)
+def block_layout_facts(block_ptr: torch.Tensor) -> dict[str, object]:
+    """The registry's layout facts of block offsets (B+1,): rows, blocks, max_block, uniform (all the same size,
+    none empty)."""
+    offsets = block_ptr.tolist()
+    sizes = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
+    largest = max(sizes, default=0)
+    return {"rows": offsets[-1], "blocks": len(sizes), "max_block": largest,
+            "uniform": largest > 0 and min(sizes) == largest}
+
+
+def spectral_filter_backend(x: torch.Tensor, k: int, block_ptr: torch.Tensor | None = None,
+                            backend: str | None = None, algorithm: str | None = None) -> Choice:
+    """The registry's choice for filtering an input like ``x`` with a basis of ``k`` columns; with ``block_ptr``
+    also the torch backend's algorithm (batched / padded / loop)."""
+    facts = block_layout_facts(block_ptr) if block_ptr is not None else {}
+    return backend_of("spectral_filter", x, k=k, backend=backend, algorithm=algorithm, **facts)
 
 
 @torch.library.custom_op("spectralkern::spectral_filter", mutates_args=())
 def _spectral_filter_op(x: torch.Tensor, U: torch.Tensor, block_ptr: torch.Tensor, gains: torch.Tensor,
                         passthrough: float) -> torch.Tensor:
-    backend = spectral_filter_backend(x, U.shape[1])
-    if backend == "cuda":
+    choice = spectral_filter_backend(x, U.shape[1], block_ptr)
+    if choice.backend == "cuda":
         return _launch_cuda(x, U, block_ptr, gains, passthrough)[0]
-    if backend == "triton":
+    if choice.backend == "triton":
         return _launch_triton(x, U, block_ptr, gains, passthrough)[0]
-    return spectral_filter_reference(x, U, block_ptr, gains, passthrough).contiguous()
+    return filter_torch(x, U, block_ptr, gains, passthrough, choice.algorithm)[0]
 
 
 @_spectral_filter_op.register_fake
@@ -175,16 +224,14 @@ def _spectral_filter_backward_op(grad_y: torch.Tensor, x: torch.Tensor, U: torch
                                  need_gains_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_x (N, d) or empty, grad_gains (B, k) or empty). ``x`` is only read when need_gains_grad."""
     empty = grad_y.new_empty(0)
-    backend = spectral_filter_backend(grad_y, U.shape[1])
-    if backend == "cuda":
-        grad_x, grad_gains = _launch_cuda(grad_y, U, block_ptr, gains, passthrough,
-                                          saved_x=x if need_gains_grad else None, write_y=need_x_grad)
-    elif backend == "triton":
-        grad_x, grad_gains = _launch_triton(grad_y, U, block_ptr, gains, passthrough,
-                                            saved_x=x if need_gains_grad else None, write_y=need_x_grad)
+    choice = spectral_filter_backend(grad_y, U.shape[1], block_ptr)
+    launch = {"cuda": _launch_cuda, "triton": _launch_triton}.get(choice.backend)
+    if launch is not None:
+        grad_x, grad_gains = launch(grad_y, U, block_ptr, gains, passthrough,
+                                    saved_x=x if need_gains_grad else None, write_y=need_x_grad)
     else:
-        grad_x = spectral_filter_reference(grad_y, U, block_ptr, gains, passthrough) if need_x_grad else None
-        grad_gains = (spectral_filter_gains_grad_reference(grad_y, x, U, block_ptr) if need_gains_grad else None)
+        grad_x, grad_gains = filter_torch(grad_y, U, block_ptr, gains, passthrough, choice.algorithm,
+                                          saved_x=x if need_gains_grad else None, write_y=need_x_grad)
     grad_x = grad_x.contiguous() if need_x_grad else empty
     grad_gains = grad_gains.to(gains.dtype).contiguous() if need_gains_grad else gains.new_empty(0)
     return grad_x, grad_gains

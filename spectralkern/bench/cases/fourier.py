@@ -189,7 +189,7 @@ def _prepare(cfg: _Config, dtype: torch.dtype, device: torch.device) -> Prepared
     reference = _float64_answer(fused, x, grad_y)
 
     providers, skipped, references = [], {}, {}
-    backend = fourier_adapter_backend(x, i, o)
+    backend = fourier_adapter_backend(x, i, o).backend
     if backend == "triton" and device.type == "cpu" and dtype == torch.bfloat16:
         skipped["spectralkern"] = "the Triton interpreter computes bf16 wrongly; run bf16 on a GPU"
     else:
