@@ -97,20 +97,27 @@ def _token_gates(gates: torch.Tensor | None, expert_of: torch.Tensor, acc: torch
 def fourier_adapter_reference(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, coef_re: torch.Tensor,
                               coef_im: torch.Tensor, expert_ptr: torch.Tensor, out_features: int,
                               gates: torch.Tensor | None = None, base: torch.Tensor | None = None) -> torch.Tensor:
-    """Plain-torch forward through torch.fft (the torch backend). x (T, in) -> y (T, out) in x's dtype.
+    """Plain-torch forward through torch.fft (the torch backend's "fft" form). x (T, in) -> y (T, out) in x's dtype.
 
     Computes in fp32 (fp64 for fp64 inputs), chunked over tokens; see the module docstring for the formula.
     """
+    return spectral_forward(spectral_analysis, spectral_synthesis, x, rows, cols, coef_re, coef_im, expert_ptr,
+                            out_features, gates, base)
+
+
+def spectral_forward(analysis, synthesis, x, rows, cols, coef_re, coef_im, expert_ptr, out_features, gates, base):
+    """The forward with the given transforms ``analysis(signal, freqs, size)`` / ``synthesis(coeffs, freqs,
+    size)`` (the FFT ones above, or the twiddle GEMMs of the per-frequency form)."""
     acc, num_tokens, in_features = _acc_dtype(x.dtype), x.shape[0], x.shape[1]
     coef = torch.complex(coef_re.to(acc), coef_im.to(acc))
     token_gates = _token_gates(gates, expert_of_frequency(expert_ptr, rows.numel()), acc)
     y = torch.empty(num_tokens, out_features, dtype=x.dtype, device=x.device)
     per_token = 8 * (in_features + out_features + 4 * rows.numel()) * (2 if acc == torch.float64 else 1)
     for a, b in _chunks(num_tokens, per_token, 1):
-        spec = spectral_analysis(x[a:b].to(acc), cols, in_features) * coef
+        spec = analysis(x[a:b].to(acc), cols, in_features) * coef
         if token_gates is not None:
             spec = spec * token_gates[a:b]
-        out = spectral_synthesis(spec, rows, out_features)
+        out = synthesis(spec, rows, out_features)
         if base is not None:
             out += base[a:b].to(acc)
         y[a:b] = out.to(x.dtype)
@@ -127,6 +134,13 @@ def fourier_adapter_backward_reference(grad_y: torch.Tensor, x: torch.Tensor | N
     grad_x = synthesis of G·C·Y at the column frequencies; grad_C_re = Σ_t G Re(ZY), grad_C_im = −Σ_t G Im(ZY);
     grad_G[t, e] = Σ_{j∈e} Re(C Z Y), zero where G is zero. ``x`` (T, in) is read only when need_params.
     """
+    return spectral_backward(spectral_analysis, spectral_synthesis, grad_y, x, in_features, rows, cols, coef_re,
+                             coef_im, expert_ptr, gates, need_x, need_params)
+
+
+def spectral_backward(analysis, synthesis, grad_y, x, in_features, rows, cols, coef_re, coef_im, expert_ptr, gates,
+                      need_x, need_params):
+    """The backward with the given transforms (see ``spectral_forward``)."""
     acc = _acc_dtype(grad_y.dtype)
     num_tokens, out_features = grad_y.shape
     n = rows.numel()
@@ -139,12 +153,12 @@ def fourier_adapter_backward_reference(grad_y: torch.Tensor, x: torch.Tensor | N
                   if need_params and gates is not None else None)
     per_token = 8 * (in_features + out_features + 6 * n) * (2 if acc == torch.float64 else 1)
     for a, b in _chunks(num_tokens, per_token, 1):
-        spec_gy = spectral_analysis(grad_y[a:b].to(acc), rows, out_features)
+        spec_gy = analysis(grad_y[a:b].to(acc), rows, out_features)
         if need_x:
             scaled = spec_gy * coef if token_gates is None else spec_gy * coef * token_gates[a:b]
-            grad_x[a:b] = spectral_synthesis(scaled, cols, in_features).to(grad_x.dtype)
+            grad_x[a:b] = synthesis(scaled, cols, in_features).to(grad_x.dtype)
         if need_params:
-            product = spectral_analysis(x[a:b].to(acc), cols, in_features) * spec_gy
+            product = analysis(x[a:b].to(acc), cols, in_features) * spec_gy
             if grad_gates is not None:
                 grad_gates[a:b].index_add_(1, expert_of, (coef * product).real)
             weighted = product if token_gates is None else product * token_gates[a:b]
