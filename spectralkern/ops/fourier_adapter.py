@@ -36,6 +36,8 @@ import torch
 
 from .._backend import Choice, backend_of, triton_interpreter_on
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
+# The forms the registry chooses among (``_backend.OPS["fourier_adapter"]``; the Triton backend has per_frequency).
+ALGORITHMS = ("fft", "dense", "per_frequency")
 # Upper bound for the per-chunk workspace (the T × n complex spectrum, or the FFT buffers of the torch path).
 WORKSPACE_BYTES = 32 * 2**20
 
@@ -298,27 +300,55 @@ def _triton_backward(grad_y, x, in_features, rows, cols, coef_re, coef_im, exper
 
 
 # ------------------------------------------------------------------------------------------ custom ops
-def fourier_adapter_backend(x: torch.Tensor, in_features: int, out_features: int,
-                            backend: str | None = None) -> Choice:
-    """The registry's choice for an input like ``x`` on a layer of this shape."""
-    return backend_of("fourier_adapter", x, backend=backend, dim=max(in_features, out_features))
+def fourier_adapter_backend(x: torch.Tensor, in_features: int, out_features: int, backend: str | None = None, *,
+                            algorithm: str | None = None, n: int | None = None, gates: torch.Tensor | None = None,
+                            backward: bool = False, need_x: bool = True, need_params: bool = False) -> Choice:
+    """The registry's choice for an input like ``x`` (tokens × in) on a layer of this shape; with ``n`` (the number
+    of frequencies) also the algorithm, by the measured cost model (``_fourier_cost``) for this call: the forward,
+    or the backward with its ``need_x`` / ``need_params``. ``algorithm`` forces one (BackendUnavailable with the
+    reason when it cannot run)."""
+    facts: dict[str, object] = {"dim": max(in_features, out_features)}
+    if n is not None:
+        from ._fourier_cost import dense_fits
+
+        acc = _acc_dtype(x.dtype)
+        slots = gates.shape[1] if gates is not None else 1
+        facts.update(tokens=x.shape[0], in_features=in_features, out_features=out_features, n=n, slots=slots,
+                     gated=gates is not None, backward=backward, need_x=need_x, need_params=need_params,
+                     device_type=x.device.type, acc=acc,
+                     dense_fits=dense_fits(out_features, in_features, slots, acc))
+    return backend_of("fourier_adapter", x, backend=backend, algorithm=algorithm, **facts)
+
+
+def _torch_form(algorithm: str):
+    """(forward, backward) of a torch-backend algorithm."""
+    if algorithm == "fft":
+        return fourier_adapter_reference, fourier_adapter_backward_reference
+    from . import _fourier_forms
+
+    if algorithm == "dense":
+        return _fourier_forms.dense_forward, _fourier_forms.dense_backward
+    return _fourier_forms.per_frequency_forward, _fourier_forms.per_frequency_backward
 
 
 @torch.library.custom_op("spectralkern::fourier_adapter", mutates_args=())
 def _fourier_adapter_op(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, coef_re: torch.Tensor,
                         coef_im: torch.Tensor, expert_ptr: torch.Tensor, gates: Optional[torch.Tensor],
-                        base: Optional[torch.Tensor], out_features: int) -> torch.Tensor:
+                        base: Optional[torch.Tensor], out_features: int,
+                        algorithm: Optional[str] = None) -> torch.Tensor:
     if x.shape[0] == 0 or rows.numel() == 0:
         if base is not None:
             return base.clone(memory_format=torch.contiguous_format)
         return x.new_zeros(x.shape[0], out_features)
-    if fourier_adapter_backend(x, x.shape[1], out_features) == "triton":
+    choice = fourier_adapter_backend(x, x.shape[1], out_features, algorithm=algorithm, n=rows.numel(), gates=gates)
+    if choice.backend == "triton":
         return _triton_forward(x, rows, cols, coef_re, coef_im, expert_ptr, gates, base, out_features)
-    return fourier_adapter_reference(x, rows, cols, coef_re, coef_im, expert_ptr, out_features, gates, base)
+    forward, _ = _torch_form(choice.algorithm)
+    return forward(x, rows, cols, coef_re, coef_im, expert_ptr, out_features, gates, base)
 
 
 @_fourier_adapter_op.register_fake
-def _(x, rows, cols, coef_re, coef_im, expert_ptr, gates, base, out_features):
+def _(x, rows, cols, coef_re, coef_im, expert_ptr, gates, base, out_features, algorithm=None):
     return x.new_empty(x.shape[0], out_features)
 
 
@@ -326,7 +356,8 @@ def _(x, rows, cols, coef_re, coef_im, expert_ptr, gates, base, out_features):
 def _fourier_adapter_backward_op(grad_y: torch.Tensor, x: torch.Tensor, in_features: int, rows: torch.Tensor,
                                  cols: torch.Tensor, coef_re: torch.Tensor, coef_im: torch.Tensor,
                                  expert_ptr: torch.Tensor, gates: Optional[torch.Tensor], need_x: bool,
-                                 need_params: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                                 need_params: bool, algorithm: Optional[str] = None
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x (T, in) or empty, grad_coef_re (n,), grad_coef_im (n,), grad_gates (T, E)); the last three are
     empty unless need_params (grad_gates also when there are no gates). ``x`` (T, in) is read only when
     need_params; otherwise it may be an empty tensor."""
@@ -337,18 +368,18 @@ def _fourier_adapter_backward_op(grad_y: torch.Tensor, x: torch.Tensor, in_featu
                    torch.zeros_like(coef_re) if need_params else None,
                    torch.zeros_like(coef_im) if need_params else None,
                    torch.zeros_like(gates) if need_params and gates is not None else None)
-    elif fourier_adapter_backend(grad_y, in_features, grad_y.shape[1]) == "triton":
-        results = _triton_backward(grad_y, x_in, in_features, rows, cols, coef_re, coef_im, expert_ptr, gates,
-                                   need_x, need_params)
     else:
-        results = fourier_adapter_backward_reference(grad_y, x_in, in_features, rows, cols, coef_re, coef_im,
-                                                     expert_ptr, gates, need_x, need_params)
+        choice = fourier_adapter_backend(grad_y, in_features, grad_y.shape[1], algorithm=algorithm, n=n, gates=gates,
+                                         backward=True, need_x=need_x, need_params=need_params)
+        run = _triton_backward if choice.backend == "triton" else _torch_form(choice.algorithm)[1]
+        results = run(grad_y, x_in, in_features, rows, cols, coef_re, coef_im, expert_ptr, gates, need_x,
+                      need_params)
     # A fresh empty tensor per missing gradient: outputs of a custom op must not alias one another.
     return tuple(r.contiguous() if r is not None else grad_y.new_empty(0) for r in results)
 
 
 @_fourier_adapter_backward_op.register_fake
-def _(grad_y, x, in_features, rows, cols, coef_re, coef_im, expert_ptr, gates, need_x, need_params):
+def _(grad_y, x, in_features, rows, cols, coef_re, coef_im, expert_ptr, gates, need_x, need_params, algorithm=None):
     empty = grad_y.new_empty(0)
     return (grad_y.new_empty(grad_y.shape[0], in_features) if need_x else empty,
             coef_re.new_empty(coef_re.shape) if need_params else empty,
@@ -357,7 +388,8 @@ def _(grad_y, x, in_features, rows, cols, coef_re, coef_im, expert_ptr, gates, n
 
 
 def _setup_context(ctx, inputs, output):
-    x, rows, cols, coef_re, coef_im, expert_ptr, gates, base, out_features = inputs
+    x, rows, cols, coef_re, coef_im, expert_ptr, gates, base, out_features, *forced = inputs
+    ctx.algorithm = forced[0] if forced else None
     ctx.need_x = ctx.needs_input_grad[0]
     ctx.need_params = any(ctx.needs_input_grad[i] for i in (3, 4, 6))
     ctx.need_base = ctx.needs_input_grad[7]
@@ -370,13 +402,13 @@ def _backward(ctx, grad_y):
     x, rows, cols, coef_re, coef_im, expert_ptr, gates = ctx.saved_tensors
     grad_base = grad_y if ctx.need_base else None
     if not (ctx.need_x or ctx.need_params):
-        return None, None, None, None, None, None, None, grad_base, None
+        return None, None, None, None, None, None, None, grad_base, None, None
     grad_x, grad_re, grad_im, grad_gates = torch.ops.spectralkern.fourier_adapter_backward(
         grad_y.contiguous(), x if x is not None else grad_y.new_empty(0), ctx.in_features, rows, cols, coef_re,
-        coef_im, expert_ptr, gates, ctx.need_x, ctx.need_params)
+        coef_im, expert_ptr, gates, ctx.need_x, ctx.need_params, ctx.algorithm)
     return (grad_x if ctx.need_x else None, None, None,
             grad_re if ctx.need_params else None, grad_im if ctx.need_params else None, None,
-            grad_gates if ctx.need_params and gates is not None else None, grad_base, None)
+            grad_gates if ctx.need_params and gates is not None else None, grad_base, None, None)
 
 
 _fourier_adapter_op.register_autograd(_backward, setup_context=_setup_context)
@@ -397,7 +429,8 @@ def _check_index_vector(name: str, value: object, n: int | None, bound: int) -> 
 
 def fourier_adapter(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, coef_re: torch.Tensor,
                     coef_im: torch.Tensor, out_features: int, *, expert_ptr: torch.Tensor | None = None,
-                    gates: torch.Tensor | None = None, base: torch.Tensor | None = None) -> torch.Tensor:
+                    gates: torch.Tensor | None = None, base: torch.Tensor | None = None,
+                    algorithm: str | None = None) -> torch.Tensor:
     """y = base + Σ_j G[t, e(j)] · Re(C_j e^{2πi u_j p/out} Σ_q x[t, q] e^{2πi v_j q/in}), ΔW never built.
 
     Args:
@@ -412,6 +445,9 @@ def fourier_adapter(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, coe
         gates: (..., E) per-token expert weights; zero means "not routed" (gradient returned as zero there,
             see the module docstring). Default: every expert with weight 1. Differentiable.
         base: (..., out) added to the result (e.g. the frozen layer's W x + b), fused into the output write.
+        algorithm: None lets the registry's cost model choose per call; "fft", "dense" or "per_frequency" forces
+            one (forward and backward; ``BackendUnavailable`` when it cannot run, e.g. "fft" on the Triton
+            backend, which has only "per_frequency").
     Returns:
         (..., out) in x's dtype. Accumulation in fp32 (fp64 for fp64 inputs). This function validates the index
         ranges (one device sync); modules that validated them once call the custom op directly.
@@ -419,6 +455,8 @@ def fourier_adapter(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, coe
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     if x.dim() == 0:
         raise ValueError("x must have at least 1 dimension (..., in), got a 0-D tensor")
+    if algorithm is not None and algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be None or one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
     if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features <= 0:
         raise ValueError(f"out_features must be a positive int, got {out_features!r}")
     in_features = x.shape[-1]
@@ -457,5 +495,5 @@ def fourier_adapter(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, coe
         check_same_device("base", base, "x", x)
         base = base.reshape(-1, out_features).to(x.dtype)
     y = torch.ops.spectralkern.fourier_adapter(x2, rows, cols, coef_re, coef_im, expert_ptr, gates, base,
-                                               out_features)
+                                               out_features, algorithm)
     return y.reshape(*lead, out_features)
