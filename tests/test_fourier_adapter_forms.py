@@ -177,3 +177,27 @@ def test_calibration_measures_every_constant():
         assert math.isfinite(value) and value > 0, name
     # the GEMM constant is a FLOP's time: between 1 TFLOP/s and 1 GFLOP/s on any CPU this runs on
     assert 1e-12 < measured.gemm_flop < 1e-9
+
+
+def test_dense_backward_reuses_the_forwards_delta_and_never_a_stale_one(monkeypatch, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x, rows, cols, coef_re, coef_im, expert_ptr, _, _ = problem(9, 8, 6, 1, 5, False, torch.float64, gen)
+    builds = []
+    original = _fourier_forms.dense_delta_weights
+    monkeypatch.setattr(_fourier_forms, "dense_delta_weights", lambda *a: builds.append(1) or original(*a))
+    leaf_re, leaf_im = coef_re.clone().requires_grad_(), coef_im.clone().requires_grad_()
+    for step in range(2):
+        y = fourier_adapter(x, rows, cols, leaf_re * 2, leaf_im * 2, 9, algorithm="dense")
+        grads = torch.autograd.grad(y.square().sum(), [leaf_re, leaf_im])
+        assert len(builds) == step + 1  # one ΔW per step: built by the forward, reused by the backward
+    assert len(_fourier_forms._DELTAS) == 0  # gone with the step's coefficient tensors
+    expected = fourier_adapter_backward_reference(2 * y.detach(), x, 8, rows, cols, 2 * coef_re, 2 * coef_im,
+                                                  expert_ptr, None, False, True)
+    assert relative_error(grads[0], 2 * expected[1]) <= 1e-12
+    # a coefficient tensor changed in place after the forward is not served its old ΔW
+    with torch.no_grad():
+        first = fourier_adapter(x, rows, cols, coef_re, coef_im, 9, algorithm="dense")
+        coef_re.mul_(3.0)
+        second = fourier_adapter(x, rows, cols, coef_re, coef_im, 9, algorithm="dense")
+    expected = fourier_adapter_reference(x, rows, cols, coef_re, coef_im, expert_ptr, 9)
+    assert relative_error(second, expected) <= 1e-12 and not torch.allclose(first, second)

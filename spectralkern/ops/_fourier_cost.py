@@ -61,7 +61,7 @@ def _log2(size: float) -> float:
 def form_seconds(form: str, facts: Mapping[str, object]) -> float:
     """Predicted seconds of ``form`` for one call described by ``facts``: tokens, in_features, out_features, n,
     slots (experts when gated, else 1), gated, backward (False: the forward), need_x, need_params, device_type,
-    acc (the accumulation dtype)."""
+    acc (the accumulation dtype), and optionally dense_cached (the dense ΔW of these coefficients exists)."""
     t, i, o, n = (float(facts[k]) for k in ("tokens", "in_features", "out_features", "n"))
     slots = float(facts["slots"])
     backward, gated = bool(facts["backward"]), bool(facts["gated"])
@@ -78,12 +78,13 @@ def form_seconds(form: str, facts: Mapping[str, object]) -> float:
             work += need_params * (t * fft_in + c.elementwise * t * 4 * n)
     elif form == "dense":
         product = c.gemm_flop * 2 * t * o * i * slots
-        build = c.fft2_point * slots * o * i * _log2(o * i)
+        transform = c.fft2_point * slots * o * i * _log2(o * i)
+        build = 0.0 if facts.get("dense_cached") else transform  # the forward's ΔW, kept for the backward
         if not backward:
             work = build + product + c.elementwise * t * o * (slots if gated else 0)
         else:
             work = build + need_x * product
-            work += need_params * (product + build + product * gated)
+            work += need_params * (product + transform + product * gated)
     elif form == "per_frequency":
         analysis_in, analysis_out = c.gemm_flop * 4 * t * n * i, c.gemm_flop * 4 * t * n * o
         twiddles_in, twiddles_out = c.trig * n * i, c.trig * n * o

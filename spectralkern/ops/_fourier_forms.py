@@ -3,8 +3,8 @@
 Same contract as ``fourier_adapter_reference`` / ``fourier_adapter_backward_reference`` (see ``fourier_adapter``
 for the formula); which form runs is the registry's choice (``_fourier_cost`` holds the cost model).
 
-* ``dense``: ΔW_e (E × out × in) built once per call by one batched irfft2 of the folded spectrum, then GEMMs —
-  peft's way. Forward 2·T·out·in·E FLOPs; the backward adds grad_x (the same again) and the Gram (G·gate)ᵀ x
+* ``dense``: ΔW_e (E × out × in) built by one batched irfft2 of the folded spectrum, then GEMMs — peft's way;
+  kept while the coefficient tensor lives, so a training step's backward reuses its forward's ΔW. Forward 2·T·out·in·E FLOPs; the backward adds grad_x (the same again) and the Gram (G·gate)ᵀ x
   whose 2-D FFT, read at the n frequencies, is the coefficients' gradient.
 * ``per_frequency``: the DFT at the n frequencies as real GEMMs against cos/sin twiddle matrices built per call
   (in × 2n and 2n × out): 4·T·n·(in + out) FLOPs forward, what the Triton kernels compute on chip; the reference's
@@ -15,8 +15,10 @@ Both compute in fp32 (fp64 for fp64 inputs) and return x's dtype, like the refer
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from .fourier_adapter import _acc_dtype, expert_of_frequency, spectral_backward, spectral_forward
 
@@ -45,6 +47,44 @@ def dense_delta_weights(rows, cols, coef, slot, num_slots, out_features, in_feat
                             norm="forward")
 
 
+# The dense form's ΔW, kept while the coefficient tensor it was built from lives: autograd keeps the (effective)
+# coefficients from the forward to the backward, so the backward reuses the forward's ΔW instead of rebuilding it
+# (peft's FourierFT keeps its ΔW the same way); the entry goes with the tensor. Validated on every use: the same
+# companion tensors (by identity), unchanged versions, the same shape and dtype.
+_DELTAS = WeakTensorKeyDictionary()
+
+
+def _delta_stamp(rows, cols, coef_re, coef_im, expert_ptr, num_slots, out_features, in_features, acc):
+    companions = (coef_im, rows, cols, expert_ptr)
+    versions = tuple(t._version for t in (coef_re, *companions))
+    return companions, (versions, num_slots, out_features, in_features, acc, coef_re.device)
+
+
+def cached_delta(rows, cols, coef_re, coef_im, expert_ptr, num_slots, out_features, in_features, acc):
+    """The ΔW (slots, out, in) a dense call built from these very tensors, or None."""
+    entry = _DELTAS.get(coef_re)
+    if entry is None:
+        return None
+    refs, stamp, delta = entry
+    companions, now = _delta_stamp(rows, cols, coef_re, coef_im, expert_ptr, num_slots, out_features, in_features,
+                                   acc)
+    if stamp != now or any(ref() is not t for ref, t in zip(refs, companions)):
+        return None
+    return delta
+
+
+def _delta_for(rows, cols, coef_re, coef_im, expert_ptr, gates, out_features, in_features, acc):
+    slot, num_slots = _slots(expert_ptr, rows.numel(), gates)
+    delta = cached_delta(rows, cols, coef_re, coef_im, expert_ptr, num_slots, out_features, in_features, acc)
+    if delta is None:
+        coef = torch.complex(coef_re.to(acc), coef_im.to(acc))
+        delta = dense_delta_weights(rows, cols, coef, slot, num_slots, out_features, in_features)
+        companions, stamp = _delta_stamp(rows, cols, coef_re, coef_im, expert_ptr, num_slots, out_features,
+                                         in_features, acc)
+        _DELTAS[coef_re] = (tuple(weakref.ref(t) for t in companions), stamp, delta)
+    return slot, num_slots, delta
+
+
 def _slots(expert_ptr, n, gates):
     """Without gates every expert has weight 1: one ΔW for all of them (slot 0); else one per expert."""
     if gates is None:
@@ -55,9 +95,7 @@ def _slots(expert_ptr, n, gates):
 def dense_forward(x, rows, cols, coef_re, coef_im, expert_ptr, out_features, gates=None, base=None):
     acc = _acc_dtype(x.dtype)
     num_tokens, in_features = x.shape
-    slot, num_slots = _slots(expert_ptr, rows.numel(), gates)
-    coef = torch.complex(coef_re.to(acc), coef_im.to(acc))
-    delta = dense_delta_weights(rows, cols, coef, slot, num_slots, out_features, in_features)
+    _, num_slots, delta = _delta_for(rows, cols, coef_re, coef_im, expert_ptr, gates, out_features, in_features, acc)
     per_slot = x.to(acc) @ delta.view(num_slots * out_features, in_features).T
     if gates is None:
         y = per_slot
@@ -71,10 +109,8 @@ def dense_forward(x, rows, cols, coef_re, coef_im, expert_ptr, out_features, gat
 def dense_backward(grad_y, x, in_features, rows, cols, coef_re, coef_im, expert_ptr, gates, need_x, need_params):
     acc = _acc_dtype(grad_y.dtype)
     num_tokens, out_features = grad_y.shape
-    n = rows.numel()
-    slot, num_slots = _slots(expert_ptr, n, gates)
-    coef = torch.complex(coef_re.to(acc), coef_im.to(acc))
-    delta = dense_delta_weights(rows, cols, coef, slot, num_slots, out_features, in_features)
+    slot, num_slots, delta = _delta_for(rows, cols, coef_re, coef_im, expert_ptr, gates, out_features, in_features,
+                                        acc)
     delta = delta.view(num_slots * out_features, in_features)
     g = grad_y.to(acc)
     # (T, slots · out): grad_y weighted by each token's gate of each expert

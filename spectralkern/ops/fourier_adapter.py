@@ -307,11 +307,13 @@ def _triton_backward(grad_y, x, in_features, rows, cols, coef_re, coef_im, exper
 # ------------------------------------------------------------------------------------------ custom ops
 def fourier_adapter_backend(x: torch.Tensor, in_features: int, out_features: int, backend: str | None = None, *,
                             algorithm: str | None = None, n: int | None = None, gates: torch.Tensor | None = None,
-                            backward: bool = False, need_x: bool = True, need_params: bool = False) -> Choice:
+                            backward: bool = False, need_x: bool = True, need_params: bool = False,
+                            dense_cached: bool = False) -> Choice:
     """The registry's choice for an input like ``x`` (tokens × in) on a layer of this shape; with ``n`` (the number
     of frequencies) also the algorithm, by the measured cost model (``_fourier_cost``) for this call: the forward,
-    or the backward with its ``need_x`` / ``need_params``. ``algorithm`` forces one (BackendUnavailable with the
-    reason when it cannot run)."""
+    or the backward with its ``need_x`` / ``need_params``; ``dense_cached``: the dense form's ΔW for these
+    coefficients is already built (by the forward). ``algorithm`` forces one (BackendUnavailable with the reason
+    when it cannot run)."""
     facts: dict[str, object] = {"dim": max(in_features, out_features)}
     if n is not None:
         from ._fourier_cost import dense_fits
@@ -320,9 +322,17 @@ def fourier_adapter_backend(x: torch.Tensor, in_features: int, out_features: int
         slots = gates.shape[1] if gates is not None else 1
         facts.update(tokens=x.shape[0], in_features=in_features, out_features=out_features, n=n, slots=slots,
                      gated=gates is not None, backward=backward, need_x=need_x, need_params=need_params,
-                     device_type=x.device.type, acc=acc,
+                     device_type=x.device.type, acc=acc, dense_cached=dense_cached,
                      dense_fits=dense_fits(out_features, in_features, slots, acc))
     return backend_of("fourier_adapter", x, backend=backend, algorithm=algorithm, **facts)
+
+
+def _dense_cached(x, rows, cols, coef_re, coef_im, expert_ptr, gates, out_features, in_features) -> bool:
+    from ._fourier_forms import cached_delta
+
+    slots = gates.shape[1] if gates is not None else 1
+    return cached_delta(rows, cols, coef_re, coef_im, expert_ptr, slots, out_features, in_features,
+                        _acc_dtype(x.dtype)) is not None
 
 
 def _torch_form(algorithm: str):
@@ -345,7 +355,9 @@ def _fourier_adapter_op(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
         if base is not None:
             return base.clone(memory_format=torch.contiguous_format)
         return x.new_zeros(x.shape[0], out_features)
-    choice = fourier_adapter_backend(x, x.shape[1], out_features, algorithm=algorithm, n=rows.numel(), gates=gates)
+    cached = _dense_cached(x, rows, cols, coef_re, coef_im, expert_ptr, gates, out_features, x.shape[1])
+    choice = fourier_adapter_backend(x, x.shape[1], out_features, algorithm=algorithm, n=rows.numel(), gates=gates,
+                                     dense_cached=cached)
     if choice.backend == "triton":
         return _triton_forward(x, rows, cols, coef_re, coef_im, expert_ptr, gates, base, out_features)
     forward, _ = _torch_form(choice.algorithm)
@@ -374,8 +386,9 @@ def _fourier_adapter_backward_op(grad_y: torch.Tensor, x: torch.Tensor, in_featu
                    torch.zeros_like(coef_im) if need_params else None,
                    torch.zeros_like(gates) if need_params and gates is not None else None)
     else:
+        cached = _dense_cached(grad_y, rows, cols, coef_re, coef_im, expert_ptr, gates, grad_y.shape[1], in_features)
         choice = fourier_adapter_backend(grad_y, in_features, grad_y.shape[1], algorithm=algorithm, n=n, gates=gates,
-                                         backward=True, need_x=need_x, need_params=need_params)
+                                         backward=True, need_x=need_x, need_params=need_params, dense_cached=cached)
         run = _triton_backward if choice.backend == "triton" else _torch_form(choice.algorithm)[1]
         results = run(grad_y, x_in, in_features, rows, cols, coef_re, coef_im, expert_ptr, gates, need_x,
                       need_params)
