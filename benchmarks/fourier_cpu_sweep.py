@@ -45,6 +45,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--providers", nargs="+", default=None)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--cases", nargs="+", default=None, help="only the cases with these names")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "cpu")
     args = parser.parse_args()
     if torch.get_num_threads() != 1:
@@ -58,6 +59,8 @@ def main() -> int:
     runner.time_fn = lambda fn, _device, budget: time_thread_cpu(fn, budget)  # this script's clock
     failures = []
     for case in fourier.cases(device, quick=False):
+        if args.cases and case.name not in args.cases:
+            continue
         records, failed = runner.run_case(case, device, budget, ceilings, env, run_id, False,
                                           set(args.providers) if args.providers else None)
         append_records(args.out / "fourier.jsonl", records)
