@@ -9,15 +9,18 @@ contiguous ranges of j (``expert_ptr``) and per-token gates G (tokens × experts
 
 This is y = base + Σ_e G_e · ΔW_e x with ΔW_e[p, q] = Σ_{j∈e} Re(C_j e^{2πi (u_j p / out + v_j q / in)}), the
 real inverse DFT of a conjugate-symmetric spectrum (see ``spectralkern.peft.fourier_moe`` for how C_j is built
-from the trainable coefficients). Cost per token: O(n·(in + out)) instead of the O(in·out) of a dense ΔW.
+from the trainable coefficients).
 
 Backends (the registry decides, ``_backend.OPS``):
 * ``triton``: two kernels per token chunk — analysis (z, scaled by C and G, written as a T × n complex
   workspace) then synthesis (y) — with twiddles generated on chip; the backward runs the same two kernels
   (analysis of grad_y at the row frequencies, fused with the coefficient/gate gradients; synthesis at the column
   frequencies for grad_x). Dims up to ``_backend.TRITON_MAX_DIM`` (the in-kernel phase reduction is int32).
-* ``torch``: the same maths through ``torch.fft`` — rfft of x, gather at v, scale, scatter at u, irfft —
-  O(in log in + out log out + n) per token; the CPU path and the fallback.
+* ``torch``: three forms, chosen per call by the registry's cost model (``_fourier_cost``, constants measured on
+  the CPU): ``fft`` (the reference: rfft of x, gather at v, scale, scatter at u, irfft — O(in log in + out log out
+  + n) per token), ``dense`` (ΔW built once, then GEMMs — peft's way; best for small layers) and
+  ``per_frequency`` (twiddle GEMMs, 4·n·(in + out) per token; best for few frequencies), in ``_fourier_forms``.
+  ``algorithm=`` forces one.
 
 Tokens are processed in chunks so the workspace stays under ``WORKSPACE_BYTES`` whatever the batch.
 

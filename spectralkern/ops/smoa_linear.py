@@ -11,10 +11,12 @@ where B_k = B[p-range of block k], A_k = A[:, q-range of block k] (all R columns
 SMoA's per-block ranks come from packing B and A block-diagonally, ``torch.block_diag``). The anchors M_k are the
 base weight's own entries, so nothing besides W is stored.
 
-Three layers: the plain-torch reference that materialises ΔW (the authors' formulation, also the CPU backend),
-the Triton launchers (``_triton_smoa_fwd``: a GEMM with on-chip modulated weight tiles, for y and grad_x;
-``_triton_smoa_bwd``: dB, dA per block without materialising ΔW or Gᵀx), and the custom ops
-``spectralkern::smoa_linear`` / ``spectralkern::smoa_linear_backward`` with fake and autograd registrations.
+Four layers: the plain-torch reference that materialises ΔW (the authors' formulation; the tests' oracle), the
+torch backend (the CPU path: W_eff = c·W + s·W ⊙ mask ⊙ B̃Ã built in the weight's own coordinates, then one GEMM;
+factor gradients from Gᵀx on the blocks), the Triton launchers (``_triton_smoa_fwd``: a GEMM with on-chip
+modulated weight tiles, for y and grad_x; ``_triton_smoa_bwd``: dB, dA per block without materialising ΔW or
+Gᵀx), and the custom ops ``spectralkern::smoa_linear`` / ``spectralkern::smoa_linear_backward`` with fake and
+autograd registrations (eager calls enter through an autograd.Function sharing their functions).
 """
 from __future__ import annotations
 
