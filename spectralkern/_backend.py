@@ -192,7 +192,18 @@ def _recursion_cost(facts: Mapping[str, object]) -> float:
     return float(facts["order"]) * float(facts["d"])
 
 
+def _fourier_cost(form: str) -> Callable[[Mapping[str, object]], float]:
+    """The Fourier adapter's measured cost model (``ops/_fourier_cost.py``: predicted seconds of one call)."""
+    def cost(facts: Mapping[str, object]) -> float:
+        from .ops._fourier_cost import form_seconds  # imported on use: ops/ imports this module
+
+        return form_seconds(form, facts)
+    return cost
+
+
 # ------------------------------------------------------------------------------------------ the table
+_FOURIER = ("tokens", "in_features", "out_features", "n", "slots", "gated", "backward", "need_x", "need_params",
+            "device_type", "acc")
 _LAYOUT = ("uniform", "rows", "blocks", "max_block", "d", "k")
 _CHEBYSHEV = ("order", "block_n", "d")
 _SPECTRAL_ADAMW_STATES = {torch.float32: (torch.float32,), torch.float16: (torch.float32,),
@@ -258,6 +269,13 @@ OPS: dict[str, OpSpec] = {spec.name: spec for spec in (
     OpSpec("fourier_adapter", (
         Backend("triton", TRITON_DTYPES, {"dim": TRITON_MAX_DIM}),
         Backend("torch"),
+    ), algorithms=(
+        Algorithm("fft", ("torch",), {}, _fourier_cost("fft"),
+                  "rfft of x, gather at the n frequencies, scatter into out's bins, irfft", _FOURIER),
+        Algorithm("dense", ("torch",), {"dense_fits": "the E dense ΔW fit the dense form's memory bound"},
+                  _fourier_cost("dense"), "ΔW materialised once per call (one irfft2), then GEMMs", _FOURIER),
+        Algorithm("per_frequency", ("triton", "torch"), {}, _fourier_cost("per_frequency"),
+                  "the DFT at the n frequencies: twiddle GEMMs (torch) or on-chip twiddles (triton)", _FOURIER),
     ), doc="FourierFT / FourierMoE: the sparse-spectrum ΔW applied to x"),
 )}
 
