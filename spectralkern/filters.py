@@ -53,7 +53,8 @@ class Tikhonov:
 
 
 def low_pass(cutoff: float) -> LowPass:
-    return LowPass(_finite("cutoff", cutoff))
+    # a negative cutoff passes nothing (graph frequencies are >= 0): a mistake, not a filter
+    return LowPass(_non_negative("cutoff", cutoff))
 
 
 def heat(t: float) -> Heat:

@@ -256,5 +256,6 @@ def spectral_filter(x: torch.Tensor, basis: SpectralBasis, gains: torch.Tensor,
     vector = x.dim() == 1
     x2 = x.unsqueeze(1) if vector else x
     gains2 = gains.expand(num_blocks, k)  # a view: autograd sums the per-block gradient back to (k,)
+    gains2 = gains2.where(basis.held_on(x.device), 0)  # padding columns: no effect, even NaN (U is 0 there)
     y = torch.ops.spectralkern.spectral_filter(x2, basis.U, basis.block_ptr_on(x.device), gains2, float(passthrough))
     return y.squeeze(1) if vector else y
