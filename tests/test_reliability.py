@@ -91,13 +91,15 @@ def test_nan_gains_in_padding_columns_have_no_effect():
     assert torch.isfinite(gains.grad).all() and bool((gains.grad[:, 5] == 0).all())
 
 
-def test_failed_arpack_solve_carries_ritz_approximations():
+@pytest.mark.parametrize("backend, maxiter", [("scipy", 2), pytest.param("native", 12, marks=pytest.mark.skipif(
+    not native_available(), reason="needs the compiled module"))])
+def test_failed_solve_carries_ritz_approximations(backend, maxiter):
     """ARPACK returns only its converged pairs on failure (here none): the basis was all zeros with "worst residual
     0". Now every column is a unit Ritz vector, its eigenvalue an upper bound of the true one, its residual real."""
     rows = torch.randn(400, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     L = sk.ParameterGraph.knn(rows, 5).laplacian()
     with pytest.raises(sk.NoConvergence) as caught:
-        sk.lowest_eigenpairs(L, 8, tol=1e-10, backend="scipy", maxiter=2)
+        sk.lowest_eigenpairs(L, 8, tol=1e-10, backend=backend, maxiter=maxiter)
     basis = caught.value.basis
     torch.testing.assert_close(basis.U.norm(dim=0), torch.ones(8, dtype=torch.float64))
     exact = torch.linalg.eigvalsh(L.to_dense())[:8]
