@@ -137,3 +137,16 @@ def test_native_partial_reorthogonalisation_has_no_cliff():
     basis = sk.lowest_eigenpairs(L, 32, tol=1e-6, backend="native")
     assert int(basis.info.matvecs.max()) < 800
     assert bool(basis.info.converged.all())
+
+
+def test_eigensolver_seed_sweep_case_reports_the_spread():
+    """The benchmark case that makes a start-dependent cliff a number (quick size: 2 x 1024 nodes, 10 seeds)."""
+    from spectralkern.bench.cases import eigensolver_seeds
+
+    case, = eigensolver_seeds.cases(torch.device("cpu"), quick=True)
+    prepared = case.prepare(torch.device("cpu"))
+    out = prepared.providers[0].fn()
+    assert out.shape == prepared.reference.shape == (10, 2, 16)
+    torch.testing.assert_close(out, prepared.reference, rtol=0, atol=1e-8)
+    stats = eigensolver_seeds.SWEEPS[case.name]
+    assert stats["products_max_over_median"] <= 2 and stats["seeds_with_a_block_over_2x"] == 0
