@@ -5,6 +5,7 @@ per-target protocol, and all-or-nothing state loading."""
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 
 import pytest
@@ -147,6 +148,22 @@ def test_zero_task_loss_spectral_sgd_steps_along_the_regulariser_gradient(backen
     (0.0 * model(inputs(seed)).sum() + filt.regularization()).backward()
     opt.step()
     assert rel(model[0].weight.detach() - before, expected) <= 1e-5
+
+
+def test_zero_grad_discards_the_regulariser_share_too(seed):
+    """backward, zero_grad (a discarded batch), backward, step: the step sees one regulariser term, as .grad."""
+    runs = []
+    for discard in (False, True):
+        model, filt = model_and_filter(seed)
+        opt = sk.SpectralSGD(model.parameters(), lr=0.5, spectral_filter=filt)
+        if discard:
+            (model(inputs(seed)).square().mean() + filt.regularization()).backward()
+            opt.zero_grad()
+        (model(inputs(seed + 1)).square().mean() + filt.regularization()).backward()
+        opt.step()
+        runs.append(model)
+    for p, q in zip(runs[1].parameters(), runs[0].parameters()):
+        assert torch.equal(p, q)
 
 
 # --------------------------------------------------------------------------- 2. the update rules and span(U)
@@ -346,10 +363,20 @@ def test_theta0_of_another_width_is_refused(seed):
     assert unchanged(wide, before)
 
 
-def test_construction_logs_each_target(seed, caplog):
-    with caplog.at_level("INFO", logger="spectralkern.optim.gradient_filter"):
+def test_construction_logs_each_target(seed):
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logger = logging.getLogger("spectralkern.optim.gradient_filter")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
         model_and_filter(seed, progress=False)
-    (record,) = [r for r in caplog.records if "spectral basis of 0.weight" in r.getMessage()]
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    (record,) = [r for r in records if "spectral basis of 0.weight" in r.getMessage()]
     assert "20 rows in 3 blocks, k=3, eigensolver" in record.getMessage()
 
 

@@ -69,6 +69,13 @@ class SpectralSGD(torch.optim.Optimizer):
             check_targets_updated(spectral_filter, self.param_groups)
         self.spectral_filter = spectral_filter
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch's; the spectral filter also forgets the regulariser's recorded share of the discarded
+        gradients."""
+        super().zero_grad(set_to_none)
+        if self.spectral_filter is not None:
+            self.spectral_filter.skip_step()
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One step; advances the spectral filter by one step."""
