@@ -80,8 +80,6 @@ def test_cli_rejects_a_bad_log_level(capsys, clean_logger):
     assert "invalid choice: 'LOUD'" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=False, reason="the INFO lines of filter construction come with paper-001's work (issue 20 "
-                                        "item 4; engineer paper001 adds them in spectralkern/optim)")
 def test_a_filter_build_logs_each_target_with_its_time_when_asked(caplog):
     model = TwoAttentionLayers()
     with caplog.at_level(logging.INFO, logger="spectralkern"):
