@@ -550,6 +550,7 @@ class SpectralGradientFilter:
 
     def refresh(self) -> None:
         """Rebuild every graph (kNN of the current weights, or the gradient-correlation EMA) and its basis now."""
+        start = time.perf_counter()
         with torch.no_grad():
             for t in self._targets:
                 graph = self._correlation_graph(t) if t.correlation is not None else self._knn_graph(t.param,
@@ -557,6 +558,8 @@ class SpectralGradientFilter:
                 laplacian = graph.laplacian(normalized=self.normalized)
                 state = TargetState(graph, self._basis(laplacian, t.basis), t.theta0, t.correlation)
                 self._assign(t, self._staged(t, state, laplacian))
+        logger.info("refreshed the graphs and bases of %d targets at step %d in %.3f s", len(self._targets),
+                    self.steps, time.perf_counter() - start)
 
     def remove_hooks(self) -> None:
         """Detach hook mode's gradient hooks (the filter then works in explicit mode)."""
