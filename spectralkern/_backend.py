@@ -42,6 +42,7 @@ TRITON_MAX_DIM = 46000      # fourier: the phase index·frequency mod dim is int
 
 TRITON_DTYPES = FLOAT_DTYPES
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NATIVE_DTYPES = (torch.float32, torch.float64)
 
 
 # ------------------------------------------------------------------------------------------ the table's types
@@ -204,6 +205,8 @@ OPS: dict[str, OpSpec] = {spec.name: spec for spec in (
     OpSpec("spectral_filter", (
         Backend("cuda", CUDA_DTYPES, {"k": CUDA_MAX_K}),
         Backend("triton", TRITON_DTYPES, {"k": TRITON_MAX_K}),
+        Backend("native", NATIVE_DTYPES, requires={"ragged": "blocks of unequal sizes (uniform ones run faster "
+                                                             "as two batched GEMMs on torch)"}),
         Backend("torch"),
     ), algorithms=(
         Algorithm("batched", ("torch",), {"uniform": "every block has the same number of rows"}, _batched_cost,
