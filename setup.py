@@ -11,7 +11,7 @@ What is built
     --exclude-libs): no libtorch and no libcudart.so dependency, so the module builds against any torch (a CPU
     one included) and imports on machines without a GPU, a driver or a CUDA toolkit. The driver is loaded only at
     the first CUDA call. Next to the module goes ``_build_info.json`` (CUDA version, architectures, PTX target,
-    git sha, build time), which ``spectralkern/_cuda_ext.py`` checks against the binary and the machine at import.
+    git sha, build time), which ``spectralkern/_extensions.py`` checks against the binary and the machine at import.
 
 Environment
     SPECTRALKERN_CUDA_ARCHS       SASS targets, e.g. "80;90" (also "8.0 9.0" or "sm_80,sm_90"). Default: 80, 86,

@@ -8,6 +8,7 @@ from logging import NullHandler as _NullHandler, getLogger as _getLogger
 _getLogger(__name__).addHandler(_NullHandler())
 
 from . import filters
+from ._backend import BackendUnavailable, Choice, backend_of
 from .basis import SpectralBasis
 from .eigen import EigenInfo, NoConvergence, lowest_eigenpairs
 from .filters import heat, learnable_gains, low_pass, tikhonov
@@ -27,5 +28,14 @@ __all__ = [
     "laplacian_matmul", "laplacian_quadratic", "laplacian_quadratic_reference", "SpectralAdamW", "SpectralGradientFilter", "SpectralSGD",
     "chebyshev_filter", "chebyshev_filter_reference", "estimate_lambda_max",
     "fourier_adapter", "fourier_adapter_reference",
-    "lowest_eigenpairs", "NoConvergence", "EigenInfo",
+    "lowest_eigenpairs", "NoConvergence", "EigenInfo", "backend_of", "BackendUnavailable", "Choice",
 ]
+
+
+def __getattr__(name: str):
+    # `sk.peft` needs the optional peft package, so it is imported on first use rather than with spectralkern
+    if name == "peft":
+        import importlib
+
+        return importlib.import_module(".peft", __name__)
+    raise AttributeError(f"module 'spectralkern' has no attribute {name!r}")

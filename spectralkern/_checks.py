@@ -31,6 +31,15 @@ def check_same_device(name: str, value: torch.Tensor, other_name: str, other: to
         raise ValueError(f"{name} is on {value.device} but {other_name} is on {other.device}; move both to one device")
 
 
+def check_has_data(name: str, value: torch.Tensor) -> None:
+    """Refuses a tensor on the ``meta`` device: it has a shape but no values, and everything computed here needs
+    them (raw torch errors like "Tensor.item() cannot be called on meta tensors" otherwise)."""
+    if value.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (a shape without values; got shape {tuple(value.shape)}, "
+                         f"device meta); expected a tensor with data on the CPU or a GPU — materialise it first "
+                         f"(e.g. model.to_empty(device=...) and load the weights)")
+
+
 def check_finite(name: str, value: torch.Tensor) -> None:
     if value.is_floating_point() and not bool(torch.isfinite(value).all()):
         bad = int((~torch.isfinite(value)).sum())

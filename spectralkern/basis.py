@@ -40,6 +40,7 @@ class SpectralBasis:
         self.block_ptr = block_ptr
         self.info = info
         self._device_ptr: dict[torch.device, torch.Tensor] = {}
+        self._device_held: dict[torch.device, torch.Tensor] = {}
 
     @classmethod
     def from_laplacian(cls, laplacian: GraphLaplacian, k: int) -> SpectralBasis:
@@ -118,6 +119,15 @@ class SpectralBasis:
         if device not in self._device_ptr:
             self._device_ptr[device] = self.block_ptr.to(device)
         return self._device_ptr[device]
+
+    def held_on(self, device: torch.device) -> torch.Tensor:
+        """(B, k) bool on ``device``: column j of block b is one of its k_b = min(k, n_b) frequencies (cached).
+        Ops mask per-block values (gains) with it, so what sits in the padding columns never reaches the output,
+        NaN included."""
+        if device not in self._device_held:
+            held = torch.arange(self.k).unsqueeze(0) < self.block_k.unsqueeze(1)
+            self._device_held[device] = held.to(device)
+        return self._device_held[device]
 
     def __repr__(self) -> str:
         return (f"SpectralBasis(nodes={self.num_nodes}, blocks={self.num_blocks}, k={self.k}, "

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from . import _backend, _cuda_ext, _logging
+from . import _backend, _extensions, _logging
 
 
 def _version(package: str) -> str:
@@ -19,8 +19,18 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def _table_lines() -> list[str]:
+    rows = _backend.table()
+    columns = ("op", "backend", "runtime", "dtypes", "limits", "requires", "algorithms")
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
+    lines = ["  " + "  ".join(c.ljust(widths[c]) for c in columns).rstrip()]
+    lines += ["  " + "  ".join(r[c].ljust(widths[c]) for c in columns).rstrip() for r in rows]
+    return lines
+
+
 def info() -> int:
-    """Print versions, devices, and which backends are live (and why the others are not)."""
+    """Print versions, devices, the backends' runtimes (and why the others are off), the registry's table, and what
+    it picks for each op on each device."""
     from . import __version__
 
     print(f"spectralkern {__version__}")
@@ -28,7 +38,8 @@ def info() -> int:
     for package in ("torch", "triton", "numpy", "scipy", "cupy"):
         print(f"{package:<12} {_version(package)}")
     print(f"torch CUDA   {torch.version.cuda or 'none (CPU build)'}")
-    print(f"cuda ext     {_cuda_ext.describe_build()}")
+    print(f"cuda ext     {_extensions.describe_build('cuda')}")
+    print(f"native ext   {_extensions.describe_build('native')}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             major, minor = torch.cuda.get_device_capability(i)
@@ -40,6 +51,9 @@ def info() -> int:
     for status in _backend.all_status():
         mark = "live" if status.live else "off "
         print(f"  {status.name:<7} {mark}  {status.reason}")
+    print()
+    print("registry (per op, the backends in auto's order; limits and requirements are checked per call):")
+    print("\n".join(_table_lines()))
     try:
         requested = _backend.requested_backend()
     except ValueError as exc:
@@ -48,11 +62,14 @@ def info() -> int:
     print(f"\n{_backend.ENV_VAR}={os.environ.get(_backend.ENV_VAR, '')!r} -> {requested}")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for device in devices:
-        try:
-            chosen = _backend.backend_for(device, _backend.BACKENDS)
-        except RuntimeError as exc:
-            chosen = f"error: {exc}"
-        print(f"spectral_filter on {device.type}: {chosen}")
+        print(f"chosen for a float32 input on {device.type}:")
+        for op in _backend.OPS:
+            try:
+                choice = _backend.backend_of(op, dtype=torch.float32, device=device)
+                chosen = choice.backend
+            except _backend.BackendUnavailable as exc:
+                chosen = f"error: {exc}"
+            print(f"  {op} on {device.type}: {chosen}")
     return 0
 
 

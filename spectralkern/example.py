@@ -14,10 +14,9 @@ from pathlib import Path
 import torch
 
 from . import filters
-from ._backend import backend_for
 from .basis import SpectralBasis
 from .graph import ParameterGraph
-from .ops.spectral_filter import spectral_filter
+from .ops.spectral_filter import spectral_filter, spectral_filter_backend
 
 SENTENCE = ("the central bank raised interest rates again as inflation stayed high while shares in technology "
             "companies fell and the government promised new support for small business")
@@ -97,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     low_energy = float(basis.project(grad).square().sum() / grad.square().sum())
     expected = float(basis.block_k.sum()) / graph.num_nodes
     gains = filters.heat(args.heat)(basis.eigenvalues)
-    backend = backend_for(device, ("triton", "torch"))
+    choice = spectral_filter_backend(grad, basis.k, basis.block_ptr)
+    backend = choice.backend + (f", {choice.algorithm}" if choice.algorithm else "")
     times_ms = []
     for _ in range(6):  # the first call pays one-time costs (op registration; the kernel compile on GPU)
         start = time.perf_counter()

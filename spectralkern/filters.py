@@ -54,7 +54,8 @@ class Tikhonov:
 
 def low_pass(cutoff: float) -> LowPass:
     """The ideal low-pass gain function: ``low_pass(c)(eigenvalues)`` is 1 where λ ≤ c, else 0 (same shape)."""
-    return LowPass(_finite("cutoff", cutoff))
+    # a negative cutoff passes nothing (graph frequencies are >= 0): a mistake, not a filter
+    return LowPass(_non_negative("cutoff", cutoff))
 
 
 def heat(t: float) -> Heat:

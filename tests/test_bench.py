@@ -16,7 +16,7 @@ from spectralkern.bench.inputs import ragged_block_ptr, random_basis, uniform_bl
 from spectralkern.bench.records import REQUIRED_KEYS, Record, environment, read_records
 from spectralkern.bench.runner import peer_ratios, relative_error, run_case
 from spectralkern.bench.table import format_table
-from spectralkern.bench.timers import TimerBudget, time_cpu, time_fn
+from spectralkern.bench.timers import TimerBudget, time_cpu, time_cpu_interleaved, time_fn
 
 
 def _record(**overrides) -> Record:
@@ -46,6 +46,16 @@ def test_cpu_timer_honours_min_reps_and_max_reps():
     calls.clear()
     time_cpu(lambda: calls.append(1), TimerBudget(warmup_ms=0, rep_ms=10_000, min_reps=1, max_reps=20))
     assert len(calls) == 1 + 20
+
+
+def test_interleaved_timer_calls_in_turn_and_times_each():
+    order = []
+    fns = {"fast": lambda: order.append("fast"), "slow": lambda: (order.append("slow"), time.sleep(0.002))}
+    timings = time_cpu_interleaved(fns, TimerBudget(warmup_ms=0, rep_ms=0, min_reps=6, max_reps=50))
+    measured = order[2:]  # one warm-up call each, first
+    assert measured == ["fast", "slow"] * 6  # A B A B …: drift of the machine's load hits both alike
+    assert timings["slow"].median_ms >= 2.0 > timings["fast"].median_ms
+    assert "interleaved with 1 other" in timings["fast"].method
 
 
 def test_time_fn_rejects_devices_without_a_timer():

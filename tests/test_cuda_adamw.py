@@ -18,10 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import spectralkern as sk
-from spectralkern import _backend, _cuda_ext
+from spectralkern import _backend, _extensions
 from spectralkern.bench.inputs import random_basis
 from spectralkern.ops import _cuda_adamw
-from spectralkern.ops._cuda_adamw import adamw_update_cuda_, cuda_implemented
+from spectralkern.ops._cuda_adamw import adamw_update_cuda_
 from spectralkern.ops.adamw_update import AdamWHyper, _scalars, adamw_update_, adamw_update_reference_
 from spectralkern.ops.spectral_filter import _launch_cuda
 
@@ -49,16 +49,18 @@ def test_what_the_cuda_backend_claims(seed, param, state, k, expected):
     rows = basis.num_nodes if basis is not None else 4
     p = torch.zeros(rows, 5, dtype=param)
     m, v = (torch.zeros(rows, 5, dtype=state) for _ in range(2))
-    assert cuda_implemented(p, m, v, basis) == expected
+    # what the registry's table says about the cuda backend (no device: whatever this machine's runtime)
+    why = _backend.why_not("adamw_update", "cuda", param, k=basis.k if basis else None, state_dtype=state,
+                           dense_state=True)
+    assert (why is None) == expected, why
 
 
 @pytest.fixture
 def cuda_not_built(monkeypatch):
-    not_built = _cuda_ext.ExtStatus(False, "the CUDA extension is not built (simulated)")
-    monkeypatch.setattr(_cuda_ext, "status", lambda: not_built)
-    _backend.cuda_ext_status.cache_clear()
+    not_built = _extensions.ExtensionStatus(False, "the CUDA extension is not built (simulated)")
+    real = _extensions.status
+    monkeypatch.setattr(_extensions, "status", lambda name: not_built if name == "cuda" else real(name))
     yield
-    _backend.cuda_ext_status.cache_clear()
 
 
 def _state(rows: int, cols: int, dtype=torch.float32, state=torch.float32):
@@ -78,8 +80,8 @@ def test_forcing_cuda_when_not_built_fails_clearly(cuda_not_built, monkeypatch, 
                                                r"not built \(simulated\)"):
             adamw_update_(p, g, m, v, HYPER, b, gains)
     p16, g16, m16, v16 = _state(7, 3, torch.float16, torch.bfloat16)
-    with pytest.raises(RuntimeError, match="SPECTRALKERN_BACKEND=cuda, but this op is implemented only for triton, "
-                                           "torch"):
+    with pytest.raises(RuntimeError, match=r"SPECTRALKERN_BACKEND=cuda cannot run here: moments of dtype bfloat16 "
+                                           r"with float16 parameters"):
         adamw_update_(p16, g16, m16, v16, HYPER, basis, torch.rand(2, 2))
     monkeypatch.setenv("SPECTRALKERN_BACKEND", "torch")
     assert adamw_update_(p, g, m, v, HYPER, basis, torch.rand(2, 2)) == "torch"
@@ -91,7 +93,7 @@ def test_a_build_without_the_adamw_kernels_is_named(monkeypatch):
     class OldBuild:  # a spectralkern._C compiled before the AdamW kernels existed
         __file__ = "/site-packages/spectralkern/_C.so"
 
-    monkeypatch.setattr(_cuda_ext, "module", lambda: OldBuild())
+    monkeypatch.setattr(_extensions, "module", lambda name: OldBuild())
     with pytest.raises(RuntimeError, match=r"the CUDA extension at /site-packages/spectralkern/_C.so was built "
                                            r"without the AdamW kernels; rebuild it"):
         _cuda_adamw._extension()
@@ -99,7 +101,7 @@ def test_a_build_without_the_adamw_kernels_is_named(monkeypatch):
 
 # ------------------------------------------------------------------------------------------ GPU
 def _require_cuda_ext():
-    status = _cuda_ext.status()
+    status = _extensions.status("cuda")
     if not status.live:
         pytest.skip(f"CUDA extension not live: {status.reason}")
 
@@ -174,7 +176,7 @@ def test_spectral_writes_every_element_exactly_once(seed, param_dtype, state_dty
     in any dtype, so one element left unwritten, written twice or written to the wrong place shows up bit for
     bit; p (which decays and steps) must match the same update made by torch on the same values to one rounding."""
     _require_cuda_ext()
-    ext = _cuda_ext.module()
+    ext = _extensions.module("cuda")
     basis = _basis(SIZES, k, seed, "cuda")
     n, d = basis.num_nodes, 200  # 3 full column tiles and a partial one
     m0, v0 = _moments(n, d, state_dtype)
@@ -265,7 +267,7 @@ def test_plain_update(seed, param_dtype, state_dtype, offset, numel):
     """offset: elements the data pointers sit past a 16-byte boundary (1, 3: the scalar path); numel covers a
     partial vector, a partial block and several blocks. Exactness as in the spectral test: g = 0 and β = ½."""
     _require_cuda_ext()
-    ext = _cuda_ext.module()
+    ext = _extensions.module("cuda")
 
     def make(values: torch.Tensor) -> torch.Tensor:
         return torch.empty(numel + offset, dtype=values.dtype, device="cuda")[offset:].copy_(values)

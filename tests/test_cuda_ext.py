@@ -26,7 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import spectralkern as sk
-from spectralkern import _backend, _cuda_ext
+from spectralkern import _backend, _extensions
 from spectralkern.bench.inputs import random_basis
 from spectralkern.ops.spectral_filter import (_launch_cuda, spectral_filter_backend,
                                               spectral_filter_gains_grad_reference, spectral_filter_reference)
@@ -142,20 +142,20 @@ def test_build_metadata_round_trip(tmp_path):
     info = setup_py.make_build_info((13, 0), "V13.0.88", [80, 90], "0123456789abcdef", jobs=2, seconds=12.34)
     path = tmp_path / "_build_info.json"
     setup_py.write_build_info(path, info)
-    read = _cuda_ext.read_build_info(path)
+    read = _extensions.read_build_info(path)
     assert (read.cuda_version, read.archs, read.ptx, read.git_sha, read.nvcc) == ("13.0", (80, 90), 90,
                                                                                   "0123456789abcdef", "V13.0.88")
     assert read.built_at == info["built_at"] and read.cuda_major == 13
     assert read.targets() == "sm_80 sm_90 + PTX compute_90"
     path.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
-        _cuda_ext.read_build_info(path)
+        _extensions.read_build_info(path)
     path.write_text(json.dumps({"archs": [80]}))
     with pytest.raises(ValueError, match="lacks the field 'cuda_version'"):
-        _cuda_ext.read_build_info(path)
+        _extensions.read_build_info(path)
     path.write_text(json.dumps({"archs": [90, 80], "cuda_version": "13.0"}))
     with pytest.raises(ValueError, match="non-empty ascending list"):
-        _cuda_ext.read_build_info(path)
+        _extensions.read_build_info(path)
 
 
 # ------------------------------------------------------------------------------------------ loader
@@ -187,7 +187,7 @@ def _probe(tmp_path, *, module=None, info=None, devices=(), import_error=None, s
             raise import_error
         return module
 
-    return _cuda_ext.probe(find_spec=lambda name: object() if spec_found else None, import_module=import_module,
+    return _extensions.probe_cuda(find_spec=lambda name: object() if spec_found else None, import_module=import_module,
                            info_path=path, cuda_devices=lambda: None if devices is None else list(devices))
 
 
@@ -242,7 +242,7 @@ def test_loader_checks_every_device(tmp_path, capability, archs, ptx, live):
     device = (0, "GPU", capability)
     status = _probe(tmp_path, module=_FakeModule(archs=archs), info=_info(archs=archs, ptx=ptx), devices=[device])
     assert status.live == live and status.warn == (not live)
-    assert _cuda_ext.runs_on(capability, archs, ptx) == live
+    assert _extensions.runs_on(capability, archs, ptx) == live
     if live:
         assert status.reason.startswith("spectralkern._C (CUDA 13.0,") and "(sm_" in status.reason
     elif capability < (8, 0):
@@ -253,33 +253,30 @@ def test_loader_checks_every_device(tmp_path, capability, archs, ptx, live):
 
 
 def test_a_broken_build_warns_once_and_falls_back(monkeypatch):
-    broken = _cuda_ext.ExtStatus(False, "the CUDA extension failed to load: OSError: bad ELF", warn=True)
-    monkeypatch.setattr(_cuda_ext, "probe", lambda: broken)
-    _cuda_ext.status.cache_clear()
-    _backend.cuda_ext_status.cache_clear()
+    broken = _extensions.ExtensionStatus(False, "the CUDA extension failed to load: OSError: bad ELF", warn=True)
+    monkeypatch.setitem(_extensions._PROBES, "cuda", lambda: broken)
+    _extensions.status.cache_clear()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for _ in range(3):
-                assert not _backend.cuda_ext_status().live
-                _cuda_ext.status()
+                assert not _backend.runtime_status("cuda").live
+                _extensions.status("cuda")
         assert len(caught) == 1 and caught[0].category is RuntimeWarning
         assert str(caught[0].message) == ("spectralkern: the CUDA extension failed to load: OSError: bad ELF. "
-                                          "Falling back to the Triton / torch backends.")
-        with pytest.raises(RuntimeError, match="the CUDA backend is not available: the CUDA extension failed"):
-            _cuda_ext.module()
+                                          "Falling back to the other backends.")
+        with pytest.raises(RuntimeError, match="the cuda backend is not available: the CUDA extension failed"):
+            _extensions.module("cuda")
     finally:
-        _cuda_ext.status.cache_clear()
-        _backend.cuda_ext_status.cache_clear()
+        _extensions.status.cache_clear()
 
 
 @pytest.fixture
 def cuda_not_built(monkeypatch):
-    not_built = _cuda_ext.ExtStatus(False, "the CUDA extension is not built (simulated)")
-    monkeypatch.setattr(_cuda_ext, "status", lambda: not_built)
-    _backend.cuda_ext_status.cache_clear()
+    not_built = _extensions.ExtensionStatus(False, "the CUDA extension is not built (simulated)")
+    real = _extensions.status
+    monkeypatch.setattr(_extensions, "status", lambda name: not_built if name == "cuda" else real(name))
     yield
-    _backend.cuda_ext_status.cache_clear()
 
 
 def test_forcing_cuda_when_not_built_fails_clearly(cuda_not_built, monkeypatch, seed):
@@ -289,8 +286,8 @@ def test_forcing_cuda_when_not_built_fails_clearly(cuda_not_built, monkeypatch, 
     with pytest.raises(RuntimeError, match=r"SPECTRALKERN_BACKEND=cuda cannot run here: the CUDA extension is not "
                                            r"built \(simulated\)"):
         sk.spectral_filter(torch.randn(7, 3), basis, torch.rand(2))
-    with pytest.raises(RuntimeError, match="SPECTRALKERN_BACKEND=cuda, but this op is implemented only for triton, "
-                                           "torch"):
+    with pytest.raises(RuntimeError, match=r"SPECTRALKERN_BACKEND=cuda cannot run here: dtype float64 not in "
+                                           r"\(float32, float16, bfloat16\)"):
         sk.spectral_filter(torch.randn(7, 3, dtype=torch.float64), basis.to(dtype=torch.float64), torch.rand(2))
     monkeypatch.delenv("SPECTRALKERN_BACKEND")
     assert spectral_filter_backend(torch.randn(7, 3), 2) != "cuda"
@@ -300,10 +297,10 @@ def test_info_shows_what_the_build_carries(tmp_path):
     path = tmp_path / "_build_info.json"
     path.write_text(json.dumps(_info(archs=(80, 86, 90), ptx=90)))
     found = lambda name: object()  # noqa: E731
-    assert _cuda_ext.describe_build(find_spec=found, info_path=path) == (
+    assert _extensions.describe_build("cuda", find_spec=found, info_path=path) == (
         "CUDA 13.0, sm_80 sm_86 sm_90 + PTX compute_90, git abc, built now")
-    assert _cuda_ext.describe_build(find_spec=lambda name: None, info_path=path) == "not built (pure-Python install)"
-    assert _cuda_ext.describe_build(find_spec=found, info_path=tmp_path / "missing.json").startswith(
+    assert _extensions.describe_build("cuda", find_spec=lambda name: None, info_path=path) == "not built (pure-Python install)"
+    assert _extensions.describe_build("cuda", find_spec=found, info_path=tmp_path / "missing.json").startswith(
         "present, but its build metadata is unusable")
 
 
@@ -392,8 +389,8 @@ vec = [ext.vector_path(0, (4096, 8, 64, 64, 1)), ext.vector_path(0, (4100, 8, 64
        ext.vector_path(2, (4096, 8, 60, 60, 1)), ext.vector_path(2, (4096, 8, 64, 64, 2)),
        ext.vector_path(1, (4096, 8, 64, 64, 1), y=(4098, 8, 64, 64, 1)),
        ext.vector_path(1, (4096, 8, 64, 64, 1), y=(8192, 8, 64, 64, 1), saved_x=(4096, 8, 64, 65, 1))]
-from spectralkern import _cuda_ext
-status = _cuda_ext.probe(find_spec=lambda name: spec, import_module=lambda name: ext, info_path=info_path,
+from spectralkern import _backend, _extensions
+status = _extensions.probe_cuda(find_spec=lambda name: spec, import_module=lambda name: ext, info_path=info_path,
                          cuda_devices=lambda: [(0, "simulated H100", (9, 0))])
 print(json.dumps({"build_info": ext.build_info(), "tile_d": ext.TILE_D, "max_k": ext.MAX_K, "dtypes": ext.DTYPES,
                   "driver": ext.driver_cuda_version(), "errors": errors, "vector_path": vec,
@@ -483,7 +480,7 @@ def test_csrc_compiles_for_sm90_and_imports_without_a_gpu(tmp_path):
 
 # ------------------------------------------------------------------------------------------ GPU
 def _require_cuda_ext():
-    status = _cuda_ext.status()
+    status = _extensions.status("cuda")
     if not status.live:
         pytest.skip(f"CUDA extension not live: {status.reason}")
 
@@ -535,7 +532,7 @@ def test_cuda_matches_float64_reference(seed, dtype, kind, k):
     basis = _gpu_basis(SIZES, k, seed)
     d = 200  # 3 full column tiles and a partial one; rows of 200 elements are 16-byte multiples in every dtype
     x = _layout(kind, basis.num_nodes, d, dtype)
-    ext = _cuda_ext.module()
+    ext = _extensions.module("cuda")
     desc = (x.data_ptr(), *x.shape, *x.stride())
     out = torch.full((basis.num_nodes, d), float("nan"), dtype=dtype, device="cuda")  # poisoned
     assert ext.vector_path(ext.DTYPES[str(dtype)[6:]], desc, (out.data_ptr(), *out.shape, *out.stride())) == (

@@ -164,6 +164,7 @@ def _worker(rank: int, world: int, port: int, workdir: str) -> None:
         train(model, filt, opt, range(STEPS), rank, world)
         results["ddp_params"] = params_of(model)
         results["ddp_reg"] = filt.regularization().item()
+        results["ddp_zero_task"] = zero_task_step(model, filt, opt, rank, world)
         if rank == 0:
             torch.save(results, os.path.join(workdir, "results.pt"))
         dist.barrier()
@@ -301,8 +302,9 @@ def test_fsdp2_and_ddp_match_one_process(tmp_path):
         expected = 2 * 0.1 * L @ (t.param.detach().double() - t.theta0.double())
         assert expected.norm() > 0
         assert_close_rel({t.name: results["zero_task"]["grads"][t.name]}, {t.name: expected}, what="FSDP2 2λLΔ")
-    assert_close_rel(results["zero_task"]["grads"], zero_task["grads"], what="FSDP2 zero-task grads")
-    assert_close_rel(results["zero_task"]["params"], zero_task["params"], what="FSDP2 zero-task step")
+    for run in ("zero_task", "ddp_zero_task"):  # FSDP2 and DDP: the same step as one process
+        assert_close_rel(results[run]["grads"], zero_task["grads"], what=f"{run} grads")
+        assert_close_rel(results[run]["params"], zero_task["params"], what=f"{run} step")
 
     errors = results["errors"]
     message = errors["mesh_and_placements"]

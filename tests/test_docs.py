@@ -126,7 +126,7 @@ def test_the_runner_shares_a_namespace_skips_marked_blocks_and_reports_the_line(
 # ---- the site --------------------------------------------------------------------------------------------------
 
 # Import points documented in the pages that are neither the package nor a subpackage.
-ON_DEMAND_MODULES = ("spectralkern.integrations.hf", "spectralkern.distributed.checkpoint",
+ON_DEMAND_MODULES = ("spectralkern.integrations.hf", "spectralkern.optim.checkpoint",
                      "spectralkern.ops.coeff_attention")
 
 

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import spectralkern as sk
-from spectralkern.eigen import _auto, _compiled, _native
+from spectralkern import _extensions
+from spectralkern.eigen import _auto, _native_csr, _native_lanczos
 from spectralkern.eigen._plan import make_plan
 from spectralkern.eigen._problem import prepare, rounding_floor
 from spectralkern.eigen._scipy import GUARD_PAIRS
@@ -21,7 +22,7 @@ from test_eigen import (DTYPES, check_basis, dense_of, laplacian_of, networkx_la
 
 def test_the_module_is_built():
     """CI installs with a C++ compiler: a build that silently fell back to pure Python would skip the backend."""
-    assert _compiled.native_available(), _compiled._load()[1]
+    assert _native_csr.native_available(), _extensions.status("native").reason
 
 
 def kernel_pairs(L: sk.GraphLaplacian, k: int, *, threads: int = 1, maxiter: int | None = None, seed: int = 0,
@@ -30,7 +31,7 @@ def kernel_pairs(L: sk.GraphLaplacian, k: int, *, threads: int = 1, maxiter: int
     problem = prepare("L", L)
     plan = make_plan(problem, 0, None)       # dense_max = 0: every component is a Krylov item
     tol_abs = max(tol, rounding_floor(problem)) * problem.norm   # as lowest_eigenpairs: never below rounding
-    part = _native.native_solve(problem, plan.krylov, k, tol_abs, maxiter, None,
+    part = _native_lanczos.native_solve(problem, plan.krylov, k, tol_abs, maxiter, None,
                                 torch.Generator().manual_seed(seed), threads,
                                 semi_orthogonality=semi_orthogonality)
     return problem, plan.krylov, part
@@ -209,7 +210,8 @@ def test_threads_are_cut_to_the_memory_budget():
 
 
 def test_missing_module_is_a_clear_error(monkeypatch, seed):
-    monkeypatch.setattr(_compiled, "_load", lambda: (None, "No module named 'spectralkern._native'"))
+    off = _extensions.ExtensionStatus(False, "No module named 'spectralkern._native'")
+    monkeypatch.setattr(_extensions, "status", lambda name: off)
     L = networkx_laplacian(nx.karate_club_graph())
     with pytest.raises(RuntimeError, match=r"backend='native' needs the compiled module spectralkern\._native.*"
                                            r"No module named"):
@@ -220,7 +222,7 @@ def test_missing_module_is_a_clear_error(monkeypatch, seed):
 
 def test_only_on_the_cpu():
     with pytest.raises(ValueError, match="backend='native' runs on the CPU; L is on cuda"):
-        _compiled.require_native(torch.device("cuda"))
+        _native_csr.require_native(torch.device("cuda"))
 
 
 @settings(max_examples=15, deadline=None)
@@ -255,7 +257,7 @@ def test_connected_components_match_scipy(seed):
     adjacency = random_adjacency(rng, ptr, 0.02, isolated=0.2)
     adjacency[5, 7] = 1.0                     # one direction only
     matrix = torch.from_numpy(adjacency).to_sparse_csr()
-    labels = _compiled.connected_components(matrix)
+    labels = _native_csr.connected_components(matrix)
     count, reference = scipy.sparse.csgraph.connected_components(scipy.sparse.csr_array(adjacency), directed=True,
                                                                  connection="weak")
     assert labels is not None and labels.max() + 1 == count
@@ -279,7 +281,7 @@ def test_input_summary_matches_torch(seed, dtype):
 
     def summaries(matrix: np.ndarray) -> tuple[dict, dict]:
         csr = torch.from_numpy(matrix).to(dtype).to_sparse_csr()
-        return _compiled.csr_summary(csr, block_ptr), _problem._summary_torch(csr, block_ptr)
+        return _native_csr.csr_summary(csr, block_ptr), _problem._summary_torch(csr, block_ptr)
 
     def allowed(summary: dict) -> float:
         return 4 * (summary["max_row_nnz"] + 2) * torch.finfo(dtype).eps * summary["max_abs_row_sum"]
@@ -322,5 +324,5 @@ def test_loose_tolerance_does_not_lose_an_interior_eigenvalue(monkeypatch):
         return basis.eigenvalues[block].double().numpy()
 
     assert np.abs(solve() - reference).max() < 4e-4
-    monkeypatch.setattr(_native, "ARPACK_TOL_CAP", 1.0)      # stop at the requested tolerance: the plain miss
+    monkeypatch.setattr(_native_lanczos, "ARPACK_TOL_CAP", 1.0)      # stop at the requested tolerance: the plain miss
     assert np.abs(solve() - reference).max() > 1e-3

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import types
 
 import pytest
 import torch
@@ -71,13 +72,21 @@ class StopAt(TrainerCallback):
         return control
 
 
-def make_trainer(way: str, source: str, output_dir: str, callbacks=(), args_overrides=None, **trainer_kwargs):
+def lora_bert():
+    """tiny_bert with peft LoRA adapters on query and value (the filter then targets lora_A / lora_B)."""
+    peft = pytest.importorskip("peft")
+    return peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+
+
+def make_trainer(way: str, source: str, output_dir: str, callbacks=(), args_overrides=None, lora: bool = False,
+                 **trainer_kwargs):
     """(trainer, get_filter) for way in {"SpectralTrainer", "callback"} and source in {"factory", "built"};
     ``trainer_kwargs`` go to SpectralTrainer or SpectralFilterCallback."""
-    model = tiny_bert()
+    model = lora_bert() if lora else tiny_bert()
     factory = functools.partial(sk.SpectralGradientFilter, **FILTER)
     spectral_filter = factory if source == "factory" else factory(model)
-    kwargs = dict(model=model, args=training_args(output_dir, **(args_overrides or {})), train_dataset=dataset(), callbacks=list(callbacks))
+    kwargs = dict(model=model, args=training_args(output_dir, **(args_overrides or {})), train_dataset=dataset(),
+                  callbacks=list(callbacks))
     if way == "SpectralTrainer":
         trainer = SpectralTrainer(**kwargs, spectral_filter=spectral_filter, **trainer_kwargs)
         return trainer, lambda: trainer.spectral_filter
@@ -105,25 +114,30 @@ def assert_identical(resumed: dict, uninterrupted: dict) -> None:
     assert float(uninterrupted["regularization"]) > 0
 
 
-@pytest.mark.parametrize("way,source", [("SpectralTrainer", "factory"), ("SpectralTrainer", "built"),
-                                        ("callback", "factory"), ("callback", "built")])
-def test_interrupted_and_resumed_run_ends_bit_identical(way, source, tmp_path):
+@pytest.mark.parametrize("way,source,lora,resume", [
+    ("SpectralTrainer", "factory", False, "path"), ("SpectralTrainer", "built", False, "last"),
+    ("callback", "factory", False, "last"), ("callback", "built", False, "path"),
+    ("SpectralTrainer", "factory", True, "path")])
+@pytest.mark.filterwarnings("ignore:the kNN graphs of .* have no edges")  # LoRA B starts at zero
+def test_interrupted_and_resumed_run_ends_bit_identical(way, source, lora, resume, tmp_path):
     """6 steps straight vs 4 steps, interruption, and a new process state (new model, filter and Trainer; the
-    global RNG elsewhere) resuming from checkpoint-4: the same weights, filter steps, bases and regulariser. The
-    bases are refreshed at steps 3 and 6, so the last refresh happens after the checkpoint."""
-    trainer, get_filter = make_trainer(way, source, str(tmp_path / "straight"))
+    global RNG elsewhere) resuming from checkpoint-4 (its path, or True: the last one in output_dir): the same
+    weights, filter steps, bases and regulariser. The bases are refreshed at steps 3 and 6, so the last refresh
+    happens after the checkpoint. With peft LoRA the checkpoint holds the adapters only."""
+    trainer, get_filter = make_trainer(way, source, str(tmp_path / "straight"), lora=lora)
     trainer.train()
     uninterrupted = outcome(trainer, get_filter())
     assert uninterrupted["bases"] != {}
 
-    trainer, get_filter = make_trainer(way, source, str(tmp_path / "interrupted"), callbacks=[StopAt(SAVE_AT)])
+    trainer, get_filter = make_trainer(way, source, str(tmp_path / "interrupted"), callbacks=[StopAt(SAVE_AT)],
+                                       lora=lora)
     trainer.train()
     assert trainer.state.global_step == SAVE_AT and get_filter().steps == SAVE_AT
     checkpoint = tmp_path / "interrupted" / f"checkpoint-{SAVE_AT}"
 
     torch.manual_seed(12345)  # whatever the RNG holds now, the Trainer restores the checkpoint's
-    trainer, get_filter = make_trainer(way, source, str(tmp_path / "interrupted"))
-    trainer.train(resume_from_checkpoint=str(checkpoint))
+    trainer, get_filter = make_trainer(way, source, str(tmp_path / "interrupted"), lora=lora)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if resume == "path" else True)
     assert_identical(outcome(trainer, get_filter()), uninterrupted)
     saved = torch.load(checkpoint / FILTER_STATE_NAME, weights_only=True)  # plain containers and tensors
     assert saved["global_step"] == SAVE_AT and saved["filter"]["steps"] == SAVE_AT
@@ -231,7 +245,9 @@ class QueryValue(torch.nn.Module):
     def forward(self, x, target=None, labels=None, **kwargs):
         out = self.value(torch.tanh(self.query(x)))
         target = target if target is not None else labels
-        return {"logits": out} if target is None else {"loss": torch.nn.functional.mse_loss(out, target), "logits": out}
+        if target is None:
+            return {"logits": out}
+        return {"loss": torch.nn.functional.mse_loss(out, target), "logits": out}
 
 
 def summed_squares(outputs, labels, num_items_in_batch):
@@ -276,6 +292,56 @@ def test_the_regulariser_counts_once_per_optimizer_step_under_gradient_accumulat
     accumulated = step_gradient(accumulate)
     for name, grad in joint.items():
         torch.testing.assert_close(accumulated[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("way", ["SpectralTrainer", "callback"])
+def test_fp16_loss_scale_reaches_the_regulariser_as_the_trainer_unscales_gradients(way, tmp_path):
+    """fp16 training (no GradScaler on the CPU: one is planted) in the Trainer's order — scaled backward,
+    scaler.unscale_ (the Trainer's clipping / norm), on_pre_optimizer_step, scaler.step — updates exactly as the
+    unscaled step does (S = 2⁸ scales exactly). The callback's user adds the regulariser to the loss; without the
+    hooks the filter would see .grad unscaled and the regulariser's scale not (SpectralAdamW refuses that step)."""
+    def make():
+        model = QueryValue()
+        filt = sk.SpectralGradientFilter(model, target_modules=["query", "value"], block_size=16, k=4, knn=4,
+                                         reg_weight=3.0, refresh_every=0)
+        with torch.no_grad():
+            for _, param in filt.targets:
+                param.add_(0.1 * torch.randn(param.shape, generator=torch.Generator().manual_seed(7)))
+        if way == "SpectralTrainer":
+            trainer = SpectralTrainer(model=model, args=training_args(str(tmp_path)), train_dataset=dataset(),
+                                      spectral_filter=filt)
+            return model, filt, trainer, sk.SpectralAdamW(model.parameters(), lr=1e-2, spectral_filter=filt)
+        trainer = Trainer(model=model, args=training_args(str(tmp_path)), train_dataset=dataset(),
+                          callbacks=[SpectralFilterCallback(filt)])
+        return model, filt, trainer, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    gen = torch.Generator().manual_seed(6)
+    x, y = torch.randn(4, 6, generator=gen), torch.randn(4, 4, generator=gen)
+    model, filt, _, opt = make()
+    (model(x, y)["loss"] + filt.regularization()).backward()
+    if way == "callback":
+        filt.step()
+    opt.step()
+    expected = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    model, filt, trainer, opt = make()
+    scaler = trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    scaler.scale(model(x, y)["loss"] + filt.regularization()).backward()
+    scaler.unscale_(opt)
+    # what the Trainer hands callbacks under fp16: accelerate's optimizer wrapper, with its scaler
+    trainer.callback_handler.optimizer = types.SimpleNamespace(optimizer=opt, scaler=scaler)
+    trainer.callback_handler.on_pre_optimizer_step(trainer.args, trainer.state, trainer.control)
+    scaler.step(opt)
+    scaler.update()
+    assert filt.steps == 1
+    for name, param in model.named_parameters():
+        assert torch.equal(param.detach(), expected[name]), name
+    if way == "SpectralTrainer":  # the same step without the hook is refused by SpectralAdamW
+        model, filt, trainer, opt = make()
+        scaler.scale(model(x, y)["loss"] + filt.regularization()).backward()
+        scaler.unscale_(opt)
+        with pytest.raises(RuntimeError, match="filt.unscale_regularizer_"):
+            scaler.step(opt)
 
 
 # ------------------------------------------------------------------------------------------------ the three ways in
@@ -341,10 +407,9 @@ def test_spectral_trainer_uses_spectral_adamw_and_the_joint_loss(tmp_path):
 
 
 def test_peft_lora_model_with_the_filter_on_its_adapters():
-    peft = pytest.importorskip("peft")
     from spectralkern.integrations.hf import lora_targets
 
-    model = peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+    model = lora_bert()
     # LoRA B starts at zero, so its kNN graph is edgeless until a refresh: the filter warns about that.
     with pytest.warns(UserWarning, match="have no edges"):
         filt = sk.SpectralGradientFilter(model, target_modules=["query", "value"], block_size=64, k=4, knn=4)
@@ -397,11 +462,6 @@ def test_filter_factory_is_called_on_the_trained_model_and_bad_sources_are_refus
     with pytest.raises(TypeError, match="the spectral_filter factory must return a spectralkern."
                                         "SpectralGradientFilter, got NoneType"):
         Trainer(**kwargs, callbacks=[SpectralFilterCallback(lambda m: None)]).train()
-    # fp16's GradScaler (not available on the CPU: planted) unscales .grad before the optimizer adds the regulariser.
-    trainer = SpectralTrainer(**kwargs, spectral_filter=factory)
-    trainer.accelerator.scaler = torch.amp.GradScaler("cpu")
-    with pytest.raises(ValueError, match="joint loss does not work with a GradScaler .*bf16=True"):
-        trainer.train()
 
 
 # ------------------------------------------------------------------------------------------------ the file itself
@@ -446,3 +506,58 @@ def test_a_damaged_file_is_refused_with_its_path(finished_run, tmp_path):
     with pytest.raises(ValueError, match=r"is not a spectral filter state of format 1 with keys \['filter', "
                                          r"'fingerprints', 'format', 'global_step'\] \(got format 1 with keys"):
         read_filter_state(get_filter(), folder, global_step=SAVE_AT)
+
+
+# ------------------------------------------------------------------------------------------------ FSDP2, 2 ranks
+def _fsdp2_resume_worker(rank: int, world: int, port: int, workdir: str) -> None:
+    """Straight, interrupted and resumed runs of SpectralTrainer with a factory under FSDP2 on 2 CPU ranks (the
+    distributed tests' Regressor, data and relabelled process state); rank 0 saves what the parent compares."""
+    import torch.distributed as dist
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+    from test_distributed import TRAINER_STEPS, Regressor, params_of, trainer_dataset, trainer_filter
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+
+    def run(output_dir, callbacks=(), resume=None):
+        args = TrainingArguments(output_dir=output_dir, max_steps=TRAINER_STEPS, per_device_train_batch_size=8 // world,
+                                 train_sampling_strategy="sequential", learning_rate=1e-2, report_to=[],
+                                 save_strategy="steps", save_steps=SAVE_AT, use_cpu=True, disable_tqdm=True,
+                                 logging_strategy="no", dataloader_num_workers=0, fsdp=True,
+                                 fsdp_config={"fsdp_version": 2})
+        PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU  # FSDP2 on gloo
+        trainer = SpectralTrainer(model=Regressor(), args=args, train_dataset=trainer_dataset(),
+                                  spectral_filter=trainer_filter, callbacks=list(callbacks))
+        trainer.train(resume_from_checkpoint=resume)
+        filt = trainer.spectral_filter
+        return {"params": params_of(trainer.model), "steps": filt.steps, "reg": filt.regularization().detach()}
+
+    results: dict = {}
+    try:
+        results["straight"] = run(os.path.join(workdir, "straight"))
+        run(os.path.join(workdir, "interrupted"), [StopAt(SAVE_AT)])
+        checkpoint = os.path.join(workdir, "interrupted", f"checkpoint-{SAVE_AT}")
+        results["files"] = sorted(f for f in os.listdir(checkpoint) if f.startswith("spectral_filter"))
+        results["resumed"] = run(os.path.join(workdir, "interrupted"), resume=checkpoint)
+        if rank == 0:
+            torch.save(results, os.path.join(workdir, "results.pt"))
+        dist.barrier()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_fsdp2_trainer_resumes_bit_identical_from_per_rank_filter_files(tmp_path):
+    """2 ranks, FSDP2 (accelerate's fully_shard inside train()), the factory's filter on the sharded model: each
+    rank writes its rows' filter state, and the resumed run ends where the straight one does."""
+    test_distributed = pytest.importorskip("test_distributed")
+    pytest.importorskip("accelerate")
+    results = test_distributed._spawn(str(tmp_path), _fsdp2_resume_worker)
+    assert results["files"] == ["spectral_filter-rank0-of-2.pt", "spectral_filter-rank1-of-2.pt"]
+    straight, resumed = results["straight"], results["resumed"]
+    assert resumed["steps"] == straight["steps"] == test_distributed.TRAINER_STEPS
+    assert torch.equal(resumed["reg"], straight["reg"]) and float(straight["reg"]) > 0
+    for name, param in straight["params"].items():
+        assert torch.equal(resumed["params"][name], param), name

@@ -244,8 +244,11 @@ def test_regularization_without_reg_weight_is_zero_and_keeps_no_copy(seed):
 # ------------------------------------------------------------------------------------------- SpectralAdamW
 @pytest.mark.parametrize("passthrough", [0.0, 0.3])
 def test_spectral_adamw_equals_torch_adamw_on_filtered_gradients(backend, seed, passthrough):
-    """100 steps with an LR schedule; fp32: bitwise on the torch backend (two param groups), 1e-6 relative on
-    Triton (one group: the fused kernel for the weight, the plain kernel for its bias — the interpreter is slow)."""
+    """100 steps with an LR schedule; fp32: 1e-6 relative (the torch backend filters in batched GEMMs and updates
+    the filtered weight with torch's fused AdamW, whose roundings differ from the loop reference and the
+    single-tensor step in the last bit; two param groups, the unfiltered ones bitwise — see
+    tests/test_backend_registry.py), and on Triton (one group: the fused kernel for the weight, the plain kernel
+    for its bias — the interpreter is slow)."""
     if backend == "triton" and passthrough == 0.0:
         pytest.skip("the h = 0 fused path is exercised under Triton by the resume and hook tests")
     steps = 100
@@ -276,7 +279,7 @@ def test_spectral_adamw_equals_torch_adamw_on_filtered_gradients(backend, seed, 
             opt.step()
             sched.step()
     assert filts[0].steps == steps
-    tolerance = 0.0 if backend == "torch" else 1e-6
+    tolerance = 1e-6
     for (name, ours), theirs in zip(models[0].named_parameters(), models[1].parameters()):
         if not ours.requires_grad:
             continue

@@ -5,6 +5,7 @@ per-target protocol, and all-or-nothing state loading."""
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 
 import pytest
@@ -149,6 +150,22 @@ def test_zero_task_loss_spectral_sgd_steps_along_the_regulariser_gradient(backen
     assert rel(model[0].weight.detach() - before, expected) <= 1e-5
 
 
+def test_zero_grad_discards_the_regulariser_share_too(seed):
+    """backward, zero_grad (a discarded batch), backward, step: the step sees one regulariser term, as .grad."""
+    runs = []
+    for discard in (False, True):
+        model, filt = model_and_filter(seed)
+        opt = sk.SpectralSGD(model.parameters(), lr=0.5, spectral_filter=filt)
+        if discard:
+            (model(inputs(seed)).square().mean() + filt.regularization()).backward()
+            opt.zero_grad()
+        (model(inputs(seed + 1)).square().mean() + filt.regularization()).backward()
+        opt.step()
+        runs.append(model)
+    for p, q in zip(runs[1].parameters(), runs[0].parameters()):
+        assert torch.equal(p, q)
+
+
 # --------------------------------------------------------------------------- 2. the update rules and span(U)
 def test_spectral_sgd_is_the_papers_rule_with_momentum_as_torch_sgd(seed):
     """θ ← θ − η(F g + 2λLΔ) with momentum: equals torch.optim.SGD fed those directions."""
@@ -186,6 +203,8 @@ def test_updates_that_claim_the_band_stay_in_span_u(backend, seed, optimizer):
         opt.zero_grad()
     update = model[0].weight.detach() - before
     assert update.norm() > 0 and outside_span(update, filt.bases()["0.weight"]) < 1e-6
+    outside, total = filt.filter_targets[0].band_energy(update)
+    assert float(outside) <= 1e-6 * float(total)
 
 
 def test_plain_spectral_adamw_leaves_the_band(seed):
@@ -197,14 +216,24 @@ def test_plain_spectral_adamw_leaves_the_band(seed):
         model(inputs(step)).square().mean().backward()
         opt.step()
         opt.zero_grad()
-    assert outside_span(model[0].weight.detach() - before, filt.bases()["0.weight"]) > 1e-3
+    update = model[0].weight.detach() - before
+    share = outside_span(update, filt.bases()["0.weight"])
+    assert share > 1e-3
+    outside, total = filt.filter_targets[0].band_energy(update)
+    assert abs(float(outside / total) - share) <= 1e-4 * share
 
 
 # ---------------------------------------------------------------------------- 3. full-spectrum filter g(L)
 @pytest.mark.parametrize("normalized", [True, False])
-def test_chebyshev_filter_method_applies_g_to_the_whole_spectrum(backend, seed, normalized):
+@pytest.mark.parametrize("form", ["materialized ragged", "materialized uniform", "recursion"])
+def test_chebyshev_filter_method_applies_g_to_the_whole_spectrum(backend, seed, normalized, form, monkeypatch):
+    """g(L) of every block (ragged 8, 8, 4 or uniform 10, 10), as materialised per block or as the per-step
+    recursion (blocks above MATERIALIZE_MAX_BLOCK), against float64 eigendecompositions."""
+    if form == "recursion":
+        monkeypatch.setattr(sk.optim.gradient_filter, "MATERIALIZE_MAX_BLOCK", 0)
     model, filt = model_and_filter(seed, filter_method="chebyshev", gains=sk.heat(1.0), chebyshev_order=24,
-                                   normalized=normalized)
+                                   normalized=normalized, block_size=10 if form == "materialized uniform" else 8)
+    assert (filt.filter_targets[0].block_operator is None) == (form == "recursion")
     grad = torch.randn(20, 6, generator=torch.Generator().manual_seed(seed))
     t = filt.filter_targets[0]
     # float64 g(L) = V exp(−Λ) Vᵀ by a dense eigendecomposition of each block
@@ -243,7 +272,7 @@ def test_regulariser_laplacian_kinds_and_their_identities(seed, reg_normalized):
         deg = W.sum(1)
         x = torch.where(deg[:, None] > 0, x / deg.clamp_min(1e-300).sqrt()[:, None], torch.zeros_like(x))
     pairwise = 0.5 * (W * (x[:, None, :] - x[None, :, :]).square().sum(-1)).sum()
-    assert abs(float(filt.regularization()) - LAM * float(pairwise)) <= 1e-5 * LAM * float(pairwise)
+    assert abs(filt.regularization().item() - LAM * float(pairwise)) <= 1e-5 * LAM * float(pairwise)
 
 
 def test_laplacian_matmul_equals_the_dense_product(backend, seed):
@@ -254,6 +283,13 @@ def test_laplacian_matmul_equals_the_dense_product(backend, seed):
         expected = 0.7 * L.to_dense().double() @ x.double()
         assert rel(sk.laplacian_matmul(x, L, 0.7), expected) <= 1e-6
         assert rel(sk.laplacian_matmul(x[:, 0], L, torch.tensor(0.7)), expected[:, 0]) <= 1e-6
+
+
+def test_laplacian_matmul_gradcheck(seed):
+    L = sk.ParameterGraph.knn(torch.randn(7, 3, dtype=torch.float64), k=2, block_size=4).laplacian()
+    x = torch.randn(7, 2, dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, s: sk.laplacian_matmul(x, L, s), (x, scale))
 
 
 # ------------------------------------------------------------------------------ 5. protocol and atomic loading
@@ -283,14 +319,28 @@ def test_failed_load_leaves_the_filter_unchanged(seed):
     before = {t.name: t.state() for t in filt.filter_targets}
     with pytest.raises(ValueError, match="basis of 2.weight has shape \\(11, 3\\)"):
         filt.load_state_dict(broken)
-    for t in filt.filter_targets:
-        assert t.state() == before[t.name]  # the same objects: nothing was assigned
+    assert unchanged(filt, before)
     broken = other.state_dict()
     broken["targets"]["2.weight"] = dict(broken["targets"]["2.weight"], theta0=torch.zeros(12, 7))
     with pytest.raises(ValueError, match="saved W₀ of 2.weight is torch.float32 of shape \\(12, 7\\)"):
         filt.load_state_dict(broken)
-    assert all(t.state() == before[t.name] for t in filt.filter_targets)
+    assert unchanged(filt, before)
+    broken = other.state_dict()
+    entry = broken["targets"]["2.weight"]
+    broken["targets"]["2.weight"] = dict(entry, U=entry["U"].double(), eigenvalues=entry["eigenvalues"].double())
+    with pytest.raises(ValueError, match="the basis of 2.weight is torch.float64, its graph torch.float32"):
+        filt.load_state_dict(broken)
+    broken = other.state_dict() | {"version": 99}
+    with pytest.raises(ValueError, match="version 2\\), got dict with version 99"):
+        filt.load_state_dict(broken)
+    assert unchanged(filt, before) and filt.steps == 0
     filt.load_state_dict(saved)  # a good state still loads
+
+
+def unchanged(filt: sk.SpectralGradientFilter, before: dict) -> bool:
+    """Every target still holds the very objects it held (nothing was assigned)."""
+    return all(getattr(t.state(), field) is getattr(before[t.name], field)
+               for t in filt.filter_targets for field in ("graph", "basis", "theta0", "correlation"))
 
 
 def _perturb(module: nn.Module) -> None:
@@ -306,15 +356,89 @@ def test_theta0_of_another_width_is_refused(seed):
         narrow = sk.SpectralGradientFilter(nn.Sequential(nn.Linear(1, 48)), ["0"], block_size=16, k=2,
                                            reg_weight=0.1)
     wide = sk.SpectralGradientFilter(nn.Sequential(nn.Linear(16, 48)), ["0"], block_size=16, k=2, reg_weight=0.1)
-    before = wide.filter_targets[0].state()
+    before = {"0.weight": wide.filter_targets[0].state()}
     with pytest.raises(ValueError, match=r"saved W₀ of 0.weight is torch.float32 of shape \(48, 1\), the weight "
                                          r"here is torch.float32 of shape \(48, 16\)"):
         wide.load_state_dict(narrow.state_dict())
-    assert wide.filter_targets[0].state() == before
+    assert unchanged(wide, before)
 
 
-def test_construction_logs_each_target(seed, caplog):
-    with caplog.at_level("INFO", logger="spectralkern.optim.gradient_filter"):
+def test_construction_logs_each_target(seed):
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logger = logging.getLogger("spectralkern.optim.gradient_filter")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
         model_and_filter(seed, progress=False)
-    (record,) = [r for r in caplog.records if "spectral basis of 0.weight" in r.getMessage()]
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    (record,) = [r for r in records if "spectral basis of 0.weight" in r.getMessage()]
     assert "20 rows in 3 blocks, k=3, eigensolver" in record.getMessage()
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_grad_scaler_step_unscales_the_regulariser_too_and_skips_inf_steps(seed, optimizer):
+    """scaler.step(opt) with a loss scale of 2^10 gives the unscaled run's parameters; an inf step is skipped
+    without counting and without leaving its regulariser scale behind for the next step."""
+    def make(model, filt):
+        if optimizer == "adamw":
+            return sk.SpectralAdamW(model.parameters(), lr=1e-2, spectral_filter=filt)
+        return sk.SpectralSGD(model.parameters(), lr=0.1, momentum=0.5, spectral_filter=filt)
+
+    runs = []
+    for scaled in (False, True):
+        model, filt = model_and_filter(seed)
+        opt = make(model, filt)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000) if scaled else None
+        for step in range(3):
+            loss = model(inputs(step)).square().mean() + filt.regularization()
+            if scaled:
+                scaler.scale(loss).backward()
+                if step == 1:  # poison one step: the scaler must skip it
+                    model[2].bias.grad[0] = float("inf")
+                scaler.step(opt)
+                scaler.update()
+            elif step != 1:
+                loss.backward()
+                opt.step()
+            opt.zero_grad()
+        runs.append((model, filt))
+    (plain, plain_filt), (scaled_model, scaled_filt) = runs
+    assert scaled_filt.steps == plain_filt.steps == 2
+    for p, q in zip(scaled_model.parameters(), plain.parameters()):
+        assert rel(p, q) <= 1e-6
+
+
+def test_unscaled_gradients_with_a_pending_regulariser_are_refused(seed):
+    model, filt = model_and_filter(seed)
+    opt = sk.SpectralAdamW(model.parameters(), lr=1e-2, spectral_filter=filt)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(model(inputs(seed)).square().mean() + filt.regularization()).backward()
+    scaler.unscale_(opt)  # e.g. for gradient clipping
+    with pytest.raises(RuntimeError, match="scaler.unscale_\\(optimizer\\) ran before scaler.step\\(optimizer\\)"):
+        scaler.step(opt)
+
+
+def test_unscale_regularizer_after_an_explicit_unscale(seed):
+    """scaler.unscale_ (for clipping) + filt.unscale_regularizer_(1/S), then scaler.step: the unscaled run's step."""
+    runs = []
+    for scaled in (False, True):
+        model, filt = model_and_filter(seed)
+        opt = sk.SpectralSGD(model.parameters(), lr=0.1, spectral_filter=filt)
+        loss = model(inputs(seed)).square().mean() + filt.regularization()
+        if scaled:
+            scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            filt.unscale_regularizer_(1 / scaler.get_scale())
+            scaler.step(opt)
+        else:
+            loss.backward()
+            opt.step()
+        runs.append(model)
+    for p, q in zip(runs[1].parameters(), runs[0].parameters()):
+        assert rel(p, q) <= 1e-6

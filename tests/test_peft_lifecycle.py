@@ -130,8 +130,12 @@ def test_peft_round_trip(method, arch, tmp_path, capsys):
         model.save_pretrained(tmp_path / "from_merged")  # the adapter tensors, not the merged weights
         reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "from_merged")
         torch.testing.assert_close(outputs(reloaded, ids), adapted, rtol=0, atol=0)
+        before = snapshot(model)
         with pytest.raises(ValueError, match="merged adapter layers"):  # a merged model refuses a load
             sk.peft.load(model, tmp_path / "adapter", adapter_name="other")
+        with pytest.raises(ValueError, match="merged adapter layers"):  # also through peft's own load_adapter
+            model.load_adapter(tmp_path / "adapter", "default")
+        assert_same_state(before, snapshot(model))
         model.unmerge_adapter()
         torch.testing.assert_close(outputs(model, ids), adapted, rtol=1e-4, atol=1e-5)
         merged = copy.deepcopy(model).merge_and_unload()
@@ -325,3 +329,33 @@ def test_a_lora_folder_is_not_a_spectralkern_adapter(tmp_path):
     with pytest.raises(ValueError, match="not a spectralkern one"):
         sk.peft.load(base, tmp_path)
     assert_same_state(before, snapshot(base))
+
+
+def test_setup_logs_its_duration_and_the_in_place_path_also_refuses_a_lossy_save(tmp_path, caplog):
+    import logging
+
+    base = tiny_bert()
+    with caplog.at_level(logging.INFO, logger="spectralkern.peft._lifecycle"):
+        model = sk.peft.apply_smoa(copy.deepcopy(base), sk.peft.SMoAConfig(r=2, target_modules=["query"],
+                                                                            progress=False))
+    assert any(r.name == "spectralkern.peft._lifecycle" and "SMoAModel: 2 layers set up in" in r.getMessage()
+               for r in caplog.records)
+    assert sk.peft.parameter_count(model) == sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
+    with pytest.raises(ValueError, match="Nothing was written"):
+        model.save_pretrained(tmp_path / "lossy")
+    assert not (tmp_path / "lossy").exists()
+    base.save_pretrained(tmp_path / "plain")  # models without adapter layers save as usual
+
+
+def test_targets_follow_the_one_rule(tmp_path):
+    """Suffix lists and a full-name regex select the same layers as spectralkern._targets.matches (peft's rule)."""
+    from spectralkern._targets import matches
+
+    base = tiny_bert()
+    for targets in (["query"], ["self.value"], r"encoder\.layer\.1\..*(query|key)"):
+        model = peft.get_peft_model(copy.deepcopy(base), sk.peft.SMoAConfig(r=2, target_modules=targets))
+        wrapped = sorted(n.removeprefix("base_model.model.") for n in sk.peft.layers_of(model))
+        assert wrapped == sorted(n for n, m in base.named_modules() if n and matches(n, targets)
+                                 and isinstance(m, torch.nn.Linear))
+    with pytest.raises(ValueError, match=r"matched no module of BertModel.*suffixes available"):
+        peft.get_peft_model(copy.deepcopy(base), sk.peft.SMoAConfig(r=2, target_modules=["q_proj"]))

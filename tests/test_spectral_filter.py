@@ -9,16 +9,31 @@ from hypothesis import strategies as st
 
 import spectralkern as sk
 from spectralkern import _backend
+from spectralkern.ops import spectral_filter as spectral_filter_ops
 from spectralkern.ops.spectral_filter import (_launch_triton, spectral_filter_gains_grad_reference,
                                               spectral_filter_reference)
 
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]
+# torch-<algorithm>: the torch backend with that algorithm forced (the ragged layouts here rule out "batched",
+# which test_batched_algorithm_on_uniform_blocks covers)
+BACKENDS = ["torch", "torch-padded", "torch-loop", pytest.param("triton", marks=pytest.mark.triton)]
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def force_algorithm(monkeypatch, algorithm: str) -> None:
+    """Make the op's torch backend run ``algorithm`` whatever the cost model prefers."""
+    real = spectral_filter_ops.spectral_filter_backend
+    monkeypatch.setattr(spectral_filter_ops, "spectral_filter_backend",
+                        lambda x, k, block_ptr=None, backend=None, algorithm=None: real(x, k, block_ptr, backend,
+                                                                                        algorithm_forced))
+    algorithm_forced = algorithm
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch) -> str:
-    monkeypatch.setenv("SPECTRALKERN_BACKEND", request.param)
+    name, _, algorithm = request.param.partition("-")
+    monkeypatch.setenv("SPECTRALKERN_BACKEND", name)
+    if algorithm:
+        force_algorithm(monkeypatch, algorithm)
     return request.param
 
 
@@ -261,33 +276,6 @@ def test_bad_inputs_name_the_argument(seed):
         sk.spectral_filter(x, basis, [1.0, 2.0])
 
 
-def test_backend_env_var_is_validated(monkeypatch):
-    monkeypatch.setenv("SPECTRALKERN_BACKEND", "cuda-please")
-    with pytest.raises(ValueError, match="SPECTRALKERN_BACKEND must be one of auto, cuda, triton, torch"):
-        _backend.backend_for(torch.device("cpu"))
-    monkeypatch.setenv("SPECTRALKERN_BACKEND", "cuda")
-    with pytest.raises(RuntimeError, match="SPECTRALKERN_BACKEND=cuda"):
-        _backend.backend_for(torch.device("cpu"), ("cuda", "triton", "torch"))
-
-
-def test_triton_forced_on_cpu_without_interpreter_fails_clearly(monkeypatch):
-    monkeypatch.setenv("SPECTRALKERN_BACKEND", "triton")
-    monkeypatch.setattr(_backend, "triton_interpreter_on", lambda: False)
-    _backend.triton_status.cache_clear()
-    try:
-        with pytest.raises(RuntimeError, match="SPECTRALKERN_BACKEND=triton cannot run here"):
-            _backend.backend_for(torch.device("cpu"), ("triton", "torch"))
-    finally:
-        _backend.triton_status.cache_clear()
-
-
-def test_auto_prefers_triton_under_the_interpreter_and_torch_for_other_dtypes(monkeypatch):
-    monkeypatch.delenv("SPECTRALKERN_BACKEND", raising=False)
-    expected = "triton" if _backend.triton_status().live else "torch"
-    assert _backend.backend_for(torch.device("cpu"), ("triton", "torch")) == expected
-    assert _backend.backend_for(torch.device("cpu"), ("torch",)) == "torch"
-
-
 # -------------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -300,8 +288,24 @@ def test_gpu_matches_float64_reference(seed, dtype):
     assert relative_error(y.cpu(), expected) <= TOLERANCE[dtype]
 
 
+def test_batched_algorithm_on_uniform_blocks(monkeypatch, seed):
+    """Uniform blocks as (B, n, ·) views: forward against the dense float64 formula, gradcheck w.r.t. x and gains."""
+    monkeypatch.setenv("SPECTRALKERN_BACKEND", "torch")
+    force_algorithm(monkeypatch, "batched")
+    basis = ragged_basis([6, 6, 6], k=4)
+    x = torch.randn(18, 5, dtype=torch.float64, requires_grad=True)
+    gains = torch.rand(3, 4, dtype=torch.float64, requires_grad=True)
+    for h in (0.0, 0.4):
+        assert relative_error(sk.spectral_filter(x, basis, gains, h), dense_reference(x, basis, gains, h)) <= 1e-12
+        assert torch.autograd.gradcheck(lambda a, g: sk.spectral_filter(a, basis, g, passthrough=h), (x, gains))
+    with torch.no_grad():  # the eager path without the custom op
+        y = sk.spectral_filter(x[:, :2].T.contiguous().T, basis, gains)  # column-major x: no (B, n, ·) view
+    assert relative_error(y, dense_reference(x[:, :2], basis, gains, 0.0)) <= 1e-12
+
+
 def test_large_k_goes_to_the_torch_backend(monkeypatch, seed):
-    from spectralkern.ops.spectral_filter import TRITON_MAX_K, spectral_filter_backend
+    from spectralkern._backend import TRITON_MAX_K
+    from spectralkern.ops.spectral_filter import spectral_filter_backend
     monkeypatch.delenv("SPECTRALKERN_BACKEND", raising=False)
     x = torch.randn(4, 2)
     assert spectral_filter_backend(x, TRITON_MAX_K + 1) == "torch"

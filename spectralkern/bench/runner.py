@@ -17,13 +17,14 @@ from pathlib import Path
 
 import torch
 
+from .. import cli_args
 from . import cases as case_modules
 from .case import Case, Provider
 from .ceilings import Ceilings, measure_ceilings
 from .records import Environment, Record, append_records, environment, measure_peak_memory, utc_timestamp
 from .plots import plot_op
 from .table import format_table
-from .timers import TimerBudget, Timing, time_fn
+from .timers import TimerBudget, Timing, time_cpu_interleaved, time_fn
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="OP", help=f"ops to run (default: all of {', '.join(sorted(case_modules.OPS))})")
     parser.add_argument("--out", type=Path, default=None,
                         help="results folder (default: benchmarks/results if it exists here, else ./bench-results)")
-    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    parser.add_argument("--device", type=cli_args.device, default=None,
+                        help="cuda, cuda:N or cpu (default: cuda when available)")
     parser.add_argument("--providers", nargs="+", default=None, metavar="NAME",
                         help="time only these providers (e.g. spectralkern torch_bmm)")
     parser.add_argument("--max-cases", type=int, default=None, metavar="N", help="only the first N cases of each op")
@@ -76,17 +78,15 @@ def _budget(device: torch.device, quick: bool) -> TimerBudget:
     return TimerBudget(warmup_ms=20, rep_ms=200) if quick else TimerBudget(warmup_ms=50, rep_ms=500)
 
 
-def _measure(provider: Provider, device: torch.device, budget: TimerBudget, reference: torch.Tensor,
-             tolerance: float) -> tuple[Timing, float, tuple[int, str]]:
-    """Check one provider's answer (its first call, which also absorbs compilation), then time it."""
+def _check(provider: Provider, device: torch.device, reference: torch.Tensor, tolerance: float) -> float:
+    """Check one provider's answer (its first call, which also absorbs compilation); its relative error."""
     out = provider.fn()
     _sync(device)
     err = relative_error(out, reference)
     del out
     if not err <= tolerance:  # also catches nan
         raise RuntimeError(f"wrong answer: relative error {err:.3e} > tolerance {tolerance:.0e}")
-    timing = time_fn(provider.fn, device, budget)
-    return timing, err, measure_peak_memory(provider.fn, device)
+    return err
 
 
 def _time_providers(case: Case, device: torch.device, budget: TimerBudget, only: set[str] | None
@@ -104,19 +104,25 @@ def _time_providers(case: Case, device: torch.device, budget: TimerBudget, only:
     for name, why in prepared.skipped.items():
         if only is None or name in only:
             print(f"  {name}: not run ({why})", flush=True)
-    results, failures = {}, []
+    failures, checked = [], []
     for provider in prepared.providers:
         if only is not None and provider.name not in only:
             continue
         try:
-            timing, err, memory = _measure(provider, device, budget, prepared.reference_for(provider.name),
-                                           prepared.tolerance)
+            checked.append((provider, _check(provider, device, prepared.reference_for(provider.name),
+                                             prepared.tolerance)))
         except Exception as exc:
             traceback.print_exc()
             failures.append(f"{title} {provider.label}: {exc!r}")
             print(f"  {provider.label}: FAILED ({exc!r})", flush=True)
-            continue
-        results[provider.name] = (provider.backend, timing, err, memory)
+    if device.type == "cpu":  # the peers in turn: their ratios hold on a shared, drifting machine
+        timings = time_cpu_interleaved({provider.name: provider.fn for provider, _ in checked}, budget)
+    else:
+        timings = {provider.name: time_fn(provider.fn, device, budget) for provider, _ in checked}
+    results = {}
+    for provider, err in checked:
+        timing = timings[provider.name]
+        results[provider.name] = (provider.backend, timing, err, measure_peak_memory(provider.fn, device))
         print(f"  {provider.label:<22} {timing.median_ms:10.4g} ms  "
               f"{case.bytes / timing.median_ms / 1e6:8.1f} GB/s  rel err {err:.1e}", flush=True)
     return results, failures
@@ -201,4 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(all_records)} records appended under {out_dir} in {time.perf_counter() - started:.1f} s")
     if failures:
         print(f"{len(failures)} failure(s):\n  " + "\n  ".join(failures))
+    if only and not all_records:
+        print(f"--providers {' '.join(sorted(only))}: no case of {', '.join(args.ops)} has a provider of that name",
+              file=sys.stderr)
+        return 2
     return 1 if failures or not all_records else 0

@@ -1,4 +1,5 @@
-"""Timers: ``triton.testing.do_bench`` on CUDA devices, a repeat-median wall-clock timer on the CPU.
+"""Timers: ``triton.testing.do_bench`` on CUDA devices, a repeat-median wall-clock timer on the CPU (one function,
+or several interleaved so their ratios survive a shared machine's drifting load).
 
 Both return the median and the 20th / 80th percentiles of the per-call time in milliseconds, so records from
 either device have the same fields.
@@ -54,6 +55,33 @@ def time_cpu(fn: Callable[[], object], budget: TimerBudget = TimerBudget()) -> T
         samples.append((time.perf_counter() - start) * 1e3)
     median, p20, p80 = np.quantile(np.asarray(samples), QUANTILES)
     return Timing(float(median), float(p20), float(p80), f"cpu-perf_counter median of {len(samples)}")
+
+
+def time_cpu_interleaved(fns: dict[str, Callable[[], object]],
+                         budget: TimerBudget = TimerBudget()) -> dict[str, Timing]:
+    """``time_cpu`` for several functions at once, called in turn (A B C A B C …) so that a shared machine's
+    load drifts over all of them alike and their ratios stay fair. Warm-up and budget as ``time_cpu``, the
+    measuring time (``rep_ms``) per function."""
+    for fn in fns.values():
+        deadline = time.perf_counter() + budget.warmup_ms / 1e3
+        fn()
+        while time.perf_counter() < deadline:
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    stop_after = time.perf_counter() + len(fns) * budget.rep_ms / 1e3
+    rounds = 0
+    while rounds < budget.max_reps and (rounds < budget.min_reps or time.perf_counter() < stop_after):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+        rounds += 1
+    out = {}
+    for name, values in samples.items():
+        median, p20, p80 = np.quantile(np.asarray(values), QUANTILES)
+        out[name] = Timing(float(median), float(p20), float(p80),
+                           f"cpu-perf_counter median of {rounds}, interleaved with {len(fns) - 1} other(s)")
+    return out
 
 
 def time_cuda(fn: Callable[[], object], budget: TimerBudget = TimerBudget()) -> Timing:

@@ -23,7 +23,7 @@ import scipy.sparse
 import scipy.sparse.csgraph
 import torch
 
-from ._compiled import connected_components
+from ._native_csr import connected_components
 from ._problem import Problem
 
 

@@ -3,7 +3,7 @@
 Accepted: a ``GraphLaplacian`` (its blocks, or one global block when entries cross blocks), a torch tensor
 (dense, COO or CSR) or a scipy sparse matrix / numpy array (one global block). Checks: square, real float,
 finite, symmetric (a cheap probe, see ``_check_symmetric``); on the CPU one compiled pass over the entries gathers
-what they need (``_compiled.csr_summary``), elsewhere torch ops do.
+what they need (``_native_csr.csr_summary``), elsewhere torch ops do.
 """
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import numpy as np
 import scipy.sparse
 import torch
 
+from .._checks import check_has_data
 from ..graph import GraphLaplacian
-from ._compiled import PROBE_SEED, csr_summary
+from ._native_csr import PROBE_SEED, csr_summary
 from ._operator import coo_rows
 
 _FLOAT = (torch.float32, torch.float64)
@@ -81,6 +82,7 @@ def _to_csr(name: str, value: object) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a GraphLaplacian, a torch tensor or a scipy sparse matrix, "
                         f"got {type(value).__name__}")
+    check_has_data(name, value)
     if value.dim() != 2:
         raise ValueError(f"{name} must be a 2-D matrix, got shape {tuple(value.shape)}")
     if value.dtype not in _FLOAT:
@@ -93,7 +95,7 @@ def _to_csr(name: str, value: object) -> torch.Tensor:
 
 
 def _summary_torch(matrix: torch.Tensor, block_ptr: torch.Tensor | None) -> dict:
-    """What ``_compiled.csr_summary`` computes in one compiled pass, as torch ops (a CUDA matrix, or no compiled
+    """What ``_native_csr.csr_summary`` computes in one compiled pass, as torch ops (a CUDA matrix, or no compiled
     module). Its symmetry probe draws its two vectors from torch's generator (seeded)."""
     n = matrix.shape[0]
     values = matrix.values()

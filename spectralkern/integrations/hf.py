@@ -178,6 +178,15 @@ def _restore_filter(spectral_filter: SpectralGradientFilter, folders: list[str],
     warnings.warn(message + "resume_without_filter_state=True: the filter restarts", stacklevel=3)
 
 
+def _unscale_regularizer(spectral_filter: SpectralGradientFilter, scaler: Any) -> None:
+    """fp16 (a GradScaler): before the optimizer step the Trainer has unscaled ``.grad`` (accelerate's
+    clip_grad_norm_, for clipping or for the logged norm), but the regulariser's recorded scale still carries the
+    loss scale S; divide it too. (Had ``.grad`` not been unscaled, SpectralAdamW would unscale it in
+    ``scaler.step`` and leave the regulariser's scale as divided here.)"""
+    if scaler is not None and spectral_filter.regularizer_pending and not spectral_filter.regularizer_unscaled:
+        spectral_filter.unscale_regularizer_(1.0 / scaler.get_scale())
+
+
 class SpectralFilterCallback(TrainerCallback):
     """Calls ``spectral_filter.step()`` before every optimizer step of a Trainer (the explicit filter mode), and
     keeps the filter's state in the Trainer's checkpoints.
@@ -216,11 +225,12 @@ class SpectralFilterCallback(TrainerCallback):
         return control
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        optimizer = kwargs.get("optimizer")
-        optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the Trainer's optimizer
+        wrapper = kwargs.get("optimizer")
+        optimizer = getattr(wrapper, "optimizer", wrapper)  # accelerate wraps the Trainer's optimizer
         if isinstance(optimizer, SpectralAdamW) and optimizer.spectral_filter is self.spectral_filter:
             raise RuntimeError("SpectralFilterCallback and SpectralAdamW share one filter: the gradients would be "
                                "filtered twice. Use either the callback or SpectralAdamW")
+        _unscale_regularizer(self.spectral_filter, getattr(wrapper, "scaler", None))
         self.spectral_filter.step()
         return control
 
@@ -237,7 +247,8 @@ class SpectralTrainer(Trainer):
     on the model as the engine wrapped it, and its filter is attached to the Trainer's SpectralAdamW; until then
     ``trainer.spectral_filter`` is None. The filter's reg_weight sets λ (0: no regulariser, only the filtered
     optimizer). With a built filter, an optimizer passed through ``optimizers=`` or ``optimizer_cls_and_kwargs=``
-    replaces SpectralAdamW (add ``SpectralFilterCallback`` then); with a factory that raises.
+    replaces SpectralAdamW (add ``SpectralFilterCallback`` then); with a factory that raises. Under fp16 the
+    regulariser's recorded loss scale is divided when the Trainer unscales the gradients (before the step).
 
     Checkpoints: every ``checkpoint-N/`` gets the filter's state; ``train(resume_from_checkpoint=...)`` restores it
     from that folder when training starts (after a factory built the filter). A checkpoint without it raises
@@ -314,18 +325,16 @@ class _AttachSpectralFilter(TrainerCallback):
         trainer = self.trainer
         from_factory = trainer.spectral_filter is None
         trainer.spectral_filter = _filter_for(trainer._filter_source, trainer.spectral_filter, trainer.model)
-        if trainer.spectral_filter.reg_weight != 0 and getattr(trainer.accelerator, "scaler", None) is not None:
-            # The regulariser's gradient is added inside the optimizer step, scaled by the loss scale its backward
-            # saw, but the GradScaler has unscaled .grad by then: the regulariser would weigh S times too much.
-            raise ValueError("SpectralTrainer's joint loss does not work with a GradScaler (fp16=True, loss scale "
-                             f"S): reg_weight={trainer.spectral_filter.reg_weight} would act S times too strongly. "
-                             "Train with bf16=True (no loss scale), or build the filter with reg_weight=0")
         if from_factory:
             optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper
             optimizer.set_spectral_filter(trainer.spectral_filter)
         if trainer._resuming_from is not None:
             _restore_filter(trainer.spectral_filter, [trainer._resuming_from], args, state,
                             resume_without_filter_state=trainer.resume_without_filter_state, how_to_point="")
+        return control
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        _unscale_regularizer(self.trainer.spectral_filter, getattr(self.trainer.accelerator, "scaler", None))
         return control
 
     def on_save(self, args, state, control, **kwargs):

@@ -5,37 +5,25 @@ exp_avg_sq, on the spectrally filtered gradient when a basis is given (one launc
 chip; g, p, m, v read once, m, v, p written once), else the plain elementwise update; grad is only read; fp32
 arithmetic, each operation rounded once in torch's order.
 
-Compiled for (``cuda_implemented``): float32 / float16 / bfloat16 parameters with float32 moments, bfloat16 parameters
-with bfloat16 moments, a basis of k ≤ 128. float16 parameters with bfloat16 moments (``state_dtype=torch.bfloat16``
-on a float16 model) and wider bases stay on Triton / torch: one more dtype pair would add 8 kernel variants to every
-build for a combination the optimizer only makes on request.
+Compiled for (the registry's ``adamw_update`` entry, ``_backend.OPS``): float32 / float16 / bfloat16 parameters with
+float32 moments, bfloat16 parameters with bfloat16 moments, a basis of k ≤ ``CUDA_MAX_K``. float16 parameters with
+bfloat16 moments (``state_dtype=torch.bfloat16`` on a float16 model) and wider bases stay on Triton / torch: one
+more dtype pair would add 8 kernel variants to every build for a combination the optimizer only makes on request.
 """
 from __future__ import annotations
 
 import torch
 
-from .. import _cuda_ext
+from .. import _extensions
 from ..basis import SpectralBasis
-from .spectral_filter import CUDA_MAX_K, _tensor_desc
-
-_PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def cuda_implemented(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                     basis: SpectralBasis | None) -> bool:
-    """Whether the compiled kernels cover this update, built or not (forcing SPECTRALKERN_BACKEND=cuda on an
-    unbuilt install then says why it cannot run instead of that the op lacks the backend)."""
-    if param.dtype not in _PARAM_DTYPES or exp_avg.dtype != exp_avg_sq.dtype:
-        return False
-    pair = exp_avg.dtype == torch.float32 or (exp_avg.dtype == param.dtype == torch.bfloat16)
-    return pair and (basis is None or basis.k <= CUDA_MAX_K)
+from ._cuda_args import tensor_desc
 
 
 def _extension():
-    ext = _cuda_ext.module()
+    ext = _extensions.module("cuda")
     if not hasattr(ext, "spectral_adamw"):  # a build from before the AdamW kernels, left in place
         raise RuntimeError(f"the CUDA extension at {getattr(ext, '__file__', '?')} was built without the AdamW "
-                           f"kernels; rebuild it ({_cuda_ext.BUILD_HINT})")
+                           f"kernels; rebuild it ({_extensions.BUILD_HINT})")
     return ext
 
 
@@ -67,8 +55,8 @@ def adamw_update_cuda_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.T
         U32 = basis.U.to(device=device, dtype=torch.float32)
         gains32 = gains.to(device=device, dtype=torch.float32)
         offsets = basis.block_ptr_on(device).to(torch.int64).contiguous()  # the kernel indexes it densely
-        ext.spectral_adamw(grad=_tensor_desc(grad), param=_tensor_desc(param), exp_avg=_tensor_desc(exp_avg),
-                           exp_avg_sq=_tensor_desc(exp_avg_sq), U=_tensor_desc(U32), gains=_tensor_desc(gains32),
+        ext.spectral_adamw(grad=tensor_desc(grad), param=tensor_desc(param), exp_avg=tensor_desc(exp_avg),
+                           exp_avg_sq=tensor_desc(exp_avg_sq), U=tensor_desc(U32), gains=tensor_desc(gains32),
                            block_ptr=(offsets.data_ptr(), offsets.numel()), dtype=dtype, state_dtype=state_dtype,
                            passthrough=float(passthrough), hyper=tuple(scalars), device=device.index,
                            stream=stream)

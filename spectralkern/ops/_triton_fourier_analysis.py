@@ -15,6 +15,10 @@ basis, no dense ΔW. Then, depending on the constexpr flags:
 * ``PARAM_GRAD`` (backward): also analyses a second signal s2 = x at f2 = v (L2 = in) into V, and emits
   per-tile partial gradients of the coefficients, Σ_t G·Re(W V) and −Σ_t G·Im(W V), and the gate gradient
   Σ_{j in tile} Re(C_j W V) (atomically added into (T, E); zero where the gate is zero — see fourier_adapter).
+  The fp32 atomics make the gate gradient's last bits depend on the order the frequency tiles finish in: not
+  bitwise deterministic run to run on a GPU (bounded by ~(tiles per expert) · 2^-24 of Σ|partials|; the
+  interpreter runs tiles in order). A deterministic version would write (tiles × T × E) partials and sum them
+  (≈ 40 MB at T = 8192, E = 8, n = 5000): not done; docs/gpu.md says so.
 
 Frequency tiles never straddle experts: expert e owns the tiles [Σ_{e'<e} ⌈n_e'/BLOCK_J⌉, ...), found by a scalar
 loop over expert_ptr (E is small); the launcher gives an upper bound of tiles and the surplus programs do

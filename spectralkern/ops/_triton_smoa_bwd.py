@@ -99,7 +99,7 @@ def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object]]]:
         dot = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32, "fp64": tl.float64}[x_type]
         precision = {"fp32": "tf32x3", "fp64": "ieee"}.get(x_type, "tf32")
         factor_precision = "ieee" if x_type == "fp64" else "tf32x3"
-        block_o, block_i, block_t, _ = tile_sizes(nbytes)
+        block_o, block_i, block_t, warps = tile_sizes(nbytes)
         for r_pad in (16, 64):
             constexprs = dict(BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=block_t, R_PAD=r_pad,
                               ACC_DTYPE=tl.float64 if acc_type == "fp64" else tl.float32, DOT_DTYPE=dot,
@@ -108,5 +108,5 @@ def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object]]]:
                              "col_perm_ptr": "i64", "row_ptr_ptr": "i64", "col_ptr_ptr": "i64",
                              "b_ptr": acc_type, "a_ptr": acc_type, "db_ptr": acc_type, "da_ptr": acc_type}
             signature = launch_signature(smoa_factor_grad_kernel, pointer_types, constexprs)
-            variants.append((f"x {x_type}, R_PAD={r_pad}", signature, constexprs))
+            variants.append((f"x {x_type}, R_PAD={r_pad}", signature, constexprs, {"num_warps": warps}))  # as the launcher passes them
     return variants

@@ -13,9 +13,12 @@ GEMM, so a dropout-free SMoA layer costs one GEMM plus the on-chip rebuild (R / 
 The same kernel computes grad_x = grad_y · W_eff with the roles swapped through strides (W → Wᵀ, Bt ↔ Atᵀ,
 row blocks ↔ column blocks); see ``smoa_linear._launch_modulated_gemm``.
 
-Operands of the big dot use DOT_DTYPE: the input dtype for fp16/bf16 on a GPU (tensor cores), fp32 under the
-interpreter (which gets bf16 arithmetic wrong, so loads are converted to fp32 right away), fp32 with tf32x3 for
-fp32 inputs, fp64 for fp64.
+Operands of the big dot use DOT_DTYPE: the input dtype for fp16/bf16 (tensor cores; also under the interpreter
+when the tests' value-correct bf16 shim is installed, fp32 under Triton's own interpreter), fp32 with tf32x3 for
+fp32 inputs, fp64 for fp64. With 16-bit operands the base product and the update are two dots: W ⊙ (1 + s·BA)
+rounded to bf16 would drop every update below half an ulp of W (|s·BA| ≈ 1e-3 left ~99% of the effective weights
+equal to W), while ΔW = W ⊙ s·BA rounded on its own keeps the update to bf16's relative precision. The cost is a
+second tensor-core GEMM per tile (2× the forward's MMA work for 16-bit inputs; fp32/fp64 keep one dot).
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ def tile_sizes(dtype_bytes: int) -> tuple[int, int, int, int]:
         return 32, 32, 16, 4
     if dtype_bytes == 4:
         return 64, 64, 32, 4
-    return 128, 64, 32, 4
+    return 128, 64, 32, 8  # 4 warps: 255 registers + 0.4–0.6 KB spills per thread (two dots per tile)
 
 
 @triton.jit
@@ -111,7 +114,7 @@ def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object]]]:
         precision = {"fp32": "tf32x3", "fp64": "ieee"}.get(x_type, "tf32")
         mod_precision = "ieee" if x_type == "fp64" else ("tf32x3" if x_type == "fp32" else "tf32")
         factor_type = "fp64" if x_type == "fp64" else "fp32"
-        block_t, block_o, block_i, _ = tile_sizes(nbytes)
+        block_t, block_o, block_i, warps = tile_sizes(nbytes)
         for r_pad, include_base, has_bias in ((16, True, True), (64, False, False)):
             constexprs = dict(BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_I=block_i, R_PAD=r_pad, GROUP_T=8,
                               INCLUDE_BASE=include_base, HAS_BIAS=has_bias, ACC_DTYPE=acc, DOT_DTYPE=dot,
@@ -119,5 +122,5 @@ def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object]]]:
             pointer_types = {"x_ptr": x_type, "w_ptr": x_type, "bt_ptr": factor_type, "at_ptr": factor_type,
                              "row_block_ptr": "i64", "col_block_ptr": "i64", "bias_ptr": x_type, "y_ptr": x_type}
             signature = launch_signature(smoa_modulated_gemm_kernel, pointer_types, constexprs)
-            variants.append((f"x {x_type}, R_PAD={r_pad}, base={include_base}", signature, constexprs))
+            variants.append((f"x {x_type}, R_PAD={r_pad}, base={include_base}", signature, constexprs, {"num_warps": warps}))  # as the launcher passes them
     return variants

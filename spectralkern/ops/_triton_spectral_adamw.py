@@ -20,8 +20,14 @@ from ._aot import launch_signature
 
 def tile_sizes(k_pad: int) -> tuple[int, int]:
     """(BLOCK_N, BLOCK_D). The coefficients take K_PAD × BLOCK_D registers, plus a BLOCK_N × BLOCK_D tile for each
-    of g̃, p, m, v in pass 2. Not tuned on a GPU yet: the spectral filter's sizes with a narrower row chunk."""
-    return 32, (128 if k_pad <= 32 else 64 if k_pad <= 128 else 32)
+    of g̃, p, m, v in pass 2. Not tuned on a GPU yet: sized from ptxas's reports (benchmarks/resources.md): with
+    BLOCK_D = 128 on 4 warps every variant spilled 0.4–2 KB per thread."""
+    return 32, (64 if k_pad <= 128 else 32)
+
+
+def num_warps(k_pad: int) -> int:
+    """Warps per program (8 up to K_PAD 128: no spills at K_PAD 16/32 on sm_80 and sm_90)."""
+    return 8 if k_pad <= 128 else 4
 
 
 @triton.jit
@@ -99,5 +105,6 @@ def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object]]]:
                               HAS_PASSTHROUGH=passthrough)
             signature = launch_signature(spectral_adamw_kernel, pointer_types, constexprs)
             label = f"p {p_type}, m/v {s_type}, K_PAD={k_pad}{', passthrough' if passthrough else ''}"
-            variants.append((label, signature, constexprs, {"enable_fp_fusion": False}))  # as the launcher passes it
+            # as the launcher passes them
+            variants.append((label, signature, constexprs, {"enable_fp_fusion": False, "num_warps": num_warps(k_pad)}))
     return variants

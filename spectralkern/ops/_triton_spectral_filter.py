@@ -20,10 +20,17 @@ from ._aot import launch_signature
 
 def tile_sizes(k_pad: int, fp64: bool) -> tuple[int, int]:
     """(BLOCK_N, BLOCK_D). Registers scale with K_PAD × BLOCK_D (the coefficients stay on chip).
-    Not yet tuned on a GPU: starting points sized so every variant fits sm_80 shared memory."""
+    Not yet tuned on a GPU: sized from ptxas's reports (benchmarks/resources.md) so the headline variants
+    (k ≤ 64) do not spill on sm_90; BLOCK_D = 128 spilled 0.5–2 KB per thread at K_PAD 32."""
     if fp64 or k_pad >= 256:
         return 32, 32
-    return 64, (128 if k_pad <= 32 else 64)
+    return 64, 64
+
+
+def num_warps(k_pad: int, fp64: bool) -> int:
+    """Warps per program: 8 spread the (K_PAD × BLOCK_D) coefficients and the tf32x3 operand splits over twice
+    the threads (4 warps: 255 registers and 0.5–4.7 KB of spills per thread at K_PAD 32–64 on sm_90)."""
+    return 4 if fp64 or k_pad >= 256 else 8
 
 
 @triton.jit
@@ -96,7 +103,7 @@ def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object]]]:
     Returns (label, signature, constexprs) per variant; see ``spectralkern.ops._aot``.
     """
     # Every tile-size branch, both passes, and each dtype at least once; fp32 (the main path) in full.
-    # K_PAD 256 is the largest the launcher uses (spectral_filter.TRITON_MAX_K).
+    # K_PAD 256 is the largest the launcher uses (_backend.TRITON_MAX_K).
     cases = {("fp32", "fp32", "tf32x3"): ((16, False), (32, False), (64, False), (128, False), (64, True), (256, True)),
              ("bf16", "fp32", "tf32"): ((16, False), (32, False), (64, False), (128, False), (64, True)),
              ("fp16", "fp32", "tf32"): ((128, False),),
@@ -105,6 +112,7 @@ def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object]]]:
     for (x_type, acc, precision), k_cases in cases.items():
         for k_pad, backward in k_cases:
             block_n, block_d = tile_sizes(k_pad, fp64=acc == "fp64")
+            warps = num_warps(k_pad, fp64=acc == "fp64")
             # U is usually fp32; a basis cast to the half dtype of x (to halve U's traffic) is the other case.
             u_type = x_type if (x_type in ("bf16", "fp16") and k_pad == 128) else "fp32"
             pointer_types = {"x_ptr": x_type, "u_ptr": u_type, "gains_ptr": "fp32", "block_ptr_ptr": "i64",
@@ -114,5 +122,5 @@ def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object]]]:
                               HAS_PASSTHROUGH=True, WRITE_Y=True, GAIN_GRAD=backward)
             signature = launch_signature(spectral_filter_kernel, pointer_types, constexprs)
             variants.append((f"x {x_type}, U {u_type}, K_PAD={k_pad}{' backward' if backward else ''}", signature,
-                             constexprs))
+                             constexprs, {"num_warps": warps}))  # as the launcher passes them
     return variants

@@ -7,7 +7,7 @@
 This is exactly torch.optim.AdamW's non-amsgrad step (decoupled weight decay, same operation order as its
 single-tensor path), so the torch backend is bit-identical to torch AdamW on the CPU.
 
-Backends (``_backend.backend_for``):
+Backends (the registry decides: ``adamw_update_backend``; a forced backend that cannot run raises):
     triton  with a basis: ``_triton_spectral_adamw`` — one program per (block, column tile) keeps Uᵀg on chip and
             reads g, m, v, p once and writes m, v, p once (g is read a second time, from L2, only when h ≠ 0);
             without a basis: ``_triton_adamw``, a flat elementwise kernel.
@@ -22,14 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .._backend import backend_for
+from .._backend import Choice, backend_of
 from ..basis import SpectralBasis
-from ._cuda_adamw import adamw_update_cuda_, cuda_implemented
-from .spectral_filter import spectral_filter_reference
-
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# The fused kernel keeps the (K_PAD × BLOCK_D) coefficients in registers; past this k they would spill.
-TRITON_MAX_K = 256
+from ._cuda_adamw import adamw_update_cuda_
+from .spectral_filter import filter_gradient, spectral_filter_reference
 
 
 @dataclass(frozen=True)
@@ -86,7 +82,7 @@ def _launch_spectral(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Ten
                      hyper: AdamWHyper, basis: SpectralBasis, gains: torch.Tensor, passthrough: float) -> None:
     import triton
 
-    from ._triton_spectral_adamw import spectral_adamw_kernel, tile_sizes
+    from ._triton_spectral_adamw import num_warps, spectral_adamw_kernel, tile_sizes
 
     n, d = param.shape
     if n == 0 or d == 0:
@@ -103,10 +99,12 @@ def _launch_spectral(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Ten
         U.stride(0), U.stride(1), gains.stride(0), gains.stride(1),
         float(passthrough), *_scalars(hyper),
         BLOCK_N=block_n, BLOCK_D=block_d, K_PAD=k_pad,
-        # tf32x3 keeps fp32 gradients at ~fp32 accuracy on tensor cores; half gradients fit one tf32 pass.
+        # tf32x3 keeps fp32 gradients at ~fp32 accuracy on tensor cores; half gradients take one tf32 pass, which
+        # rounds U (fp32) to tf32 (2^-11, under the bf16/fp16 rounding of the update; docs/gpu.md).
         DOT_PRECISION="tf32x3" if grad.dtype == torch.float32 else "tf32",
         HAS_PASSTHROUGH=passthrough != 0.0,
         enable_fp_fusion=False,  # each operation rounded once, as the CUDA kernel and torch do (no FMA contraction)
+        num_warps=num_warps(k_pad),
     )
 
 
@@ -131,6 +129,23 @@ def _scalars(hyper: AdamWHyper) -> tuple[float, ...]:
 
 
 # ------------------------------------------------------------------------------------------ dispatch
+def adamw_update_backend(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                         basis: SpectralBasis | None = None, backend: str | None = None, *,
+                         grad: torch.Tensor | None = None) -> Choice:
+    """The registry's choice for one update of ``param`` with these moments (and basis). With ``grad`` (as
+    ``adamw_update_group_`` asks) also the torch backend's group algorithm."""
+    # The kernels index p, m and v with one set of strides (m, v) and assume flat, dense storage without a basis.
+    dense_state = (exp_avg.dtype == exp_avg_sq.dtype and exp_avg.stride() == param.stride() == exp_avg_sq.stride()
+                   and param.is_contiguous())
+    facts = {}
+    if grad is not None:
+        facts = {"grouped": True, "filtered": basis is not None, "plain": basis is None,
+                 "same_dtype": (param.dtype in (torch.float32, torch.float64)
+                                and grad.dtype == exp_avg.dtype == exp_avg_sq.dtype == param.dtype)}
+    return backend_of("adamw_update", param, backend=backend, k=basis.k if basis is not None else None,
+                      state_dtype=exp_avg.dtype, dense_state=dense_state, **facts)
+
+
 def adamw_update_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                   hyper: AdamWHyper, basis: SpectralBasis | None = None, gains: torch.Tensor | None = None,
                   passthrough: float = 0.0) -> str:
@@ -138,25 +153,102 @@ def adamw_update_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor
 
     Shapes: param, grad (N, d) with a basis (N = basis.num_nodes), any shape without; exp_avg, exp_avg_sq like
     param (fp32, or bf16 for half-precision parameters); gains (B, k) on the basis' device. grad is only read.
+    Raises BackendUnavailable when SPECTRALKERN_BACKEND forces a backend that cannot run this update.
     """
-    triton_ok = param.dtype in _TRITON_DTYPES and (basis is None or basis.k <= TRITON_MAX_K)
-    implemented = ("triton", "torch") if triton_ok else ("torch",)
-    if cuda_implemented(param, exp_avg, exp_avg_sq, basis):  # listed even when not built: forcing it then says why
-        implemented = ("cuda",) + implemented
-    backend = backend_for(param.device, implemented)
-    # The kernels index p, m and v with one set of strides (m, v) and assume flat, dense storage without a basis.
-    same_layout = exp_avg.stride() == param.stride() == exp_avg_sq.stride() and param.is_contiguous()
-    if backend == "cuda" and same_layout:
-        with torch.no_grad():
-            adamw_update_cuda_(param, grad, exp_avg, exp_avg_sq, _scalars(hyper), basis, gains, passthrough)
-        return "cuda"
-    if backend == "triton" and same_layout:
-        with torch.no_grad():
-            if basis is not None:
-                _launch_spectral(param, grad, exp_avg, exp_avg_sq, hyper, basis, gains, passthrough)
-            else:
-                _launch_plain(param, grad, exp_avg, exp_avg_sq, hyper)
-        return "triton"
+    backend = adamw_update_backend(param, exp_avg, exp_avg_sq, basis).backend
     with torch.no_grad():
-        adamw_update_reference_(param, grad, exp_avg, exp_avg_sq, hyper, basis, gains, passthrough)
-    return "torch"
+        if backend == "cuda":
+            adamw_update_cuda_(param, grad, exp_avg, exp_avg_sq, _scalars(hyper), basis, gains, passthrough)
+        elif backend == "triton" and basis is not None:
+            _launch_spectral(param, grad, exp_avg, exp_avg_sq, hyper, basis, gains, passthrough)
+        elif backend == "triton":
+            _launch_plain(param, grad, exp_avg, exp_avg_sq, hyper)
+        else:
+            adamw_update_reference_(param, grad, exp_avg, exp_avg_sq, hyper, basis, gains, passthrough)
+    return backend
+
+
+# ------------------------------------------------------------------------------------------ a whole param group
+@dataclass(frozen=True)
+class GroupHyper:
+    """A param group's hyper-parameters (each parameter brings its own step count)."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+
+    def at(self, step: float) -> AdamWHyper:
+        return AdamWHyper(self.lr, self.beta1, self.beta2, self.eps, self.weight_decay, step)
+
+
+@dataclass(frozen=True)
+class SpectralTarget:
+    """How one parameter's gradient is filtered: its basis, gains (B, k) and passthrough h."""
+
+    basis: SpectralBasis
+    gains: torch.Tensor
+    passthrough: float = 0.0
+
+
+def _foreach_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                    exp_avg_sqs: list[torch.Tensor], steps: list[float], hyper: GroupHyper) -> None:
+    """torch.optim.AdamW's multi-tensor step (non-capturable, non-amsgrad), op for op: bit-identical to it and to
+    its single-tensor path. ``steps``: each parameter's t after its increment."""
+    if hyper.weight_decay != 0:
+        torch._foreach_mul_(params, 1 - hyper.lr * hyper.weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - hyper.beta1)
+    torch._foreach_mul_(exp_avg_sqs, hyper.beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - hyper.beta2)
+    step_size = [(hyper.lr / (1 - hyper.beta1 ** t)) * -1 for t in steps]
+    bias_correction2_sqrt = [(1 - hyper.beta2 ** t) ** 0.5 for t in steps]
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bias_correction2_sqrt)
+    torch._foreach_add_(denom, hyper.eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
+
+
+def adamw_update_group_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                        exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], hyper: GroupHyper,
+                        targets: list[SpectralTarget | None]) -> list[str]:
+    """One AdamW step of a whole param group in place; entry i on the filtered gradient when ``targets[i]`` is
+    given. Returns each parameter's backend ("torch:fused", "torch:foreach", "torch:reference", "triton", "cuda").
+
+    steps: each parameter's step count t after its increment, as a CPU float32 scalar tensor (torch.optim's
+    'step' state). The registry picks per parameter (``adamw_update_backend``); the torch backend then updates all
+    unfiltered float32/float64 parameters with one set of torch._foreach_* calls (bit-identical to
+    torch.optim.AdamW) and all filtered ones with one torch._fused_adamw_ call on their filtered gradients
+    (bit-identical to torch.optim.AdamW(fused=True) given those gradients); the rest one by one.
+    """
+    lengths = {len(params), len(grads), len(exp_avgs), len(exp_avg_sqs), len(steps), len(targets)}
+    if len(lengths) != 1:
+        raise ValueError(f"params, grads, exp_avgs, exp_avg_sqs, steps and targets must have one length each, got "
+                         f"{len(params)}, {len(grads)}, {len(exp_avgs)}, {len(exp_avg_sqs)}, {len(steps)}, "
+                         f"{len(targets)}")
+    used = []
+    buckets: dict[str, list[int]] = {"fused": [], "foreach": []}
+    with torch.no_grad():
+        for i, (p, g, m, v, target) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, targets)):
+            basis = target.basis if target is not None else None
+            choice = adamw_update_backend(p, m, v, basis, grad=g)
+            if choice.algorithm in buckets:
+                buckets[choice.algorithm].append(i)
+            elif target is None:
+                adamw_update_(p, g, m, v, hyper.at(float(steps[i])))
+            else:
+                adamw_update_(p, g, m, v, hyper.at(float(steps[i])), basis, target.gains, target.passthrough)
+            used.append(f"{choice.backend}:{choice.algorithm}" if choice.algorithm else choice.backend)
+        plain = buckets["foreach"]
+        if plain:
+            _foreach_adamw_([params[i] for i in plain], [grads[i] for i in plain], [exp_avgs[i] for i in plain],
+                            [exp_avg_sqs[i] for i in plain], [float(steps[i]) for i in plain], hyper)
+        filtered = buckets["fused"]
+        if filtered:
+            filtered_grads = [filter_gradient(grads[i], targets[i].basis, targets[i].gains, targets[i].passthrough)
+                              for i in filtered]
+            torch._fused_adamw_([params[i] for i in filtered], filtered_grads, [exp_avgs[i] for i in filtered],
+                                [exp_avg_sqs[i] for i in filtered], [], [steps[i] for i in filtered],
+                                lr=hyper.lr, beta1=hyper.beta1, beta2=hyper.beta2,
+                                weight_decay=hyper.weight_decay, eps=hyper.eps, amsgrad=False, maximize=False)
+    return used

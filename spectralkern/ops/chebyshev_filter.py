@@ -4,7 +4,7 @@ Three layers, as for spectral_filter: the plain-torch reference (the eager recur
 also the CPU backend), two Triton launchers, and the custom ops ``spectralkern::chebyshev_filter`` /
 ``spectralkern::chebyshev_filter_backward`` with fake and autograd registrations.
 
-Which kernel runs (triton backend):
+Which kernel runs (triton backend; the registry's algorithms of ``chebyshev_filter``, ``_backend.OPS``):
     block-diagonal graph, blocks of ≤ 256 nodes   kernel 1 (``_triton_chebyshev_block``): all K steps per
                                                    (block, column tile) in one launch, x read once, y written
                                                    once. When d is large next to K·n_b it first materialises
@@ -23,13 +23,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .._backend import backend_for
+from .._backend import Choice, algorithm_of, backend_of
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ..filters import chebyshev_coefficients
 from ..graph import GraphLaplacian
 from ..lambda_max import check_lambda_max, estimate_lambda_max
 
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _PREPARED_ATTR = "_chebyshev_prepared"
 _PREPARED_KEEP = 4  # (λ_max, dtype, layout) entries kept per Laplacian
 
@@ -144,8 +143,10 @@ def _run_block_kernel(x: torch.Tensor | None, blocks: torch.Tensor, coeffs: torc
 
 
 def should_materialize(order: int, block_n: int, d: int) -> bool:
-    """Materialise P_b = p(Ã_b) when that costs fewer FLOPs: K·n·n (build) + n·d (apply) < K·n·d per row."""
-    return order >= 2 and order * block_n + d < order * d
+    """Whether the registry's cost model builds P_b = p(Ã_b) for a forward pass of this order on blocks padded to
+    ``block_n`` and d columns (fewer FLOPs: K·n·n (build) + n·d (apply) < K·n·d per row)."""
+    return algorithm_of("chebyshev_filter", "triton", order=order, block_n=block_n, d=d, block_layout=True,
+                        forward=True) == "block-materialized"
 
 
 def _launch_block(x: torch.Tensor, coeffs: torch.Tensor, blocks: torch.Tensor, block_ptr: torch.Tensor, *,
@@ -218,9 +219,16 @@ def _launch_csr(x: torch.Tensor, coeffs: torch.Tensor, crow: torch.Tensor, col: 
 
 
 # ------------------------------------------------------------------------------------------ custom ops
-def _backend(x: torch.Tensor) -> str:
-    implemented = ("triton", "torch") if x.dtype in _TRITON_DTYPES else ("torch",)
-    return backend_for(x.device, implemented)
+def chebyshev_filter_backend(x: torch.Tensor | None = None, order: int | None = None, block_n: int = 0, *,
+                             forward: bool = True, backend: str | None = None, dtype: torch.dtype | None = None,
+                             device: torch.device | None = None) -> Choice:
+    """The registry's choice for an input like ``x`` (or of this dtype on this device); with ``order`` also the
+    algorithm: ``block_n`` is the packed blocks' padded size (0: no block layout, the CSR kernel)."""
+    facts = {}
+    if order is not None:
+        d = x.shape[1] if x is not None and x.dim() == 2 else 1
+        facts = {"order": order, "block_n": block_n, "d": d, "block_layout": block_n > 0, "forward": forward}
+    return backend_of("chebyshev_filter", x, backend=backend, dtype=dtype, device=device, **facts)
 
 
 def _forward(x: torch.Tensor, coeffs: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor,
@@ -238,10 +246,12 @@ def _forward(x: torch.Tensor, coeffs: torch.Tensor, crow: torch.Tensor, col: tor
             if x.numel():
                 grad[0] = (x.to(acc) * saved.to(acc)).sum()
         return y, grad
-    if _backend(x) == "triton":
-        if blocks.numel():
-            return _launch_block(x, c, blocks, block_ptr, saved=saved, write_y=write_y)
-        return _launch_csr(x, c, crow, col, val.to(acc), saved=saved, write_y=write_y)
+    choice = chebyshev_filter_backend(x, order, blocks.shape[1] if blocks.numel() else 0, forward=saved is None)
+    if choice.backend == "triton":
+        if choice.algorithm == "csr":
+            return _launch_csr(x, c, crow, col, val.to(acc), saved=saved, write_y=write_y)
+        return _launch_block(x, c, blocks, block_ptr, saved=saved, write_y=write_y,
+                             materialize=choice.algorithm == "block-materialized")
     y = chebyshev_recursion_reference(x, c, crow, col, val) if write_y else None
     grad = chebyshev_coeffs_grad_reference(x, saved, order, crow, col, val) if saved is not None else None
     return y, grad
@@ -312,12 +322,11 @@ def chebyshev_filter_path(x: torch.Tensor, L: GraphLaplacian, order: int) -> str
     """Which implementation ``chebyshev_filter(x, L, ...)`` of this order runs: "torch", "triton-csr" (kernel 2),
     "triton-block" (kernel 1, recursion per tile) or "triton-block-materialized" (kernel 1 builds p(Ã_b), then
     applies it). For benchmark labels and logs."""
-    if _backend(x) != "triton" or order == 0:  # order 0 is c_0·x, plain torch
+    if order == 0:  # c_0·x, plain torch
         return "torch"
-    if not block_layout_fits(L):
-        return "triton-csr"
-    d = x.shape[1] if x.dim() == 2 else 1
-    return "triton-block-materialized" if should_materialize(order, _padded_block_size(L), d) else "triton-block"
+    block_n = _padded_block_size(L) if block_layout_fits(L) else 0
+    choice = chebyshev_filter_backend(x, order, block_n)
+    return choice.backend if choice.backend == "torch" else f"triton-{choice.algorithm}"
 
 
 def _padded_block_size(L: GraphLaplacian) -> int:
@@ -382,8 +391,8 @@ def _graph_plan(L: GraphLaplacian, x_shape: tuple[int, ...], x_device: torch.dev
         raise ValueError(f"x is on {x_device} but L is on {L.device}; move L with L.to(x.device)")
     lam = estimate_lambda_max(L) if lambda_max is None else check_lambda_max(L, lambda_max)
     acc = _acc_dtype(x_dtype)
-    implemented = ("triton", "torch") if x_dtype in _TRITON_DTYPES else ("torch",)
-    with_blocks = backend_for(x_device, implemented) == "triton" and block_layout_fits(L)
+    with_blocks = (chebyshev_filter_backend(dtype=x_dtype, device=x_device).backend == "triton"
+                   and block_layout_fits(L))
     tensors = _prepared(L, lam, acc, with_blocks)
     coeffs = (chebyshev_coefficients(gain, order, lam).to(device=x_device, dtype=acc) if gain is not None
               else torch.empty(0, dtype=acc, device=x_device))

@@ -22,13 +22,9 @@ import math
 
 import torch
 
-from .._backend import backend_for, triton_interpreter_on
+from .._backend import Choice, backend_of, triton_interpreter_on
 from ._interpreter import half_operands_ok
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
-
-# Register pressure: the kernels keep (heads per program) × tile × D_PAD accumulators; past 256 they would spill.
-TRITON_MAX_HEAD_DIM = 256
-
 
 # ------------------------------------------------------------------------------------------ torch reference
 def _accumulation_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -235,10 +231,9 @@ def _backward_triton(grad_out, q, k, v, coeff, kv_mask, lse, causal, scale):
 
 
 # ------------------------------------------------------------------------------------------ custom ops
-def coeff_attention_backend(q: torch.Tensor) -> str:
-    """The backend that runs coeff_attention for a query like ``q`` (B, H, Nq, D)."""
-    triton_ok = q.dtype in FLOAT_DTYPES and q.shape[-1] <= TRITON_MAX_HEAD_DIM
-    return backend_for(q.device, ("triton", "torch") if triton_ok else ("torch",))
+def coeff_attention_backend(q: torch.Tensor, backend: str | None = None) -> Choice:
+    """The registry's choice for a query like ``q`` (B, H, Nq, D)."""
+    return backend_of("coeff_attention", q, backend=backend, head_dim=q.shape[-1])
 
 
 @torch.library.custom_op("spectralkern::coeff_attention", mutates_args=())

@@ -7,7 +7,7 @@ Paper 001's spectral regulariser L_spec, with Δ = θ − θ₀ the change from 
 
 Three layers, as for ``spectral_filter``: the plain-torch reference, the Triton launcher, and the custom ops
 ``spectralkern::laplacian_quadratic`` (forward, a scalar) and ``spectralkern::laplacian_matmul`` (s·L x, the
-backward) with fake and autograd registrations. ``_backend.backend_for`` picks the implementation.
+backward) with fake and autograd registrations. the registry (``_backend``) picks the implementation.
 
 Both implementations read L through a *plan* built once per (Laplacian, device, dtype, backend) and cached:
 
@@ -28,14 +28,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .._backend import backend_for
+from .._backend import Choice, backend_of
 from .._checks import FLOAT_DTYPES, check_tensor
 from ..graph import GraphLaplacian
 
 # Largest diagonal block kept dense in the Triton plan: a row tile then reads n_b/BLOCK_C chunks of L_b and of Δ
 # (both L2-resident for n_b ≤ 256). Untuned: chosen from the byte count, no GPU measurement yet.
 DENSE_MAX_BLOCK = 256
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -176,7 +175,8 @@ def _launch_triton(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val: 
         d, num_col_tiles, x.stride(0), x.stride(1), out_strides[0], out_strides[1],
         BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d,
         ACC_DTYPE=tl.float64 if fp64 else tl.float32,
-        # tf32x3: fp32 accuracy on tensor cores for fp32 inputs; half inputs are exact in one tf32 pass.
+        # tf32x3: fp32 accuracy on tensor cores for fp32 inputs. Half inputs take one tf32 pass: exact on the Δ
+        # side, but L (fp32) is rounded to tf32 (2^-11 per entry; docs/gpu.md has the measured error).
         DOT_PRECISION="ieee" if fp64 else ("tf32x3" if x.dtype == torch.float32 else "tf32"),
         REDUCE=reduce,
     )
@@ -184,16 +184,17 @@ def _launch_triton(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val: 
 
 
 # ------------------------------------------------------------------------------------------ custom ops
-def _backend(x: torch.Tensor) -> str:
-    implemented = ("triton", "torch") if x.dtype in _TRITON_DTYPES else ("torch",)
-    return backend_for(x.device, implemented)
+def laplacian_quadratic_backend(x: torch.Tensor | None = None, backend: str | None = None, *,
+                                dtype: torch.dtype | None = None, device: torch.device | None = None) -> Choice:
+    """The registry's choice for an input like ``x`` (or of this dtype on this device)."""
+    return backend_of("laplacian_quadratic", x, backend=backend, dtype=dtype, device=device)
 
 
 
 @torch.library.custom_op("spectralkern::laplacian_quadratic", mutates_args=())
 def _laplacian_quadratic_op(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor,
                             dense: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
-    if _backend(x) == "triton":
+    if laplacian_quadratic_backend(x) == "triton":
         return _launch_triton(x, crow, col, val, dense, tiles, None)
     return (x.to(val.dtype) * _matmul_torch(x, crow, col, val, dense, tiles)).sum()
 
@@ -207,7 +208,7 @@ def _(x, crow, col, val, dense, tiles):
 def _laplacian_matmul_op(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor,
                          dense: torch.Tensor, tiles: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """scale · L x, (N, d) in x's dtype; scale is a 0-dim tensor (stays on the device: no host sync)."""
-    if _backend(x) == "triton":
+    if laplacian_quadratic_backend(x) == "triton":
         return _launch_triton(x, crow, col, val, dense, tiles, scale.to(val.dtype))
     return (scale.to(val.dtype) * _matmul_torch(x, crow, col, val, dense, tiles)).to(x.dtype)
 
@@ -306,8 +307,7 @@ def _plan_tensors(L: GraphLaplacian, shape: tuple[int, ...], device: torch.devic
         raise ValueError(f"delta must have {L.num_nodes} rows (L has {L.num_nodes} nodes), got shape {shape}")
     if device != L.device:
         raise ValueError(f"delta is on {device} but L is on {L.device}; move L with L.to(delta.device)")
-    implemented = ("triton", "torch") if dtype in _TRITON_DTYPES else ("torch",)
-    plan = _plan_for(L, device, _acc_dtype(dtype), backend_for(device, implemented))
+    plan = _plan_for(L, device, _acc_dtype(dtype), laplacian_quadratic_backend(dtype=dtype, device=device).backend)
     return plan.crow, plan.col, plan.val, plan.dense, plan.tiles
 
 

@@ -26,8 +26,10 @@ read from the groups at every step (LR schedulers work), state keys 'step', 'exp
 AdamW state_dict loads, and ours loads into torch's). Differences: fp16/bf16 parameters keep fp32 moments (torch
 keeps them in the parameter's dtype; ``state_dtype=torch.bfloat16`` does the same for bf16 parameters, with
 fp32 arithmetic); maximize, foreach, fused, capturable and differentiable are not offered.
-On the CPU the update is the torch reference, bit-identical to torch.optim.AdamW (fp32 and fp64 parameters;
-half-precision parameters are updated in fp32 and rounded once).
+On the CPU each param group is updated by multi-tensor calls (``ops.adamw_update.adamw_update_group_``): the
+untargeted fp32/fp64 parameters bit-identical to torch.optim.AdamW, the targeted ones to
+``torch.optim.AdamW(fused=True)`` given their filtered gradients; half-precision parameters are updated in fp32 and
+rounded once.
 """
 from __future__ import annotations
 
@@ -38,7 +40,9 @@ from itertools import chain
 import torch
 
 from ..distributed.shards import local_tensor
-from ..ops.adamw_update import AdamWHyper, adamw_update_, state_dtype
+from ..ops.adamw_update import AdamWHyper, GroupHyper, SpectralTarget, adamw_update_group_, state_dtype
+from .amp import prepare_scaled_step
+from .attach import check_filter_attachable, check_targets_updated
 from .gradient_filter import FilterTarget, SpectralGradientFilter
 
 
@@ -59,6 +63,9 @@ class SpectralAdamW(torch.optim.Optimizer):
             parameter) or torch.bfloat16 (4 bytes, as torch.optim.AdamW keeps them for bf16 parameters). fp32 and
             fp64 parameters always keep moments in their own dtype. The arithmetic is fp32 either way.
     """
+
+    # torch.amp.GradScaler hands us scaled gradients with grad_scale / found_inf (optim/amp.py)
+    _step_supports_amp_scaling = True
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
@@ -89,8 +96,15 @@ class SpectralAdamW(torch.optim.Optimizer):
                 raise TypeError(f"spectral_filter must be a SpectralGradientFilter or None, "
                                 f"got {type(spectral_filter).__name__}")
             check_filter_attachable(spectral_filter)
-            _check_targets_updated(spectral_filter, self.param_groups)
+            check_targets_updated(spectral_filter, self.param_groups)
         self.spectral_filter = spectral_filter
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch's; the spectral filter also forgets the regulariser's recorded share of the discarded
+        gradients."""
+        super().zero_grad(set_to_none)
+        if self.spectral_filter is not None:
+            self.spectral_filter.skip_step()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -100,11 +114,13 @@ class SpectralAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         filt = self.spectral_filter
+        if not prepare_scaled_step(self, filt):
+            return loss
         targets: dict[int, FilterTarget] = {}
         if filt is not None:
             # Engines may swap the parameters after construction (accelerate's FSDP2 prepare); a filter holding the
             # old ones would silently filter nothing.
-            _check_targets_updated(filt, self.param_groups)
+            check_targets_updated(filt, self.param_groups)
             targets = {id(t.param): t for t in filt.targets_for_update()}
         for group in self.param_groups:
             if group.get("amsgrad", False):
@@ -112,6 +128,9 @@ class SpectralAdamW(torch.optim.Optimizer):
             if group.get("maximize", False):
                 raise ValueError("SpectralAdamW does not implement maximize; the param group has maximize=True")
             beta1, beta2 = group["betas"]
+            hyper = GroupHyper(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
+                               eps=float(group["eps"]), weight_decay=float(group["weight_decay"]))
+            batch = _GroupBatch()  # the group's updates, run together by adamw_update_group_ (multi-tensor calls)
             for p in group["params"]:
                 target = targets.get(id(p))
                 reg = target.regularizer_grad() if target is not None else None
@@ -127,28 +146,27 @@ class SpectralAdamW(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 state["step"] += 1
-                hyper = AdamWHyper(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
-                                   eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
-                                   step=float(state["step"]))
                 # DTensors (FSDP2 shards, replicas): the update is elementwise, or row-local for the filtered
                 # weights (blocks never straddle shards), so it runs on the local tensors in place.
                 param, exp_avg, exp_avg_sq = local_tensor(p), local_tensor(state["exp_avg"]), local_tensor(
                     state["exp_avg_sq"])
                 if target is None:
-                    adamw_update_(param, local_tensor(p.grad), exp_avg, exp_avg_sq, hyper)
+                    batch.add(param, local_tensor(p.grad), exp_avg, exp_avg_sq, state["step"], None)
                     continue
                 grad = target.local_grad(p.grad) if p.grad is not None else None
                 if grad is not None:
                     target.observe(grad)
                 if self.lowpass_update:
                     _lowpass_adamw_update_(param, _filtered_direction(target, grad, reg, param), exp_avg,
-                                           exp_avg_sq, hyper, target)
+                                           exp_avg_sq, hyper.at(float(state["step"])), target)
                 elif reg is None and target.filter_method == "basis":
-                    adamw_update_(param, grad, exp_avg, exp_avg_sq, hyper, target.basis, target.gains,
-                                  target.passthrough)
+                    batch.add(param, grad, exp_avg, exp_avg_sq, state["step"],
+                              SpectralTarget(target.basis, target.gains, target.passthrough))
                 else:
                     direction = _filtered_direction(target, grad, reg, param)
-                    adamw_update_(param, direction.to(param.dtype), exp_avg, exp_avg_sq, hyper)
+                    batch.add(param, direction.to(param.dtype), exp_avg, exp_avg_sq, state["step"], None)
+            adamw_update_group_(batch.params, batch.grads, batch.exp_avgs, batch.exp_avg_sqs, batch.steps, hyper,
+                                batch.targets)
         if filt is not None:
             filt.end_step()
         return loss
@@ -168,14 +186,6 @@ class SpectralAdamW(torch.optim.Optimizer):
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in saved:
                     self.state[p][key] = saved[key].to(device=p.device, dtype=dtype, copy=True)
-
-
-def check_filter_attachable(spectral_filter: SpectralGradientFilter) -> None:
-    """Raise if ``spectral_filter`` cannot drive an optimizer that filters inside its step (hook mode)."""
-    if spectral_filter.hook:
-        raise ValueError("spectral_filter is in hook mode, which already filters the gradients during backward; "
-                         "an optimizer with spectral_filter= would filter them a second time. Build the filter with "
-                         "hook=False (or call filt.remove_hooks())")
 
 
 def _filtered_direction(target: FilterTarget, grad: torch.Tensor | None, reg: torch.Tensor | None,
@@ -205,16 +215,25 @@ def _lowpass_adamw_update_(param: torch.Tensor, grad: torch.Tensor, exp_avg: tor
             stored.copy_(worked)
 
 
-def _check_targets_updated(spectral_filter: SpectralGradientFilter, param_groups: list[dict]) -> None:
-    """Raise if a weight the filter targets is not among the optimizer's parameters (the same tensor object)."""
-    mine = {id(p) for p in chain.from_iterable(g["params"] for g in param_groups)}
-    missing = [name for name, p in spectral_filter.targets if id(p) not in mine]
-    if missing:
-        raise ValueError(f"spectral_filter targets {', '.join(missing)}, which this optimizer does not update: "
-                         "its parameters are other tensors. Pass every targeted parameter to SpectralAdamW, and "
-                         "build the filter after the model is wrapped (fully_shard, and accelerate's FSDP2 prepare "
-                         "inside Trainer.train(), replace the parameters); with the HF Trainer pass a factory: "
-                         "SpectralTrainer(..., spectral_filter=lambda model: sk.SpectralGradientFilter(model, ...))")
+class _GroupBatch:
+    """One param group's tensors, collected for ``adamw_update_group_``."""
+
+    def __init__(self) -> None:
+        self.params: list[torch.Tensor] = []
+        self.grads: list[torch.Tensor] = []
+        self.exp_avgs: list[torch.Tensor] = []
+        self.exp_avg_sqs: list[torch.Tensor] = []
+        self.steps: list[torch.Tensor] = []
+        self.targets: list[SpectralTarget | None] = []
+
+    def add(self, param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+            step: torch.Tensor, target: SpectralTarget | None) -> None:
+        self.params.append(param)
+        self.grads.append(grad)
+        self.exp_avgs.append(exp_avg)
+        self.exp_avg_sqs.append(exp_avg_sq)
+        self.steps.append(step)
+        self.targets.append(target)
 
 
 def _check_hyper(lr: float, betas: tuple[float, float], eps: float, weight_decay: float, amsgrad: bool) -> None:

@@ -39,9 +39,10 @@ backward puts nothing into any weight's ``.grad``: it records the gradient it re
 and sums it over the calls since the last step. The step then adds scale·2λ L_reg Δ, computed once from the current
 Δ. So the regulariser enters the update exactly as often and as scaled as the loss that contained it, with no second
 backward. The recorded scale includes a loss scale, so the filter must see ``.grad`` in the scale the backward left
-it: with ``torch.amp.GradScaler`` (fp16) call ``filt.step()`` before ``scaler.unscale_(optimizer)``; SpectralAdamW and
-SpectralSGD, which filter inside ``scaler.step()`` after it unscaled ``.grad``, do not support a GradScaler together
-with the regulariser yet (bf16 autocast needs no scaler and works).
+it: with ``torch.amp.GradScaler`` (fp16) call ``filt.step()`` before ``scaler.unscale_(optimizer)``, or call
+``filt.unscale_regularizer_(1 / scaler.get_scale())`` right after it. SpectralAdamW and SpectralSGD take
+``scaler.step(opt)`` themselves (``optim/amp.py``): they divide gradients and the recorded scale by S together, and
+skip inf/nan steps without counting them.
 
 The per-target protocol (``filt.targets_for_update()`` → ``FilterTarget``s, then ``filt.end_step()``) is what the
 optimizers, the checkpoint code and any other update rule use; nothing outside this module touches the filter's
@@ -81,6 +82,11 @@ logger = logging.getLogger(__name__)
 
 GRAPHS = ("knn", "gradient_correlation")
 FILTER_METHODS = ("basis", "chebyshev")
+# filter_method="chebyshev" materialises g(L_b) of blocks up to this size at each refresh and applies it as one
+# batched GEMM per step: at 384 x 384 / blocks of 128 that is ~30x cheaper on one CPU thread than the K sparse
+# products of the Chebyshev recursion per step (benchmarks/NOTES.md, "Full-spectrum filter per step"). Memory:
+# N_r x n_max floats per weight.
+MATERIALIZE_MAX_BLOCK = 512
 _STATE_VERSION = 2
 
 
@@ -135,6 +141,7 @@ class FilterTarget:
         self.basis: SpectralBasis
         self.gains: torch.Tensor
         self.chebyshev_coeffs: torch.Tensor | None = None
+        self.block_operator: torch.Tensor | None = None  # (B, n_max, n_max) g(L_b) for filter_method="chebyshev"
         self.lambda_max: float = 2.0
         self.theta0: torch.Tensor | None = None
         self.correlation: torch.Tensor | None = None
@@ -177,6 +184,8 @@ class FilterTarget:
     def filter(self, grad: torch.Tensor) -> torch.Tensor:
         """F(grad) for (N_r, d) local rows, a new tensor in grad's dtype (see the module docstring)."""
         if self.filter_method == "chebyshev":
+            if self.block_operator is not None:
+                return _apply_block_operator(self.block_operator, self.graph.block_ptr, grad)
             return chebyshev_filter(grad, self.laplacian, self.chebyshev_coeffs, lambda_max=self.lambda_max)
         return spectral_filter(grad, self.basis, self.gains, passthrough=self.passthrough)
 
@@ -195,6 +204,13 @@ class FilterTarget:
         acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
         delta = weight.to(acc) - self.theta0.to(acc)
         return laplacian_matmul(delta, self.reg_laplacian, (2 * scale).to(device=delta.device, dtype=acc))
+
+    def band_energy(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(‖x − U Uᵀ x‖², ‖x‖²) over the local rows of x (N_r, d), fp32 0-dim tensors (fp64 for fp64 x): how much
+        of an update's energy lies outside span(U), the band the basis filter keeps."""
+        inside = spectral_filter(x, self.basis, torch.ones_like(self.gains), passthrough=0.0)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return (x.to(acc) - inside.to(acc)).square().sum(), x.to(acc).square().sum()
 
     def state(self) -> TargetState:
         """References to the current state (the filter never changes these tensors in place)."""
@@ -307,7 +323,9 @@ class SpectralGradientFilter:
         filter_method: "basis" (U diag(g) Uᵀ + h·(I − U Uᵀ) on the k computed eigenpairs per block; the fused
             SpectralAdamW kernel) or "chebyshev" (g(L) on the whole spectrum of every block through
             ``sk.chebyshev_filter``, a degree-``chebyshev_order`` polynomial on [0, λ_max]; paper 001's
-            U g(Λ) Uᵀ with the full U, no eigendecomposition needed for it).
+            U g(Λ) Uᵀ with the full U, no eigendecomposition needed for it). Blocks up to
+            ``MATERIALIZE_MAX_BLOCK`` rows get g(L_b) materialised at each refresh and applied by one batched GEMM
+            per step; larger ones run the recursion every step.
         chebyshev_order: the polynomial degree K for filter_method="chebyshev".
         refresh_every: rebuild graphs and bases every this many steps (0 or None: never).
         reg_weight: λ of the joint loss; W₀ is kept (one copy of the targeted weights) only when it is non-zero.
@@ -375,6 +393,7 @@ class SpectralGradientFilter:
         self.steps = 0
         self._explicit_pending = False  # step() filtered grads that no optimizer step has consumed yet
         self._recorded_scale: torch.Tensor | None = None  # Σ of the gradients regularization()'s backward received
+        self._recorded_unscaled = False                    # unscale_regularizer_() ran since the last step
         self._anchor: torch.Tensor | None = None
         self._keeps_theta0 = self._reg_weight != 0  # W₀ is kept for the filter's lifetime, or never
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
@@ -513,15 +532,37 @@ class SpectralGradientFilter:
 
     def end_step(self) -> None:
         """Close a step: forget the recorded regulariser scale, count the step, refresh the bases when due."""
-        self._recorded_scale = None
+        self._recorded_scale, self._recorded_unscaled = None, False
         self.steps += 1
         if self.refresh_every and self.steps % self.refresh_every == 0:
             self.refresh()
 
+    @property
+    def regularizer_pending(self) -> bool:
+        """True when a backward went through ``regularization()`` since the last step (its gradient is due)."""
+        return self._recorded_scale is not None
+
+    @property
+    def regularizer_unscaled(self) -> bool:
+        """True when ``unscale_regularizer_`` ran since the last step."""
+        return self._recorded_unscaled
+
+    def unscale_regularizer_(self, inv_scale: torch.Tensor | float) -> None:
+        """Divide the recorded regulariser scale by the loss scale S (``inv_scale`` = 1/S): what
+        ``scaler.unscale_(optimizer)`` does to ``.grad``, done to the regulariser's share. Call it right after an
+        explicit ``scaler.unscale_`` (e.g. before clipping); ``scaler.step`` of SpectralAdamW / SpectralSGD calls it
+        itself otherwise. Once per step."""
+        if self._recorded_unscaled:
+            raise RuntimeError("unscale_regularizer_() was already called since the last step")
+        if self._recorded_scale is not None:
+            self._recorded_scale = self._recorded_scale * torch.as_tensor(inv_scale).to(self._recorded_scale)
+        self._recorded_unscaled = True
+
     def skip_step(self) -> None:
-        """Forget the gradients' recorded regulariser scale without counting a step (an optimizer step skipped
-        because of inf/nan gradients under a GradScaler)."""
-        self._recorded_scale = None
+        """Forget the gradients' recorded regulariser scale without counting a step: the gradients were discarded
+        (``zero_grad`` of SpectralAdamW / SpectralSGD) or an optimizer step was skipped (inf/nan under a
+        GradScaler). With another optimizer, call it when you zero gradients without stepping."""
+        self._recorded_scale, self._recorded_unscaled = None, False
         self._explicit_pending = False
 
     def refresh(self) -> None:
@@ -614,7 +655,7 @@ class SpectralGradientFilter:
             self._assign(t, new | {"block_ptr": new["graph"].block_ptr})
         self.steps = steps
         self._explicit_pending = False
-        self._recorded_scale = None
+        self._recorded_scale, self._recorded_unscaled = None, False
 
     def __repr__(self) -> str:
         return (f"SpectralGradientFilter(targets={len(self._targets)}, graph={self.graph_kind!r}, "
@@ -649,7 +690,10 @@ class SpectralGradientFilter:
         if not torch.equal(basis.block_ptr, expected_ptr.cpu()):
             raise ValueError(f"the basis of {t.name} has blocks {basis.block_ptr.tolist()}, its graph "
                              f"{expected_ptr.tolist()}")
-        if not basis.dtype.is_floating_point or basis.device != device or graph.device != device:
+        if basis.dtype != graph.dtype:
+            raise ValueError(f"the basis of {t.name} is {basis.dtype}, its graph {graph.dtype}; the basis must have "
+                             "the Laplacian's dtype")
+        if basis.device != device or graph.device != device:
             raise ValueError(f"the state of {t.name} is on {graph.device} / {basis.device} ({basis.dtype}); the "
                              f"weight is on {device}")
         theta0, correlation = state.theta0, state.correlation
@@ -680,9 +724,11 @@ class SpectralGradientFilter:
                   "gains": self._gains_for(t.name, basis), "theta0": theta0, "correlation": correlation}
         if self.filter_method == "chebyshev":
             lambda_max = laplacian.spectrum_bound() or 1.0  # an edgeless graph: spectrum {0}
-            staged["lambda_max"] = lambda_max
-            staged["chebyshev_coeffs"] = chebyshev_coefficients(self.gains, self.chebyshev_order, lambda_max).to(
-                device=device, dtype=torch.float64 if local.dtype == torch.float64 else torch.float32)
+            acc = torch.float64 if local.dtype == torch.float64 else torch.float32
+            coeffs = chebyshev_coefficients(self.gains, self.chebyshev_order, lambda_max).to(device=device, dtype=acc)
+            staged["lambda_max"], staged["chebyshev_coeffs"] = lambda_max, coeffs
+            staged["block_operator"] = (_block_operator(laplacian, coeffs, lambda_max, acc)
+                                        if 0 < n_max <= MATERIALIZE_MAX_BLOCK else None)
         return staged
 
     @staticmethod
@@ -801,6 +847,39 @@ def _checked_graph(name: str, rows: int, block_ptr: torch.Tensor, row: torch.Ten
         raise ValueError(f"state_dict graph of {name}: edge weights must be finite and non-negative")
     return ParameterGraph(rows, block_ptr, row.to(device, torch.int64), col.to(device, torch.int64),
                           weight.to(device))
+
+
+def _block_operator(laplacian: GraphLaplacian, coeffs: torch.Tensor, lambda_max: float,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """(B, n_max, n_max) dense g(L_b) of every block: the Chebyshev polynomial applied to the block-local identity
+    (column j of block b: g(L_b) e_j), zero-padded. No eigendecomposition."""
+    ptr = laplacian.block_ptr
+    sizes = ptr[1:] - ptr[:-1]
+    num_blocks, n = sizes.numel(), int(ptr[-1])
+    n_max = int(sizes.max())
+    device = laplacian.device
+    node_block = torch.repeat_interleave(torch.arange(num_blocks), sizes)
+    local = torch.arange(n) - ptr[:-1][node_block]
+    eye = torch.zeros(n, n_max, dtype=dtype, device=device)
+    eye[torch.arange(n, device=device), local.to(device)] = 1
+    columns = chebyshev_filter(eye, laplacian, coeffs, lambda_max=lambda_max)        # (N, n_max): rows of g(L_b)
+    operator = torch.zeros(num_blocks, n_max, n_max, dtype=dtype, device=device)
+    operator[node_block.to(device), local.to(device)] = columns
+    return operator
+
+
+def _apply_block_operator(operator: torch.Tensor, block_ptr: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """y_b = G_b x_b for every block of the rows of x (N, d); one batched GEMM; y in x's dtype."""
+    num_blocks, n_max = operator.shape[0], operator.shape[1]
+    sizes = block_ptr[1:] - block_ptr[:-1]
+    xw = x.to(operator.dtype)
+    if bool((sizes == n_max).all()):
+        return torch.bmm(operator, xw.reshape(num_blocks, n_max, -1)).reshape(x.shape).to(x.dtype)
+    node_block = torch.repeat_interleave(torch.arange(num_blocks), sizes).to(x.device)
+    local = (torch.arange(int(block_ptr[-1])) - block_ptr[:-1][node_block.cpu()]).to(x.device)
+    padded = xw.new_zeros(num_blocks, n_max, x.shape[1])
+    padded[node_block, local] = xw
+    return torch.bmm(operator, padded)[node_block, local].to(x.dtype)
 
 
 def _block_gram(grad: torch.Tensor, block_ptr: torch.Tensor, n_max: int) -> torch.Tensor:

@@ -26,7 +26,8 @@ from collections.abc import Callable, Iterable
 import torch
 
 from ..distributed.shards import local_tensor
-from .adamw import _check_targets_updated, check_filter_attachable
+from .amp import prepare_scaled_step
+from .attach import check_filter_attachable, check_targets_updated
 from .gradient_filter import FilterTarget, SpectralGradientFilter
 
 
@@ -42,6 +43,9 @@ class SpectralSGD(torch.optim.Optimizer):
             Not in hook mode, and without ``filt.step()``: the optimizer filters, adds the regulariser's gradient
             and advances the filter's step count.
     """
+
+    # torch.amp.GradScaler hands us scaled gradients with grad_scale / found_inf (optim/amp.py)
+    _step_supports_amp_scaling = True
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], lr: float = 1e-2, momentum: float = 0.0,
                  weight_decay: float = 0.0, *, spectral_filter: SpectralGradientFilter | None = None):
@@ -62,8 +66,15 @@ class SpectralSGD(torch.optim.Optimizer):
                 raise TypeError(f"spectral_filter must be a SpectralGradientFilter or None, "
                                 f"got {type(spectral_filter).__name__}")
             check_filter_attachable(spectral_filter)
-            _check_targets_updated(spectral_filter, self.param_groups)
+            check_targets_updated(spectral_filter, self.param_groups)
         self.spectral_filter = spectral_filter
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch's; the spectral filter also forgets the regulariser's recorded share of the discarded
+        gradients."""
+        super().zero_grad(set_to_none)
+        if self.spectral_filter is not None:
+            self.spectral_filter.skip_step()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -73,9 +84,11 @@ class SpectralSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         filt = self.spectral_filter
+        if not prepare_scaled_step(self, filt):
+            return loss
         targets: dict[int, FilterTarget] = {}
         if filt is not None:
-            _check_targets_updated(filt, self.param_groups)
+            check_targets_updated(filt, self.param_groups)
             targets = {id(t.param): t for t in filt.targets_for_update()}
         for group in self.param_groups:
             lr, momentum, weight_decay = float(group["lr"]), float(group["momentum"]), float(group["weight_decay"])

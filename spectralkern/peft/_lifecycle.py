@@ -92,6 +92,8 @@ class SpectralPeftConfig(PeftConfig):
                 raise TypeError("base_fingerprints must map module names to sha256 hex strings, got "
                                 f"{self.base_fingerprints!r}")
             self.base_fingerprints = dict(self.base_fingerprints)
+        if self.weights_sha256 is not None and not isinstance(self.weights_sha256, str):
+            raise TypeError(f"weights_sha256 must be a hex string or None, got {self.weights_sha256!r}")
         if self.progress is not None and not isinstance(self.progress, bool):
             raise TypeError(f"progress must be True, False or None, got {self.progress!r}")
 
@@ -171,10 +173,9 @@ class SpectralTunerLayer(nn.Module, BaseTunerLayer):
 
     @classmethod
     def wrap(cls, base_layer: nn.Module, adapter_name: str, unit: nn.Module) -> SpectralTunerLayer:
-        """The tuner layer around ``base_layer`` holding one adapter ``unit``."""
-        layer = cls.__new__(cls)
-        SpectralTunerLayer.__init__(layer, base_layer, adapter_name, unit)
-        return layer
+        """The tuner layer around ``base_layer`` holding one adapter ``unit`` (what the tuner calls; methods whose
+        layers need more set-up override it)."""
+        return cls(base_layer, adapter_name, unit)
 
 
 # ------------------------------------------------------------------------------------------ tuner
@@ -256,7 +257,12 @@ class SpectralTuner(BaseTuner):
         attr = cls.tuner_layer_cls.adapter_attr
         marker = f".{attr}.{adapter_name}."
         model_state = model.state_dict()
-        for layer_name, layer in layers_of(model, cls.tuner_layer_cls).items():
+        layers = layers_of(model, cls.tuner_layer_cls)
+        merged = [name for name, layer in layers.items() if layer.merged]
+        if merged:  # the new tensors would not match what is folded into the base weights
+            raise ValueError(f"the model has merged adapter layers {merged[:4]}; unmerge_adapter() before loading "
+                             f"adapter {adapter_name!r}")
+        for layer_name, layer in layers.items():
             if adapter_name not in layer.units:
                 continue
             head = f"{layer_name}{marker}"

@@ -127,7 +127,7 @@ def _prepare(cfg: _Config, dtype: torch.dtype, device: torch.device) -> Prepared
         return F.scaled_dot_product_attention(a, b, c, is_causal=cfg.causal)
 
     providers, skipped = [], {}
-    backend = coeff_attention_backend(q)
+    backend = coeff_attention_backend(q).backend
     if backend == "triton" and device.type == "cpu" and dtype == torch.bfloat16:
         skipped["spectralkern"] = "the Triton interpreter computes bf16 wrongly; run bf16 on a GPU"
     else:

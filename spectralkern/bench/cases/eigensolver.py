@@ -43,7 +43,7 @@ import torch
 
 from ...eigen import lowest_eigenpairs
 from ...eigen._auto import NATIVE_MAX_NODES
-from ...eigen._compiled import native_available
+from ...eigen._native_csr import native_available
 from ...graph import GraphLaplacian, ParameterGraph
 from ..case import Case, Prepared, Provider
 

@@ -42,10 +42,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..._backend import ENV_VAR, backend_for
+from ..._backend import ENV_VAR
 from ...basis import SpectralBasis
 from ...filters import low_pass
-from ...ops._cuda_adamw import cuda_implemented
+from ...ops.adamw_update import adamw_update_backend
 from ...optim import SpectralAdamW, SpectralGradientFilter
 from ..case import Case, Prepared, Provider
 
@@ -280,11 +280,9 @@ def _prepare(cfg: _Config, dtype: torch.dtype, device: torch.device) -> Prepared
 
 
 def _spectral_backend(device: torch.device, weight: torch.Tensor, basis: SpectralBasis) -> str:
-    """The backend SpectralAdamW's fused update picks for a weight like ``weight`` (fp32 moments)."""
-    moments = weight.new_empty(0, dtype=torch.float32)
-    implemented = ("cuda", "triton", "torch") if cuda_implemented(weight, moments, moments, basis) else ("triton",
-                                                                                                       "torch")
-    return backend_for(device, implemented)
+    """The registry's backend for SpectralAdamW's fused update of a weight like ``weight`` (fp32 moments)."""
+    moments = torch.zeros_like(weight, dtype=torch.float32)
+    return adamw_update_backend(weight.to(device), moments.to(device), moments.to(device), basis).backend
 
 
 def _forced(backend: str, fn):

@@ -158,7 +158,7 @@ def _prepare(cfg: _Config, dtype: torch.dtype, device: torch.device) -> Prepared
         reference = grad_y.double() @ w_eff
 
     providers, skipped = [], {}
-    backend = smoa_linear_backend(x, cfg.rank)
+    backend = smoa_linear_backend(x, cfg.rank).backend
     if backend == "triton" and device.type == "cpu" and dtype == torch.bfloat16:
         skipped["spectralkern"] = "the Triton interpreter computes bf16 wrongly; run bf16 on a GPU"
     else:

@@ -1,7 +1,8 @@
 """Benchmark of the spectral filter y = h·x + U diag(g − h) Uᵀ x, block by block.
 
 Providers:
-    spectralkern    ``spectralkern.spectral_filter`` (label shows the backend that ran: cuda, triton or torch)
+    spectralkern    ``spectralkern.spectral_filter`` (label: the backend that ran, from the registry — cuda, triton, or
+                    torch with its algorithm: torch-batched, torch-padded, torch-loop)
     spectralkern_triton  the Triton kernel launched directly, timed beside the compiled one when ``spectralkern``
                     ran on the CUDA extension (csrc/)
     torch_loop      eager torch, a Python loop over blocks: two GEMMs per block, h·x fused into the second
@@ -141,13 +142,14 @@ def _prepare(cfg: _Config, dtype: torch.dtype, quick: bool, device: torch.device
     reference = _loop_eager(x.double(), U.double(), block_gains.double(), spans, h)
     providers, skipped = [], {}
 
-    backend = spectral_filter_backend(x, cfg.k)
-    if backend == "triton" and device.type == "cpu" and dtype == torch.bfloat16:
+    choice = spectral_filter_backend(x, cfg.k, basis.block_ptr)
+    backend = choice.backend + (f"-{choice.algorithm}" if choice.algorithm else "")
+    if choice.backend == "triton" and device.type == "cpu" and dtype == torch.bfloat16:
         skipped["spectralkern"] = "the Triton interpreter computes bf16 wrongly (no numpy bf16); run bf16 on a GPU"
     else:
         providers.append(Provider("spectralkern", backend,
                                   lambda: spectral_filter(x, basis, gains, passthrough=h)))
-    if backend == "cuda":
+    if choice.backend == "cuda":
         block_ptr = basis.block_ptr_on(device)
         providers.append(Provider("spectralkern_triton", "triton",
                                   lambda: _launch_triton(x, U, block_ptr, gains, h)[0]))

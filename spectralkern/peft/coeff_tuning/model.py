@@ -46,8 +46,8 @@ class CoeffTuningModel(SpectralTuner):
 
     def _switch_attention(self, model: nn.Module) -> None:
         """Point every transformers model owning a wrapped HF attention module at the Coeff-Tuning attention."""
-        configs = {id(layer.base_layer.config): layer.base_layer.config for layer in model.modules()
-                   if isinstance(layer, CoeffTuningAttention) and not isinstance(layer.base_layer, nn.MultiheadAttention)}
+        wrapped = [layer.base_layer for layer in model.modules() if isinstance(layer, CoeffTuningAttention)]
+        configs = {id(m.config): m.config for m in wrapped if not isinstance(m, nn.MultiheadAttention)}
         if not configs:
             return
         register_hf_attention()

@@ -88,8 +88,9 @@ def converted_tensors(layer: nn.Module, adapter_name: str, config: object) -> di
         raise ValueError("the peft FourierFT adapter is merged into its base weights; unmerge it first")
     base = layer.get_base_layer()
     if bool(getattr(layer, "fan_in_fan_out", False)) != is_transposed(base):
+        stored = "(in, out)" if is_transposed(base) else "(out, in)"
         raise ValueError(f"fan_in_fan_out = {layer.fan_in_fan_out} does not match the base layer "
-                         f"({type(base).__name__} stores its weight {'(in, out)' if is_transposed(base) else '(out, in)'})")
+                         f"({type(base).__name__} stores its weight {stored})")
     in_features, out_features = linear_features(base)
     indices = layer.indices[adapter_name].to(torch.int64).cpu()
     n = indices.shape[1]

@@ -36,4 +36,5 @@ def apply_smoa(model: nn.Module, config: SMoAConfig, *, adapter_name: str = "def
     return _apply(model, config, adapter_name=adapter_name)
 
 
-__all__ = ["SMoAAdapter", "SMoAConfig", "SMoALinear", "SMoAModel", "apply_smoa", "load", "spectral_layout", "spectral_order"]
+__all__ = ["SMoAAdapter", "SMoAConfig", "SMoALinear", "SMoAModel", "apply_smoa", "load", "spectral_layout",
+           "spectral_order"]

@@ -63,7 +63,9 @@ class SMoAConfig(SpectralPeftConfig):
 
     @property
     def ranks(self) -> list[int]:
-        return list(self.branch_ranks) if self.branch_ranks is not None else [self.r // self.num_blocks] * self.num_blocks
+        if self.branch_ranks is not None:
+            return list(self.branch_ranks)
+        return [self.r // self.num_blocks] * self.num_blocks
 
     @property
     def scaling(self) -> float:

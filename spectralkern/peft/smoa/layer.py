@@ -27,7 +27,6 @@ from ...ops.smoa_linear import SMoALayout, smoa_delta_weight, smoa_linear
 from .._lifecycle import SpectralTunerLayer
 from .._patching import is_linear_like, linear_features, linear_weight
 from .config import SMoAConfig
-from .layout import layout_from_permutations
 
 # unmerge divides the merged weight by the modulation 1 + Σ s·(B A); below this it is not invertible in practice.
 MIN_UNMERGE_FACTOR = 1e-3
@@ -68,10 +67,10 @@ class SMoAAdapter(nn.Module):
         self.register_buffer("smoa_index", layout.index, persistent=False)
 
     def _refresh_layout(self) -> None:
-        if self.row_perm.numel() == sum(self.row_sizes):  # a blocks-of-sizes layout; custom ones are kept
-            layout = layout_from_permutations(self.row_perm, self.col_perm, self.num_blocks)
-            if layout.row_sizes == self.row_sizes and layout.col_sizes == self.col_sizes:
-                self._set_layout(layout.to(self.row_perm.device))
+        """Rebuild the packed index from the (just loaded) row / column orders, keeping the block sizes."""
+        rows = torch.split(self.row_perm, list(self.row_sizes))
+        cols = torch.split(self.col_perm, list(self.col_sizes))
+        self._set_layout(SMoALayout.from_blocks(list(rows), list(cols)))
 
     @property
     def layout(self) -> SMoALayout:

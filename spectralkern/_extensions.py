@@ -1,18 +1,22 @@
-"""Loads the compiled CUDA extension ``spectralkern._C`` and decides whether it can run on this machine.
+"""The two compiled modules, loaded and judged by one loader into one status model.
 
-``import spectralkern`` never touches the extension: the first dispatch (or ``spectralkern info``) calls
-``status()``, once per process. The outcomes:
+    cuda    ``spectralkern._C`` (csrc/): the CUDA kernels, built when nvcc is found at install time.
+    native  ``spectralkern._native`` (csrc/native/): the CPU kernels (the eigensolver, CSR scans), built with the
+            host C++ compiler by every normal install.
+
+``import spectralkern`` loads neither: the first dispatch (or ``spectralkern info``) calls ``status(name)``, once per
+process and module. The outcomes, as an ``ExtensionStatus``:
 
     not built     no compiled module (a pure-Python install): quiet; the reason says how to build one.
-    broken        the module or its ``_build_info.json`` is there but importing / reading it failed, or the two
-                  disagree (a stale build): one RuntimeWarning, then Triton / torch.
-    no device     built fine, but torch sees no CUDA device (CPU build of torch, or no GPU): quiet.
-    mismatch      the driver is older than the CUDA major the module was built with, or a visible GPU is not
-                  covered by the module's SASS targets or its PTX: one RuntimeWarning, then Triton / torch.
-    live          usable on every visible GPU.
+    broken        the module (or, for _C, its ``_build_info.json``) is there but importing / reading it failed, or the
+                  two disagree (a stale build): one RuntimeWarning, then the other backends.
+    no device     (_C) built fine, but torch sees no CUDA device (CPU build of torch, or no GPU): quiet.
+    mismatch      (_C) the driver is older than the CUDA major the module was built with, or a visible GPU is not
+                  covered by the module's SASS targets or its PTX: one RuntimeWarning, then the other backends.
+    live          usable here.
 
-The module links the CUDA runtime statically and does not link libtorch, so torch's own CUDA version does not
-constrain it; the driver does (a CUDA 13 runtime needs a driver for CUDA >= 13.0), and that is what is checked.
+_C links the CUDA runtime statically and does not link libtorch, so torch's own CUDA version does not constrain it;
+the driver does (a CUDA 13 runtime needs a driver for CUDA >= 13.0), and that is what is checked.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from types import ModuleType
 
 import torch
 
-MODULE_NAME = "spectralkern._C"
+MODULE_NAMES = {"cuda": "spectralkern._C", "native": "spectralkern._native"}
 INFO_PATH = Path(__file__).with_name("_build_info.json")
 MIN_ARCH = 80  # the kernels use TF32 tensor cores
 BUILD_HINT = "build it with e.g. `SPECTRALKERN_CUDA_ARCHS=90 pip install .` (needs nvcc), or install a CUDA wheel"
@@ -124,8 +128,11 @@ def check_compatibility(info: BuildInfo, compiled: dict, driver_version: int,
     return None
 
 
-@dataclass(frozen=True)
-class ExtStatus:
+@dataclass(frozen=True, eq=False)  # identity: the registry keys its cached decisions on the status objects
+class ExtensionStatus:
+    """One compiled module's state in this process: ``live`` (usable here) and, either way, ``reason`` (what it is,
+    or why it cannot run); ``module`` when it loaded, ``info`` the build metadata (_C only)."""
+
     live: bool
     reason: str
     module: ModuleType | None = None
@@ -141,65 +148,92 @@ def _cuda_devices() -> list[tuple[int, str, tuple[int, int]]] | None:
             for i in range(torch.cuda.device_count())]
 
 
-def probe(*, find_spec: Callable = importlib.util.find_spec, import_module: Callable = importlib.import_module,
-          info_path: Path = INFO_PATH, cuda_devices: Callable = _cuda_devices) -> ExtStatus:
-    """Look for, load and check the extension. Never raises; the arguments exist so tests can simulate machines."""
+def probe_cuda(*, find_spec: Callable = importlib.util.find_spec, import_module: Callable = importlib.import_module,
+          info_path: Path = INFO_PATH, cuda_devices: Callable = _cuda_devices) -> ExtensionStatus:
+    """Look for, load and check _C. Never raises; the arguments exist so tests can simulate machines."""
     try:
-        spec = find_spec(MODULE_NAME)
+        spec = find_spec(MODULE_NAMES["cuda"])
     except (ImportError, ValueError):
         spec = None
     if spec is None:
-        return ExtStatus(False, "the CUDA extension is not built (pure-Python install: no nvcc at install time, or "
+        return ExtensionStatus(False, "the CUDA extension is not built (pure-Python install: no nvcc at install time, or "
                                 f"SPECTRALKERN_SKIP_CUDA_BUILD=1); {BUILD_HINT}")
     try:
-        module = import_module(MODULE_NAME)
+        module = import_module(MODULE_NAMES["cuda"])
     except Exception as exc:  # ImportError, OSError (a missing library), anything a broken binary raises
-        return ExtStatus(False, f"the CUDA extension failed to load: {type(exc).__name__}: {exc}", warn=True)
+        return ExtensionStatus(False, f"the CUDA extension failed to load: {type(exc).__name__}: {exc}", warn=True)
     try:
         info = read_build_info(info_path)
     except (OSError, ValueError) as exc:
-        return ExtStatus(False, f"the CUDA extension's build metadata ({info_path.name}) is unusable: {exc}; rebuild "
+        return ExtensionStatus(False, f"the CUDA extension's build metadata ({info_path.name}) is unusable: {exc}; rebuild "
                                 "the package", module=None, warn=True)
     built = f"spectralkern._C ({info.describe()})"
     devices = cuda_devices()
     if devices is None:
         why = (f"torch {torch.__version__} is a CPU build" if torch.version.cuda is None
                else "no CUDA device is visible")
-        return ExtStatus(False, f"{built} is installed, but {why}", module=module, info=info)
+        return ExtensionStatus(False, f"{built} is installed, but {why}", module=module, info=info)
     try:
         reason = check_compatibility(info, module.build_info(), int(module.driver_cuda_version()), devices)
     except Exception as exc:  # a module without the expected functions is a broken build too
         reason = f"the CUDA extension does not answer its build queries: {type(exc).__name__}: {exc}"
     if reason is not None:
-        return ExtStatus(False, reason, module=None, info=info, warn=True)
+        return ExtensionStatus(False, reason, module=None, info=info, warn=True)
     names = ", ".join(f"{name} (sm_{cap[0]}{cap[1]})" for _, name, cap in devices)
     driver = int(module.driver_cuda_version())
-    return ExtStatus(True, f"{built} on {names}; driver for CUDA {driver // 1000}.{driver % 1000 // 10}, torch built "
+    return ExtensionStatus(True, f"{built} on {names}; driver for CUDA {driver // 1000}.{driver % 1000 // 10}, torch built "
                            f"for CUDA {torch.version.cuda}", module=module, info=info)
 
 
+def probe_native(*, find_spec: Callable = importlib.util.find_spec,
+                 import_module: Callable = importlib.import_module) -> ExtensionStatus:
+    """Look for and load _native (a CPU module: nothing to check past the import). Never raises."""
+    name = MODULE_NAMES["native"]
+    try:
+        spec = find_spec(name)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        return ExtensionStatus(False, f"{name} is not built (pure-Python install); reinstall with a C++ compiler "
+                                      "present (`pip install -e .` builds it)")
+    try:
+        module = import_module(name)
+    except Exception as exc:  # a broken binary must not break `import spectralkern`
+        return ExtensionStatus(False, f"{name} failed to load: {type(exc).__name__}: {exc}", warn=True)
+    return ExtensionStatus(True, f"{name} (C++, OpenMP) from {Path(module.__file__).name}", module=module)
+
+
+_PROBES: dict[str, Callable[[], ExtensionStatus]] = {"cuda": lambda: probe_cuda(), "native": lambda: probe_native()}
+
+
 @functools.cache
-def status() -> ExtStatus:
-    """The extension's status in this process (probed once). Warns once when a present build cannot be used."""
-    result = probe()
+def status(name: str) -> ExtensionStatus:
+    """The status of compiled module ``name`` ("cuda": _C, "native": _native) in this process, probed once. Warns
+    once when a present build cannot be used."""
+    if name not in _PROBES:
+        raise ValueError(f"name must be one of {', '.join(_PROBES)}; got {name!r}")
+    result = _PROBES[name]()
     if result.warn:
-        warnings.warn(f"spectralkern: {result.reason}. Falling back to the Triton / torch backends.",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(f"spectralkern: {result.reason}. Falling back to the other backends.", RuntimeWarning,
+                      stacklevel=2)
     return result
 
 
-def module() -> ModuleType:
-    """The loaded extension; RuntimeError with the reason when it cannot run here."""
-    result = status()
+def module(name: str) -> ModuleType:
+    """The loaded module ``name``; RuntimeError with the reason when it cannot run here."""
+    result = status(name)
     if not result.live or result.module is None:
-        raise RuntimeError(f"the CUDA backend is not available: {result.reason}")
+        raise RuntimeError(f"the {name} backend is not available: {result.reason}")
     return result.module
 
 
-def describe_build(*, find_spec: Callable = importlib.util.find_spec, info_path: Path = INFO_PATH) -> str:
-    """One line for ``spectralkern info``: what the installed build carries, without loading it."""
-    if find_spec(MODULE_NAME) is None:
+def describe_build(name: str, *, find_spec: Callable = importlib.util.find_spec, info_path: Path = INFO_PATH) -> str:
+    """One line for ``spectralkern info``: what the installed build of module ``name`` carries, without loading
+    it."""
+    if find_spec(MODULE_NAMES[name]) is None:
         return "not built (pure-Python install)"
+    if name == "native":
+        return f"built ({MODULE_NAMES[name]})"
     try:
         return read_build_info(info_path).describe()
     except (OSError, ValueError) as exc:

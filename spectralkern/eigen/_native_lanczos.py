@@ -7,7 +7,7 @@ basis may grow to the item's size, so the solve always converges (the last resor
 Lanczos is a dense tridiagonalisation). Products per kNN block at k = 16, tol 1e-8: ~78 at 128 nodes, ~200 at
 1024 (ARPACK: 64, 192). Threads split the items; the GIL is released.
 
-Without the compiled module (see _compiled) ``auto`` keeps to dense + ARPACK on the CPU.
+Without the compiled module (see _native_csr) ``auto`` keeps to dense + ARPACK on the CPU.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from ._auto import native_threads
-from ._compiled import require_native
+from ._native_csr import require_native
 from ._plan import Candidates, Items
 from ._problem import Problem
 from ._scipy import ARPACK_TOL_CAP, GUARD_PAIRS, theta_max
