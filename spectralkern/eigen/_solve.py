@@ -176,14 +176,14 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
                         part = _solve_lanczos(problem, items, k, tol_abs, maxiter, m, block, start, bar, op,
                                               generator)
                     elif solver == "native":
-                        part = native_solve(problem, items, k, tol_abs, maxiter, start, _generator(torch.device("cpu"), generator),
-                                            workers, update)
+                        part = native_solve(problem, items, k, tol_abs, maxiter, start,
+                                            _generator(torch.device("cpu"), generator), workers, update)
                     elif solver == "scipy":
                         part = scipy_solve(problem, items, k, tol_abs, maxiter, ncv, start,
                                            _generator(torch.device("cpu"), generator), update)
                     else:
-                        part = cupy_solve(problem, items, k, tol_abs, maxiter, ncv, start, _generator(problem.device, generator),
-                                          update)
+                        part = cupy_solve(problem, items, k, tol_abs, maxiter, ncv, start,
+                                          _generator(problem.device, generator), update)
                     if check_cost is not None:   # the products of a failed warm-start check count too
                         part.matvecs += check_cost if index is None else check_cost[index]
                         if solver == "lanczos":     # the other backends do not restart (native) or report it (ARPACK)
