@@ -301,7 +301,7 @@ def _generator(device: torch.device, source: torch.Generator | None) -> torch.Ge
     """A generator on ``device`` seeded from ``source`` (the caller's generator) or, when None, from torch's global
     RNG (so ``torch.manual_seed`` makes solves repeatable)."""
     return torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=source,
-                                                                        device=source.device if source else "cpu")))
+                                                                        device=source.device if source is not None else "cpu")))
 
 
 def _check_warm_start(problem: Problem, items: Items, k: int, tol_abs: float, start: torch.Tensor, *,
