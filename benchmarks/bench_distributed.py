@@ -120,7 +120,7 @@ def make_filter(model: nn.Module, reg: bool, world: int) -> sk.SpectralGradientF
 def split_gather_filter(filt: sk.SpectralGradientFilter, rank: int, world: int) -> None:
     """The alternative for replicated gradients: rank r filters the blocks of rows bounds[r]:bounds[r+1] (the
     layout is aligned with those cuts), then an all-gather of the filtered rows rebuilds every gradient."""
-    for t in filt._targets:
+    for t in filt.filter_targets:
         grad = t.param.grad
         bounds = shard_bounds(grad.shape[0], world)
         chunk = bounds[1]

@@ -19,7 +19,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import spectralkern as sk
-from spectralkern.distributed.checkpoint import load_checkpoint, save_checkpoint
+from spectralkern.optim.checkpoint import load_checkpoint, save_checkpoint
 
 
 def main() -> None:

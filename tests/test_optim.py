@@ -200,7 +200,7 @@ def test_gradient_correlation_graph_is_the_top_knn_of_the_ema(seed):
             for value, j in zip(top.values[i], top.indices[i]):
                 W[start + i, start + j] = max(W[start + i, start + j], value)
                 W[start + j, start + i] = max(W[start + j, start + i], value)
-    torch.testing.assert_close(filt._targets[0].graph.to_dense(), W, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(filt.filter_targets[0].graph.to_dense(), W, rtol=1e-6, atol=1e-9)
 
 
 def test_block_gram_of_ragged_blocks(seed):
@@ -221,11 +221,13 @@ def test_regularization_and_its_gradient_match_the_dense_formula(backend, seed):
         for p in (model[0].weight, model[2].weight):
             p.add_(0.1 * torch.randn_like(p))
     reg = filt.regularization()
-    graphs = [t.graph for t in filt._targets]
+    graphs = [t.graph for t in filt.filter_targets]
     deltas = [model[0].weight.detach() - theta0[0], model[2].weight.detach() - theta0[1]]
     expected = 0.3 * sum(pairwise_form(d, g) for d, g in zip(deltas, graphs))
     torch.testing.assert_close(reg.double(), expected, rtol=1e-5, atol=1e-9)
     reg.backward()
+    assert model[0].weight.grad is None and model[2].weight.grad is None  # the filter adds it, in step()
+    filt.step()
     for p, d, name in zip((model[0].weight, model[2].weight), deltas, ("0.weight", "2.weight")):
         L = filt.laplacians()[name].to_dense().double()
         torch.testing.assert_close(p.grad.double(), 0.6 * L @ d.double(), rtol=1e-5, atol=1e-8)
@@ -233,7 +235,7 @@ def test_regularization_and_its_gradient_match_the_dense_formula(backend, seed):
 
 def test_regularization_without_reg_weight_is_zero_and_keeps_no_copy(seed):
     filt = sk.SpectralGradientFilter(tiny_model(seed), ["0"], block_size=8, k=2, knn=2)
-    assert filt._targets[0].theta0 is None
+    assert filt.filter_targets[0].theta0 is None
     assert float(filt.regularization()) == 0.0
     with pytest.raises(ValueError, match="reg_weight was 0 when the filter was built"):
         filt.reg_weight = 0.5
@@ -265,7 +267,7 @@ def test_spectral_adamw_equals_torch_adamw_on_filtered_gradients(backend, seed, 
         models.append(model), opts.append(opt), filts.append(filt)
         scheds.append(torch.optim.lr_scheduler.StepLR(opt, step_size=15, gamma=0.5))
     basis = filts[1].bases()["0.weight"]
-    gains = filts[1]._targets[0].gains
+    gains = filts[1].filter_targets[0].gains
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         grads = [torch.randn(p.shape, generator=gen) for p in models[0].parameters()]
@@ -340,7 +342,7 @@ def test_bf16_parameters_keep_fp32_moments(seed, monkeypatch):
     state = opt.state[model[0].weight]
     assert state["exp_avg"].dtype == torch.float32 and model[0].weight.dtype == torch.bfloat16
     # One step from zero moments, in fp32, then one rounding to bf16.
-    t = filt._targets[0]
+    t = filt.filter_targets[0]
     grads[0] = spectral_filter_reference(grads[0], t.basis.U, t.basis.block_ptr, t.gains, 0.0)
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
     for p, g in zip(reference.parameters(), grads):
@@ -438,15 +440,16 @@ def test_tiny_model_trains_with_filter_and_regulariser(seed, monkeypatch, mode):
 # ------------------------------------------------------------------------------------------------ bad input
 def test_bad_filter_inputs_name_the_argument(seed):
     model = tiny_model(seed)
-    with pytest.raises(ValueError, match=r"matched no module.*nn.Linear modules are: 0, 2"):
+    with pytest.raises(ValueError, match=r"matched no module.*full names: \[0, 2\]"):
         sk.SpectralGradientFilter(model, ["query"])
-    with pytest.raises(TypeError, match="matched module '1' of type Tanh; only nn.Linear"):
+    with pytest.raises(TypeError, match="target module '1' is a Tanh; expected an nn.Linear"):
         sk.SpectralGradientFilter(model, ["1"])
     for k in (0, -3):
         with pytest.raises(ValueError, match=f"k must be positive, got {k}"):
             sk.SpectralGradientFilter(model, ["0"], k=k)
-    with pytest.raises(TypeError, match="target_modules must be a non-empty list"):
-        sk.SpectralGradientFilter(model, "0")
+    with pytest.raises(TypeError, match="target_modules must be a regex string or a non-empty list"):
+        sk.SpectralGradientFilter(model, [])
+    assert [name for name, _ in sk.SpectralGradientFilter(model, "0|2", k=2).targets] == ["0.weight", "2.weight"]
     with pytest.raises(ValueError, match="graph must be one of knn, gradient_correlation, got 'spectral'"):
         sk.SpectralGradientFilter(model, ["0"], graph="spectral")
     with pytest.raises(ValueError, match=r"gains of shape \(k,\) must have k = 4 entries"):
@@ -518,7 +521,7 @@ def test_filter_attached_later_and_parameters_swapped_under_it(seed):
 def test_filter_state_dict_mismatch_is_refused(seed):
     filt = sk.SpectralGradientFilter(tiny_model(seed), ["0"], block_size=8, k=2, knn=2)
     other = sk.SpectralGradientFilter(tiny_model(seed), ["2"], block_size=8, k=2, knn=2)
-    with pytest.raises(ValueError, match=r"state_dict targets \['2.weight'\] differ"):
+    with pytest.raises(ValueError, match=r"saved targets \['2.weight'\] differ"):
         filt.load_state_dict(other.state_dict())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -537,7 +540,7 @@ def test_gpu_bf16_spectral_adamw_tracks_fp32_reference(seed):
     reference = copy.deepcopy(model).float()
     filt = sk.SpectralGradientFilter(model, ["0", "2"], block_size=128, k=16, refresh_every=0)
     ref_filt = sk.SpectralGradientFilter(reference, ["0", "2"], block_size=128, k=16, refresh_every=0)
-    for t, r in zip(filt._targets, ref_filt._targets):  # same bases on both sides
+    for t, r in zip(filt.filter_targets, ref_filt.filter_targets):  # same bases on both sides
         r.basis, r.gains = t.basis, t.gains
     opt = sk.SpectralAdamW(model.parameters(), lr=1e-3, spectral_filter=filt)
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-3)

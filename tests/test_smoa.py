@@ -14,9 +14,8 @@ from hypothesis import strategies as st
 
 from spectralkern.ops.smoa_linear import (SMoALayout, _launch_modulated_gemm, smoa_delta_weight, smoa_linear,
                                           smoa_linear_reference)
-from spectralkern.peft import (BaseWeightMismatchError, SMoAConfig, SMoALinear, apply_smoa, linear_weight, load_smoa,
-                               merge_smoa, save_smoa, smoa_layers, smoa_parameter_count, trainable_parameters,
-                               unmerge_smoa)
+from spectralkern.peft import (SMoAConfig, SMoALinear, apply_smoa, layers_of, linear_features, linear_weight,
+                               parameter_count, trainable_parameters)
 from spectralkern.peft.smoa import spectral_layout, spectral_order
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]
@@ -280,6 +279,10 @@ def tiny_gpt2():
     return transformers.GPT2Model(config).eval()
 
 
+def smoa_layers(model):
+    return layers_of(model, SMoALinear)
+
+
 def randomize_factors(model, std=0.3):
     with torch.no_grad():
         for layer in smoa_layers(model).values():
@@ -287,7 +290,9 @@ def randomize_factors(model, std=0.3):
                 p.normal_(0, std)
 
 
-def test_minilm_adapter_end_to_end(minilm, seed, tmp_path):
+def test_minilm_adapter_in_place(minilm, seed):
+    """apply_smoa (peft's inject_adapter_in_model): only the factors train, the fused op matches the eager
+    reference on a real weight, merge / unmerge restore the base. Saving and loading: tests/test_peft_lifecycle.py."""
     model = copy.deepcopy(minilm)
     ids = torch.randint(0, 1000, (2, 6))
     with torch.no_grad():
@@ -298,12 +303,11 @@ def test_minilm_adapter_end_to_end(minilm, seed, tmp_path):
     assert len(layers) == 12 and all(name.endswith(("query", "value")) for name in layers)
     # Trainable parameters: exactly the factors, Σ_k r_k (in_k + out_k) = r (in + out) / K per 384×384 layer.
     report = trainable_parameters(model)
-    per_layer = smoa_parameter_count(config, next(iter(layers.values())).layout)
-    assert per_layer == 4 * (384 + 384) // 2
-    assert report.trainable == 12 * per_layer
+    assert parameter_count(model) == report.trainable == 12 * 4 * (384 + 384) // 2
     assert report.total == sum(p.numel() for p in minilm.parameters()) + report.trainable
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
-        f"{name}.{kind}.{k}" for name in layers for kind in ("lora_A", "lora_B") for k in range(2)}
+        f"{name}.smoa_adapters.default.{kind}.{k}" for name in layers for kind in ("lora_A", "lora_B")
+        for k in range(2)}
     with torch.no_grad():  # B = 0 at init: the adapted model is the base model
         torch.testing.assert_close(model(input_ids=ids).last_hidden_state, base, rtol=0, atol=1e-5)
 
@@ -316,38 +320,19 @@ def test_minilm_adapter_end_to_end(minilm, seed, tmp_path):
     x = torch.randn(5, 384)
     with torch.no_grad():
         expected = layer(x)
-        layer.impl = "fused"
+        layer.active_unit.impl = "fused"
         assert relative_error(layer(x), expected) <= 1e-5
-        layer.impl = "reference"
+        layer.active_unit.impl = "reference"
 
     weights_before = {n: linear_weight(l.base_layer).clone() for n, l in layers.items()}
-    merge_smoa(model)
+    for l in layers.values():
+        l.merge()
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).last_hidden_state, adapted, rtol=1e-4, atol=1e-4)
-    unmerge_smoa(model)
+    for l in layers.values():
+        l.unmerge()
     for name, layer in layers.items():
         torch.testing.assert_close(linear_weight(layer.base_layer), weights_before[name], rtol=1e-6, atol=1e-7)
-
-    # Save / load into a fresh base model: same outputs; the anchors come from the fresh model's weights.
-    path = save_smoa(model, tmp_path / "smoa.safetensors")
-    fresh = copy.deepcopy(minilm)
-    load_smoa(fresh, path)
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(input_ids=ids).last_hidden_state, adapted, rtol=1e-5, atol=1e-5)
-    assert trainable_parameters(fresh).trainable == report.trainable
-    # Loading again into an already adapted model replaces its factors.
-    randomize_factors(fresh)
-    load_smoa(fresh, path)
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(input_ids=ids).last_hidden_state, adapted, rtol=1e-5, atol=1e-5)
-
-    # Different base weights: a clear error, and the model is left untouched.
-    other = copy.deepcopy(minilm)
-    with torch.no_grad():
-        other.encoder.layer[3].attention.self.value.weight[0, 0] += 1e-3
-    with pytest.raises(BaseWeightMismatchError, match="fingerprint"):
-        load_smoa(other, path)
-    assert not smoa_layers(other)
 
 
 def test_gpt2_conv1d_fused_matches_reference_and_trains(seed):
@@ -357,7 +342,7 @@ def test_gpt2_conv1d_fused_matches_reference_and_trains(seed):
     layers = smoa_layers(model)
     assert sorted(layers) == ["h.0.attn.c_attn", "h.1.attn.c_attn"]
     layer = layers["h.0.attn.c_attn"]
-    assert (layer.in_features, layer.out_features) == (32, 96)  # Conv1D stores (in, out)
+    assert linear_features(layer.base_layer) == (32, 96)  # Conv1D stores (in, out)
     randomize_factors(model)
     # ΔW is built against the (out, in) view of the Conv1D weight: compare with an explicit nn.Linear.
     x = torch.randn(7, 32)
@@ -366,11 +351,11 @@ def test_gpt2_conv1d_fused_matches_reference_and_trains(seed):
     with torch.no_grad():
         linear.weight.copy_(conv.weight.T)
         linear.bias.copy_(conv.bias)
-        expected = linear(x) + x @ layer.delta_weight().T
+        expected = linear(x) + x @ layer.delta_weight("default").T
         torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
-        layer.impl = "reference"
+        layer.active_unit.impl = "reference"
         torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
-        layer.impl = "fused"
+        layer.active_unit.impl = "fused"
 
     # A few SGD steps on the fused path lower a regression loss: gradients reach every factor.
     target = torch.randn(2, 5, 32)
@@ -387,13 +372,14 @@ def test_gpt2_conv1d_fused_matches_reference_and_trains(seed):
     assert losses[-1] < losses[0]
     with torch.no_grad():
         before = model(input_ids=ids).last_hidden_state
-        merge_smoa(model)
+        for layer in layers.values():
+            layer.merge()
         torch.testing.assert_close(model(input_ids=ids).last_hidden_state, before, rtol=1e-4, atol=1e-5)
 
 
 def test_dropout_applies_to_the_adapter_branch_only(seed):
     base = torch.nn.Linear(24, 20)
-    layer = SMoALinear(base, SMoAConfig(r=4, num_blocks=2, dropout=0.5, target_modules=["x"]))
+    layer = SMoALinear.from_config(base, SMoAConfig(r=4, num_blocks=2, dropout=0.5, target_modules=["x"]))
     with torch.no_grad():
         for p in layer.lora_B:
             p.normal_()
@@ -403,24 +389,24 @@ def test_dropout_applies_to_the_adapter_branch_only(seed):
     fused = layer(x)
     torch.manual_seed(seed + 1)
     mask = torch.nn.functional.dropout(torch.ones_like(x), 0.5, training=True)
-    expected = base(x) + (x * mask) @ layer.delta_weight().T
+    delta = layer.delta_weight("default")
+    expected = base(x) + (x * mask) @ delta.T
     torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
-    layer.impl = "reference"
+    layer.active_unit.impl = "reference"
     torch.manual_seed(seed + 1)
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
     layer.eval()  # no dropout in eval: the fused single-GEMM path
-    layer.impl = "fused"
-    torch.testing.assert_close(layer(x), base(x) + x @ layer.delta_weight().T, rtol=1e-5, atol=1e-5)
+    layer.active_unit.impl = "fused"
+    torch.testing.assert_close(layer(x), base(x) + x @ delta.T, rtol=1e-5, atol=1e-5)
 
 
 def test_per_block_ranks_and_scaling(seed):
     config = SMoAConfig(r=5, alpha=10, num_blocks=3, branch_ranks=[3, 0, 2], target_modules=["x"])
-    layer = SMoALinear(torch.nn.Linear(11, 14), config)
+    layer = SMoALinear.from_config(torch.nn.Linear(11, 14), config)
     assert [tuple(a.shape) for a in layer.lora_A] == [(3, 4), (0, 4), (2, 3)]  # tensor_split: first blocks larger
     assert [tuple(b.shape) for b in layer.lora_B] == [(5, 3), (5, 0), (4, 2)]
     assert layer.scaling == 2.0
-    assert sum(p.numel() for p in layer.parameters() if p is not layer.base_layer.weight
-               and p is not layer.base_layer.bias) == smoa_parameter_count(config, layer.layout)
+    assert parameter_count(layer) == 3 * (5 + 4) + 0 + 2 * (4 + 3)
     a_bound = 1 / math.sqrt(4)  # kaiming_uniform(a=√5) on (r_k, in_k): U(-1/√in_k, 1/√in_k)
     assert float(layer.lora_A[0].detach().abs().max()) <= a_bound
     assert not any(b.any() for b in layer.lora_B)
@@ -439,7 +425,7 @@ def test_bad_configs_give_clear_errors(minilm):
         SMoAConfig(impl="cuda")
     with pytest.raises(TypeError, match="r must be an int"):
         SMoAConfig(r=4.0)
-    with pytest.raises(ValueError, match=r"num_blocks = 4 is larger than min\(out, in\) = 3 of layer 'lin'"):
+    with pytest.raises(ValueError, match=r"layer 'lin': num_blocks = 4 is larger than min\(out, in\) = 3"):
         apply_smoa(_named("lin", torch.nn.Linear(3, 8)), SMoAConfig(r=4, num_blocks=4, target_modules=["lin"]))
     model = copy.deepcopy(minilm)
     with pytest.raises(TypeError, match="LayerNorm; expected nn.Linear or transformers Conv1D"):
@@ -448,8 +434,8 @@ def test_bad_configs_give_clear_errors(minilm):
         apply_smoa(model, SMoAConfig(r=2, target_modules=["q_proj", "v_proj"]))
     apply_smoa(model, SMoAConfig(r=2, target_modules=r"encoder\.layer\.0\.attention\.self\.key"))
     assert list(smoa_layers(model)) == ["encoder.layer.0.attention.self.key"]
-    with pytest.raises(ValueError, match="already has SMoA adapters"):
-        apply_smoa(model, SMoAConfig(r=2, target_modules=["query"]))
+    with pytest.raises(ValueError, match="needs target_modules"):
+        SMoAConfig(target_modules=None)
 
 
 def _named(name: str, module: torch.nn.Module) -> torch.nn.Module:
@@ -458,15 +444,41 @@ def _named(name: str, module: torch.nn.Module) -> torch.nn.Module:
     return holder
 
 
-def test_unmerge_refuses_when_the_modulation_is_not_invertible(seed):
-    layer = SMoALinear(torch.nn.Linear(4, 4), SMoAConfig(r=1, alpha=1, num_blocks=1, target_modules=["x"]))
+def test_merge_refuses_when_the_modulation_is_not_invertible(seed):
+    layer = SMoALinear.from_config(torch.nn.Linear(4, 4), SMoAConfig(r=1, alpha=1, num_blocks=1, target_modules=["x"]))
+    weight = layer.base_layer.weight.detach().clone()
     with torch.no_grad():  # 1 + s·B A = 0 at entry (0, 0)
         layer.lora_A[0].fill_(1.0)
         layer.lora_B[0].fill_(-1.0)
-    with pytest.warns(UserWarning, match="will not be able to recover"):
+    with pytest.raises(ValueError, match="unmerge could not recover the base weight; nothing was merged"):
         layer.merge()
-    with pytest.raises(RuntimeError, match="cannot unmerge"):
+    assert torch.equal(layer.base_layer.weight, weight) and not layer.merged
+
+
+def test_two_adapters_merge_to_the_sum_of_their_updates(seed):
+    """Each adapter is anchored on the base weight; merging both (one at a time) gives W + ΔW_1 + ΔW_2, and unmerge
+    recovers W."""
+    base = torch.nn.Linear(12, 10)
+    config = SMoAConfig(r=2, num_blocks=2, target_modules=["x"])
+    layer = SMoALinear.from_config(base, config)
+    from spectralkern.peft.smoa.layer import new_adapter
+    layer.add_unit("second", new_adapter(base, config, layer.layout))
+    layer.set_adapter(["default", "second"])
+    with torch.no_grad():
+        for unit in layer.units.values():
+            for b in unit.lora_B:
+                b.normal_()
+    weight = base.weight.detach().clone()
+    x = torch.randn(6, 12)
+    expected = base(x) + x @ (layer.delta_weight("default") + layer.delta_weight("second")).T
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        layer.merge(adapter_names=["default"])
+        layer.merge(adapter_names=["second"])
+        assert layer.merged_adapters == ["default", "second"]
+        torch.testing.assert_close(base(x), expected, rtol=1e-5, atol=1e-5)
         layer.unmerge()
+    torch.testing.assert_close(base.weight, weight, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.gpu

@@ -590,17 +590,39 @@ class Solver {
   // omega_next_[k] ~ q_{j+1}' q_k by Simon's recurrence from the two previous rows of these estimates (a model of
   // how rounding errors spread through the three-term recurrence, each new error given the sign that makes it
   // grow). True while every estimate stays within the semi-orthogonality level.
+  //
+  // The model can fall behind the truth: on 4096-node kNN blocks, k = 32, the overlap with the vectors that carry
+  // the converged null vector grew 10-20x faster than its estimate, the basis drifted far past semi-orthogonality
+  // (|q_{j+1}' q_9| = 0.2), one Gram-Schmidt pass could no longer restore it, T_j's Ritz values left the
+  // spectrum (-2e8 for a Laplacian) and no check passed until the basis spanned the item (~4500 products instead
+  // of ~400). So each step also measures the one overlap the model says is largest (a dot product of length n,
+  // ~5% of a product by L) and, when the measurement is larger, scales the two rows the recurrence runs on up to
+  // it: the model keeps its shape, anchored to the truth.
   bool semi_orthogonal(int j, double alpha, double beta) {
     omega_next_.assign(j + 2, 0.0);
     omega_next_[j + 1] = 1.0;
     if (!(beta > 0)) return false;
     double worst = 0;
+    int largest = -1;
     for (int k = 0; k < j; ++k) {
       double t = beta_[k] * omega_[k + 1] + (alpha_[k] - alpha) * omega_[k] - beta_[j - 1] * omega_previous_[k];
       if (k > 0) t += beta_[k - 1] * omega_[k - 1];
       t += std::copysign(noise_ * (beta_[k] + beta), t);
       omega_next_[k] = t / beta;
-      worst = std::max(worst, std::fabs(omega_next_[k]));
+      if (std::fabs(omega_next_[k]) > worst) {
+        worst = std::fabs(omega_next_[k]);
+        largest = k;
+      }
+    }
+    if (largest >= 0) {
+      const int n = static_cast<int>(w_.size());
+      const double measured = std::fabs(dot(V_.data() + static_cast<size_t>(largest) * n, w_.data(), n)) / beta;
+      if (measured > worst) {
+        const double gain = measured / worst;
+        for (int k = 0; k < j; ++k) omega_next_[k] *= gain;
+        for (int k = 0; k + 1 < j; ++k) omega_[k] *= gain;   // omega_[j] = 1 (q_j' q_j), omega_[j - 1]: local
+        worst = measured;
+      }
     }
     omega_next_[j] = noise_ * opt_.norm / beta;  // against q_j: what the local subtraction of alpha left
     worst = std::max(worst, omega_next_[j]);

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .. import cli_args
 from . import cases as case_modules
 from .case import Case, Provider
 from .ceilings import Ceilings, measure_ceilings
@@ -36,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="OP", help=f"ops to run (default: all of {', '.join(sorted(case_modules.OPS))})")
     parser.add_argument("--out", type=Path, default=None,
                         help="results folder (default: benchmarks/results if it exists here, else ./bench-results)")
-    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    parser.add_argument("--device", type=cli_args.device, default=None,
+                        help="cuda, cuda:N or cpu (default: cuda when available)")
     parser.add_argument("--providers", nargs="+", default=None, metavar="NAME",
                         help="time only these providers (e.g. spectralkern torch_bmm)")
     parser.add_argument("--max-cases", type=int, default=None, metavar="N", help="only the first N cases of each op")
@@ -205,4 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(all_records)} records appended under {out_dir} in {time.perf_counter() - started:.1f} s")
     if failures:
         print(f"{len(failures)} failure(s):\n  " + "\n  ".join(failures))
+    if only and not all_records:
+        print(f"--providers {' '.join(sorted(only))}: no case of {', '.join(args.ops)} has a provider of that name",
+              file=sys.stderr)
+        return 2
     return 1 if failures or not all_records else 0

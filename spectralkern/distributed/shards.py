@@ -49,7 +49,7 @@ def aligned_block_ptr(num_rows: int, block_size: int, world_sizes: Iterable[int]
     return torch.tensor(ptr if num_rows else [0, 0], dtype=torch.int64)
 
 
-def _straddle_message(name: str, block: str, start: int, stop: int, cut: int, bounds: list[int]) -> str:
+def straddle_message(name: str, block: str, start: int, stop: int, cut: int, bounds: list[int]) -> str:
     """The error for ``block`` (e.g. "block 2") of ``name`` holding rows start:stop across boundary ``cut``."""
     rank = next(r for r in range(len(bounds) - 1) if bounds[r] < cut <= bounds[r + 1])
     world = len(bounds) - 1
@@ -70,7 +70,7 @@ def check_block_alignment(block_ptr: torch.Tensor, world_size: int, name: str = 
     for cut in bounds[1:-1]:
         for b, (start, stop) in enumerate(zip(ptr[:-1], ptr[1:])):
             if start < cut < stop:
-                raise StraddlingBlockError(_straddle_message(name, f"block {b}", start, stop, cut, bounds))
+                raise StraddlingBlockError(straddle_message(name, f"block {b}", start, stop, cut, bounds))
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ def local_block_ptr(block_ptr: torch.Tensor, shard: RowShard, name: str = "the p
     for cut in (shard.start, shard.stop):
         for b, (start, stop) in enumerate(zip(ptr[:-1], ptr[1:])):
             if start < cut < stop:
-                raise StraddlingBlockError(_straddle_message(name, f"block {b}", start, stop, cut, shard.bounds))
+                raise StraddlingBlockError(straddle_message(name, f"block {b}", start, stop, cut, shard.bounds))
     # Neither boundary is inside a block, so both are block offsets; a rank without rows gets the empty layout.
     inside = [p - shard.start for p in ptr if shard.start <= p <= shard.stop]
     return torch.tensor(inside if len(inside) > 1 else [0, 0], dtype=torch.int64)
@@ -157,4 +157,4 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["RowShard", "StraddlingBlockError", "aligned_block_ptr", "check_block_alignment", "is_dtensor",
-           "local_block_ptr", "local_tensor", "row_shard", "shard_bounds"]
+           "local_block_ptr", "local_tensor", "row_shard", "shard_bounds", "straddle_message"]

@@ -15,6 +15,7 @@ import numpy as np
 import scipy.sparse
 import torch
 
+from .._checks import check_has_data
 from ..graph import GraphLaplacian
 from ._native_csr import PROBE_SEED, csr_summary
 from ._operator import coo_rows
@@ -81,6 +82,7 @@ def _to_csr(name: str, value: object) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a GraphLaplacian, a torch tensor or a scipy sparse matrix, "
                         f"got {type(value).__name__}")
+    check_has_data(name, value)
     if value.dim() != 2:
         raise ValueError(f"{name} must be a 2-D matrix, got shape {tuple(value.shape)}")
     if value.dtype not in _FLOAT:

@@ -58,6 +58,32 @@ def random_start(size: int, generator: torch.Generator) -> torch.Tensor:
     return torch.rand(size, dtype=torch.float64, device=generator.device, generator=generator).mul_(2).sub_(1)
 
 
+def ritz_approximations(operator: scipy.sparse.linalg.LinearOperator, v0: np.ndarray, found: np.ndarray,
+                        nev: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``nev`` largest Ritz pairs of ``operator`` on span(found, K_steps(v0)): Lanczos with a full
+    Gram–Schmidt pass (twice) every step, then Rayleigh–Ritz. For an item ARPACK gave up on: approximations as
+    good as a Krylov space of ``steps`` vectors makes them, never zeros."""
+    size = v0.size
+    basis = [col / np.linalg.norm(col) for col in found.T] if found.size else []
+    q = v0 / (np.linalg.norm(v0) or 1.0)
+    for _ in range(max(0, min(steps, size) - len(basis))):
+        for _pass in range(2):
+            if basis:
+                B = np.stack(basis, axis=1)
+                q = q - B @ (B.T @ q)
+        norm = np.linalg.norm(q)
+        if norm < 1e-8:   # an invariant subspace: go on from a direction not yet spanned
+            q = np.random.default_rng(len(basis)).uniform(-1, 1, size)
+            continue
+        basis.append(q / norm)
+        q = operator @ basis[-1]
+    B = np.stack(basis, axis=1)
+    H = B.T @ np.stack([operator @ B[:, i] for i in range(B.shape[1])], axis=1)
+    theta, S = np.linalg.eigh(0.5 * (H + H.T))
+    top = np.argsort(-theta, kind="stable")[:nev]
+    return theta[top], B @ S[:, top]
+
+
 def scipy_solve(problem: Problem, items: Items, k: int, tol_abs: float, maxiter: int | None, ncv: int | None,
                 start: torch.Tensor | None, generator: torch.Generator,
                 tick: Callable[[], None] | None = None) -> Candidates:
@@ -101,8 +127,13 @@ def scipy_solve(problem: Problem, items: Items, k: int, tol_abs: float, maxiter:
             done = True
         except scipy.sparse.linalg.ArpackNoConvergence as exc:
             # The pairs that converged may skip a wanted one (ARPACK reports them with gaps), which a guard would
-            # then fill unnoticed: keep them as approximations, none counted as converged.
+            # then fill unnoticed: keep them as approximations, none counted as converged. ARPACK hands back only
+            # its converged pairs (often none): the rest become Ritz approximations from a Krylov space of the
+            # same size ARPACK was given, so every column is a real approximation with an honest residual.
             theta, vecs = exc.eigenvalues, exc.eigenvectors
+            if theta.size < want:
+                theta, vecs = ritz_approximations(operator, v0.astype(dtype), exc.eigenvectors, nev,
+                                                  item_ncv or min(size, max(2 * nev + 1, 20)))
             done = False
         order = np.argsort(-theta, kind="stable")[:want]   # the guards go
         got = order.size

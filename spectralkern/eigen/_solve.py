@@ -28,7 +28,7 @@ MAX_DENSE_GLOBAL_NODES = 8192
 
 def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | None = None, ncv: int | None = None,
                       v0: SpectralBasis | None = None, backend: str = "auto", progress: bool = False,
-                      strict: bool = True) -> SpectralBasis:
+                      strict: bool = True, generator: torch.Generator | None = None) -> SpectralBasis:
     """The k lowest eigenpairs (graph frequencies) of L: per block for a block-diagonal Laplacian, globally when
     entries cross blocks.
 
@@ -67,6 +67,10 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
             above); on a GPU dense up to 32 nodes and Lanczos above (thresholds and the measurements behind them in
             ``eigen/_auto.py``).
         progress: show a tqdm progress bar (pairs converged for Lanczos, components done for scipy/cupy/native).
+        generator: where every random number of the solve comes from (start vectors, refills, the warm-start
+            check): a CPU ``torch.Generator`` (or one on L's device). None (default): torch's global RNG, so
+            ``torch.manual_seed`` makes solves repeatable. Given, the solve never touches the global RNG — a
+            caller that owns a seeded generator (a filter whose ``state_dict`` must resume bit for bit) passes it.
         strict: when some pair misses the tolerance within ``maxiter``: raise ``NoConvergence`` (True) carrying
             the partial result, or warn and return it (False). Either way unconverged columns hold the current
             Ritz approximations and ``basis.info.converged`` marks the pairs that met the tolerance.
@@ -97,6 +101,8 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
             raise ValueError(f"ncv must be larger than k = {k} (it is the Krylov basis size), got {ncv}")
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(repr(b) for b in BACKENDS)}, got {backend!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     for name, flag in (("progress", progress), ("strict", strict)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
@@ -156,7 +162,8 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
             krylov_items, check_cost, op = plan.krylov, None, None
             if krylov_items is not None and start is not None:
                 settled, krylov_items, check_cost, op = _check_warm_start(problem, krylov_items, k, tol_abs, start,
-                                                                          keep_operator=krylov == "lanczos")
+                                                                          keep_operator=krylov == "lanczos",
+                                                                          source=generator)
                 if settled is not None:
                     parts.append(settled)
                     if bar is not None:
@@ -166,16 +173,17 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
                     items = krylov_items if index is None else krylov_items.subset(index)
                     update = bar.update if bar is not None else None
                     if solver == "lanczos":
-                        part = _solve_lanczos(problem, items, k, tol_abs, maxiter, m, block, start, bar, op)
+                        part = _solve_lanczos(problem, items, k, tol_abs, maxiter, m, block, start, bar, op,
+                                              generator)
                     elif solver == "native":
-                        part = native_solve(problem, items, k, tol_abs, maxiter, start, _generator(torch.device("cpu")),
-                                            workers, update)
+                        part = native_solve(problem, items, k, tol_abs, maxiter, start,
+                                            _generator(torch.device("cpu"), generator), workers, update)
                     elif solver == "scipy":
                         part = scipy_solve(problem, items, k, tol_abs, maxiter, ncv, start,
-                                           _generator(torch.device("cpu")), update)
+                                           _generator(torch.device("cpu"), generator), update)
                     else:
-                        part = cupy_solve(problem, items, k, tol_abs, maxiter, ncv, start, _generator(problem.device),
-                                          update)
+                        part = cupy_solve(problem, items, k, tol_abs, maxiter, ncv, start,
+                                          _generator(problem.device, generator), update)
                     if check_cost is not None:   # the products of a failed warm-start check count too
                         part.matvecs += check_cost if index is None else check_cost[index]
                         if solver == "lanczos":     # the other backends do not restart (native) or report it (ARPACK)
@@ -289,13 +297,15 @@ def _item_start(start: torch.Tensor, items: Items, columns: int) -> torch.Tensor
     return warm
 
 
-def _generator(device: torch.device) -> torch.Generator:
-    """A generator on ``device`` seeded from torch's global RNG (so ``torch.manual_seed`` makes solves repeatable)."""
-    return torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, (1,))))
+def _generator(device: torch.device, source: torch.Generator | None) -> torch.Generator:
+    """A generator on ``device`` seeded from ``source`` (the caller's generator) or, when None, from torch's global
+    RNG (so ``torch.manual_seed`` makes solves repeatable)."""
+    return torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=source,
+                                                                        device=source.device if source is not None else "cpu")))
 
 
 def _check_warm_start(problem: Problem, items: Items, k: int, tol_abs: float, start: torch.Tensor, *,
-                      keep_operator: bool
+                      keep_operator: bool, source: torch.Generator | None
                       ) -> tuple[Candidates | None, Items | None, torch.Tensor | None, PaddedOperator | None]:
     """Rayleigh–Ritz of every Krylov item on the previous basis (see _warm). Returns the settled items' pairs,
     the items still to solve, the products the check spent on each of those ((G',) int64), and their operator
@@ -312,7 +322,7 @@ def _check_warm_start(problem: Problem, items: Items, k: int, tol_abs: float, st
     kept = min(start.shape[1], columns)
     owned = (old[:, :, :kept].square().sum(dim=1) >= 0.5).sum(dim=1).cpu()
     owed = torch.minimum(want, owned + (columns - kept))
-    check = check_start(op, valid, owed, old, tol_abs, _generator(problem.device))
+    check = check_start(op, valid, owed, old, tol_abs, _generator(problem.device, source))
     passed = check.passed
     settled = None
     if bool(passed.any()):
@@ -332,7 +342,8 @@ def _check_warm_start(problem: Problem, items: Items, k: int, tol_abs: float, st
 
 
 def _solve_lanczos(problem: Problem, items: Items, k: int, tol_abs: float, maxiter: int | None, m: int,
-                   block: int, start: torch.Tensor | None, bar, op: PaddedOperator | None) -> Candidates:
+                   block: int, start: torch.Tensor | None, bar, op: PaddedOperator | None,
+                   source: torch.Generator | None) -> Candidates:
     """Batched Lanczos over ``items``; ``op``: their operator when the warm-start check already built it."""
     valid = items.valid()
     if op is None:
@@ -352,7 +363,7 @@ def _solve_lanczos(problem: Problem, items: Items, k: int, tol_abs: float, maxit
             bar.update(offset + done - bar.n)
         on_restart = advance
     result = block_lanczos(op, valid, want, ncv=m, block=block, tol=tol_abs, maxiter=maxiter,
-                           generator=_generator(problem.device), start=warm, on_restart=on_restart)
+                           generator=_generator(problem.device, source), start=warm, on_restart=on_restart)
     return Candidates(items=items, values=result.values, vectors=result.vectors, count=want,
                       converged=result.converged, iterations=result.iterations, matvecs=result.matvecs)
 

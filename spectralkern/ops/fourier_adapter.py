@@ -9,15 +9,18 @@ contiguous ranges of j (``expert_ptr``) and per-token gates G (tokens × experts
 
 This is y = base + Σ_e G_e · ΔW_e x with ΔW_e[p, q] = Σ_{j∈e} Re(C_j e^{2πi (u_j p / out + v_j q / in)}), the
 real inverse DFT of a conjugate-symmetric spectrum (see ``spectralkern.peft.fourier_moe`` for how C_j is built
-from the trainable coefficients). Cost per token: O(n·(in + out)) instead of the O(in·out) of a dense ΔW.
+from the trainable coefficients).
 
 Backends (the registry decides, ``_backend.OPS``):
 * ``triton``: two kernels per token chunk — analysis (z, scaled by C and G, written as a T × n complex
   workspace) then synthesis (y) — with twiddles generated on chip; the backward runs the same two kernels
   (analysis of grad_y at the row frequencies, fused with the coefficient/gate gradients; synthesis at the column
   frequencies for grad_x). Dims up to ``_backend.TRITON_MAX_DIM`` (the in-kernel phase reduction is int32).
-* ``torch``: the same maths through ``torch.fft`` — rfft of x, gather at v, scale, scatter at u, irfft —
-  O(in log in + out log out + n) per token; the CPU path and the fallback.
+* ``torch``: three forms, chosen per call by the registry's cost model (``_fourier_cost``, constants measured on
+  the CPU): ``fft`` (the reference: rfft of x, gather at v, scale, scatter at u, irfft — O(in log in + out log out
+  + n) per token), ``dense`` (ΔW built once, then GEMMs — peft's way; best for small layers) and
+  ``per_frequency`` (twiddle GEMMs, 4·n·(in + out) per token; best for few frequencies), in ``_fourier_forms``.
+  ``algorithm=`` forces one.
 
 Tokens are processed in chunks so the workspace stays under ``WORKSPACE_BYTES`` whatever the batch.
 
@@ -36,6 +39,8 @@ import torch
 
 from .._backend import Choice, backend_of, triton_interpreter_on
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
+# The forms the registry chooses among (``_backend.OPS["fourier_adapter"]``; the Triton backend has per_frequency).
+ALGORITHMS = ("fft", "dense", "per_frequency")
 # Upper bound for the per-chunk workspace (the T × n complex spectrum, or the FFT buffers of the torch path).
 WORKSPACE_BYTES = 32 * 2**20
 
@@ -69,8 +74,11 @@ def spectral_analysis(signal: torch.Tensor, freqs: torch.Tensor, size: int) -> t
     """
     spectrum = torch.fft.rfft(signal, dim=-1)
     upper = freqs > size // 2
-    picked = spectrum[:, torch.where(upper, size - freqs, freqs)]
-    return torch.where(upper, picked, picked.conj().resolve_conj())
+    picked = spectrum.index_select(1, torch.where(upper, size - freqs, freqs))
+    # conj at and below size/2 as a sign on the imaginary parts: one real multiply (a complex where is ~4× slower)
+    ones = torch.ones(freqs.shape, dtype=picked.real.dtype, device=freqs.device)
+    torch.view_as_real(picked).mul_(torch.stack([ones, torch.where(upper, ones, -ones)], dim=-1))
+    return picked
 
 
 def spectral_synthesis(coeffs: torch.Tensor, freqs: torch.Tensor, size: int) -> torch.Tensor:
@@ -82,9 +90,11 @@ def spectral_synthesis(coeffs: torch.Tensor, freqs: torch.Tensor, size: int) -> 
     """
     upper = freqs > size // 2
     folded = torch.where(upper, size - freqs, freqs)
-    values = torch.where(upper, coeffs.conj().resolve_conj(), coeffs)
     edge = (folded == 0) | (2 * folded == size)
-    values = values * torch.where(edge, 1.0, 0.5).to(values.real.dtype)
+    weight = torch.where(edge, 1.0, 0.5).to(coeffs.real.dtype)
+    # (real, imaginary) factors per frequency: the bin weight, and the conjugation as a sign (one real multiply)
+    factors = torch.stack([weight, torch.where(upper, -weight, weight)], dim=-1)
+    values = torch.view_as_complex(torch.view_as_real(coeffs.resolve_conj()) * factors)
     half = torch.zeros(coeffs.shape[0], size // 2 + 1, dtype=coeffs.dtype, device=coeffs.device)
     half.index_add_(1, folded, values)
     return torch.fft.irfft(half, n=size, dim=-1, norm="forward")
@@ -97,20 +107,27 @@ def _token_gates(gates: torch.Tensor | None, expert_of: torch.Tensor, acc: torch
 def fourier_adapter_reference(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, coef_re: torch.Tensor,
                               coef_im: torch.Tensor, expert_ptr: torch.Tensor, out_features: int,
                               gates: torch.Tensor | None = None, base: torch.Tensor | None = None) -> torch.Tensor:
-    """Plain-torch forward through torch.fft (the torch backend). x (T, in) -> y (T, out) in x's dtype.
+    """Plain-torch forward through torch.fft (the torch backend's "fft" form). x (T, in) -> y (T, out) in x's dtype.
 
     Computes in fp32 (fp64 for fp64 inputs), chunked over tokens; see the module docstring for the formula.
     """
+    return spectral_forward(spectral_analysis, spectral_synthesis, x, rows, cols, coef_re, coef_im, expert_ptr,
+                            out_features, gates, base)
+
+
+def spectral_forward(analysis, synthesis, x, rows, cols, coef_re, coef_im, expert_ptr, out_features, gates, base):
+    """The forward with the given transforms ``analysis(signal, freqs, size)`` / ``synthesis(coeffs, freqs,
+    size)`` (the FFT ones above, or the twiddle GEMMs of the per-frequency form)."""
     acc, num_tokens, in_features = _acc_dtype(x.dtype), x.shape[0], x.shape[1]
     coef = torch.complex(coef_re.to(acc), coef_im.to(acc))
     token_gates = _token_gates(gates, expert_of_frequency(expert_ptr, rows.numel()), acc)
     y = torch.empty(num_tokens, out_features, dtype=x.dtype, device=x.device)
     per_token = 8 * (in_features + out_features + 4 * rows.numel()) * (2 if acc == torch.float64 else 1)
     for a, b in _chunks(num_tokens, per_token, 1):
-        spec = spectral_analysis(x[a:b].to(acc), cols, in_features) * coef
+        spec = analysis(x[a:b].to(acc), cols, in_features) * coef
         if token_gates is not None:
             spec = spec * token_gates[a:b]
-        out = spectral_synthesis(spec, rows, out_features)
+        out = synthesis(spec, rows, out_features)
         if base is not None:
             out += base[a:b].to(acc)
         y[a:b] = out.to(x.dtype)
@@ -127,6 +144,13 @@ def fourier_adapter_backward_reference(grad_y: torch.Tensor, x: torch.Tensor | N
     grad_x = synthesis of G·C·Y at the column frequencies; grad_C_re = Σ_t G Re(ZY), grad_C_im = −Σ_t G Im(ZY);
     grad_G[t, e] = Σ_{j∈e} Re(C Z Y), zero where G is zero. ``x`` (T, in) is read only when need_params.
     """
+    return spectral_backward(spectral_analysis, spectral_synthesis, grad_y, x, in_features, rows, cols, coef_re,
+                             coef_im, expert_ptr, gates, need_x, need_params)
+
+
+def spectral_backward(analysis, synthesis, grad_y, x, in_features, rows, cols, coef_re, coef_im, expert_ptr, gates,
+                      need_x, need_params):
+    """The backward with the given transforms (see ``spectral_forward``)."""
     acc = _acc_dtype(grad_y.dtype)
     num_tokens, out_features = grad_y.shape
     n = rows.numel()
@@ -139,12 +163,12 @@ def fourier_adapter_backward_reference(grad_y: torch.Tensor, x: torch.Tensor | N
                   if need_params and gates is not None else None)
     per_token = 8 * (in_features + out_features + 6 * n) * (2 if acc == torch.float64 else 1)
     for a, b in _chunks(num_tokens, per_token, 1):
-        spec_gy = spectral_analysis(grad_y[a:b].to(acc), rows, out_features)
+        spec_gy = analysis(grad_y[a:b].to(acc), rows, out_features)
         if need_x:
             scaled = spec_gy * coef if token_gates is None else spec_gy * coef * token_gates[a:b]
-            grad_x[a:b] = spectral_synthesis(scaled, cols, in_features).to(grad_x.dtype)
+            grad_x[a:b] = synthesis(scaled, cols, in_features).to(grad_x.dtype)
         if need_params:
-            product = spectral_analysis(x[a:b].to(acc), cols, in_features) * spec_gy
+            product = analysis(x[a:b].to(acc), cols, in_features) * spec_gy
             if grad_gates is not None:
                 grad_gates[a:b].index_add_(1, expert_of, (coef * product).real)
             weighted = product if token_gates is None else product * token_gates[a:b]
@@ -285,27 +309,67 @@ def _triton_backward(grad_y, x, in_features, rows, cols, coef_re, coef_im, exper
 
 
 # ------------------------------------------------------------------------------------------ custom ops
-def fourier_adapter_backend(x: torch.Tensor, in_features: int, out_features: int,
-                            backend: str | None = None) -> Choice:
-    """The registry's choice for an input like ``x`` on a layer of this shape."""
-    return backend_of("fourier_adapter", x, backend=backend, dim=max(in_features, out_features))
+def fourier_adapter_backend(x: torch.Tensor, in_features: int, out_features: int, backend: str | None = None, *,
+                            algorithm: str | None = None, n: int | None = None, gates: torch.Tensor | None = None,
+                            backward: bool = False, need_x: bool = True, need_params: bool = False,
+                            dense_cached: bool = False) -> Choice:
+    """The registry's choice for an input like ``x`` (tokens × in) on a layer of this shape; with ``n`` (the number
+    of frequencies) also the algorithm, by the measured cost model (``_fourier_cost``) for this call: the forward,
+    or the backward with its ``need_x`` / ``need_params``; ``dense_cached``: the dense form's ΔW for these
+    coefficients is already built (by the forward). ``algorithm`` forces one (BackendUnavailable with the reason
+    when it cannot run)."""
+    facts: dict[str, object] = {"dim": max(in_features, out_features)}
+    if n is not None:
+        from ._fourier_cost import dense_fits
+
+        acc = _acc_dtype(x.dtype)
+        slots = gates.shape[1] if gates is not None else 1
+        facts.update(tokens=x.shape[0], in_features=in_features, out_features=out_features, n=n, slots=slots,
+                     gated=gates is not None, backward=backward, need_x=need_x, need_params=need_params,
+                     device_type=x.device.type, acc=acc, dense_cached=dense_cached,
+                     dense_fits=dense_fits(out_features, in_features, slots, acc))
+    return backend_of("fourier_adapter", x, backend=backend, algorithm=algorithm, **facts)
+
+
+def _dense_cached(x, rows, cols, coef_re, coef_im, expert_ptr, gates, out_features, in_features) -> bool:
+    from ._fourier_forms import cached_delta
+
+    slots = gates.shape[1] if gates is not None else 1
+    return cached_delta(rows, cols, coef_re, coef_im, expert_ptr, slots, out_features, in_features,
+                        _acc_dtype(x.dtype)) is not None
+
+
+def _torch_form(algorithm: str):
+    """(forward, backward) of a torch-backend algorithm."""
+    if algorithm == "fft":
+        return fourier_adapter_reference, fourier_adapter_backward_reference
+    from . import _fourier_forms
+
+    if algorithm == "dense":
+        return _fourier_forms.dense_forward, _fourier_forms.dense_backward
+    return _fourier_forms.per_frequency_forward, _fourier_forms.per_frequency_backward
 
 
 @torch.library.custom_op("spectralkern::fourier_adapter", mutates_args=())
 def _fourier_adapter_op(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, coef_re: torch.Tensor,
                         coef_im: torch.Tensor, expert_ptr: torch.Tensor, gates: Optional[torch.Tensor],
-                        base: Optional[torch.Tensor], out_features: int) -> torch.Tensor:
+                        base: Optional[torch.Tensor], out_features: int,
+                        algorithm: Optional[str] = None) -> torch.Tensor:
     if x.shape[0] == 0 or rows.numel() == 0:
         if base is not None:
             return base.clone(memory_format=torch.contiguous_format)
         return x.new_zeros(x.shape[0], out_features)
-    if fourier_adapter_backend(x, x.shape[1], out_features) == "triton":
+    cached = _dense_cached(x, rows, cols, coef_re, coef_im, expert_ptr, gates, out_features, x.shape[1])
+    choice = fourier_adapter_backend(x, x.shape[1], out_features, algorithm=algorithm, n=rows.numel(), gates=gates,
+                                     dense_cached=cached)
+    if choice.backend == "triton":
         return _triton_forward(x, rows, cols, coef_re, coef_im, expert_ptr, gates, base, out_features)
-    return fourier_adapter_reference(x, rows, cols, coef_re, coef_im, expert_ptr, out_features, gates, base)
+    forward, _ = _torch_form(choice.algorithm)
+    return forward(x, rows, cols, coef_re, coef_im, expert_ptr, out_features, gates, base)
 
 
 @_fourier_adapter_op.register_fake
-def _(x, rows, cols, coef_re, coef_im, expert_ptr, gates, base, out_features):
+def _(x, rows, cols, coef_re, coef_im, expert_ptr, gates, base, out_features, algorithm=None):
     return x.new_empty(x.shape[0], out_features)
 
 
@@ -313,7 +377,8 @@ def _(x, rows, cols, coef_re, coef_im, expert_ptr, gates, base, out_features):
 def _fourier_adapter_backward_op(grad_y: torch.Tensor, x: torch.Tensor, in_features: int, rows: torch.Tensor,
                                  cols: torch.Tensor, coef_re: torch.Tensor, coef_im: torch.Tensor,
                                  expert_ptr: torch.Tensor, gates: Optional[torch.Tensor], need_x: bool,
-                                 need_params: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                                 need_params: bool, algorithm: Optional[str] = None
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x (T, in) or empty, grad_coef_re (n,), grad_coef_im (n,), grad_gates (T, E)); the last three are
     empty unless need_params (grad_gates also when there are no gates). ``x`` (T, in) is read only when
     need_params; otherwise it may be an empty tensor."""
@@ -324,18 +389,19 @@ def _fourier_adapter_backward_op(grad_y: torch.Tensor, x: torch.Tensor, in_featu
                    torch.zeros_like(coef_re) if need_params else None,
                    torch.zeros_like(coef_im) if need_params else None,
                    torch.zeros_like(gates) if need_params and gates is not None else None)
-    elif fourier_adapter_backend(grad_y, in_features, grad_y.shape[1]) == "triton":
-        results = _triton_backward(grad_y, x_in, in_features, rows, cols, coef_re, coef_im, expert_ptr, gates,
-                                   need_x, need_params)
     else:
-        results = fourier_adapter_backward_reference(grad_y, x_in, in_features, rows, cols, coef_re, coef_im,
-                                                     expert_ptr, gates, need_x, need_params)
+        cached = _dense_cached(grad_y, rows, cols, coef_re, coef_im, expert_ptr, gates, grad_y.shape[1], in_features)
+        choice = fourier_adapter_backend(grad_y, in_features, grad_y.shape[1], algorithm=algorithm, n=n, gates=gates,
+                                         backward=True, need_x=need_x, need_params=need_params, dense_cached=cached)
+        run = _triton_backward if choice.backend == "triton" else _torch_form(choice.algorithm)[1]
+        results = run(grad_y, x_in, in_features, rows, cols, coef_re, coef_im, expert_ptr, gates, need_x,
+                      need_params)
     # A fresh empty tensor per missing gradient: outputs of a custom op must not alias one another.
     return tuple(r.contiguous() if r is not None else grad_y.new_empty(0) for r in results)
 
 
 @_fourier_adapter_backward_op.register_fake
-def _(grad_y, x, in_features, rows, cols, coef_re, coef_im, expert_ptr, gates, need_x, need_params):
+def _(grad_y, x, in_features, rows, cols, coef_re, coef_im, expert_ptr, gates, need_x, need_params, algorithm=None):
     empty = grad_y.new_empty(0)
     return (grad_y.new_empty(grad_y.shape[0], in_features) if need_x else empty,
             coef_re.new_empty(coef_re.shape) if need_params else empty,
@@ -344,7 +410,8 @@ def _(grad_y, x, in_features, rows, cols, coef_re, coef_im, expert_ptr, gates, n
 
 
 def _setup_context(ctx, inputs, output):
-    x, rows, cols, coef_re, coef_im, expert_ptr, gates, base, out_features = inputs
+    x, rows, cols, coef_re, coef_im, expert_ptr, gates, base, out_features, *forced = inputs
+    ctx.algorithm = forced[0] if forced else None
     ctx.need_x = ctx.needs_input_grad[0]
     ctx.need_params = any(ctx.needs_input_grad[i] for i in (3, 4, 6))
     ctx.need_base = ctx.needs_input_grad[7]
@@ -357,13 +424,13 @@ def _backward(ctx, grad_y):
     x, rows, cols, coef_re, coef_im, expert_ptr, gates = ctx.saved_tensors
     grad_base = grad_y if ctx.need_base else None
     if not (ctx.need_x or ctx.need_params):
-        return None, None, None, None, None, None, None, grad_base, None
+        return None, None, None, None, None, None, None, grad_base, None, None
     grad_x, grad_re, grad_im, grad_gates = torch.ops.spectralkern.fourier_adapter_backward(
         grad_y.contiguous(), x if x is not None else grad_y.new_empty(0), ctx.in_features, rows, cols, coef_re,
-        coef_im, expert_ptr, gates, ctx.need_x, ctx.need_params)
+        coef_im, expert_ptr, gates, ctx.need_x, ctx.need_params, ctx.algorithm)
     return (grad_x if ctx.need_x else None, None, None,
             grad_re if ctx.need_params else None, grad_im if ctx.need_params else None, None,
-            grad_gates if ctx.need_params and gates is not None else None, grad_base, None)
+            grad_gates if ctx.need_params and gates is not None else None, grad_base, None, None)
 
 
 _fourier_adapter_op.register_autograd(_backward, setup_context=_setup_context)
@@ -384,7 +451,8 @@ def _check_index_vector(name: str, value: object, n: int | None, bound: int) -> 
 
 def fourier_adapter(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, coef_re: torch.Tensor,
                     coef_im: torch.Tensor, out_features: int, *, expert_ptr: torch.Tensor | None = None,
-                    gates: torch.Tensor | None = None, base: torch.Tensor | None = None) -> torch.Tensor:
+                    gates: torch.Tensor | None = None, base: torch.Tensor | None = None,
+                    algorithm: str | None = None) -> torch.Tensor:
     """y = base + Σ_j G[t, e(j)] · Re(C_j e^{2πi u_j p/out} Σ_q x[t, q] e^{2πi v_j q/in}), ΔW never built.
 
     Args:
@@ -400,6 +468,9 @@ def fourier_adapter(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, coe
             see the module docstring). Default: every expert with weight 1. Differentiable; on a GPU the gates'
             gradient is summed with fp32 atomics, so its last bits vary run to run (docs/gpu.md).
         base: (..., out) added to the result (e.g. the frozen layer's W x + b), fused into the output write.
+        algorithm: None lets the registry's cost model choose per call; "fft", "dense" or "per_frequency" forces
+            one (forward and backward; ``BackendUnavailable`` when it cannot run, e.g. "fft" on the Triton
+            backend, which has only "per_frequency").
     Returns:
         (..., out) in x's dtype. Accumulation in fp32 (fp64 for fp64 inputs). This function validates the index
         ranges (one device sync); modules that validated them once call the custom op directly.
@@ -407,6 +478,8 @@ def fourier_adapter(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, coe
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     if x.dim() == 0:
         raise ValueError("x must have at least 1 dimension (..., in), got a 0-D tensor")
+    if algorithm is not None and algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be None or one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
     if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features <= 0:
         raise ValueError(f"out_features must be a positive int, got {out_features!r}")
     in_features = x.shape[-1]
@@ -445,5 +518,5 @@ def fourier_adapter(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, coe
         check_same_device("base", base, "x", x)
         base = base.reshape(-1, out_features).to(x.dtype)
     y = torch.ops.spectralkern.fourier_adapter(x2, rows, cols, coef_re, coef_im, expert_ptr, gates, base,
-                                               out_features)
+                                               out_features, algorithm)
     return y.reshape(*lead, out_features)

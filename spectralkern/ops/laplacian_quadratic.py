@@ -1,4 +1,7 @@
-"""laplacian_quadratic: R(Δ) = tr(Δᵀ L Δ) = ½ Σ_ij W_ij ‖Δ_i − Δ_j‖², with gradient 2 L Δ, as a torch custom op.
+"""laplacian_quadratic: R(Δ) = tr(Δᵀ L Δ), with gradient 2 L Δ, as a torch custom op.
+
+For the combinatorial L = D − W, R = ½ Σ_ij W_ij ‖Δ_i − Δ_j‖²; for the normalized L = I − D^{-1/2} W D^{-1/2},
+R = ½ Σ_ij W_ij ‖Δ_i/√d_i − Δ_j/√d_j‖² (d_i the degree; isolated nodes contribute 0) — not the same number.
 
 Paper 001's spectral regulariser L_spec, with Δ = θ − θ₀ the change from the pretrained weights.
 
@@ -253,7 +256,8 @@ _laplacian_matmul_op.register_autograd(_matmul_backward, setup_context=_matmul_s
 
 # ------------------------------------------------------------------------------------------ public API
 def laplacian_quadratic(delta: torch.Tensor, L: GraphLaplacian) -> torch.Tensor:
-    """tr(Δᵀ L Δ) = ½ Σ_ij W_ij ‖Δ_i − Δ_j‖²: the graph-smoothness energy of the rows of Δ.
+    """tr(Δᵀ L Δ): the graph-smoothness (Dirichlet) energy of the rows of Δ — ½ Σ_ij W_ij ‖Δ_i − Δ_j‖² for the
+    combinatorial L = D − W, ½ Σ_ij W_ij ‖Δ_i/√d_i − Δ_j/√d_j‖² for the normalized L.
 
     Args:
         delta: (N, d) or (N,), float16/bfloat16/float32/float64, any strides; one row per graph node.
@@ -271,6 +275,28 @@ def laplacian_quadratic(delta: torch.Tensor, L: GraphLaplacian) -> torch.Tensor:
     x = delta.unsqueeze(1) if delta.dim() == 1 else delta
     plan = _plan_tensors(L, tuple(delta.shape), delta.device, delta.dtype)
     return torch.ops.spectralkern.laplacian_quadratic(x, *plan)
+
+
+def laplacian_matmul(x: torch.Tensor, L: GraphLaplacian, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """scale · L x, the product ``laplacian_quadratic``'s backward uses (2·L Δ is the regulariser's gradient).
+
+    Args:
+        x: (N, d) or (N,), float16/bfloat16/float32/float64; N = L.num_nodes, on L's device.
+        L: a GraphLaplacian.
+        scale: a number or a 0-dim tensor on x's device (kept on the device: no host sync).
+    Returns:
+        (N, d) or (N,) in x's dtype (accumulated in fp32, fp64 for fp64 x). Differentiable w.r.t. x and scale.
+    """
+    if not isinstance(L, GraphLaplacian):
+        raise TypeError(f"L must be a GraphLaplacian (from ParameterGraph.laplacian()), got {type(L).__name__}")
+    check_tensor("x", x, ndim=(1, 2), dtypes=FLOAT_DTYPES)
+    x2 = x.unsqueeze(1) if x.dim() == 1 else x
+    plan = _plan_tensors(L, tuple(x.shape), x.device, x.dtype)
+    scale = torch.as_tensor(scale, dtype=plan[2].dtype, device=x.device)
+    if scale.dim() != 0:
+        raise ValueError(f"scale must be a number or a 0-dim tensor, got shape {tuple(scale.shape)}")
+    y = torch.ops.spectralkern.laplacian_matmul(x2, *plan, scale)
+    return y.squeeze(1) if x.dim() == 1 else y
 
 
 def _plan_tensors(L: GraphLaplacian, shape: tuple[int, ...], device: torch.device,

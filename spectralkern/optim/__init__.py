@@ -1,5 +1,9 @@
-"""Optimisation with spectral structure: the gradient filter / regulariser and the fused spectral AdamW."""
+"""Optimisation with spectral structure: the gradient filter / regulariser, its per-target protocol, the paper's
+gradient descent (SpectralSGD), the fused spectral AdamW, and checkpoints of all three (``optim.checkpoint``)."""
 from .adamw import SpectralAdamW
-from .gradient_filter import GRAPHS, SpectralGradientFilter, find_targets
+from .gradient_filter import (FILTER_METHODS, GRAPHS, FilterTarget, SpectralGradientFilter, TargetState,
+                              find_targets)
+from .sgd import SpectralSGD
 
-__all__ = ["GRAPHS", "SpectralAdamW", "SpectralGradientFilter", "find_targets"]
+__all__ = ["FILTER_METHODS", "GRAPHS", "FilterTarget", "SpectralAdamW", "SpectralGradientFilter", "SpectralSGD",
+           "TargetState", "find_targets"]

@@ -1,26 +1,26 @@
-"""Parameter-efficient adapters (SMoA, FourierMoE, Coeff-Tuning, ...) and the model-patching helpers they share."""
-from ._patching import (BaseWeightMismatchError, ParameterReport, combine_fingerprints, find_target_modules,
-                        fingerprint_tensors, freeze_all_except, is_linear_like, linear_features, linear_like_names,
-                        linear_weight, replace_module, trainable_parameters)
-from .smoa import (SMoAConfig, SMoALinear, apply_smoa, load_smoa, merge_smoa, save_smoa, smoa_layers,
-                   smoa_parameter_count, unmerge_smoa)
-from .fourier_moe import (FourierFTConfig, FourierMoEConfig, FourierMoELinear, apply_fourier_moe,
-                          fourier_moe_aux_loss, fourier_moe_layers, fourier_moe_parameter_count, from_peft_fourierft,
-                          from_peft_fourierft_model, load_fourier_moe, merge_fourier_moe, save_fourier_moe,
-                          unmerge_fourier_moe)
-from .coeff_tuning import (CoeffMultiheadAttention, CoeffTuning, CoeffTuningConfig, apply_coeff_tuning,
-                           coeff_tuning_layers, coeff_tuning_parameter_count, is_coeff_target, load_coeff_tuning,
-                           merge_coeff_tuning, save_coeff_tuning)
+"""Parameter-efficient adapters (SMoA, FourierFT / FourierMoE, Coeff-Tuning) as peft methods.
+
+``peft.get_peft_model(model, sk.peft.SMoAConfig(...))`` and the rest of peft's lifecycle; :func:`load` is the
+validated entry for adapter folders (checked completely before the model is touched).
+"""
+from ._lifecycle import (SpectralPeftConfig, SpectralTuner, SpectralTunerLayer, adapter_parameters, layers_of,
+                         load, parameter_count)
+from ._patching import (BaseWeightMismatchError, ParameterReport, fingerprint_tensors, is_linear_like,
+                        linear_features, linear_weight, trainable_parameters)
+from .smoa import SMoAConfig, SMoALinear, SMoAModel, apply_smoa
+from .fourier_moe import (FourierFTConfig, FourierFTLinear, FourierMoEConfig, FourierMoELinear, apply_fourier_moe,
+                          fourier_moe_aux_loss, fourier_moe_layers, from_peft_fourierft, from_peft_fourierft_model)
+from .coeff_tuning import (CoeffTuning, CoeffTuningAttention, CoeffTuningConfig, apply_coeff_tuning,
+                           coeff_tuning_layers, coeff_tuning_parameter_count, is_coeff_target)
+from ._patching import find_target_modules, linear_like_names
 
 __all__ = [
-    "BaseWeightMismatchError", "ParameterReport", "combine_fingerprints", "find_target_modules", "fingerprint_tensors",
-    "freeze_all_except", "is_linear_like", "linear_features", "linear_like_names", "linear_weight",
-    "replace_module", "trainable_parameters",
-    "SMoAConfig", "SMoALinear", "apply_smoa", "load_smoa", "merge_smoa", "save_smoa", "smoa_layers",
-    "smoa_parameter_count", "unmerge_smoa",
-    "FourierFTConfig", "FourierMoEConfig", "FourierMoELinear", "apply_fourier_moe", "fourier_moe_aux_loss",
-    "fourier_moe_layers", "fourier_moe_parameter_count", "from_peft_fourierft", "from_peft_fourierft_model",
-    "load_fourier_moe", "merge_fourier_moe", "save_fourier_moe", "unmerge_fourier_moe",
-    "CoeffMultiheadAttention", "CoeffTuning", "CoeffTuningConfig", "apply_coeff_tuning", "coeff_tuning_layers",
-    "coeff_tuning_parameter_count", "is_coeff_target", "load_coeff_tuning", "merge_coeff_tuning", "save_coeff_tuning",
+    "BaseWeightMismatchError", "ParameterReport", "SpectralPeftConfig", "SpectralTuner", "SpectralTunerLayer",
+    "adapter_parameters", "find_target_modules", "fingerprint_tensors", "is_linear_like", "layers_of",
+    "linear_features", "linear_like_names", "linear_weight", "load", "parameter_count", "trainable_parameters",
+    "SMoAConfig", "SMoALinear", "SMoAModel", "apply_smoa",
+    "FourierFTConfig", "FourierFTLinear", "FourierMoEConfig", "FourierMoELinear", "apply_fourier_moe",
+    "fourier_moe_aux_loss", "fourier_moe_layers", "from_peft_fourierft", "from_peft_fourierft_model",
+    "CoeffTuning", "CoeffTuningAttention", "CoeffTuningConfig", "apply_coeff_tuning", "coeff_tuning_layers",
+    "coeff_tuning_parameter_count", "is_coeff_target",
 ]

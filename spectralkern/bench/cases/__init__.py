@@ -12,6 +12,7 @@ OPS: dict[str, str] = {
     "chebyshev_filter": "spectralkern.bench.cases.chebyshev",
     "fourier": "spectralkern.bench.cases.fourier",
     "eigensolver": "spectralkern.bench.cases.eigensolver",
+    "eigensolver_seeds": "spectralkern.bench.cases.eigensolver_seeds",
     "coeff_attention": "spectralkern.bench.cases.coeff_attention",
 }
 

@@ -5,10 +5,13 @@ One Linear layer, bf16 weight and tokens (fp32 on the CPU), fp32 coefficients an
 (no router); E > 1 is FourierMoE with a linear top-2 router. ``n`` complex coefficients per layer (2n reals).
 
 Providers:
-    spectralkern     ``FourierMoELinear(impl="fused")`` → the ``fourier_adapter`` op (label: the backend that ran);
-                     the base GEMM is cuBLAS (F.linear), the adapter is added in the synthesis kernel's epilogue
-    fourier_fft      the same layer with the op forced onto its torch backend: rfft → gather → scale → scatter →
-                     irfft (O(in log in + out log out) per token, cuFFT on a GPU)
+    spectralkern     ``FourierMoELinear(impl="fused")`` → the ``fourier_adapter`` op (label: the backend and the
+                     algorithm the registry picks for the forward); on a GPU the base GEMM is cuBLAS (F.linear),
+                     the adapter is added in the synthesis kernel's epilogue
+    fourier_fft      the same layer on the torch backend with the op's form forced to "fft": rfft → gather → scale
+                     → scatter → irfft (O(in log in + out log out) per token, cuFFT on a GPU)
+    fourier_dense    ... forced to "dense": ΔW built once per call (one irfft2), then GEMMs
+    fourier_per_frequency  ... forced to "per_frequency": twiddle GEMMs, 4·T·n·(in + out) FLOPs forward
     fourier_eager    ``impl="reference"``: every ΔW_e (out × in) rebuilt with torch.fft.ifft2 on each call, then
                      a dense product per expert — what peers do
     fourierft_peft   (E = 1) peft's FourierFT with n_frequency = 2n (same real parameters), peft defaults
@@ -72,9 +75,17 @@ class _Config:
                 f"{'-top' + str(self.top_k) if self.experts > 1 else ''}-{self.mode}")
 
 
-def _configs(quick: bool) -> list[_Config]:
+# The CPU shape sweep of issue 19 (FourierFT, n = 1000, fwd_bwd; run it with one thread, OMP_NUM_THREADS=1).
+CPU_SWEEP_SHAPES = ((384, 384), (768, 768), (1024, 1024), (2048, 2048), (4096, 1024))
+CPU_SWEEP_TOKENS = (256, 1024)
+
+
+def _configs(quick: bool, device: torch.device) -> list[_Config]:
     if quick:
         return [_Config(96, 64, 64, 40, e, mode) for e in (1, 4) for mode in ("fwd", "fwd_bwd")]
+    if device.type == "cpu":
+        return [_Config(out, inn, tokens, 1000, 1, "fwd_bwd")
+                for out, inn in CPU_SWEEP_SHAPES for tokens in CPU_SWEEP_TOKENS]
     # Llama-7B: q/k/v/o (4096 × 4096) and the MLP up projection (out 11008, in 4096).
     return [_Config(out, inn, tokens, n, e, mode)
             for out, inn in ((4096, 4096), (11008, 4096))
@@ -85,11 +96,11 @@ def _configs(quick: bool) -> list[_Config]:
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
-    """bf16 on a GPU; fp32 on the CPU (a smoke test of the harness and the torch backend)."""
+    """bf16 on a GPU (Llama shapes); fp32 on the CPU (``--quick``: a smoke test; full: the CPU shape sweep)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     es = torch.empty(0, dtype=dtype).element_size()
     out = []
-    for cfg in _configs(quick):
+    for cfg in _configs(quick, device):
         t, o, i = cfg.tokens, cfg.out_features, cfg.in_features
         n_k = cfg.n * cfg.top_k // cfg.experts
         traffic = t * i + o * i + t * o
@@ -144,6 +155,28 @@ def _runner(module: torch.nn.Module, x: torch.Tensor, grad_y: torch.Tensor | Non
     return forward if grad_y is None else forward_backward
 
 
+def _form_runner(layer: FourierMoELinear, x: torch.Tensor, grad_y: torch.Tensor | None, form: str):
+    """The layer's forward with the op's algorithm forced to ``form`` (the same calls as ``layer.forward`` on the
+    torch backend, where tokens are not sorted by expert)."""
+    params = [p for p in layer.parameters() if p.requires_grad]
+
+    def forward() -> torch.Tensor:
+        base = layer.base_layer(x)
+        gates, _ = layer.route(x)
+        coef_re, coef_im = layer.effective_coefficients()
+        return torch.ops.spectralkern.fourier_adapter(x, layer.rows, layer.cols, coef_re, coef_im, layer.expert_ptr,
+                                                      gates, base, layer.out_features, form)
+
+    def forward_backward() -> torch.Tensor:
+        with _forced_backend("torch"):
+            return torch.autograd.grad(forward(), [x, *params], grad_y)[0]
+
+    def forward_no_grad() -> torch.Tensor:
+        with torch.no_grad(), _forced_backend("torch"):
+            return forward()
+    return forward_no_grad if grad_y is None else forward_backward
+
+
 def _float64_answer(layer: FourierMoELinear, x: torch.Tensor, grad_y: torch.Tensor | None) -> torch.Tensor:
     """The layer's y (or grad_x) in float64 on the torch backend; the router stays fp32 (same top-k choices)."""
     twin = copy.deepcopy(layer)
@@ -151,8 +184,8 @@ def _float64_answer(layer: FourierMoELinear, x: torch.Tensor, grad_y: torch.Tens
     twin.coef_re.data = twin.coef_re.data.double()
     if twin.coef_im is not None:
         twin.coef_im.data = twin.coef_im.data.double()
-    twin.amplitude = twin.amplitude.double()
-    twin.impl = "fused"
+    twin.active_unit.amplitude = twin.active_unit.amplitude.double()
+    twin.active_unit.impl = "fused"
     x64 = x.detach().double().requires_grad_(grad_y is not None)
     with _forced_backend("torch"):
         y = twin(x64)
@@ -175,10 +208,11 @@ def _prepare(cfg: _Config, dtype: torch.dtype, device: torch.device) -> Prepared
                            target_modules=["layer"])
     layout = sample_frequencies(o, i, cfg.n, cfg.experts, _SEED)
     torch.manual_seed(_SEED)  # the coefficients' "normal" init and the router draw from the global RNG
-    fused = FourierMoELinear(base, layout, scale=moe.scale, top_k=moe.top_k, router=moe.router, init="normal")
+    fused = FourierMoELinear.from_layout(base, layout, scale=moe.scale, top_k=moe.top_k, router=moe.router,
+                                         init="normal")
     eager = copy.deepcopy(fused)
     eager.base_layer = base  # share the frozen weight instead of holding a second copy
-    eager.impl = "reference"
+    eager.active_unit.impl = "reference"
 
     dev_gen = torch.Generator(device=device).manual_seed(_SEED)
     x = torch.randn(cfg.tokens, i, device=device, generator=dev_gen).to(dtype)
@@ -189,12 +223,14 @@ def _prepare(cfg: _Config, dtype: torch.dtype, device: torch.device) -> Prepared
     reference = _float64_answer(fused, x, grad_y)
 
     providers, skipped, references = [], {}, {}
-    backend = fourier_adapter_backend(x, i, o).backend
-    if backend == "triton" and device.type == "cpu" and dtype == torch.bfloat16:
+    choice = fourier_adapter_backend(x, i, o, n=cfg.n)  # the forward's choice labels the row
+    if choice.backend == "triton" and device.type == "cpu" and dtype == torch.bfloat16:
         skipped["spectralkern"] = "the Triton interpreter computes bf16 wrongly; run bf16 on a GPU"
     else:
-        providers.append(Provider("spectralkern", backend, _runner(fused, x, grad_y)))
-    providers.append(Provider("fourier_fft", "torch", _runner(fused, x, grad_y, backend="torch")))
+        label = choice.backend + (f"-{choice.algorithm}" if choice.algorithm else "")
+        providers.append(Provider("spectralkern", label, _runner(fused, x, grad_y)))
+    for form in ("fft", "dense", "per_frequency"):
+        providers.append(Provider(f"fourier_{form}", "torch", _form_runner(fused, x, grad_y, form)))
     providers.append(Provider("fourier_eager", "torch", _runner(eager, x, grad_y)))
     try:
         import peft

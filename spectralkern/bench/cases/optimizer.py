@@ -195,7 +195,7 @@ def _adamw_first_step(g: torch.Tensor) -> torch.Tensor:
 def _projected(g: torch.Tensor, filt: SpectralGradientFilter, name: str) -> torch.Tensor:
     """float64 U_b diag(gains) U_bᵀ g per block, for one targeted weight."""
     basis = filt.bases()[name]
-    gains = filt._targets[[t.name for t in filt._targets].index(name)].gains.double()
+    gains = next(t.gains for t in filt.filter_targets if t.name == name).double()
     U, out = basis.U.double(), torch.empty_like(g, dtype=torch.float64)
     ptr = basis.block_ptr.tolist()
     for b, (start, stop) in enumerate(zip(ptr[:-1], ptr[1:])):

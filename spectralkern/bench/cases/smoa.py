@@ -135,11 +135,11 @@ def _prepare(cfg: _Config, dtype: torch.dtype, device: torch.device) -> Prepared
         base.bias.copy_(torch.randn(o, generator=gen) * 0.1)
     base = base.to(device=device, dtype=dtype).requires_grad_(False)
     config = SMoAConfig(r=cfg.rank, alpha=2.0 * cfg.rank, num_blocks=cfg.num_blocks, target_modules=["layer"])
-    fused = SMoALinear(base, config, layout=_random_layout(cfg, gen))
+    fused = SMoALinear.from_config(base, config, layout=_random_layout(cfg, gen))
     with torch.no_grad():
         for b in fused.lora_B:
             b.copy_(torch.randn(b.shape, generator=gen) * 0.05)
-    eager = SMoALinear(base, SMoAConfig(**{**config.to_dict(), "impl": "reference"}), layout=fused.layout)
+    eager = SMoALinear.from_config(base, SMoAConfig(**{**config.to_dict(), "impl": "reference"}), layout=fused.layout)
     eager.load_state_dict(fused.state_dict())
 
     dev_gen = torch.Generator(device=device).manual_seed(_SEED)

@@ -15,13 +15,11 @@ on one process a plain tensor. Loading rebuilds every rank's graphs, Laplacians 
 eigensolve) and raises ``StraddlingBlockError`` on every rank when a saved block holds rows of two ranks of the
 new layout (save with ``align_shards`` covering the world sizes you will resume on).
 
-    from spectralkern.distributed.checkpoint import save_checkpoint, load_checkpoint
+    from spectralkern.optim.checkpoint import save_checkpoint, load_checkpoint
     save_checkpoint(path, model, optimizer, filt)     # model, optimizer (SpectralAdamW or any) and filter
     load_checkpoint(path, model, optimizer, filt)     # on any world size whose shard boundaries are block cuts
 """
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -31,18 +29,15 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.tensor import DTensor
 
 from ..basis import SpectralBasis
+from ..distributed.shards import StraddlingBlockError, local_tensor, straddle_message
 from ..graph import ParameterGraph
-from .shards import StraddlingBlockError, _straddle_message, local_tensor
-
-if TYPE_CHECKING:
-    from ..optim.gradient_filter import SpectralGradientFilter, _Target
+from .gradient_filter import FilterTarget, SpectralGradientFilter, TargetState
 
 _FORMAT = 1
 
 
 def _config(filt: SpectralGradientFilter) -> dict:
-    return {"format": _FORMAT, "graph": filt.graph_kind, "normalized": filt.normalized, "k": filt.k,
-            "block_size": filt.block_size}
+    return {"format": _FORMAT, **filt.config(), "block_size": filt.block_size}
 
 
 def _node_block(block_ptr: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -51,7 +46,7 @@ def _node_block(block_ptr: torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(sizes.numel()), sizes).to(device)
 
 
-def _wrap(local: torch.Tensor, t: _Target) -> torch.Tensor:
+def _wrap(local: torch.Tensor, t: FilterTarget) -> torch.Tensor:
     """A per-node tensor of this rank's rows, as a DTensor laid out like the parameter (plain when unsharded)."""
     if t.shard is None:
         return local
@@ -63,7 +58,7 @@ def _wrap(local: torch.Tensor, t: _Target) -> torch.Tensor:
 def filter_state_dict(filt: SpectralGradientFilter) -> dict:
     """The filter's state in the per-node layout above (fresh tensors: DCP may load into them in place)."""
     state: dict = {"steps": filt.steps, "config": _config(filt)}
-    for t in filt._targets:
+    for t in filt.filter_targets:
         ptr = t.graph.block_ptr
         device = t.basis.device
         offset = t.shard.start if t.shard is not None else 0
@@ -90,7 +85,7 @@ def filter_state_dict(filt: SpectralGradientFilter) -> dict:
     return state
 
 
-def _local_layout(t: _Target, blocks: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
+def _local_layout(t: FilterTarget, blocks: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
     """(local block_ptr, None) from the loaded (N_r, 2) global block bounds of this rank's rows, or (None, the
     error) when a saved block crosses one of this rank's shard boundaries."""
     start, stop = (t.shard.start, t.shard.stop) if t.shard is not None else (0, blocks.shape[0])
@@ -100,7 +95,7 @@ def _local_layout(t: _Target, blocks: torch.Tensor) -> tuple[torch.Tensor | None
     if bool(outside.any()):
         b_start, b_stop = (int(v) for v in blocks[int(outside.nonzero()[0, 0])])
         cut = start if b_start < start else stop
-        return None, _straddle_message(t.name, "the saved block", b_start, b_stop, cut, t.shard.bounds)
+        return None, straddle_message(t.name, "the saved block", b_start, b_stop, cut, t.shard.bounds)
     offsets = torch.unique(blocks[:, 0].cpu()).tolist() + [stop]
     return torch.tensor([o - start for o in offsets], dtype=torch.int64), None
 
@@ -113,18 +108,19 @@ def load_filter_state_dict(filt: SpectralGradientFilter, state: dict) -> None:
         raise ValueError(f"the checkpoint's filter has config {saved}, this filter {_config(filt)}; build the filter "
                          "with the same graph, normalized, k and block_size")
     layouts, errors = [], []
-    for t in filt._targets:
+    for t in filt.filter_targets:
         ptr, error = _local_layout(t, local_tensor(state[f"{t.name}.blocks"]))
         layouts.append(ptr)
         if error is not None:
             errors.append(error)
-    if any(t.shard is not None for t in filt._targets) and dist.is_initialized():
+    if any(t.shard is not None for t in filt.filter_targets) and dist.is_initialized():
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, errors)
         errors = list(dict.fromkeys(e for rank_errors in gathered for e in rank_errors))  # both sides see a block
     if errors:
         raise StraddlingBlockError(errors[0] + (f" ({len(errors) - 1} more)" if len(errors) > 1 else ""))
-    for t, ptr in zip(filt._targets, layouts):
+    states = {}
+    for t, ptr in zip(filt.filter_targets, layouts):
         entry = {key: local_tensor(state[f"{t.name}.{key}"]) for key in ("blocks", "U", "eigenvalues", "adjacency")}
         device = t.basis.device
         n = entry["U"].shape[0]
@@ -132,26 +128,22 @@ def load_filter_state_dict(filt: SpectralGradientFilter, state: dict) -> None:
         starts = ptr[:-1].to(device)
         row, j = entry["adjacency"].nonzero(as_tuple=True)         # sorted by (row, col): col grows with j
         col = starts[node_block[row]] + j
-        t.block_ptr = ptr
-        t.graph = ParameterGraph(n, ptr, row, col, entry["adjacency"][row, j].clone())
-        t.laplacian = t.graph.laplacian(normalized=filt.normalized)
+        graph = ParameterGraph(n, ptr, row, col, entry["adjacency"][row, j].clone())
         eigenvalues = torch.zeros(ptr.numel() - 1, filt.k, dtype=entry["eigenvalues"].dtype, device=device)
         nonempty = ptr[1:] > ptr[:-1]
         eigenvalues[nonempty.to(device)] = entry["eigenvalues"][starts[nonempty.to(device)]]
-        t.basis = SpectralBasis(entry["U"].clone(), eigenvalues, ptr)
-        t.gains = filt._gains_for(t.name, t.basis)
-        if t.theta0 is not None:
-            t.theta0 = local_tensor(state[f"{t.name}.theta0"]).clone()
-        if t.correlation is not None:
+        theta0 = correlation = None
+        if f"{t.name}.theta0" in state:
+            theta0 = local_tensor(state[f"{t.name}.theta0"]).clone()
+        if f"{t.name}.correlation" in state:
             rows = local_tensor(state[f"{t.name}.correlation"])
             sizes = ptr[1:] - ptr[:-1]
             n_max = int(sizes.max()) if sizes.numel() else 0
             correlation = torch.zeros(sizes.numel(), n_max, n_max, dtype=rows.dtype, device=device)
             local = torch.arange(n, device=device) - starts[node_block]
             correlation[node_block, local] = rows[:, :n_max]
-            t.correlation = correlation
-    filt.steps = int(state["steps"])
-    filt._explicit_pending = False
+        states[t.name] = TargetState(graph, SpectralBasis(entry["U"].clone(), eigenvalues, ptr), theta0, correlation)
+    filt.restore(states, int(state["steps"]))
 
 
 def save_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer,
