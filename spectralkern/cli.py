@@ -69,7 +69,7 @@ def info() -> int:
                 chosen = choice.backend
                 needs = _backend.OPS[op].backend(chosen).requires
                 if needs:  # the call's own facts decide these; info asks without them
-                    chosen += f" (when {', '.join(needs)}; else the next live one above)"
+                    chosen += f" (when {', '.join(needs)}; else the next backend of the table that can run)"
             except _backend.BackendUnavailable as exc:
                 chosen = f"error: {exc}"
             print(f"  {op} on {device.type}: {chosen}")
