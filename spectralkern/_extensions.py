@@ -33,6 +33,8 @@ from types import ModuleType
 import torch
 
 MODULE_NAMES = {"cuda": "spectralkern._C", "native": "spectralkern._native"}
+# what the Python side calls in _native (csrc/native/module.cpp)
+NATIVE_ENTRY_POINTS = ("lowest_eigenpairs", "connected_components", "csr_summary", "spectral_filter")
 INFO_PATH = Path(__file__).with_name("_build_info.json")
 MIN_ARCH = 80  # the kernels use TF32 tensor cores
 BUILD_HINT = "build it with e.g. `SPECTRALKERN_CUDA_ARCHS=90 pip install .` (needs nvcc), or install a CUDA wheel"
@@ -200,7 +202,12 @@ def probe_native(*, find_spec: Callable = importlib.util.find_spec,
         module = import_module(name)
     except Exception as exc:  # a broken binary must not break `import spectralkern`
         return ExtensionStatus(False, f"{name} failed to load: {type(exc).__name__}: {exc}", warn=True)
-    return ExtensionStatus(True, f"{name} (C++, OpenMP) from {Path(module.__file__).name}", module=module)
+    missing = [entry for entry in NATIVE_ENTRY_POINTS if not hasattr(module, entry)]
+    if missing:  # a build from an older checkout, left in place
+        return ExtensionStatus(False, f"{name} at {getattr(module, '__file__', '?')} lacks {', '.join(missing)} (a "
+                                      "stale build); rebuild it (`pip install -e .`, or `python setup.py build_ext "
+                                      "--inplace`)", warn=True)
+    return ExtensionStatus(True, f"{name} (C++) from {Path(module.__file__).name}", module=module)
 
 
 _PROBES: dict[str, Callable[[], ExtensionStatus]] = {"cuda": lambda: probe_cuda(), "native": lambda: probe_native()}

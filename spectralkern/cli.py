@@ -67,6 +67,9 @@ def info() -> int:
             try:
                 choice = _backend.backend_of(op, dtype=torch.float32, device=device)
                 chosen = choice.backend
+                needs = _backend.OPS[op].backend(chosen).requires
+                if needs:  # the call's own facts decide these; info asks without them
+                    chosen += f" (when {', '.join(needs)}; else the next backend of the table that can run)"
             except _backend.BackendUnavailable as exc:
                 chosen = f"error: {exc}"
             print(f"  {op} on {device.type}: {chosen}")

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     expected = float(basis.block_k.sum()) / graph.num_nodes
     gains = filters.heat(args.heat)(basis.eigenvalues)
     choice = spectral_filter_backend(grad, basis.k, basis.block_ptr)
-    backend = choice.backend + (f", {choice.algorithm}" if choice.algorithm else "")
+    backend = choice.backend + (f" ({choice.algorithm})" if choice.algorithm else "")
     times_ms = []
     for _ in range(6):  # the first call pays one-time costs (op registration; the kernel compile on GPU)
         start = time.perf_counter()

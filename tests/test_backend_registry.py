@@ -249,6 +249,19 @@ def test_decisions_follow_a_changed_runtime(monkeypatch, auto):
     assert after.rejected["cuda"] == "switched off by the test" and after.backend == before.backend
 
 
+def test_a_stale_native_build_is_off_with_the_reason():
+    """A _native compiled before an entry point existed (an old in-place build) must not be picked and then fail."""
+    class OldBuild:
+        __file__ = "/site-packages/spectralkern/_native.so"
+        lowest_eigenpairs = connected_components = csr_summary = staticmethod(lambda *a: None)
+
+    status = _extensions.probe_native(find_spec=lambda name: object(), import_module=lambda name: OldBuild())
+    assert not status.live and status.warn
+    assert "lacks spectral_filter (a stale build); rebuild it" in status.reason
+    missing = _extensions.probe_native(find_spec=lambda name: None)
+    assert not missing.live and not missing.warn and "is not built" in missing.reason
+
+
 def test_op_specs_are_checked():
     with pytest.raises(ValueError, match="must list the torch backend"):
         OpSpec("x", (Backend("triton"),))
