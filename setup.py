@@ -69,8 +69,9 @@ CXX_SOURCES = ("bindings.cpp",)
 HEADERS = ("spectral_filter.h", "spectral_filter_kernel.cuh", "adamw.h", "adamw_kernel.cuh")
 EXT_NAME = "spectralkern._C"
 NATIVE_EXT_NAME = "spectralkern._native"
-NATIVE_SOURCES = ("native/module.cpp", "native/small_lanczos.cpp", "native/components.cpp", "native/csr_checks.cpp")
-NATIVE_HEADERS = ("native/native.h", "native/small_lanczos_impl.h")
+NATIVE_SOURCES = ("native/module.cpp", "native/small_lanczos.cpp", "native/components.cpp", "native/csr_checks.cpp",
+                  "native/spectral_filter.cpp")
+NATIVE_HEADERS = ("native/native.h", "native/small_lanczos_impl.h", "native/spectral_filter_impl.h")
 # -fopenmp-simd: the `omp simd` loops vectorise their reductions (no OpenMP runtime is linked); the AVX2 + FMA copy
 # of the solver is chosen at run time (see small_lanczos.cpp), so no -march flag ties the binary to the build host.
 NATIVE_CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp-simd", "-fvisibility=hidden", "-pthread"]

@@ -11,6 +11,10 @@ heat g(λ) = exp(−2λ) on the normalized Laplacian): the time of ``FilterTarge
                          each refresh, one batched GEMM per step)
     cheb-op K=10         the same g(L) by ``sk.chebyshev_filter`` every step (K sparse products)
 and the error of each against float64 g(L) from a dense eigendecomposition of every block.
+
+``--optimizers``: one optimizer step per weight shape (gradient given, λ = 1e-3 regulariser in the loss or not):
+torch AdamW, SpectralAdamW (fused path; with the regulariser: filter, then AdamW), SpectralAdamW(lowpass_update),
+SpectralSGD, each with the basis filter.
 """
 from __future__ import annotations
 
@@ -47,8 +51,12 @@ def exact(target, grad: torch.Tensor) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--optimizers", action="store_true", help="time optimizer steps instead of filters")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    if args.optimizers:
+        optimizer_steps(args.repeats)
+        return
     print(f"{'shape':>12} {'variant':>18} {'median ms':>10} {'min ms':>8} {'vs h=0':>8} {'rel err vs g(L)':>16}")
     for n, d in SHAPES:
         base = build(n, d)
@@ -81,6 +89,46 @@ def main() -> None:
             err = float((y - reference).norm() / reference.norm())
             print(f"{n:>5} x {d:<5} {name:>18} {ms:>10.3f} {min(times[name]) * 1e3:>8.3f} {ms / base_ms:>7.2f}x "
                   f"{err:>16.2e}")
+
+
+def optimizer_steps(repeats: int) -> None:
+    print(f"{'shape':>12} {'optimizer':>34} {'median ms':>10} {'min ms':>8}")
+    for n, d in SHAPES:
+        grad = torch.randn(n, d, generator=torch.Generator().manual_seed(2))
+        runs = {}
+        for label, make, reg in (
+                ("torch AdamW", lambda m, f: torch.optim.AdamW(m.parameters(), lr=1e-4), False),
+                ("SpectralAdamW", lambda m, f: sk.SpectralAdamW(m.parameters(), lr=1e-4, spectral_filter=f), False),
+                ("SpectralAdamW + regulariser", lambda m, f: sk.SpectralAdamW(m.parameters(), lr=1e-4,
+                                                                              spectral_filter=f), True),
+                ("SpectralAdamW(lowpass_update)", lambda m, f: sk.SpectralAdamW(
+                    m.parameters(), lr=1e-4, spectral_filter=f, lowpass_update=True), False),
+                ("SpectralSGD", lambda m, f: sk.SpectralSGD(m.parameters(), lr=1e-2, spectral_filter=f), False),
+                ("SpectralSGD + regulariser", lambda m, f: sk.SpectralSGD(m.parameters(), lr=1e-2,
+                                                                          spectral_filter=f), True)):
+            filt = build(n, d, reg_weight=1e-3)
+            model = nn.Sequential(nn.Linear(d, n))
+            model[0].weight = filt.filter_targets[0].param
+            opt = make(model, filt)
+
+            def run(model=model, filt=filt, opt=opt, reg=reg) -> None:
+                model[0].weight.grad = grad.clone()
+                if reg:
+                    filt.regularization().backward()
+                opt.step()
+            runs[label] = run
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        order = list(runs)
+        for repeat in range(repeats + 3):
+            random.Random(repeat).shuffle(order)
+            for name in order:
+                start = time.perf_counter()
+                runs[name]()
+                if repeat >= 3:
+                    times[name].append(time.perf_counter() - start)
+        for name in runs:
+            print(f"{n:>5} x {d:<5} {name:>34} {statistics.median(times[name]) * 1e3:>10.3f} "
+                  f"{min(times[name]) * 1e3:>8.3f}")
 
 
 if __name__ == "__main__":

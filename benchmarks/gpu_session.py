@@ -7,6 +7,7 @@ Steps, each under its own wall-clock limit (a step that overruns is killed and r
 
     env        device name, driver, CUDA, torch / triton / nvcc versions, git sha          -> gpu-env.json
     build      csrc/ for sm_90 (setup.py build_ext --inplace, all cores)                   -> build.log
+    info       `spectralkern info`: the backend registry's table and what it picks here    -> build.log
     tests      the GPU tests of every op: one representative shape each, fp32 and bf16     -> tests.log
     sanitizer  compute-sanitizer memcheck over the CUDA filter's and AdamW's GPU tests     -> sanitizer.log
     bench      each op's first headline cases against its peers (JSON records, ceilings)   -> bench.log, records.tar.gz
@@ -71,6 +72,9 @@ def plan_steps(python: str, out: Path, scratch: Path) -> list[Step]:
         Step("build", 150, ["env", "SPECTRALKERN_CUDA_ARCHS=90", f"MAX_JOBS={os.cpu_count() or 4}", python,
                             "setup.py", "build_ext", "--inplace"], "build.log",
              dry_command=["nvcc", "--version"]),
+        # The registry's table and what it picks on this machine (the CUDA extension live after the build).
+        Step("info", 10, [python, "-m", "spectralkern", "info"], "build.log",
+             dry_command=[python, "-m", "spectralkern", "info"]),
         Step("tests", 150, [python, "-m", "pytest", "-q", "-rs", "-m", "gpu", "-p", "no:cacheprovider",
                             *GPU_TESTS], "tests.log",
              dry_command=[python, "-m", "pytest", "-q", "-m", "gpu", "--collect-only", "-p", "no:cacheprovider",
@@ -125,9 +129,9 @@ def run_step(step: Step, out: Path, dry_run: bool, remaining: float) -> None:
             log.write(f"\n== {step.name} ({'dry run' if dry_run else 'run'}, budget {step.budget_s} s): "
                       f"{' '.join(command)}\n")
             log.flush()
-        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, timeout=limit,
-                                env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-                                     "PYTHONUNBUFFERED": "1"})
+        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               "PYTHONUNBUFFERED": "1"}
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, timeout=limit, env=env)
         step.status = "ok" if result.returncode == 0 else f"failed (exit {result.returncode})"
     except subprocess.TimeoutExpired:
         step.status = f"timed out after {limit:.0f} s"
@@ -150,9 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", default="12m", help="wall-clock budget of the whole call, e.g. 12m (default)")
     parser.add_argument("--dry-run", action="store_true", help="rehearse on a CPU: run what it can, print the plan")
     parser.add_argument("--only", nargs="+", default=None, metavar="STEP",
-                        help="run only these steps (build tests sanitizer bench plan): the device tool caps one "
+                        help="run only these steps (build info tests sanitizer bench plan): the device tool caps one "
                              "command at 10 minutes, so a 12-minute session is two calls on the same warm machine, "
-                             "e.g. --only build tests sanitizer, then --only bench plan")
+                             "e.g. --only build info tests sanitizer, then --only bench plan")
     parser.add_argument("--python", default=sys.executable)
     args = parser.parse_args(argv)
     budget = parse_budget(args.budget)

@@ -2,7 +2,7 @@
 
 The table ``OPS`` lists, per op, its backends in the order ``auto`` prefers them — each with the dtypes it takes,
 its size limits (``k ≤ 256``, ...) and the layout facts it needs — and, for ops with several, its algorithms. A
-backend also needs its runtime and a device it runs on (``RUNTIMES``):
+backend also needs its runtime and a device it runs on (``runtime_status``):
 
     cuda    the compiled CUDA extension spectralkern._C, built and usable here; tensors on a CUDA device
     triton  triton importable; tensors on a CUDA device, or on the CPU with TRITON_INTERPRET=1 (how CI runs them)
@@ -40,9 +40,9 @@ TRITON_MAX_RANK = 64        # smoa: the kernels keep (R_PAD × BLOCK) factor til
 TRITON_MAX_HEAD_DIM = 256   # coeff_attention: one head's (BLOCK × D_PAD) tiles in registers
 TRITON_MAX_DIM = 46000      # fourier: the phase index·frequency mod dim is int32, (dim + 64)·dim < 2^31
 
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 TRITON_DTYPES = FLOAT_DTYPES
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NATIVE_DTYPES = (torch.float32, torch.float64)
 
 
 # ------------------------------------------------------------------------------------------ the table's types
@@ -159,7 +159,7 @@ class BackendUnavailable(RuntimeError):
 
 # ------------------------------------------------------------------------------------------ algorithm costs
 # The torch filter's cost model, in rows of batched GEMM work (one row: 4·d·k FLOPs). Fitted to callgrind
-# instruction counts on this repo's CPU machine at d = 256, k = 8 (benchmarks/NOTES.md, "CPU spectral filter"):
+# instruction counts on this repo's CPU machine at d = 256, k = 8 (benchmarks/NOTES.md, "CPU backend"):
 # a block of the Python loop costs its rows plus a fixed overhead of two small GEMM calls (~52 rows' work there,
 # so 52·2048/(d·k) in general); the padded form multiplies every block at the largest block's size (~0.87 of a
 # batched row: one pass over bigger batches) and copies each real row in and out (~2 rows' work at k = 8: 16/k).
@@ -216,6 +216,8 @@ OPS: dict[str, OpSpec] = {spec.name: spec for spec in (
     OpSpec("spectral_filter", (
         Backend("cuda", CUDA_DTYPES, {"k": CUDA_MAX_K}),
         Backend("triton", TRITON_DTYPES, {"k": TRITON_MAX_K}),
+        Backend("native", NATIVE_DTYPES, requires={"ragged": "blocks of unequal sizes (uniform ones run faster "
+                                                             "as two batched GEMMs on torch)"}),
         Backend("torch"),
     ), algorithms=(
         Algorithm("batched", ("torch",), {"uniform": "every block has the same number of rows"}, _batched_cost,

@@ -51,6 +51,7 @@ def filter_spies(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(filter_ops, "_launch_cuda", spy("cuda"))
     monkeypatch.setattr(filter_ops, "_launch_triton", spy("triton"))
+    monkeypatch.setattr(filter_ops, "_launch_native", spy("native"))
     monkeypatch.setattr(filter_ops, "filter_torch", spy("torch"))
     return launched
 
@@ -61,7 +62,8 @@ def test_filter_launches_what_the_table_says(auto, filter_spies, dtype, k):
     basis = _basis([k + 2, 3], k)
     x = torch.randn(basis.num_nodes, 3, dtype=dtype, requires_grad=True)
     gains = torch.rand(basis.num_blocks, k, requires_grad=True)
-    expected = "triton" if triton_runs_here() and k <= TRITON_MAX_K else "torch"
+    native = dtype in (torch.float32, torch.float64) and _backend.runtime_status("native").live  # ragged layout
+    expected = "triton" if triton_runs_here() and k <= TRITON_MAX_K else "native" if native else "torch"
     assert filter_ops.spectral_filter_backend(x, k, basis.block_ptr) == expected
     y = sk.spectral_filter(x, basis, gains)          # through the custom op (autograd recorded)
     y.sum().backward()                               # the backward op asks the registry too
@@ -90,8 +92,10 @@ def test_forced_backend_that_cannot_run_names_the_reason(monkeypatch, filter_spi
     with pytest.raises(BackendUnavailable, match="SPECTRALKERN_BACKEND=cuda cannot run here"):
         sk.spectral_filter(x[:, :1].double(), basis.to(dtype=torch.float64), torch.rand(TRITON_MAX_K + 1))
     monkeypatch.setenv("SPECTRALKERN_BACKEND", "native")
-    with pytest.raises(BackendUnavailable, match="spectral_filter has no native implementation"):
+    with pytest.raises(BackendUnavailable, match="native cannot run here: needs ragged"):  # one block: uniform
         sk.spectral_filter(x, basis, torch.rand(TRITON_MAX_K + 1))
+    with pytest.raises(BackendUnavailable, match="smoa_linear has no native implementation"):
+        backend_of("smoa_linear", x, rank=2)
     assert filter_spies == []  # nothing ran: no silent fallback
 
 
@@ -107,6 +111,25 @@ def test_filter_algorithms_match_the_float64_reference(auto, algorithm, sizes):
         torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(grads, filter_ops.spectral_filter_gains_grad_reference(
             x, 2 * x, basis.U, basis.block_ptr), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_kernel_matches_the_float64_reference(dtype):
+    """The compiled CPU kernel on ragged, empty, one-node and k > n_b blocks, k not a multiple of its 8-vector
+    chunks, d not a multiple of its 16-column tiles, with and without passthrough and the gains' gradient."""
+    if not _backend.runtime_status("native").live:
+        pytest.skip("spectralkern._native is not built")
+    basis = _basis([5, 0, 1, 23, 17, 40], 11, dtype=torch.float64)
+    x, saved = torch.randn(basis.num_nodes, 37, dtype=torch.float64), torch.randn(basis.num_nodes, 37,
+                                                                                dtype=torch.float64)
+    gains = torch.rand(basis.num_blocks, 11, dtype=torch.float64)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    for h in (0.0, 0.3):
+        y, grads = filter_ops._launch_native(x.to(dtype), basis.U, basis.block_ptr, gains, h, saved_x=saved.to(dtype))
+        expected = sk.spectral_filter_reference(x, basis.U, basis.block_ptr, gains, h)
+        expected_grads = filter_ops.spectral_filter_gains_grad_reference(x, saved, basis.U, basis.block_ptr)
+        assert float((y.double() - expected).norm() / expected.norm()) <= tolerance
+        assert float((grads.double() - expected_grads).norm() / expected_grads.norm()) <= tolerance
 
 
 def test_filter_cost_model_picks_by_layout(auto):
@@ -190,7 +213,7 @@ def test_table_rules_for_the_compiled_cuda_kernels():
 # ------------------------------------------------------------------------------------------ the registry itself
 def test_choice_names_every_other_backend_and_compares_to_its_name(auto):
     choice = backend_of("spectral_filter", torch.zeros(2, 2, dtype=torch.float64), k=4)
-    assert choice == choice.backend and set(choice.rejected) == {"cuda", "triton", "torch"} - {choice.backend}
+    assert choice == choice.backend and set(choice.rejected) == {"cuda", "triton", "native", "torch"} - {choice.backend}
     assert "dtype float64 not in (float32, float16, bfloat16)" in choice.rejected["cuda"]
     assert choice.describe().startswith(f"spectral_filter on {choice.backend}")
 

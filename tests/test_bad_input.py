@@ -298,3 +298,19 @@ def test_gain_factories(factory, value):
 
     outcome = classify(lambda: getattr(sk, factory)(value), names, check)
     record(factory, outcome, repr(value))
+
+
+@SWEEP
+@given(data=st.data(), which=st.sampled_from(["U", "eigenvalues"]))
+def test_spectral_basis(data, which):
+    U = torch.linalg.qr(torch.randn(10, 4, dtype=torch.float64)).Q
+    eigenvalues = torch.rand(2, 4, dtype=torch.float64)
+    hostile, note = data.draw(tensors(tuple((U if which == "U" else eigenvalues).shape)))
+    args = {"U": U, "eigenvalues": eigenvalues, which: hostile}
+
+    def check(basis):
+        return finite(basis.U) and finite(basis.eigenvalues) and basis.U.shape == (10, 4)
+
+    outcome = classify(lambda: sk.SpectralBasis(args["U"], args["eigenvalues"], [0, 5, 10]), (which,), check,
+                       (hostile,))
+    record("SpectralBasis", outcome, f"{which}: {note}")

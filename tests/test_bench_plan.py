@@ -17,14 +17,20 @@ def test_plan_prints_every_case_of_every_op(capsys, tmp_path):
     assert bench_main(["--plan", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     for op in case_modules.OPS:
-        for case in case_modules.load(op).cases(torch.device("meta"), False):
+        for case in case_modules.load(op).cases(torch.device("cuda"), False):
             assert case.name in out
     assert "static roofline at H100" in out
 
 
+def test_backend_column_is_the_registrys_gpu_choice():
+    rows = {(row.op, row.dtype): row.backend for row in plan_rows(["spectral_filter", "smoa", "coeff_attention"])}
+    assert rows[("spectral_filter", "float32")] == "cuda"  # k ≤ 128: the compiled extension
+    assert rows[("smoa", "bfloat16")] == "triton" and rows[("coeff_attention", "bfloat16")] == "triton"
+
+
 def test_prediction_is_the_larger_floor():
     (row, *_) = plan_rows(["spectral_filter"])
-    case = case_modules.load("spectral_filter").cases(torch.device("meta"), False)[0]
+    case = case_modules.load("spectral_filter").cases(torch.device("cuda"), False)[0]
     assert row.bytes_us == case.bytes / 3.0e12 * 1e6
     assert row.flops_us == case.flops / (H100.tflops[case.compute_kind] * 1e12) * 1e6
     assert row.predicted_us == max(row.bytes_us, row.flops_us) and row.measured_us is None
@@ -39,7 +45,7 @@ def _record(**values) -> Record:
 
 
 def test_gpu_records_add_measured_over_predicted(tmp_path, capsys):
-    case = case_modules.load("spectral_filter").cases(torch.device("meta"), False)[0]
+    case = case_modules.load("spectral_filter").cases(torch.device("cuda"), False)[0]
     predicted = max(case.bytes / 3.0e12, case.flops / (H100.tflops[case.compute_kind] * 1e12)) * 1e3  # ms
     append_records(tmp_path / "spectral_filter.jsonl", [
         _record(op="spectral_filter", case=case.name, dtype=case.dtype_name, provider="spectralkern",

@@ -22,7 +22,7 @@ def test_dry_run_passes_and_fits_twelve_minutes(tmp_path):
     steps = json.loads((out / "steps.json").read_text())
     assert steps["dry_run"] and steps["planned_s"] <= steps["budget_s"] == 720
     names = [step["name"] for step in steps["steps"]]
-    assert names == ["build", "tests", "sanitizer", "bench", "plan"]
+    assert names == ["build", "info", "tests", "sanitizer", "bench", "plan"]
     for step in steps["steps"]:
         assert f"{step['name']:<24} budget {step['budget_s']:>4} s" in result.stdout
         assert step["status"] == "ok" or step["status"].startswith("skipped")

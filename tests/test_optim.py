@@ -440,15 +440,16 @@ def test_tiny_model_trains_with_filter_and_regulariser(seed, monkeypatch, mode):
 # ------------------------------------------------------------------------------------------------ bad input
 def test_bad_filter_inputs_name_the_argument(seed):
     model = tiny_model(seed)
-    with pytest.raises(ValueError, match=r"matched no module.*nn.Linear modules are: 0, 2"):
+    with pytest.raises(ValueError, match=r"matched no module.*full names: \[0, 2\]"):
         sk.SpectralGradientFilter(model, ["query"])
-    with pytest.raises(TypeError, match="matched module '1' of type Tanh; only nn.Linear"):
+    with pytest.raises(TypeError, match="target module '1' is a Tanh; expected an nn.Linear"):
         sk.SpectralGradientFilter(model, ["1"])
     for k in (0, -3):
         with pytest.raises(ValueError, match=f"k must be positive, got {k}"):
             sk.SpectralGradientFilter(model, ["0"], k=k)
-    with pytest.raises(TypeError, match="target_modules must be a non-empty list"):
-        sk.SpectralGradientFilter(model, "0")
+    with pytest.raises(TypeError, match="target_modules must be a regex string or a non-empty list"):
+        sk.SpectralGradientFilter(model, [])
+    assert [name for name, _ in sk.SpectralGradientFilter(model, "0|2", k=2).targets] == ["0.weight", "2.weight"]
     with pytest.raises(ValueError, match="graph must be one of knn, gradient_correlation, got 'spectral'"):
         sk.SpectralGradientFilter(model, ["0"], graph="spectral")
     with pytest.raises(ValueError, match=r"gains of shape \(k,\) must have k = 4 entries"):

@@ -15,8 +15,16 @@ from spectralkern.ops.spectral_filter import (_launch_triton, spectral_filter_ga
 
 # torch-<algorithm>: the torch backend with that algorithm forced (the ragged layouts here rule out "batched",
 # which test_batched_algorithm_on_uniform_blocks covers)
-BACKENDS = ["torch", "torch-padded", "torch-loop", pytest.param("triton", marks=pytest.mark.triton)]
+BACKENDS = ["torch", "torch-padded", "torch-loop", "native", pytest.param("triton", marks=pytest.mark.triton)]
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def _native_or_torch(real, x, k, block_ptr):
+    """The native backend for float32/float64 inputs whatever the layout (the registry keeps uniform layouts on
+    torch), torch for half precision (not compiled)."""
+    if x.dtype in (torch.float32, torch.float64):
+        return real(x, k, None, "native")
+    return real(x, k, block_ptr, "torch")
 
 
 def force_algorithm(monkeypatch, algorithm: str) -> None:
@@ -31,6 +39,11 @@ def force_algorithm(monkeypatch, algorithm: str) -> None:
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch) -> str:
     name, _, algorithm = request.param.partition("-")
+    if name == "native":  # the compiled kernel takes ragged layouts only: run it on any layout here
+        real = spectral_filter_ops.spectral_filter_backend
+        monkeypatch.setattr(spectral_filter_ops, "spectral_filter_backend",
+                            lambda x, k, block_ptr=None, backend=None, algorithm=None: _native_or_torch(real, x, k,
+                                                                                                         block_ptr))
     monkeypatch.setenv("SPECTRALKERN_BACKEND", name)
     if algorithm:
         force_algorithm(monkeypatch, algorithm)
@@ -303,12 +316,12 @@ def test_batched_algorithm_on_uniform_blocks(monkeypatch, seed):
     assert relative_error(y, dense_reference(x[:, :2], basis, gains, 0.0)) <= 1e-12
 
 
-def test_large_k_goes_to_the_torch_backend(monkeypatch, seed):
+def test_large_k_leaves_the_triton_backend(monkeypatch, seed):
     from spectralkern._backend import TRITON_MAX_K
     from spectralkern.ops.spectral_filter import spectral_filter_backend
     monkeypatch.delenv("SPECTRALKERN_BACKEND", raising=False)
     x = torch.randn(4, 2)
-    assert spectral_filter_backend(x, TRITON_MAX_K + 1) == "torch"
+    assert spectral_filter_backend(x, TRITON_MAX_K + 1) != "triton"
     basis = ragged_basis([TRITON_MAX_K + 3], k=TRITON_MAX_K + 1, dtype=torch.float32)
     x = torch.randn(basis.num_nodes, 2)
     gains = torch.rand(basis.k)

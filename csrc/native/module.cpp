@@ -29,6 +29,12 @@ PYBIND11_MODULE(_native, m) {
       },
       "Component label of every node of an n x n CSR pattern (int64 crow, col; labels: int64[n]).", py::arg("n"),
       py::arg("crow"), py::arg("col"), py::arg("labels"), py::call_guard<py::gil_scoped_release>());
+  m.def("spectral_filter", &spectralkern_native::spectral_filter,
+        "y = h x + U diag(g - h) U^T x per block and/or the gains' gradient (see spectralkern/ops/spectral_filter.py "
+        "_launch_native: contiguous arrays by address, 0 for an absent y / saved / gain_grad).",
+        py::arg("dtype"), py::arg("num_blocks"), py::arg("block_ptr"), py::arg("d"), py::arg("k"), py::arg("x"),
+        py::arg("U"), py::arg("gains"), py::arg("h"), py::arg("y"), py::arg("saved"), py::arg("gain_grad"),
+        py::arg("threads"), py::call_guard<py::gil_scoped_release>());
   m.def(
       "csr_summary",
       [](const std::string& dtype, int64_t n, uintptr_t crow, uintptr_t col, uintptr_t val, int64_t num_blocks,

@@ -33,4 +33,10 @@ CsrSummary csr_summary(const std::string& dtype, int64_t n, const int64_t* crow,
 // 0, 1, ... in order of their first node.
 void connected_components(int64_t n, const int64_t* crow, const int64_t* col, int64_t* labels);
 
+// y = h·x + U diag(g − h) Uᵀ x per block, and/or the gains' gradient (spectral_filter.cpp); dtype "float32" or
+// "float64"; x, U, gains, y, saved, gain_grad: addresses of contiguous arrays (y, saved, gain_grad: 0 for none).
+void spectral_filter(const std::string& dtype, int64_t num_blocks, uintptr_t block_ptr, int64_t d, int64_t k,
+                     uintptr_t x, uintptr_t U, uintptr_t gains, double h, uintptr_t y, uintptr_t saved,
+                     uintptr_t gain_grad, int threads);
+
 }  // namespace spectralkern_native

@@ -176,14 +176,14 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
                         part = _solve_lanczos(problem, items, k, tol_abs, maxiter, m, block, start, bar, op,
                                               generator)
                     elif solver == "native":
-                        part = native_solve(problem, items, k, tol_abs, maxiter, start, _generator(torch.device("cpu"), generator),
-                                            workers, update)
+                        part = native_solve(problem, items, k, tol_abs, maxiter, start,
+                                            _generator(torch.device("cpu"), generator), workers, update)
                     elif solver == "scipy":
                         part = scipy_solve(problem, items, k, tol_abs, maxiter, ncv, start,
                                            _generator(torch.device("cpu"), generator), update)
                     else:
-                        part = cupy_solve(problem, items, k, tol_abs, maxiter, ncv, start, _generator(problem.device, generator),
-                                          update)
+                        part = cupy_solve(problem, items, k, tol_abs, maxiter, ncv, start,
+                                          _generator(problem.device, generator), update)
                     if check_cost is not None:   # the products of a failed warm-start check count too
                         part.matvecs += check_cost if index is None else check_cost[index]
                         if solver == "lanczos":     # the other backends do not restart (native) or report it (ARPACK)
@@ -301,7 +301,7 @@ def _generator(device: torch.device, source: torch.Generator | None) -> torch.Ge
     """A generator on ``device`` seeded from ``source`` (the caller's generator) or, when None, from torch's global
     RNG (so ``torch.manual_seed`` makes solves repeatable)."""
     return torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=source,
-                                                                        device=source.device if source else "cpu")))
+                                                                        device=source.device if source is not None else "cpu")))
 
 
 def _check_warm_start(problem: Problem, items: Items, k: int, tol_abs: float, start: torch.Tensor, *,

@@ -4,8 +4,9 @@ Same contract as ``fourier_adapter_reference`` / ``fourier_adapter_backward_refe
 for the formula); which form runs is the registry's choice (``_fourier_cost`` holds the cost model).
 
 * ``dense``: ΔW_e (E × out × in) built by one batched irfft2 of the folded spectrum, then GEMMs — peft's way;
-  kept while the coefficient tensor lives, so a training step's backward reuses its forward's ΔW. Forward 2·T·out·in·E FLOPs; the backward adds grad_x (the same again) and the Gram (G·gate)ᵀ x
-  whose 2-D FFT, read at the n frequencies, is the coefficients' gradient.
+  kept while the coefficient tensor lives, so a training step's backward reuses its forward's ΔW. Forward
+  2·T·out·in·E FLOPs; the backward adds grad_x (the same again) and the Gram (G·gate)ᵀ x whose 2-D FFT, read at
+  the n frequencies, is the coefficients' gradient.
 * ``per_frequency``: the DFT at the n frequencies as real GEMMs against cos/sin twiddle matrices built per call
   (in × 2n and 2n × out): 4·T·n·(in + out) FLOPs forward, what the Triton kernels compute on chip; the reference's
   own token loop with these transforms in place of the FFTs.

@@ -43,5 +43,6 @@ def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object]]]:
         pointer_types = {"g_ptr": p_type, "p_ptr": p_type, "m_ptr": s_type, "v_ptr": s_type}
         constexprs = dict(BLOCK=BLOCK)
         signature = launch_signature(adamw_kernel, pointer_types, constexprs)
-        variants.append((f"p {p_type}, m/v {s_type}", signature, constexprs, {"enable_fp_fusion": False}))  # as the launcher passes it
+        # fusion off, as the launcher passes it
+        variants.append((f"p {p_type}, m/v {s_type}", signature, constexprs, {"enable_fp_fusion": False}))
     return variants

@@ -108,5 +108,6 @@ def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object]]]:
                              "col_perm_ptr": "i64", "row_ptr_ptr": "i64", "col_ptr_ptr": "i64",
                              "b_ptr": acc_type, "a_ptr": acc_type, "db_ptr": acc_type, "da_ptr": acc_type}
             signature = launch_signature(smoa_factor_grad_kernel, pointer_types, constexprs)
-            variants.append((f"x {x_type}, R_PAD={r_pad}", signature, constexprs, {"num_warps": warps}))  # as the launcher passes them
+            # num_warps as the launcher passes it
+            variants.append((f"x {x_type}, R_PAD={r_pad}", signature, constexprs, {"num_warps": warps}))
     return variants

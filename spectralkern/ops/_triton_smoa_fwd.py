@@ -122,5 +122,7 @@ def aot_variants() -> list[tuple[str, dict[str, str], dict[str, object]]]:
             pointer_types = {"x_ptr": x_type, "w_ptr": x_type, "bt_ptr": factor_type, "at_ptr": factor_type,
                              "row_block_ptr": "i64", "col_block_ptr": "i64", "bias_ptr": x_type, "y_ptr": x_type}
             signature = launch_signature(smoa_modulated_gemm_kernel, pointer_types, constexprs)
-            variants.append((f"x {x_type}, R_PAD={r_pad}, base={include_base}", signature, constexprs, {"num_warps": warps}))  # as the launcher passes them
+            # num_warps as the launcher passes it
+            variants.append((f"x {x_type}, R_PAD={r_pad}, base={include_base}", signature, constexprs,
+                             {"num_warps": warps}))
     return variants

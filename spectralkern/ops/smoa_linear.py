@@ -248,8 +248,9 @@ def _backward_torch(grad_y, x, weight, b_packed, a_packed, index, block_sizes, s
     parts = _unpack(index, block_sizes)
     num_blocks = len(block_sizes) // 2
     g = grad_y.to(acc)
-    bt, at, mask = _factors_and_mask(b_packed, a_packed, parts, acc)
     whole_gram = need_w or (need_factors and num_blocks <= _WHOLE_GRAM_MAX_BLOCKS)
+    if need_x or whole_gram:  # (need_w implies whole_gram)
+        bt, at, mask = _factors_and_mask(b_packed, a_packed, parts, acc)
     gx = g.T @ x.to(acc) if whole_gram else None
     dx = dw = db = da = None
     if need_x or need_w:

@@ -14,6 +14,7 @@ import weakref
 
 import torch
 
+from .. import _extensions
 from .._backend import Choice, backend_of
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ..basis import SpectralBasis
@@ -125,6 +126,51 @@ def filter_torch(x: torch.Tensor, U: torch.Tensor, block_ptr: torch.Tensor, gain
     return (y if y.dtype == x.dtype else y.to(x.dtype)), grads
 
 
+# ------------------------------------------------------------------------------------------ native launcher
+_NATIVE_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+
+
+def _dense(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in ``dtype``, row-major contiguous (itself when it already is)."""
+    t = t if t.dtype == dtype else t.to(dtype)
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _launch_native(x: torch.Tensor, U: torch.Tensor, block_ptr: torch.Tensor, gains: torch.Tensor,
+                   passthrough: float, *, saved_x: torch.Tensor | None = None, write_y: bool = True,
+                   out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The compiled CPU kernel (csrc/native/spectral_filter.cpp); the same contract as ``_launch_triton``.
+
+    float32 / float64 on the CPU: per (block, 16-column tile) the coefficients of 8 basis vectors at a time stay in
+    registers; x (and saved_x) are read once per 8 vectors, y written once. Blocks split across torch's thread
+    count when the work is large enough to pay for starting threads.
+    """
+    ext = _extensions.module("native")
+    n, d = x.shape
+    k = U.shape[1]
+    num_blocks = block_ptr.numel() - 1
+    dtype = x.dtype
+    x_c = _dense(x, dtype)
+    k_pad = -(-k // 8) * 8  # the kernel takes basis vectors 8 at a time: zero columns pad U and the gains
+    if k_pad != k:
+        U, gains = torch.nn.functional.pad(U, (0, k_pad - k)), torch.nn.functional.pad(gains, (0, k_pad - k))
+    U_c, gains_c = _dense(U, dtype), _dense(gains, dtype)
+    saved = _dense(saved_x, dtype) if saved_x is not None else None
+    y = torch.empty((n, d) if write_y else (0, 0), dtype=dtype)
+    grads = torch.zeros(num_blocks, k_pad, dtype=dtype) if saved is not None else None
+    if n and d:
+        ext.spectral_filter(_NATIVE_DTYPES[dtype], num_blocks, block_ptr.data_ptr(), d, k_pad, x_c.data_ptr(),
+                            U_c.data_ptr(), gains_c.data_ptr(), float(passthrough), y.data_ptr() if write_y else 0,
+                            saved.data_ptr() if saved is not None else 0,
+                            grads.data_ptr() if grads is not None else 0, torch.get_num_threads())
+    elif write_y:
+        y.copy_(passthrough * x)
+    if out is not None and write_y:
+        out.copy_(y)
+        y = out
+    return y, (grads[:, :k] if grads is not None else None)
+
+
 # ------------------------------------------------------------------------------------------ triton launcher
 def _launch_triton(x: torch.Tensor, U: torch.Tensor, block_ptr: torch.Tensor, gains: torch.Tensor,
                    passthrough: float, *, saved_x: torch.Tensor | None = None, write_y: bool = True,
@@ -180,7 +226,6 @@ def _launch_cuda(x: torch.Tensor, U: torch.Tensor, block_ptr: torch.Tensor, gain
     they are not), block_ptr as int64 on x's device. The kernel runs on torch's current stream of x's device and
     writes into torch-allocated memory; the gains' gradient comes back as per-tile partial sums, added up here.
     """
-    from .. import _extensions
     from ._cuda_args import tensor_desc
 
     ext = _extensions.module("cuda")
@@ -216,7 +261,7 @@ _LAYOUTS_KEEP = 256
 
 def block_layout_facts(block_ptr: torch.Tensor) -> dict[str, object]:
     """The registry's layout facts of block offsets (B+1,): rows, blocks, max_block, uniform (all the same size,
-    none empty)."""
+    none empty), ragged (not uniform)."""
     key = (id(block_ptr), block_ptr._version)
     hit = _LAYOUTS.get(key)
     if hit is not None and hit[0]() is block_ptr:
@@ -224,8 +269,9 @@ def block_layout_facts(block_ptr: torch.Tensor) -> dict[str, object]:
     offsets = block_ptr.tolist()
     sizes = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
     largest = max(sizes, default=0)
-    facts = {"rows": offsets[-1], "blocks": len(sizes), "max_block": largest,
-             "uniform": largest > 0 and min(sizes) == largest}
+    uniform = largest > 0 and min(sizes) == largest
+    facts = {"rows": offsets[-1], "blocks": len(sizes), "max_block": largest, "uniform": uniform,
+             "ragged": not uniform}
     if len(_LAYOUTS) >= _LAYOUTS_KEEP:
         _LAYOUTS.clear()
     try:
@@ -252,6 +298,8 @@ def _forward(x: torch.Tensor, U: torch.Tensor, block_ptr: torch.Tensor, gains: t
         return _launch_cuda(x, U, block_ptr, gains, passthrough)[0]
     if choice.backend == "triton":
         return _launch_triton(x, U, block_ptr, gains, passthrough)[0]
+    if choice.backend == "native":
+        return _launch_native(x, U, block_ptr, gains, passthrough)[0]
     return filter_torch(x, U, block_ptr, gains, passthrough, choice.algorithm)[0]
 
 
@@ -273,7 +321,7 @@ def _spectral_filter_backward_op(grad_y: torch.Tensor, x: torch.Tensor, U: torch
     """(grad_x (N, d) or empty, grad_gains (B, k) or empty). ``x`` is only read when need_gains_grad."""
     empty = grad_y.new_empty(0)
     choice = spectral_filter_backend(grad_y, U.shape[1], block_ptr)
-    launch = {"cuda": _launch_cuda, "triton": _launch_triton}.get(choice.backend)
+    launch = {"cuda": _launch_cuda, "triton": _launch_triton, "native": _launch_native}.get(choice.backend)
     if launch is not None:
         grad_x, grad_gains = launch(grad_y, U, block_ptr, gains, passthrough,
                                     saved_x=x if need_gains_grad else None, write_y=need_x_grad)

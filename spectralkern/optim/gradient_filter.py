@@ -68,6 +68,7 @@ import torch
 from torch import nn
 
 from .._checks import check_block_ptr, check_positive_int
+from .._targets import TargetModules, find_modules
 from ..basis import SpectralBasis
 from ..distributed.reduce import sum_over_shards
 from ..distributed.shards import RowShard, aligned_block_ptr, local_block_ptr, local_tensor, row_shard
@@ -236,10 +237,6 @@ class _RecordedRegularizer(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------- target discovery
-def _matches(module_name: str, pattern: str) -> bool:
-    return module_name == pattern or module_name.endswith("." + pattern)
-
-
 def _peft_adapters(module: nn.Module) -> list[tuple[str, nn.Linear]]:
     """The adapter Linears of a peft LoRA layer (``lora_A`` / ``lora_B`` ModuleDicts), as (relative name, module)."""
     found = []
@@ -250,59 +247,44 @@ def _peft_adapters(module: nn.Module) -> list[tuple[str, nn.Linear]]:
     return found
 
 
-def find_targets(model: nn.Module, target_modules: Sequence[str]) -> list[tuple[str, nn.Parameter]]:
+def _linear_container(module: nn.Module) -> bool:
+    return isinstance(module, (nn.ModuleDict, nn.ModuleList)) and len(module) > 0 and all(
+        isinstance(sub, nn.Linear) for sub in module.children())
+
+
+def _filterable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or bool(_peft_adapters(module)) or _linear_container(module)
+
+
+def find_targets(model: nn.Module, target_modules: TargetModules) -> list[tuple[str, nn.Parameter]]:
     """(parameter name, weight) of every trainable nn.Linear weight that ``target_modules`` selects.
 
-    A pattern matches a module whose name equals it or ends with "." + pattern (peft's rule). A matched nn.Linear
-    contributes its weight; a matched peft LoRA layer contributes its adapters (lora_A / lora_B Linears) and its
-    base layer if that is trainable; a matched ModuleDict / ModuleList of Linears (``lora_A``) contributes them
-    all. Frozen weights (requires_grad=False) are skipped: they get no gradient.
+    Modules are selected by the package's one rule (``spectralkern._targets``, peft's): a list of names matches a
+    module whose name equals an entry or ends with "." + entry; one string is a regex over the full name. A
+    selected nn.Linear contributes its weight; a selected peft LoRA layer contributes its adapters (lora_A /
+    lora_B Linears) and its base layer if that is trainable; a selected ModuleDict / ModuleList of Linears
+    (``lora_A``) contributes them all. Frozen weights (requires_grad=False) are skipped: they get no gradient.
     """
-    if isinstance(target_modules, str) or not isinstance(target_modules, Sequence) or not target_modules:
-        raise TypeError(f"target_modules must be a non-empty list of module-name suffixes, got {target_modules!r}")
-    for pattern in target_modules:
-        if not isinstance(pattern, str) or not pattern:
-            raise TypeError(f"target_modules entries must be non-empty strings, got {pattern!r}")
-    modules = dict(model.named_modules())
     selected: dict[str, nn.Linear] = {}
-    for pattern in target_modules:
-        for name, module in modules.items():
-            if not _matches(name, pattern):
-                continue
-            prefix = f"{name}." if name else ""
-            if isinstance(module, nn.Linear):
-                selected[name] = module
-            elif _peft_adapters(module):
-                for rel, sub in _peft_adapters(module):
-                    selected[prefix + rel] = sub
-                base = getattr(module, "base_layer", None)
-                if isinstance(base, nn.Linear):
-                    selected[prefix + "base_layer"] = base
-            elif isinstance(module, (nn.ModuleDict, nn.ModuleList)) and len(module) and all(
-                    isinstance(sub, nn.Linear) for sub in module.children()):
-                for rel, sub in module.named_children():
-                    selected[prefix + rel] = sub
-            else:
-                raise TypeError(f"target_modules entry {pattern!r} matched module {name!r} of type "
-                                f"{type(module).__name__}; only nn.Linear modules (or peft LoRA layers wrapping "
-                                "one) can be targeted")
-    if not selected:
-        raise ValueError(f"target_modules {list(target_modules)} matched no module of the model; its nn.Linear "
-                         f"modules are: {_describe_linears(modules)}")
+    for name, module in find_modules(model, target_modules, accept=_filterable,
+                                     what="an nn.Linear (or a peft LoRA layer wrapping one, or a container of "
+                                          "Linears)"):
+        if isinstance(module, nn.Linear):
+            selected[name] = module
+        elif _peft_adapters(module):
+            for rel, sub in _peft_adapters(module):
+                selected[f"{name}.{rel}"] = sub
+            base = getattr(module, "base_layer", None)
+            if isinstance(base, nn.Linear):
+                selected[f"{name}.base_layer"] = base
+        else:
+            for rel, sub in module.named_children():
+                selected[f"{name}.{rel}"] = sub
     targets = [(f"{name}.weight", module.weight) for name, module in selected.items() if module.weight.requires_grad]
     if not targets:
-        raise ValueError(f"target_modules {list(target_modules)} matched only frozen weights "
+        raise ValueError(f"target_modules {target_modules!r} matched only frozen weights "
                          f"({', '.join(selected)}); nothing to filter")
     return targets
-
-
-def _describe_linears(modules: dict[str, nn.Module], limit: int = 12) -> str:
-    names = [name for name, module in modules.items() if isinstance(module, nn.Linear)]
-    if not names:
-        return "(none)"
-    suffixes = sorted({name.rsplit(".", 1)[-1] for name in names})
-    shown = ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
-    return f"{shown}; distinct last components: {', '.join(suffixes)}"
 
 
 # ---------------------------------------------------------------------------------------- the filter
@@ -311,7 +293,8 @@ class SpectralGradientFilter:
 
     Args:
         model: the model (plain or peft-wrapped).
-        target_modules: module-name suffixes, e.g. ``["query", "value"]`` (see ``find_targets``).
+        target_modules: module-name suffixes, e.g. ``["query", "value"]``, or one regex over full module names
+            (peft's rule, ``spectralkern._targets``; see ``find_targets``).
         graph: "knn" or "gradient_correlation" (module docstring).
         block_size: rows per block (the last block may be shorter).
         k: eigenpairs per block (a block of n_b rows keeps min(k, n_b)).
@@ -345,7 +328,7 @@ class SpectralGradientFilter:
         steps: number of completed steps.
     """
 
-    def __init__(self, model: nn.Module, target_modules: Sequence[str], *, graph: str = "knn",
+    def __init__(self, model: nn.Module, target_modules: TargetModules, *, graph: str = "knn",
                  block_size: int = 128, k: int = 16,
                  gains: Callable[[torch.Tensor], torch.Tensor] | torch.Tensor | None = None,
                  passthrough: float = 0.0, filter_method: str = "basis", chebyshev_order: int = 16,
@@ -567,6 +550,7 @@ class SpectralGradientFilter:
 
     def refresh(self) -> None:
         """Rebuild every graph (kNN of the current weights, or the gradient-correlation EMA) and its basis now."""
+        start = time.perf_counter()
         with torch.no_grad():
             for t in self._targets:
                 graph = self._correlation_graph(t) if t.correlation is not None else self._knn_graph(t.param,
@@ -574,6 +558,8 @@ class SpectralGradientFilter:
                 laplacian = graph.laplacian(normalized=self.normalized)
                 state = TargetState(graph, self._basis(laplacian, t.basis), t.theta0, t.correlation)
                 self._assign(t, self._staged(t, state, laplacian))
+        logger.info("refreshed the graphs and bases of %d targets at step %d in %.3f s", len(self._targets),
+                    self.steps, time.perf_counter() - start)
 
     def remove_hooks(self) -> None:
         """Detach hook mode's gradient hooks (the filter then works in explicit mode)."""
@@ -837,7 +823,10 @@ def _checked_graph(name: str, rows: int, block_ptr: torch.Tensor, row: torch.Ten
     if not (row.dim() == col.dim() == weight.dim() == 1 and row.shape == col.shape == weight.shape):
         raise ValueError(f"state_dict graph of {name}: row, col and weight must be 1-D of one length, got shapes "
                          f"{tuple(row.shape)}, {tuple(col.shape)}, {tuple(weight.shape)}")
-    if row.is_floating_point() or col.is_floating_point() or not weight.is_floating_point():
+    if any(t.device.type == "meta" for t in (row, col, weight)):   # issue 21: no values to check or load
+        raise ValueError(f"state_dict graph of {name}: row, col and weight must hold data, got a meta tensor")
+    if (row.is_floating_point() or col.is_floating_point() or not weight.is_floating_point()
+            or any(t.is_complex() or t.dtype == torch.bool for t in (row, col))):
         raise ValueError(f"state_dict graph of {name}: integer row/col and float weights expected, got "
                          f"{row.dtype}, {col.dtype}, {weight.dtype}")
     if row.numel() and (int(row.min()) < 0 or int(col.min()) < 0 or int(row.max()) >= rows
