@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 mode=${1:-hf}
 shift || true
 # Keep these in step with pyproject.toml: each is the lower bound written there.
-hf_floors=("transformers==4.53.0" "peft==0.21.0" "safetensors==0.4.3" "tqdm==4.60.0")
+hf_floors=("transformers==5.4.0" "peft==0.21.0" "safetensors==0.4.3" "tqdm==4.60.0")
 core_floors=("torch==2.5.0" "numpy==1.24.0" "scipy==1.11.0")
 case $mode in
     hf) floors=("torch==2.13.0" "${hf_floors[@]}") ;;
