@@ -77,6 +77,7 @@ def check_block_ptr(block_ptr: object, num_nodes: int) -> torch.Tensor:
                 raise TypeError(f"block_ptr must hold integers, got {value!r} at position {position}") from None
         block_ptr = torch.tensor(offsets, dtype=torch.int64)
     check_tensor("block_ptr", block_ptr, ndim=1)
+    check_has_data("block_ptr", block_ptr)
     if block_ptr.is_floating_point() or block_ptr.dtype == torch.bool or block_ptr.is_complex():
         raise TypeError(f"block_ptr must be an integer tensor, got {block_ptr.dtype}")
     ptr = block_ptr.detach().to("cpu", torch.int64)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_block_ptr, check_positive_int, check_same_device, check_tensor
+from ._checks import (check_block_ptr, check_finite, check_has_data, check_positive_int, check_same_device,
+                      check_tensor)
 from .graph import GraphLaplacian
 
 # Dense eigh of the whole graph is O(N^3); past this, use the Lanczos solver.
@@ -31,6 +32,9 @@ class SpectralBasis:
             if not value.is_floating_point():
                 raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
         check_same_device("eigenvalues", eigenvalues, "U", U)
+        for name, value in (("U", U), ("eigenvalues", eigenvalues)):
+            check_has_data(name, value)
+            check_finite(name, value)   # a NaN frequency would reach every output of every op that reads it
         block_ptr = check_block_ptr(block_ptr, U.shape[0])  # int64 on the CPU; must end at U's row count
         if eigenvalues.shape != (block_ptr.numel() - 1, U.shape[1]):
             raise ValueError(f"eigenvalues must have shape (B, k) = ({block_ptr.numel() - 1}, {U.shape[1]}), "

@@ -49,12 +49,15 @@ def finite_float(text: str) -> float:
 def fractions(text: str) -> tuple[float, ...]:
     """Comma-separated shares, each in (0, 1]."""
     parts = [part.strip() for part in text.split(",") if part.strip()]
-    if not parts:
+    try:
+        values = tuple(float(part) for part in parts)
+    except ValueError:
+        values = ()
+    if not values:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers in (0, 1], got {text!r}")
-    values = tuple(_finite(part) for part in parts)
-    bad = [part for part, value in zip(parts, values) if not 0 < value <= 1]
+    bad = [part for part, value in zip(parts, values) if not 0 < value <= 1]   # NaN fails this too
     if bad:
-        raise argparse.ArgumentTypeError(f"expected each share in (0, 1], got {', '.join(bad)}")
+        raise argparse.ArgumentTypeError(f"fractions must lie in (0, 1], got {', '.join(bad)}")
     return values
 
 

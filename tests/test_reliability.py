@@ -9,7 +9,7 @@ import scipy.sparse
 import torch
 
 import spectralkern as sk
-from spectralkern.eigen._compiled import native_available
+from spectralkern.eigen._native_csr import native_available
 
 
 @pytest.mark.parametrize("scale", [1e20, 1e30, 1e-23, 1e-30])

@@ -823,7 +823,10 @@ def _checked_graph(name: str, rows: int, block_ptr: torch.Tensor, row: torch.Ten
     if not (row.dim() == col.dim() == weight.dim() == 1 and row.shape == col.shape == weight.shape):
         raise ValueError(f"state_dict graph of {name}: row, col and weight must be 1-D of one length, got shapes "
                          f"{tuple(row.shape)}, {tuple(col.shape)}, {tuple(weight.shape)}")
-    if row.is_floating_point() or col.is_floating_point() or not weight.is_floating_point():
+    if any(t.device.type == "meta" for t in (row, col, weight)):   # issue 21: no values to check or load
+        raise ValueError(f"state_dict graph of {name}: row, col and weight must hold data, got a meta tensor")
+    if (row.is_floating_point() or col.is_floating_point() or not weight.is_floating_point()
+            or any(t.is_complex() or t.dtype == torch.bool for t in (row, col))):
         raise ValueError(f"state_dict graph of {name}: integer row/col and float weights expected, got "
                          f"{row.dtype}, {col.dtype}, {weight.dtype}")
     if row.numel() and (int(row.min()) < 0 or int(col.min()) < 0 or int(row.max()) >= rows

@@ -22,7 +22,7 @@ import scipy.sparse.linalg
 import torch
 
 from ...eigen import lowest_eigenpairs
-from ...eigen._compiled import native_available
+from ...eigen._native_csr import native_available
 from ...graph import ParameterGraph
 from ..case import Case, Prepared, Provider
 

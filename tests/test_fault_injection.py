@@ -1,0 +1,138 @@
+"""Fault injection for the training loop's filter: a non-finite gradient at a random step, a state dict from another
+model, and a fuzzed filter state (hypothesis mutations of a valid one) — each must give a clear error or a correct
+result and never leave the filter half-loaded or poisoned."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from spectralkern import SpectralGradientFilter
+
+FUZZ = settings(max_examples=30, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+def _filter(rows: int = 32, **kwargs) -> tuple[nn.Module, SpectralGradientFilter]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, rows))
+    options = {"block_size": 16, "k": 4, "knn": 4, "refresh_every": 2, "reg_weight": 0.1, **kwargs}
+    return model, SpectralGradientFilter(model, ["0"], **options)
+
+
+def _tensors(state: dict) -> dict[str, torch.Tensor]:
+    return {f"{name}.{key}": value.clone() for name, entry in state["targets"].items()
+            for key, value in entry.items() if isinstance(value, torch.Tensor)}
+
+
+def _same(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> bool:
+    return before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 21, filter side (paper001): a non-finite gradient still enters the "
+                                       "gradient-correlation EMA; remove this mark when it is skipped and counted")
+@pytest.mark.parametrize("bad_step", [0, 1, 3])
+def test_non_finite_gradient_never_enters_the_filter_state(bad_step):
+    model, filt = _filter(graph="gradient_correlation")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randn(64, 8)
+    for step in range(6):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        if step == bad_step:
+            model[0].weight.grad[3, 2] = math.inf
+        try:
+            filt.step()
+        except (ValueError, RuntimeError):
+            pass   # refusing the step is allowed; poisoning the state is not
+        opt.zero_grad()   # the scaler-style skip: no optimizer step on a bad gradient
+    state = _tensors(filt.state_dict())
+    assert all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
+    graph_rows = state["0.weight.row"]
+    assert bool((graph_rows == 3).any()), "node 3 lost its edges for good"
+
+
+def test_state_dict_from_another_model_leaves_the_filter_untouched():
+    _, mine = _filter(rows=32)
+    _, other = _filter(rows=48)
+    before = _tensors(mine.state_dict())
+    with pytest.raises(ValueError):
+        mine.load_state_dict(other.state_dict())
+    assert _same(before, _tensors(mine.state_dict()))
+
+
+_MUTATIONS = ["drop_key", "nan", "shape", "dtype", "meta", "not_a_tensor", "drop_target", "steps", "version"]
+
+
+# Found by this fuzzing and still open on the filter side (paper001's load_state_dict/restore): a saved basis or
+# W₀ on the meta device reaches .to(device) unchecked (raw NotImplementedError); NaN in W₀ loads silently; float16
+# eigenvalues load beside a float32 U (the basis changes dtype); a W₀ that is a list raises AttributeError. Each
+# stays a strict xfail until fixed, and is left out of the property test below.
+_OPEN = {("meta", "U"), ("meta", "eigenvalues"), ("meta", "theta0"), ("nan", "theta0"), ("dtype", "eigenvalues"),
+         ("not_a_tensor", "theta0")}
+
+
+@pytest.mark.xfail(strict=True, reason="issue 21, filter side (paper001): see _OPEN")
+@pytest.mark.parametrize("mutation, key", sorted(_OPEN))
+def test_open_state_load_findings(mutation, key):
+    _, probe = _filter()
+    bad = copy.deepcopy(probe.state_dict())
+    value = bad["targets"]["0.weight"][key]
+    bad["targets"]["0.weight"][key] = {"meta": lambda: value.to("meta"), "nan": lambda: value.clone().fill_(math.nan),
+                                       "dtype": lambda: value.half(), "not_a_tensor": value.tolist}[mutation]()
+    before = _tensors(probe.state_dict())
+    with pytest.raises((ValueError, TypeError)):
+        probe.load_state_dict(bad)
+    assert _same(before, _tensors(probe.state_dict()))
+
+
+@FUZZ
+@given(mutation=st.sampled_from(_MUTATIONS), which=st.integers(0, 6), data=st.data())
+def test_fuzzed_filter_state_gives_a_clear_error_and_changes_nothing(mutation, which, data):
+    """Any mutation of a valid state: either it still loads (harmlessly: finite, the filter's own shapes and
+    dtypes) or it raises ValueError/TypeError and the filter is exactly as it was."""
+    _, filt = _filter()
+    good = filt.state_dict()
+    bad = copy.deepcopy(good)
+    entry = bad["targets"]["0.weight"]
+    keys = sorted(k for k, v in entry.items() if isinstance(v, torch.Tensor))
+    key = keys[which % len(keys)]
+    if (mutation, key) in _OPEN:
+        return
+    if mutation == "drop_key":
+        del entry[key]
+    elif mutation == "nan" and entry[key].is_floating_point():
+        entry[key] = entry[key].clone().view(-1).index_fill(0, torch.tensor([0]), math.nan).view_as(entry[key])
+    elif mutation == "shape":
+        entry[key] = entry[key][:max(entry[key].shape[0] - 1, 0)]
+    elif mutation == "dtype":
+        entry[key] = entry[key].to(data.draw(st.sampled_from([torch.int32, torch.float16, torch.complex64])))
+    elif mutation == "meta":
+        entry[key] = entry[key].to("meta")
+    elif mutation == "not_a_tensor":
+        entry[key] = entry[key].tolist()
+    elif mutation == "drop_target":
+        bad["targets"] = {}
+    elif mutation == "steps":
+        bad["steps"] = data.draw(st.sampled_from([-1, 1.5, "3", None]))
+    elif mutation == "version":
+        bad["version"] = 999
+    _, probe = _filter()
+    before = _tensors(probe.state_dict())
+    try:
+        probe.load_state_dict(bad)
+    except (ValueError, TypeError):
+        assert _same(before, _tensors(probe.state_dict()))
+        return
+    # accepted: it must have been harmless — everything finite and of the filter's own shapes
+    after = _tensors(probe.state_dict())
+    assert after.keys() == before.keys()
+    for name, value in after.items():
+        assert value.shape == before[name].shape and value.dtype == before[name].dtype, name
+        if value.is_floating_point():
+            assert bool(torch.isfinite(value).all()), name
