@@ -28,8 +28,8 @@ Modes (which code applies F and adds the regulariser's gradient):
     explicit (default)  ``filt.step()`` after ``backward()``: ``.grad`` ← F(.grad) + 2λ L_reg Δ for every target.
     hook=True           a post-accumulate-grad hook applies F to each gradient as soon as backward has accumulated
                         it (bit for bit the explicit result); ``filt.step()`` then adds the regulariser's gradient,
-                        counts the step and refreshes. One backward per step (the hook would filter partial sums of
-                        an accumulation again).
+                        counts the step and refreshes. One backward per step: a second backward accumulating into
+                        a gradient the hook already filtered raises (it would filter the first share twice).
     optimizers          ``SpectralAdamW`` / ``SpectralSGD`` with ``spectral_filter=filt`` do both inside their update
                         (``.grad`` stays the raw task gradient); do not call ``filt.step()`` then.
 
@@ -43,6 +43,12 @@ it: with ``torch.amp.GradScaler`` (fp16) call ``filt.step()`` before ``scaler.un
 ``filt.unscale_regularizer_(1 / scaler.get_scale())`` right after it. SpectralAdamW and SpectralSGD take
 ``scaler.step(opt)`` themselves (``optim/amp.py``): they divide gradients and the recorded scale by S together, and
 skip inf/nan steps without counting them.
+
+Safety: a gradient is never filtered twice — ``step()`` and the optimizers raise, changing nothing, while a targeted
+``.grad`` is still the tensor the filter wrote and unchanged since (its ``_version``); any backward into it, a new
+tensor or any write makes it new. Gradients with inf/NaN never enter the persistent state (the correlation EMA):
+they are skipped, counted (``nonfinite_observations``) and warned about once. Every random number comes from the
+filter's own generator (``seed=``), saved in ``state_dict()``, so a resume is bit-identical without the global RNG.
 
 The per-target protocol (``filt.targets_for_update()`` → ``FilterTarget``s, then ``filt.end_step()``) is what the
 optimizers, the checkpoint code and any other update rule use; nothing outside this module touches the filter's
