@@ -239,6 +239,19 @@ def test_old_states_load_and_a_bad_generator_state_changes_nothing(seed):
         assert filt.steps == 5 and torch.equal(filt.state_dict()["generator"], generator_state)
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -1.0])
+def test_a_saved_correlation_ema_that_is_not_finite_and_non_negative_is_refused(seed, bad):
+    model, filt = model_and_filter(seed, graph="gradient_correlation")
+    loss_of(model, 0).backward()
+    filt.step()
+    state = copy.deepcopy(filt.state_dict())
+    state["targets"]["0.weight"]["correlation"][0, 1, 2] = bad
+    before = filt.filter_targets[0].correlation.clone()
+    with pytest.raises(ValueError, match="correlation EMA of 0.weight must be finite and non-negative"):
+        filt.load_state_dict(state)
+    assert torch.equal(filt.filter_targets[0].correlation, before)
+
+
 # ------------------------------------------------------------------------------ 4. dtypes and reg_weight
 @pytest.mark.parametrize("optimizer", ["SpectralAdamW", "SpectralSGD"])
 def test_complex_and_other_unsupported_parameters_are_refused_by_name(optimizer):

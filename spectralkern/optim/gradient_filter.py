@@ -681,6 +681,15 @@ class SpectralGradientFilter:
             missing = [key for key in required if not isinstance(entry.get(key), torch.Tensor)]
             if missing:
                 raise ValueError(f"state_dict entry of {t.name} lacks the tensors {missing}")
+            for key in ("theta0", "correlation"):
+                if key in entry and not isinstance(entry[key], torch.Tensor):
+                    raise ValueError(f"state_dict {key} of {t.name} must be a tensor, got {type(entry[key]).__name__}")
+            meta = [key for key, value in entry.items() if isinstance(value, torch.Tensor) and value.is_meta]
+            if meta:
+                raise ValueError(f"state_dict entry of {t.name} holds meta tensors (no data) for {meta}")
+            if entry["eigenvalues"].dtype != entry["U"].dtype:
+                raise ValueError(f"state_dict basis of {t.name}: eigenvalues are {entry['eigenvalues'].dtype}, U is "
+                                 f"{entry['U'].dtype}; they must have one dtype")
             device, rows = local_tensor(t.param).device, local_tensor(t.param).shape[0]
             if entry["U"].dim() != 2 or entry["U"].shape[0] != rows:
                 raise ValueError(f"state_dict basis of {t.name} has shape {tuple(entry['U'].shape)}, but the weight "
@@ -767,6 +776,8 @@ class SpectralGradientFilter:
             if tuple(theta0.shape) != tuple(local.shape) or not theta0.is_floating_point():
                 raise ValueError(f"the saved W₀ of {t.name} is {theta0.dtype} of shape {tuple(theta0.shape)}, the "
                                  f"weight here is {local.dtype} of shape {tuple(local.shape)}")
+            if not bool(torch.isfinite(theta0).all()):
+                raise ValueError(f"the saved W₀ of {t.name} holds inf/NaN values")
             theta0 = theta0.to(device=device, dtype=local.dtype)
         sizes = graph.block_sizes
         n_max = int(sizes.max()) if sizes.numel() else 0
@@ -778,6 +789,8 @@ class SpectralGradientFilter:
                 raise ValueError(f"the saved correlation EMA of {t.name} is {correlation.dtype} of shape "
                                  f"{tuple(correlation.shape)}, expected float of shape "
                                  f"{(graph.num_blocks, n_max, n_max)}")
+            if not bool(torch.isfinite(correlation).all()) or (correlation.numel() and float(correlation.min()) < 0):
+                raise ValueError(f"the saved correlation EMA of {t.name} must be finite and non-negative")
             correlation = correlation.to(device)
         if laplacian is None:
             laplacian = graph.laplacian(normalized=self.normalized)
