@@ -153,8 +153,8 @@ class FilterTarget:
         self.lambda_max: float = 2.0
         self.theta0: torch.Tensor | None = None
         self.correlation: torch.Tensor | None = None
-        # (the local gradient tensor, its _version) right after the filter last wrote it in place: a gradient still
-        # equal to that (same tensor, no write since) must not be filtered again
+        # (the parameter's .grad object, the _version of its local rows) right after the filter last wrote it in
+        # place: a gradient still equal to that (same tensor, no write since) must not be filtered again
         self._written: tuple[weakref.ref, int] | None = None
         self._stepped = False  # hook mode: step() already ran on the gradient the hook last filtered
 
@@ -210,16 +210,19 @@ class FilterTarget:
         """grad ← F(grad), in place."""
         grad.copy_(self.filter(grad))
 
-    def holds_written_grad(self, grad: torch.Tensor | None) -> bool:
-        """True when ``grad`` (local rows) is the tensor the filter last wrote in place and nothing changed it
-        since (no backward accumulated into it, it was not replaced): filtering it again would filter twice."""
+    def holds_written_grad(self) -> bool:
+        """True when ``param.grad`` is the tensor the filter last wrote in place and nothing changed it since (no
+        backward accumulated into it, it was not replaced): filtering it again would filter twice."""
+        grad = self.param.grad
         if grad is None or self._written is None:
             return False
         ref, version = self._written
-        return ref() is grad and grad._version == version
+        return ref() is grad and local_tensor(grad)._version == version
 
-    def mark_written(self, grad: torch.Tensor) -> None:
-        self._written = (weakref.ref(grad), grad._version)
+    def mark_written(self) -> None:
+        """Record ``param.grad`` as written by the filter (call right after writing it)."""
+        grad = self.param.grad
+        self._written = (weakref.ref(grad), local_tensor(grad)._version)
 
     def regularizer_grad(self) -> torch.Tensor | None:
         """scale·2λ L_reg Δ of the local rows, fp32 (fp64 for fp64 weights) — the regulariser's share of the
@@ -523,7 +526,7 @@ class SpectralGradientFilter:
         (no backward since): it would be filtered twice. A backward that accumulates into ``.grad``, a new
         ``.grad`` tensor or any in-place change of it counts as new."""
         stale = [t.name for t in self._targets if t.param.grad is not None
-                 and t.holds_written_grad(t.local_grad(t.param.grad)) and (not self.hook or t._stepped)]
+                 and t.holds_written_grad() and (not self.hook or t._stepped)]
         if stale:
             raise RuntimeError(f"SpectralGradientFilter.step() was already called on the current gradients of "
                                f"{', '.join(stale)} (no backward since): filtering them again would filter them "
@@ -545,7 +548,7 @@ class SpectralGradientFilter:
                     grad = t.local_grad(t.param.grad)
                     grad.add_(reg.to(grad.dtype))
                 if t.param.grad is not None:
-                    t.mark_written(t.local_grad(t.param.grad))
+                    t.mark_written()
                     t._stepped = True
         self.end_step()
 
@@ -560,7 +563,7 @@ class SpectralGradientFilter:
                              "optimizer that filters would filter them a second time. Build the filter with "
                              "hook=False (or call filt.remove_hooks())")
         filtered = [t.name for t in self._targets
-                    if t.param.grad is not None and t.holds_written_grad(t.local_grad(t.param.grad))]
+                    if t.holds_written_grad()]
         if filtered:
             raise RuntimeError(f"spectral_filter.step() was called before the optimizer's step: the gradients of "
                                f"{', '.join(filtered)} are already filtered and would be filtered twice. With an "
@@ -817,7 +820,7 @@ class SpectralGradientFilter:
             with torch.no_grad():
                 grad = target.local_grad(param.grad)
                 written = target._written
-                if written is not None and written[0]() is grad and grad._version == written[1] + 1:
+                if written is not None and written[0]() is param.grad and grad._version == written[1] + 1:
                     # backward accumulated into the gradient the hook (or step) had filtered: F(F(g1) + g2)
                     raise RuntimeError(f"a second backward accumulated into the already filtered gradient of "
                                        f"{target.name}: hook mode would filter the first backward's share twice. "
@@ -826,7 +829,7 @@ class SpectralGradientFilter:
                                        "several backwards build the filter with hook=False")
                 target.observe(grad)
                 target.filter_(grad)
-                target.mark_written(grad)
+                target.mark_written()
                 target._stepped = False
         return hook
 
