@@ -167,9 +167,9 @@ def test_refresh_warm_starts_the_eigensolver(seed, monkeypatch):
 
     calls = []
 
-    def spy(L, k, *, v0=None):
+    def spy(L, k, *, v0=None, generator=None):
         calls.append(v0)
-        return sk.lowest_eigenpairs(L, k, v0=v0)
+        return sk.lowest_eigenpairs(L, k, v0=v0, generator=generator)
     monkeypatch.setattr(gradient_filter, "lowest_eigenpairs", spy)
     model = tiny_model(seed)
     filt = sk.SpectralGradientFilter(model, ["0"], block_size=8, k=3, knn=3, refresh_every=1)
@@ -486,6 +486,7 @@ def test_bad_optimizer_use_is_refused(seed):
         sk.SpectralAdamW(model.parameters(), spectral_filter=hooked)
     hooked.remove_hooks()
     sk.SpectralAdamW(model.parameters(), spectral_filter=hooked)  # fine once the hooks are gone
+    opt.zero_grad()  # the filtered gradients stay refused until a new backward (or zero_grad)
     opt.param_groups[0]["amsgrad"] = True  # e.g. from a torch AdamW state_dict
     with pytest.raises(ValueError, match="does not implement amsgrad"):
         opt.step()

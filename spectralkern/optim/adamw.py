@@ -42,7 +42,7 @@ import torch
 from ..distributed.shards import local_tensor
 from ..ops.adamw_update import AdamWHyper, GroupHyper, SpectralTarget, adamw_update_group_, state_dtype
 from .amp import prepare_scaled_step
-from .attach import check_filter_attachable, check_targets_updated
+from .attach import check_filter_attachable, check_param_dtypes, check_targets_updated
 from .gradient_filter import FilterTarget, SpectralGradientFilter
 
 
@@ -83,6 +83,11 @@ class SpectralAdamW(torch.optim.Optimizer):
         self.spectral_filter: SpectralGradientFilter | None = None
         self.set_spectral_filter(spectral_filter)
 
+    def add_param_group(self, param_group: dict) -> None:
+        """As torch's, after checking that every parameter has a real floating-point dtype."""
+        check_param_dtypes(param_group, len(self.param_groups), "SpectralAdamW")
+        super().add_param_group(param_group)
+
     def set_spectral_filter(self, spectral_filter: SpectralGradientFilter | None) -> None:
         """Attach ``spectral_filter`` (None: detach; plain AdamW from the next step on).
 
@@ -114,14 +119,15 @@ class SpectralAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         filt = self.spectral_filter
-        if not prepare_scaled_step(self, filt):
-            return loss
         targets: dict[int, FilterTarget] = {}
         if filt is not None:
             # Engines may swap the parameters after construction (accelerate's FSDP2 prepare); a filter holding the
-            # old ones would silently filter nothing.
+            # old ones would silently filter nothing. Before unscaling: that changes .grad, which would hide
+            # gradients filt.step() already filtered.
             check_targets_updated(filt, self.param_groups)
             targets = {id(t.param): t for t in filt.targets_for_update()}
+        if not prepare_scaled_step(self, filt):
+            return loss
         for group in self.param_groups:
             if group.get("amsgrad", False):
                 raise ValueError("SpectralAdamW does not implement amsgrad; the param group has amsgrad=True")

@@ -28,8 +28,8 @@ Modes (which code applies F and adds the regulariser's gradient):
     explicit (default)  ``filt.step()`` after ``backward()``: ``.grad`` ← F(.grad) + 2λ L_reg Δ for every target.
     hook=True           a post-accumulate-grad hook applies F to each gradient as soon as backward has accumulated
                         it (bit for bit the explicit result); ``filt.step()`` then adds the regulariser's gradient,
-                        counts the step and refreshes. One backward per step (the hook would filter partial sums of
-                        an accumulation again).
+                        counts the step and refreshes. One backward per step: a second backward accumulating into
+                        a gradient the hook already filtered raises (it would filter the first share twice).
     optimizers          ``SpectralAdamW`` / ``SpectralSGD`` with ``spectral_filter=filt`` do both inside their update
                         (``.grad`` stays the raw task gradient); do not call ``filt.step()`` then.
 
@@ -43,6 +43,12 @@ it: with ``torch.amp.GradScaler`` (fp16) call ``filt.step()`` before ``scaler.un
 ``filt.unscale_regularizer_(1 / scaler.get_scale())`` right after it. SpectralAdamW and SpectralSGD take
 ``scaler.step(opt)`` themselves (``optim/amp.py``): they divide gradients and the recorded scale by S together, and
 skip inf/nan steps without counting them.
+
+Safety: a gradient is never filtered twice — ``step()`` and the optimizers raise, changing nothing, while a targeted
+``.grad`` is still the tensor the filter wrote and unchanged since (its ``_version``); any backward into it, a new
+tensor or any write makes it new. Gradients with inf/NaN never enter the persistent state (the correlation EMA):
+they are skipped, counted (``nonfinite_observations``) and warned about once. Every random number comes from the
+filter's own generator (``seed=``), saved in ``state_dict()``, so a resume is bit-identical without the global RNG.
 
 The per-target protocol (``filt.targets_for_update()`` → ``FilterTarget``s, then ``filt.end_step()``) is what the
 optimizers, the checkpoint code and any other update rule use; nothing outside this module touches the filter's
@@ -61,6 +67,7 @@ import logging
 import math
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -88,7 +95,7 @@ FILTER_METHODS = ("basis", "chebyshev")
 # products of the Chebyshev recursion per step (benchmarks/NOTES.md, "Full-spectrum filter per step"). Memory:
 # N_r x n_max floats per weight.
 MATERIALIZE_MAX_BLOCK = 512
-_STATE_VERSION = 2
+_STATE_VERSION = 3  # 3: the filter's generator state ("generator")
 
 
 @dataclass(frozen=True)
@@ -146,6 +153,10 @@ class FilterTarget:
         self.lambda_max: float = 2.0
         self.theta0: torch.Tensor | None = None
         self.correlation: torch.Tensor | None = None
+        # (the parameter's .grad object, the _version of its local rows) right after the filter last wrote it in
+        # place: a gradient still equal to that (same tensor, no write since) must not be filtered again
+        self._written: tuple[weakref.ref, int] | None = None
+        self._stepped = False  # hook mode: step() already ran on the gradient the hook last filtered
 
     @property
     def filter_method(self) -> str:
@@ -175,11 +186,16 @@ class FilterTarget:
 
     def observe(self, grad: torch.Tensor) -> None:
         """Feed the task gradient (local rows) to the gradient-correlation EMA; a no-op for kNN graphs. Out of
-        place: ``state_dict`` hands out references."""
+        place: ``state_dict`` hands out references. A gradient with inf/NaN entries (an overflowing fp16 step that
+        a GradScaler will skip) is left out of the EMA and counted in the filter's ``nonfinite_observations``
+        (one host sync per target and step, for this graph kind only)."""
         if self.correlation is None:
             return
         decay = self._owner.correlation_decay
         gram = _block_gram(grad.float(), self.graph.block_ptr, self.correlation.shape[-1])
+        if not bool(torch.isfinite(gram).all()):
+            self._owner._skipped_nonfinite(self.name)
+            return
         self.correlation = decay * self.correlation + (1 - decay) * gram.abs()
 
     def filter(self, grad: torch.Tensor) -> torch.Tensor:
@@ -193,6 +209,20 @@ class FilterTarget:
     def filter_(self, grad: torch.Tensor) -> None:
         """grad ← F(grad), in place."""
         grad.copy_(self.filter(grad))
+
+    def holds_written_grad(self) -> bool:
+        """True when ``param.grad`` is the tensor the filter last wrote in place and nothing changed it since (no
+        backward accumulated into it, it was not replaced): filtering it again would filter twice."""
+        grad = self.param.grad
+        if grad is None or self._written is None:
+            return False
+        ref, version = self._written
+        return ref() is grad and local_tensor(grad)._version == version
+
+    def mark_written(self) -> None:
+        """Record ``param.grad`` as written by the filter (call right after writing it)."""
+        grad = self.param.grad
+        self._written = (weakref.ref(grad), local_tensor(grad)._version)
 
     def regularizer_grad(self) -> torch.Tensor | None:
         """scale·2λ L_reg Δ of the local rows, fp32 (fp64 for fp64 weights) — the regulariser's share of the
@@ -323,9 +353,15 @@ class SpectralGradientFilter:
             (2,) on one process to reproduce 2-rank FSDP2 training exactly, or (1, 2, 4) so that checkpoints
             reshard between those world sizes. Under FSDP2 the boundaries of the mesh in use are always cuts.
         progress: a tqdm bar over the targets while building (None: tqdm's auto-disable when not a TTY).
+        seed: seeds the filter's own ``torch.Generator``, the source of every random number it draws (the
+            eigensolver's start vectors). None (default): drawn once from torch's global RNG here, so
+            ``torch.manual_seed`` before construction makes the filter repeatable. The generator's state is part of
+            ``state_dict()``: a resume reproduces the bases bit for bit whatever the global RNG does meanwhile.
     Attributes:
         targets: list of (parameter name, parameter) actually targeted.
         steps: number of completed steps.
+        nonfinite_observations: gradients (per target and step) left out of the gradient-correlation EMA because
+            they held inf/NaN (a warning is given the first time).
     """
 
     def __init__(self, model: nn.Module, target_modules: TargetModules, *, graph: str = "knn",
@@ -334,7 +370,8 @@ class SpectralGradientFilter:
                  passthrough: float = 0.0, filter_method: str = "basis", chebyshev_order: int = 16,
                  refresh_every: int | None = 200, reg_weight: float = 0.0, knn: int = 8,
                  hook: bool = False, normalized: bool = True, reg_normalized: bool | None = None,
-                 correlation_decay: float = 0.99, align_shards: Sequence[int] = (), progress: bool | None = None):
+                 correlation_decay: float = 0.99, align_shards: Sequence[int] = (), progress: bool | None = None,
+                 seed: int | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if graph not in GRAPHS:
@@ -352,7 +389,7 @@ class SpectralGradientFilter:
                                           or refresh_every < 0):
             raise ValueError(f"refresh_every must be a non-negative int or None (0/None: never), got {refresh_every!r}")
         self.refresh_every = refresh_every or 0
-        self._reg_weight = _finite("reg_weight", reg_weight)
+        self._reg_weight = _check_reg_weight(reg_weight)
         for flag, value in (("hook", hook), ("normalized", normalized)):
             if not isinstance(value, bool):
                 raise TypeError(f"{flag} must be a bool, got {type(value).__name__}")
@@ -373,8 +410,13 @@ class SpectralGradientFilter:
                 raise ValueError(f"passthrough must be 0 with filter_method='chebyshev' (every frequency gets "
                                  f"g(λ)), got {self.passthrough}")
         self.align_shards = tuple(check_positive_int("align_shards entry", w) for w in align_shards)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)))
+        elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+            raise ValueError(f"seed must be an int in [0, 2**64) or None, got {seed!r}")
+        self._generator = torch.Generator().manual_seed(seed)
         self.steps = 0
-        self._explicit_pending = False  # step() filtered grads that no optimizer step has consumed yet
+        self.nonfinite_observations = 0
         self._recorded_scale: torch.Tensor | None = None  # Σ of the gradients regularization()'s backward received
         self._recorded_unscaled = False                    # unscale_regularizer_() ran since the last step
         self._anchor: torch.Tensor | None = None
@@ -433,7 +475,7 @@ class SpectralGradientFilter:
 
     @reg_weight.setter
     def reg_weight(self, value: float) -> None:
-        value = _finite("reg_weight", value)
+        value = _check_reg_weight(value)
         if value != 0 and not self._keeps_theta0:
             raise ValueError("reg_weight was 0 when the filter was built, so W₀ was not kept; build the filter with "
                              "a non-zero reg_weight to use the regulariser")
@@ -478,7 +520,17 @@ class SpectralGradientFilter:
     def step(self) -> None:
         """``.grad`` ← F(.grad) + 2λ L_reg Δ for every targeted weight (F skipped in hook mode, which applied it
         already; the second term only when a backward went through ``regularization()``), then count the step and
-        refresh the bases when due. Call after ``backward()`` and before ``optimizer.step()``."""
+        refresh the bases when due. Call after ``backward()`` and before ``optimizer.step()``.
+
+        Raises RuntimeError, changing nothing, when a targeted gradient is still the one the last ``step()`` left
+        (no backward since): it would be filtered twice. A backward that accumulates into ``.grad``, a new
+        ``.grad`` tensor or any in-place change of it counts as new."""
+        stale = [t.name for t in self._targets if t.param.grad is not None
+                 and t.holds_written_grad() and (not self.hook or t._stepped)]
+        if stale:
+            raise RuntimeError(f"SpectralGradientFilter.step() was already called on the current gradients of "
+                               f"{', '.join(stale)} (no backward since): filtering them again would filter them "
+                               "twice. Call it once per backward, between backward() and optimizer.step()")
         if all(t.param.grad is None for t in self._targets) and self._recorded_scale is None:
             warnings.warn("SpectralGradientFilter.step(): no targeted weight has a gradient, so nothing was "
                           "filtered. If the model was wrapped (fully_shard replaces its parameters) after the "
@@ -495,22 +547,28 @@ class SpectralGradientFilter:
                         t.param.grad = torch.zeros_like(t.param)
                     grad = t.local_grad(t.param.grad)
                     grad.add_(reg.to(grad.dtype))
-        self._explicit_pending = not self.hook
+                if t.param.grad is not None:
+                    t.mark_written()
+                    t._stepped = True
         self.end_step()
 
     def targets_for_update(self) -> tuple[FilterTarget, ...]:
         """The targets, for an update rule that filters inside its step (SpectralAdamW, SpectralSGD). Call
-        ``end_step()`` once after updating them. Raises if ``step()`` already filtered these gradients or the
-        filter is in hook mode (the gradients would be filtered twice)."""
+        ``end_step()`` once after updating them. Raises if ``step()`` already filtered these gradients (and no
+        backward came since) or the filter is in hook mode: the gradients would be filtered twice. The check has
+        no side effect, so it raises again as long as the gradients stay the filtered ones; call it before
+        changing ``.grad`` (e.g. before unscaling)."""
         if self.hook:
             raise ValueError("the filter is in hook mode, which already filters the gradients during backward; an "
                              "optimizer that filters would filter them a second time. Build the filter with "
                              "hook=False (or call filt.remove_hooks())")
-        if self._explicit_pending:
-            self._explicit_pending = False
-            raise RuntimeError("spectral_filter.step() was called before the optimizer's step: the gradients are "
-                               "already filtered and would be filtered twice. With an optimizer that takes "
-                               "spectral_filter= do not call filt.step(); the optimizer filters and counts the step")
+        filtered = [t.name for t in self._targets
+                    if t.holds_written_grad()]
+        if filtered:
+            raise RuntimeError(f"spectral_filter.step() was called before the optimizer's step: the gradients of "
+                               f"{', '.join(filtered)} are already filtered and would be filtered twice. With an "
+                               "optimizer that takes spectral_filter= do not call filt.step(); the optimizer filters "
+                               "and counts the step")
         return tuple(self._targets)
 
     def end_step(self) -> None:
@@ -546,11 +604,13 @@ class SpectralGradientFilter:
         (``zero_grad`` of SpectralAdamW / SpectralSGD) or an optimizer step was skipped (inf/nan under a
         GradScaler). With another optimizer, call it when you zero gradients without stepping."""
         self._recorded_scale, self._recorded_unscaled = None, False
-        self._explicit_pending = False
 
     def refresh(self) -> None:
-        """Rebuild every graph (kNN of the current weights, or the gradient-correlation EMA) and its basis now."""
+        """Rebuild every graph (kNN of the current weights, or the gradient-correlation EMA) and its basis now.
+        Warns, as construction does, about graphs that come out without edges (e.g. a gradient-correlation EMA of
+        all-zero gradients)."""
         start = time.perf_counter()
+        edgeless = []
         with torch.no_grad():
             for t in self._targets:
                 graph = self._correlation_graph(t) if t.correlation is not None else self._knn_graph(t.param,
@@ -558,6 +618,15 @@ class SpectralGradientFilter:
                 laplacian = graph.laplacian(normalized=self.normalized)
                 state = TargetState(graph, self._basis(laplacian, t.basis), t.theta0, t.correlation)
                 self._assign(t, self._staged(t, state, laplacian))
+                if graph.num_edges == 0 and graph.num_nodes > 1:
+                    edgeless.append(t.name)
+        if edgeless:
+            source = ("gradient-correlation EMAs (no two rows of a block with a non-zero gradient correlation yet, "
+                      "e.g. all-zero gradients)" if self.graph_kind == "gradient_correlation"
+                      else "kNN graphs of the weights (no two rows of a block with a positive cosine similarity)")
+            warnings.warn(f"refresh at step {self.steps}: the graphs of {', '.join(edgeless)} have no edges, built "
+                          f"from their {source}: until a refresh finds edges, their gradients are projected onto k "
+                          "arbitrary basis vectors per block", stacklevel=2)
         logger.info("refreshed the graphs and bases of %d targets at step %d in %.3f s", len(self._targets),
                     self.steps, time.perf_counter() - start)
 
@@ -574,8 +643,9 @@ class SpectralGradientFilter:
                 "k": self.k}
 
     def state_dict(self) -> dict:
-        """Step count, and per target its graph, basis, W₀ and correlation EMA (references, not copies: the filter
-        never changes these tensors in place). With the model's and optimizer's state it resumes bit for bit."""
+        """Step count, the filter's generator state (uint8, ``torch.Generator.get_state()``), and per target its
+        graph, basis, W₀ and correlation EMA (references, not copies: the filter never changes these tensors in
+        place). With the model's and optimizer's state it resumes bit for bit, whatever torch's global RNG holds."""
         targets = {}
         for t in self._targets:
             entry = {"block_ptr": t.graph.block_ptr, "row": t.graph.row, "col": t.graph.col,
@@ -585,12 +655,13 @@ class SpectralGradientFilter:
             if t.correlation is not None:
                 entry["correlation"] = t.correlation
             targets[t.name] = entry
-        return {"version": _STATE_VERSION, "steps": self.steps, **self.config(), "targets": targets}
+        return {"version": _STATE_VERSION, "steps": self.steps, "generator": self._generator.get_state(),
+                **self.config(), "targets": targets}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore what ``state_dict()`` returned; the targets must have the same names and shapes. Everything is
         checked before anything is assigned: a failing load leaves the filter as it was."""
-        if not isinstance(state_dict, Mapping) or state_dict.get("version") not in (1, _STATE_VERSION):
+        if not isinstance(state_dict, Mapping) or state_dict.get("version") not in (1, 2, _STATE_VERSION):
             raise ValueError(f"state_dict must come from SpectralGradientFilter.state_dict() (version "
                              f"{_STATE_VERSION}), got {type(state_dict).__name__} with version "
                              f"{state_dict.get('version') if isinstance(state_dict, Mapping) else None}")
@@ -605,6 +676,7 @@ class SpectralGradientFilter:
             raise ValueError(f"state_dict['targets'] must be a dict of per-target entries, got "
                              f"{type(saved).__name__}")
         self._check_names(saved)
+        generator = _checked_generator(state_dict.get("generator")) if state_dict["version"] >= 3 else None
         states = {}
         for t in self._targets:
             entry = saved[t.name]
@@ -612,6 +684,15 @@ class SpectralGradientFilter:
             missing = [key for key in required if not isinstance(entry.get(key), torch.Tensor)]
             if missing:
                 raise ValueError(f"state_dict entry of {t.name} lacks the tensors {missing}")
+            for key in ("theta0", "correlation"):
+                if key in entry and not isinstance(entry[key], torch.Tensor):
+                    raise ValueError(f"state_dict {key} of {t.name} must be a tensor, got {type(entry[key]).__name__}")
+            meta = [key for key, value in entry.items() if isinstance(value, torch.Tensor) and value.is_meta]
+            if meta:
+                raise ValueError(f"state_dict entry of {t.name} holds meta tensors (no data) for {meta}")
+            if entry["eigenvalues"].dtype != entry["U"].dtype:
+                raise ValueError(f"state_dict basis of {t.name}: eigenvalues are {entry['eigenvalues'].dtype}, U is "
+                                 f"{entry['U'].dtype}; they must have one dtype")
             device, rows = local_tensor(t.param).device, local_tensor(t.param).shape[0]
             if entry["U"].dim() != 2 or entry["U"].shape[0] != rows:
                 raise ValueError(f"state_dict basis of {t.name} has shape {tuple(entry['U'].shape)}, but the weight "
@@ -628,6 +709,8 @@ class SpectralGradientFilter:
             states[t.name] = TargetState(graph, basis, None if theta0 is None else theta0.to(device).clone(),
                                          None if correlation is None else correlation.to(device).clone())
         self.restore(states, state_dict.get("steps"))
+        if generator is not None:  # versions 1 and 2 saved none: the filter keeps its own
+            self._generator = generator
 
     def restore(self, states: Mapping[str, TargetState], steps: int) -> None:
         """Replace every target's state by ``states[name]`` and the step count by ``steps``; rebuilds Laplacians
@@ -640,7 +723,6 @@ class SpectralGradientFilter:
         for t, new in zip(self._targets, staged):
             self._assign(t, new | {"block_ptr": new["graph"].block_ptr})
         self.steps = steps
-        self._explicit_pending = False
         self._recorded_scale, self._recorded_unscaled = None, False
 
     def __repr__(self) -> str:
@@ -650,6 +732,13 @@ class SpectralGradientFilter:
                 f"reg_weight={self._reg_weight}, hook={self.hook}, steps={self.steps})")
 
     # ------------------------------------------------------------------------------------ internals
+    def _skipped_nonfinite(self, name: str) -> None:
+        if self.nonfinite_observations == 0:
+            warnings.warn(f"the gradient of {name} holds inf/NaN values (an overflowing fp16 step?): it was left "
+                          "out of the gradient-correlation statistics. Such gradients are counted in "
+                          "filt.nonfinite_observations; this warning is given once", RuntimeWarning, stacklevel=4)
+        self.nonfinite_observations += 1
+
     def _record(self, scale: torch.Tensor) -> None:
         self._recorded_scale = scale if self._recorded_scale is None else self._recorded_scale + scale
 
@@ -690,6 +779,8 @@ class SpectralGradientFilter:
             if tuple(theta0.shape) != tuple(local.shape) or not theta0.is_floating_point():
                 raise ValueError(f"the saved W₀ of {t.name} is {theta0.dtype} of shape {tuple(theta0.shape)}, the "
                                  f"weight here is {local.dtype} of shape {tuple(local.shape)}")
+            if not bool(torch.isfinite(theta0).all()):
+                raise ValueError(f"the saved W₀ of {t.name} holds inf/NaN values")
             theta0 = theta0.to(device=device, dtype=local.dtype)
         sizes = graph.block_sizes
         n_max = int(sizes.max()) if sizes.numel() else 0
@@ -701,6 +792,8 @@ class SpectralGradientFilter:
                 raise ValueError(f"the saved correlation EMA of {t.name} is {correlation.dtype} of shape "
                                  f"{tuple(correlation.shape)}, expected float of shape "
                                  f"{(graph.num_blocks, n_max, n_max)}")
+            if not bool(torch.isfinite(correlation).all()) or (correlation.numel() and float(correlation.min()) < 0):
+                raise ValueError(f"the saved correlation EMA of {t.name} must be finite and non-negative")
             correlation = correlation.to(device)
         if laplacian is None:
             laplacian = graph.laplacian(normalized=self.normalized)
@@ -726,8 +819,18 @@ class SpectralGradientFilter:
         def hook(param: torch.Tensor) -> None:
             with torch.no_grad():
                 grad = target.local_grad(param.grad)
+                written = target._written
+                if written is not None and written[0]() is param.grad and grad._version == written[1] + 1:
+                    # backward accumulated into the gradient the hook (or step) had filtered: F(F(g1) + g2)
+                    raise RuntimeError(f"a second backward accumulated into the already filtered gradient of "
+                                       f"{target.name}: hook mode would filter the first backward's share twice. "
+                                       "Zero the gradients after each step (or, when you discard gradients "
+                                       "without stepping, set them to None); for gradient accumulation over "
+                                       "several backwards build the filter with hook=False")
                 target.observe(grad)
                 target.filter_(grad)
+                target.mark_written()
+                target._stepped = False
         return hook
 
     def _knn_graph(self, param: torch.Tensor, block_ptr: torch.Tensor | None) -> ParameterGraph:
@@ -772,7 +875,7 @@ class SpectralGradientFilter:
         warm = (previous is not None and previous.k == self.k and previous.num_nodes == laplacian.num_nodes
                 and torch.equal(previous.block_ptr, laplacian.block_ptr) and previous.dtype == laplacian.dtype
                 and previous.device == laplacian.device and not laplacian.has_cross_block_edges)
-        return lowest_eigenpairs(laplacian, self.k, v0=previous if warm else None)
+        return lowest_eigenpairs(laplacian, self.k, v0=previous if warm else None, generator=self._generator)
 
     def _gains_for(self, name: str, basis: SpectralBasis) -> torch.Tensor:
         gains = self.gains
@@ -790,6 +893,13 @@ class SpectralGradientFilter:
                                  f"({basis.num_blocks} blocks), got {tuple(gains.shape)}")
             values = gains.expand(basis.num_blocks, basis.k)
         return values.detach().to(device=basis.device, dtype=torch.float32).contiguous()
+
+
+def _check_reg_weight(value: object) -> float:
+    value = _finite("reg_weight", value)
+    if value < 0:
+        raise ValueError(f"reg_weight must be >= 0 (it weighs a penalty), got {value}")
+    return value
 
 
 def _finite(name: str, value: object) -> float:
@@ -811,6 +921,20 @@ def _check_gains(gains: object) -> Callable[[torch.Tensor], torch.Tensor] | torc
         return gains
     raise TypeError(f"gains must be a gain function of the eigenvalues (e.g. sk.heat(2.0)) or a tensor, "
                     f"got {type(gains).__name__}")
+
+
+def _checked_generator(state: object) -> torch.Generator:
+    """A CPU generator set to the saved ``get_state()`` tensor (raises ValueError for anything else)."""
+    if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.dim() != 1 or state.is_meta:
+        got = (f"{state.dtype} of shape {tuple(state.shape)} on {state.device}" if isinstance(state, torch.Tensor)
+               else type(state).__name__)
+        raise ValueError(f"state_dict['generator'] must be the uint8 tensor of torch.Generator.get_state(), got {got}")
+    generator = torch.Generator()
+    try:
+        generator.set_state(state.cpu())
+    except RuntimeError as error:
+        raise ValueError(f"state_dict['generator'] is not a CPU generator state: {error}") from error
+    return generator
 
 
 def _checked_graph(name: str, rows: int, block_ptr: torch.Tensor, row: torch.Tensor, col: torch.Tensor,

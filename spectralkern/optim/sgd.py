@@ -27,7 +27,7 @@ import torch
 
 from ..distributed.shards import local_tensor
 from .amp import prepare_scaled_step
-from .attach import check_filter_attachable, check_targets_updated
+from .attach import check_filter_attachable, check_param_dtypes, check_targets_updated
 from .gradient_filter import FilterTarget, SpectralGradientFilter
 
 
@@ -59,6 +59,11 @@ class SpectralSGD(torch.optim.Optimizer):
         self.spectral_filter: SpectralGradientFilter | None = None
         self.set_spectral_filter(spectral_filter)
 
+    def add_param_group(self, param_group: dict) -> None:
+        """As torch's, after checking that every parameter has a real floating-point dtype."""
+        check_param_dtypes(param_group, len(self.param_groups), "SpectralSGD")
+        super().add_param_group(param_group)
+
     def set_spectral_filter(self, spectral_filter: SpectralGradientFilter | None) -> None:
         """Attach ``spectral_filter`` (None: detach), as ``SpectralAdamW.set_spectral_filter``."""
         if spectral_filter is not None:
@@ -84,12 +89,12 @@ class SpectralSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         filt = self.spectral_filter
-        if not prepare_scaled_step(self, filt):
-            return loss
         targets: dict[int, FilterTarget] = {}
-        if filt is not None:
+        if filt is not None:  # before unscaling, which changes .grad (see SpectralAdamW.step)
             check_targets_updated(filt, self.param_groups)
             targets = {id(t.param): t for t in filt.targets_for_update()}
+        if not prepare_scaled_step(self, filt):
+            return loss
         for group in self.param_groups:
             lr, momentum, weight_decay = float(group["lr"]), float(group["momentum"]), float(group["weight_decay"])
             for p in group["params"]:
