@@ -527,3 +527,44 @@ def test_finetune_registry_builds_smoa_with_loras_budget(minilm, seed):
               for name in ("smoa", "lora")}
     assert setups["smoa"].trainable_parameters() == setups["lora"].trainable_parameters()
     assert len(smoa_layers(setups["smoa"].model.encoder)) == 12
+
+
+def _uncached_packed(layer: SMoALinear) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.block_diag(*layer.lora_B), torch.block_diag(*layer.lora_A)
+
+
+def test_packed_factors_cache_follows_every_update_and_passes_gradients(seed):
+    """The packed factors are cached per parameter version: never stale after an optimizer step, a load, a
+    ``.to()`` or a replaced parameter, and the per-block gradients equal those through ``torch.block_diag``."""
+    config = SMoAConfig(r=5, alpha=10, num_blocks=3, branch_ranks=[3, 0, 2], target_modules=["x"])
+    layer = SMoALinear.from_config(torch.nn.Linear(11, 14), config)
+    with torch.no_grad():
+        for b in layer.lora_B:
+            b.normal_()
+    x = torch.randn(6, 11)
+
+    def step_grads(packed):
+        layer.zero_grad()
+        b, a = packed()
+        out = smoa_linear(x, linear_weight(layer.base_layer), None, b, a, layer.layout, layer.scaling)
+        out.square().sum().backward()
+        return [p.grad.clone() for p in (*layer.lora_B, *layer.lora_A) if p.numel()]
+
+    for cached, plain in zip(step_grads(layer.packed_factors), step_grads(lambda: _uncached_packed(layer))):
+        torch.testing.assert_close(cached, plain, rtol=0, atol=0)
+
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    for _ in range(2):  # an optimizer step writes in place: the next call sees the new values
+        step_grads(layer.packed_factors)
+        optimizer.step()
+        for got, want in zip(layer.packed_factors(), _uncached_packed(layer)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    state = {k: v + 1 for k, v in layer.state_dict().items() if "lora_" in k}
+    layer.load_state_dict(state, strict=False)
+    for got, want in zip(layer.packed_factors(), _uncached_packed(layer)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    layer.lora_A[0] = torch.nn.Parameter(torch.randn(3, 4))  # a replaced parameter (same shape, new tensor)
+    layer.double()
+    for got, want in zip(layer.packed_factors(), _uncached_packed(layer)):
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
