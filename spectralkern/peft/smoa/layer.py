@@ -35,21 +35,24 @@ MIN_UNMERGE_FACTOR = 1e-3
 class _PackedFactorsCache:
     """``(block_diag(B_1..B_K), block_diag(A_1..A_K))`` of the factors it was last asked about, detached.
 
-    Keyed by every factor's identity, storage address, dtype and ``_version`` (bumped by each in-place write:
-    optimizer steps, ``load_state_dict``, ``copy_``), so an update, a reload or a ``.to()`` rebuilds it. Writes
-    through ``.data`` escape the version counter; they also escape autograd and are not supported."""
+    Valid while the same factor tensors (by identity: it holds them, so an id cannot be reused) have the same
+    ``_version`` (bumped by every in-place write: optimizer steps, ``load_state_dict``, ``copy_``), storage
+    address and dtype — so an update, a reload, a ``.to()`` or a replaced parameter rebuilds it. Writes through
+    ``.data`` escape the version counter; they also escape autograd and are not supported."""
 
     def __init__(self) -> None:
-        self._key: tuple | None = None
+        self._factors: tuple[torch.Tensor, ...] = ()
+        self._stamp: tuple | None = None
         self._value: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def get(self, factors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        key = tuple((id(f), f.data_ptr(), f.dtype, f._version) for f in factors)
-        if key != self._key:
+        stamp = tuple((f._version, f.data_ptr(), f.dtype) for f in factors)
+        same = len(factors) == len(self._factors) and all(f is g for f, g in zip(factors, self._factors))
+        if not same or stamp != self._stamp:
             num_b = len(factors) // 2
             with torch.no_grad():
                 self._value = (torch.block_diag(*factors[:num_b]), torch.block_diag(*factors[num_b:]))
-            self._key = key
+            self._factors, self._stamp = factors, stamp
         return self._value
 
 
