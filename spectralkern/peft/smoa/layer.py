@@ -32,53 +32,6 @@ from .config import SMoAConfig
 MIN_UNMERGE_FACTOR = 1e-3
 
 
-class _PackedFactorsCache:
-    """``(block_diag(B_1..B_K), block_diag(A_1..A_K))`` of the factors it was last asked about, detached.
-
-    Valid while the same factor tensors (by identity: it holds them, so an id cannot be reused) have the same
-    ``_version`` (bumped by every in-place write: optimizer steps, ``load_state_dict``, ``copy_``), storage
-    address and dtype — so an update, a reload, a ``.to()`` or a replaced parameter rebuilds it. Writes through
-    ``.data`` escape the version counter; they also escape autograd and are not supported."""
-
-    def __init__(self) -> None:
-        self._factors: tuple[torch.Tensor, ...] = ()
-        self._stamp: tuple | None = None
-        self._value: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def get(self, factors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        stamp = tuple((f._version, f.data_ptr(), f.dtype) for f in factors)
-        same = len(factors) == len(self._factors) and all(f is g for f, g in zip(factors, self._factors))
-        if not same or stamp != self._stamp:
-            num_b = len(factors) // 2
-            with torch.no_grad():
-                self._value = (torch.block_diag(*factors[:num_b]), torch.block_diag(*factors[num_b:]))
-            self._factors, self._stamp = factors, stamp
-        return self._value
-
-
-class _BlockDiagonal(torch.autograd.Function):
-    """Hands out the cached packed factors (b, a) as differentiable functions of the per-block factors
-    B_1..B_K, A_1..A_K; the backward cuts the packed gradients back into blocks."""
-
-    @staticmethod
-    def forward(ctx, b, a, num_b, *factors):
-        ctx.num_b = num_b
-        ctx.shapes = [f.shape for f in factors]
-        return b.detach(), a.detach()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_b, grad_a):
-        grads, row, col = [], 0, 0
-        for k, shape in enumerate(ctx.shapes):
-            if k == ctx.num_b:
-                row = col = 0
-            packed = grad_b if k < ctx.num_b else grad_a
-            grads.append(None if packed is None else packed[row:row + shape[0], col:col + shape[1]])
-            row, col = row + shape[0], col + shape[1]
-        return None, None, None, *grads
-
-
 class SMoAAdapter(nn.Module):
     """One SMoA adapter of one layer: ``lora_A[k]`` (r_k × in_k), ``lora_B[k]`` (out_k × r_k), fp32 (fp64 for
     fp64 bases); buffers ``row_perm`` (out,) / ``col_perm`` (in,) int64: the layout (block k is the k-th
@@ -106,7 +59,6 @@ class SMoAAdapter(nn.Module):
             self.lora_A.append(nn.Parameter(a))
             self.lora_B.append(nn.Parameter(torch.zeros(rows, rank, dtype=dtype, device=device)))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self._packed_factors_cache = _PackedFactorsCache()
         self.register_load_state_dict_post_hook(lambda module, _: module._refresh_layout())
 
     def _set_layout(self, layout: SMoALayout) -> None:
@@ -125,18 +77,8 @@ class SMoAAdapter(nn.Module):
         return SMoALayout(self.smoa_index, self.row_sizes, self.col_sizes)
 
     def packed_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B (out × r), A (r × in)) block-diagonal in the layout's permuted order, differentiable.
-
-        Built once per version of the factors (``_packed_factors_cache``) rather than by two ``torch.block_diag``
-        per call (≈ 0.1–0.3 ms a step on the CPU, as much as the op's kernels at small layers). The returned
-        tensors share the cache's storage: read them, never write into them."""
-        factors = (*self.lora_B, *self.lora_A)
-        if torch.compiler.is_compiling():
-            return torch.block_diag(*self.lora_B), torch.block_diag(*self.lora_A)
-        b, a = self._packed_factors_cache.get(factors)
-        if not (torch.is_grad_enabled() and any(f.requires_grad for f in factors)):
-            return b, a
-        return _BlockDiagonal.apply(b, a, len(self.lora_B), *factors)
+        """(B (out × r), A (r × in)) block-diagonal in the layout's permuted order, differentiable."""
+        return torch.block_diag(*self.lora_B), torch.block_diag(*self.lora_A)
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """ΔW (out × in) anchored on ``weight`` (the base's (out, in) weight), in the factors' dtype."""
