@@ -201,3 +201,17 @@ def test_dense_backward_reuses_the_forwards_delta_and_never_a_stale_one(monkeypa
         second = fourier_adapter(x, rows, cols, coef_re, coef_im, 9, algorithm="dense")
     expected = fourier_adapter_reference(x, rows, cols, coef_re, coef_im, expert_ptr, 9)
     assert relative_error(second, expected) <= 1e-12 and not torch.allclose(first, second)
+
+
+def test_bench_case_forced_forms_agree_with_the_float64_answer(seed):
+    """The benchmark's forced-form providers run the layer's own calls (they broke silently once when the layer's
+    attributes moved into its adapter unit)."""
+    from spectralkern.bench.cases import fourier as fourier_case
+
+    case = next(c for c in fourier_case.cases(torch.device("cpu"), quick=True) if c.name.endswith("E4-top2-fwd_bwd"))
+    prepared = case.prepare(torch.device("cpu"))
+    forms = [p for p in prepared.providers if p.name in {f"fourier_{form}" for form in ALGORITHMS}]
+    assert len(forms) == len(ALGORITHMS)
+    for provider in forms:
+        assert relative_error(provider.fn(), prepared.reference_for(provider.name)) <= prepared.tolerance, \
+            provider.name

@@ -51,7 +51,7 @@ def dense_delta_weights(rows, cols, coef, slot, num_slots, out_features, in_feat
 # The dense form's ΔW, kept while the coefficient tensor it was built from lives: autograd keeps the (effective)
 # coefficients from the forward to the backward, so the backward reuses the forward's ΔW instead of rebuilding it
 # (peft's FourierFT keeps its ΔW the same way); the entry goes with the tensor. Validated on every use: the same
-# companion tensors (by identity), unchanged versions, the same shape and dtype.
+# companion tensors (by identity), unchanged versions and values, the same shape and dtype.
 _DELTAS = WeakTensorKeyDictionary()
 
 
@@ -66,10 +66,14 @@ def cached_delta(rows, cols, coef_re, coef_im, expert_ptr, num_slots, out_featur
     entry = _DELTAS.get(coef_re)
     if entry is None:
         return None
-    refs, stamp, delta = entry
+    refs, stamp, values, delta = entry
     companions, now = _delta_stamp(rows, cols, coef_re, coef_im, expert_ptr, num_slots, out_features, in_features,
                                    acc)
     if stamp != now or any(ref() is not t for ref, t in zip(refs, companions)):
+        return None
+    # Writes through ``.data`` (gradcheck's perturbations, some optimizers) leave ``_version`` alone: compare the
+    # coefficients' values too (2n numbers, next to the out × in ΔW they save rebuilding).
+    if not (torch.equal(values[0], coef_re) and torch.equal(values[1], coef_im)):
         return None
     return delta
 
@@ -82,7 +86,8 @@ def _delta_for(rows, cols, coef_re, coef_im, expert_ptr, gates, out_features, in
         delta = dense_delta_weights(rows, cols, coef, slot, num_slots, out_features, in_features)
         companions, stamp = _delta_stamp(rows, cols, coef_re, coef_im, expert_ptr, num_slots, out_features,
                                          in_features, acc)
-        _DELTAS[coef_re] = (tuple(weakref.ref(t) for t in companions), stamp, delta)
+        _DELTAS[coef_re] = (tuple(weakref.ref(t) for t in companions), stamp,
+                            (coef_re.detach().clone(), coef_im.detach().clone()), delta)
     return slot, num_slots, delta
 
 

@@ -160,12 +160,14 @@ def _form_runner(layer: FourierMoELinear, x: torch.Tensor, grad_y: torch.Tensor 
     torch backend, where tokens are not sorted by expert)."""
     params = [p for p in layer.parameters() if p.requires_grad]
 
+    unit = layer.active_unit
+
     def forward() -> torch.Tensor:
         base = layer.base_layer(x)
-        gates, _ = layer.route(x)
-        coef_re, coef_im = layer.effective_coefficients()
-        return torch.ops.spectralkern.fourier_adapter(x, layer.rows, layer.cols, coef_re, coef_im, layer.expert_ptr,
-                                                      gates, base, layer.out_features, form)
+        gates, _ = unit.route(x)
+        coef_re, coef_im = unit.effective_coefficients()
+        return torch.ops.spectralkern.fourier_adapter(x, unit.rows, unit.cols, coef_re, coef_im, unit.expert_ptr,
+                                                      gates, base, unit.out_features, form)
 
     def forward_backward() -> torch.Tensor:
         with _forced_backend("torch"):
