@@ -42,11 +42,11 @@ import torch
 from ..distributed.shards import local_tensor
 from ..ops.adamw_update import AdamWHyper, GroupHyper, SpectralTarget, adamw_update_group_, state_dtype
 from .amp import prepare_scaled_step
-from .attach import check_filter_attachable, check_param_dtypes, check_targets_updated
+from .filtering_optimizer import FilteringOptimizer
 from .gradient_filter import FilterTarget, SpectralGradientFilter
 
 
-class SpectralAdamW(torch.optim.Optimizer):
+class SpectralAdamW(FilteringOptimizer):
     """AdamW (decoupled weight decay, torch's defaults) fused with a SpectralGradientFilter.
 
     Args:
@@ -64,9 +64,6 @@ class SpectralAdamW(torch.optim.Optimizer):
             fp64 parameters always keep moments in their own dtype. The arithmetic is fp32 either way.
     """
 
-    # torch.amp.GradScaler hands us scaled gradients with grad_scale / found_inf (optim/amp.py)
-    _step_supports_amp_scaling = True
-
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  amsgrad: bool = False, *, spectral_filter: SpectralGradientFilter | None = None,
@@ -80,36 +77,7 @@ class SpectralAdamW(torch.optim.Optimizer):
         self.lowpass_update = lowpass_update
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
         super().__init__(params, defaults)
-        self.spectral_filter: SpectralGradientFilter | None = None
         self.set_spectral_filter(spectral_filter)
-
-    def add_param_group(self, param_group: dict) -> None:
-        """As torch's, after checking that every parameter has a real floating-point dtype."""
-        check_param_dtypes(param_group, len(self.param_groups), "SpectralAdamW")
-        super().add_param_group(param_group)
-
-    def set_spectral_filter(self, spectral_filter: SpectralGradientFilter | None) -> None:
-        """Attach ``spectral_filter`` (None: detach; plain AdamW from the next step on).
-
-        For a filter that can only be built after the optimizer: an engine that replaces the parameters this
-        optimizer was created with (accelerate's FSDP2 ``prepare`` swaps them for sharded DTensors) needs the filter
-        built on the new ones; ``spectralkern.integrations.hf.SpectralTrainer`` does this with a filter factory.
-        Raises as the constructor does (a filter in hook mode, or one targeting parameters this optimizer does not
-        update)."""
-        if spectral_filter is not None:
-            if not isinstance(spectral_filter, SpectralGradientFilter):
-                raise TypeError(f"spectral_filter must be a SpectralGradientFilter or None, "
-                                f"got {type(spectral_filter).__name__}")
-            check_filter_attachable(spectral_filter)
-            check_targets_updated(spectral_filter, self.param_groups)
-        self.spectral_filter = spectral_filter
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """As torch's; the spectral filter also forgets the regulariser's recorded share of the discarded
-        gradients."""
-        super().zero_grad(set_to_none)
-        if self.spectral_filter is not None:
-            self.spectral_filter.skip_step()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -119,13 +87,7 @@ class SpectralAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         filt = self.spectral_filter
-        targets: dict[int, FilterTarget] = {}
-        if filt is not None:
-            # Engines may swap the parameters after construction (accelerate's FSDP2 prepare); a filter holding the
-            # old ones would silently filter nothing. Before unscaling: that changes .grad, which would hide
-            # gradients filt.step() already filtered.
-            check_targets_updated(filt, self.param_groups)
-            targets = {id(t.param): t for t in filt.targets_for_update()}
+        targets = self._step_targets()  # before unscaling (see FilteringOptimizer._step_targets)
         if not prepare_scaled_step(self, filt):
             return loss
         for group in self.param_groups:

@@ -27,11 +27,11 @@ import torch
 
 from ..distributed.shards import local_tensor
 from .amp import prepare_scaled_step
-from .attach import check_filter_attachable, check_param_dtypes, check_targets_updated
-from .gradient_filter import FilterTarget, SpectralGradientFilter
+from .filtering_optimizer import FilteringOptimizer
+from .gradient_filter import SpectralGradientFilter
 
 
-class SpectralSGD(torch.optim.Optimizer):
+class SpectralSGD(FilteringOptimizer):
     """Gradient descent (optional momentum) on the filtered task gradient plus the unfiltered regulariser gradient.
 
     Args:
@@ -44,9 +44,6 @@ class SpectralSGD(torch.optim.Optimizer):
             and advances the filter's step count.
     """
 
-    # torch.amp.GradScaler hands us scaled gradients with grad_scale / found_inf (optim/amp.py)
-    _step_supports_amp_scaling = True
-
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], lr: float = 1e-2, momentum: float = 0.0,
                  weight_decay: float = 0.0, *, spectral_filter: SpectralGradientFilter | None = None):
         for name, value in (("lr", lr), ("weight_decay", weight_decay)):
@@ -56,30 +53,7 @@ class SpectralSGD(torch.optim.Optimizer):
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
-        self.spectral_filter: SpectralGradientFilter | None = None
         self.set_spectral_filter(spectral_filter)
-
-    def add_param_group(self, param_group: dict) -> None:
-        """As torch's, after checking that every parameter has a real floating-point dtype."""
-        check_param_dtypes(param_group, len(self.param_groups), "SpectralSGD")
-        super().add_param_group(param_group)
-
-    def set_spectral_filter(self, spectral_filter: SpectralGradientFilter | None) -> None:
-        """Attach ``spectral_filter`` (None: detach), as ``SpectralAdamW.set_spectral_filter``."""
-        if spectral_filter is not None:
-            if not isinstance(spectral_filter, SpectralGradientFilter):
-                raise TypeError(f"spectral_filter must be a SpectralGradientFilter or None, "
-                                f"got {type(spectral_filter).__name__}")
-            check_filter_attachable(spectral_filter)
-            check_targets_updated(spectral_filter, self.param_groups)
-        self.spectral_filter = spectral_filter
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """As torch's; the spectral filter also forgets the regulariser's recorded share of the discarded
-        gradients."""
-        super().zero_grad(set_to_none)
-        if self.spectral_filter is not None:
-            self.spectral_filter.skip_step()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -89,10 +63,7 @@ class SpectralSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         filt = self.spectral_filter
-        targets: dict[int, FilterTarget] = {}
-        if filt is not None:  # before unscaling, which changes .grad (see SpectralAdamW.step)
-            check_targets_updated(filt, self.param_groups)
-            targets = {id(t.param): t for t in filt.targets_for_update()}
+        targets = self._step_targets()  # before unscaling (see FilteringOptimizer._step_targets)
         if not prepare_scaled_step(self, filt):
             return loss
         for group in self.param_groups:
