@@ -16,11 +16,12 @@ silently. Every op, the CLI, the examples and the benchmarks ask this function; 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -359,6 +360,22 @@ def requested_backend() -> str:
     if value != "auto" and value not in BACKENDS:
         raise ValueError(f"{ENV_VAR} must be one of auto, {', '.join(BACKENDS)}; got {value!r}")
     return value
+
+
+@contextlib.contextmanager
+def forced(backend: str) -> Iterator[None]:
+    """Within the block every dispatch runs as if SPECTRALKERN_BACKEND=backend (validated first); the previous
+    value, or its absence, comes back on exit. For peers timed side by side (the benchmarks)."""
+    previous = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = backend
+    try:
+        requested_backend()
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = previous
 
 
 # ------------------------------------------------------------------------------------------ the decision

@@ -2,6 +2,8 @@
 backends that cannot run raise with the reason, and the CPU group update of AdamW is bit-compatible with torch's."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -226,6 +228,21 @@ def test_backend_argument_and_env_var_are_validated(monkeypatch):
         backend_of("spectral_filter", torch.zeros(1))
     with pytest.raises(ValueError, match="op must be one of spectral_filter, adamw_update"):
         backend_of("nonexistent", torch.zeros(1), backend="torch")
+
+
+@pytest.mark.parametrize("before", [None, "torch"])
+def test_forced_sets_the_backend_for_its_block_and_restores_what_was_there(monkeypatch, before):
+    if before is None:
+        monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(_backend.ENV_VAR, before)
+    with _backend.forced("triton"):
+        assert _backend.requested_backend() == "triton"
+    assert os.environ.get(_backend.ENV_VAR) == before
+    with pytest.raises(ValueError, match="SPECTRALKERN_BACKEND must be one of"):
+        with _backend.forced("gpu"):
+            pass
+    assert os.environ.get(_backend.ENV_VAR) == before
 
 
 def test_triton_without_a_gpu_or_the_interpreter_is_refused_with_the_reason(monkeypatch):

@@ -17,7 +17,7 @@ from spectralkern.ops import _triton_fourier_analysis, _triton_fourier_synthesis
 from spectralkern.ops.fourier_adapter import (expert_of_frequency, fourier_adapter,
                                               fourier_adapter_backward_reference)
 from spectralkern.peft import parameter_count, trainable_parameters
-from spectralkern.peft.fourier_moe import (FourierFTConfig, FourierFTLinear, FourierMoEConfig, FourierMoELinear,
+from spectralkern.peft.fourier_moe import (FourierFTConfig, FourierFTLinear, FourierMoEConfig,
                                            apply_fourier_moe, band_energy_features, conjugate_pairs,
                                            fourier_delta_weights, fourier_moe_aux_loss, fourier_moe_layers,
                                            from_peft_fourierft, from_peft_fourierft_model, radial_band_of,

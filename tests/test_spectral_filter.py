@@ -8,7 +8,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import spectralkern as sk
-from spectralkern import _backend
 from spectralkern.ops import spectral_filter as spectral_filter_ops
 from spectralkern.ops.spectral_filter import (_launch_triton, spectral_filter_gains_grad_reference,
                                               spectral_filter_reference)

@@ -35,14 +35,13 @@ like the times do. FLOPs: the filter's two products, 4·k·d per row.
 from __future__ import annotations
 
 import functools
-import os
 import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..._backend import ENV_VAR
+from ..._backend import forced
 from ...basis import SpectralBasis
 from ...filters import low_pass
 from ...ops.adamw_update import adamw_update_backend
@@ -286,17 +285,10 @@ def _spectral_backend(device: torch.device, weight: torch.Tensor, basis: Spectra
 
 
 def _forced(backend: str, fn):
-    """``fn`` run with SPECTRALKERN_BACKEND=backend (read by the dispatcher at every call), restored after."""
+    """``fn`` run under the registry's ``forced(backend)`` (SPECTRALKERN_BACKEND, restored after)."""
     def run() -> torch.Tensor:
-        before = os.environ.get(ENV_VAR)
-        os.environ[ENV_VAR] = backend
-        try:
+        with forced(backend):
             return fn()
-        finally:
-            if before is None:
-                del os.environ[ENV_VAR]
-            else:
-                os.environ[ENV_VAR] = before
     return run
 
 

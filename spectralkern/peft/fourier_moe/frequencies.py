@@ -1,4 +1,4 @@
-"""FourierMoE's frequency positions: radial bands, conjugate pairs, sampling; the dense reference ΔW.
+"""FourierMoE's frequency positions: radial bands, conjugate pairs, sampling.
 
 Per target layer W (out × in), with M = out, N = in:
 
@@ -19,7 +19,6 @@ Per target layer W (out × in), with M = out, N = in:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -148,29 +147,6 @@ def radial_band_of(rows: torch.Tensor, cols: torch.Tensor, out_features: int, in
     """(n,) int64 radial band (0 = lowest) of each position, by the same edges ``sample_frequencies`` uses."""
     edges = _band_edges(out_features, in_features, num_experts)
     return torch.searchsorted(edges, _radial_key(rows.long(), cols.long(), out_features, in_features))
-
-
-def fourier_delta_weights(rows: torch.Tensor, cols: torch.Tensor, coef_re: torch.Tensor, coef_im: torch.Tensor,
-                          amplitude: torch.Tensor, expert_ptr: Sequence[int], out_features: int, in_features: int,
-                          scale: float) -> torch.Tensor:
-    """(E, out, in) ΔW_e = IDFT2(F_e), materialised with ``torch.fft.ifft2`` (what peers do).
-
-    F_e gets (MN/2)·scale·amplitude_j·c_j at (u_j, v_j) and its conjugate at the mirror, so it is
-    conjugate-symmetric and the IDFT is real; the real part is returned (its imaginary part is round-off).
-    fp32 (complex64) unless the coefficients are fp64.
-    """
-    complex_dtype = torch.complex128 if coef_re.dtype == torch.float64 else torch.complex64
-    m, n = out_features, in_features
-    half = torch.complex(coef_re, coef_im).to(complex_dtype) * (amplitude * (scale * m * n / 2)).to(complex_dtype)
-    rows64, cols64 = rows.long(), cols.long()
-    deltas = []
-    for e in range(len(expert_ptr) - 1):
-        sl = slice(int(expert_ptr[e]), int(expert_ptr[e + 1]))
-        spectrum = torch.zeros(m, n, dtype=complex_dtype, device=coef_re.device)
-        spectrum = spectrum.index_put((rows64[sl], cols64[sl]), half[sl], accumulate=True)
-        spectrum = spectrum.index_put(((-rows64[sl]) % m, (-cols64[sl]) % n), half[sl].conj(), accumulate=True)
-        deltas.append(torch.fft.ifft2(spectrum).real)
-    return torch.stack(deltas)
 
 
 def band_energy_features(x: torch.Tensor, num_bands: int) -> torch.Tensor:
