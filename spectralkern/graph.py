@@ -47,8 +47,8 @@ def _unit_rows(rows: torch.Tensor) -> torch.Tensor:
     return torch.where(norms > 0, scaled / torch.where(norms > 0, norms, 1), torch.zeros_like(rows))
 
 
-def _symmetrize_max(num_nodes: int, row: torch.Tensor, col: torch.Tensor,
-                    weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def symmetrize_max(num_nodes: int, row: torch.Tensor, col: torch.Tensor,
+                   weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Union of (i, j) and (j, i) with the larger weight; drops self-loops and zero weights; sorted by (row, col)."""
     keep = (row != col) & (weight > 0)
     row, col, weight = row[keep], col[keep], weight[keep]
@@ -121,7 +121,7 @@ class ParameterGraph:
         if not rows_out:
             empty = torch.empty(0, dtype=torch.int64, device=device)
             return cls(num_nodes, ptr, empty, empty.clone(), torch.empty(0, dtype=dtype, device=device))
-        row, col, w = _symmetrize_max(num_nodes, torch.cat(rows_out), torch.cat(cols_out), torch.cat(weights_out))
+        row, col, w = symmetrize_max(num_nodes, torch.cat(rows_out), torch.cat(cols_out), torch.cat(weights_out))
         return cls(num_nodes, ptr, row, col, w)
 
     @classmethod
@@ -143,7 +143,7 @@ class ParameterGraph:
         if not link_blocks:
             left = left[node_block[left] == node_block[left + 1]]
         device = torch.device(device) if device is not None else torch.device("cpu")
-        row, col, w = _symmetrize_max(num_nodes, left, left + 1, torch.full(left.shape, float(weight), dtype=dtype))
+        row, col, w = symmetrize_max(num_nodes, left, left + 1, torch.full(left.shape, float(weight), dtype=dtype))
         return cls(num_nodes, ptr, row.to(device), col.to(device), w.to(device))
 
     @classmethod
@@ -167,7 +167,7 @@ class ParameterGraph:
         ptr = _resolve_blocks(n, None, block_ptr)
         row, col = torch.nonzero(adjacency, as_tuple=True)
         w = adjacency[row, col]
-        row, col, w = _symmetrize_max(n, row, col, w)
+        row, col, w = symmetrize_max(n, row, col, w)
         return cls(n, ptr, row, col, w)
 
     @classmethod
@@ -210,7 +210,7 @@ class ParameterGraph:
         ptr = _resolve_blocks(n, None, block_ptr)
         row = torch.as_tensor(coo.row.astype(np.int64))
         col = torch.as_tensor(coo.col.astype(np.int64))
-        row, col, w = _symmetrize_max(n, row, col, data)
+        row, col, w = symmetrize_max(n, row, col, data)
         device = torch.device(device) if device is not None else torch.device("cpu")
         return cls(n, ptr, row.to(device), col.to(device), w.to(device))
 

@@ -49,10 +49,6 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _complex_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.complex128 if dtype == torch.float64 else torch.complex64
-
-
 def _chunks(num_tokens: int, bytes_per_token: int, multiple: int) -> list[tuple[int, int]]:
     """Token ranges [a, b) whose workspace fits WORKSPACE_BYTES (at least ``multiple`` tokens each)."""
     size = max(multiple, (WORKSPACE_BYTES // max(bytes_per_token, 1)) // multiple * multiple)

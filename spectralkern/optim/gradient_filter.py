@@ -81,7 +81,7 @@ from ..distributed.reduce import sum_over_shards
 from ..distributed.shards import RowShard, aligned_block_ptr, local_block_ptr, local_tensor, row_shard
 from ..eigen import lowest_eigenpairs
 from ..filters import chebyshev_coefficients
-from ..graph import GraphLaplacian, ParameterGraph, _symmetrize_max
+from ..graph import GraphLaplacian, ParameterGraph, symmetrize_max
 from ..ops.chebyshev_filter import chebyshev_filter
 from ..ops.laplacian_quadratic import laplacian_matmul, laplacian_quadratic
 from ..ops.spectral_filter import spectral_filter
@@ -867,7 +867,7 @@ class SpectralGradientFilter:
         row = (starts[:, None, None] + local[None, :, None]).expand_as(top.indices)
         col = starts[:, None, None] + top.indices
         keep = valid[:, :, None] & torch.isfinite(top.values)
-        r, c, w = _symmetrize_max(n, row[keep], col[keep], top.values[keep])
+        r, c, w = symmetrize_max(n, row[keep], col[keep], top.values[keep])
         return ParameterGraph(n, block_ptr, r, c, w)
 
     def _basis(self, laplacian: GraphLaplacian, previous: SpectralBasis | None) -> SpectralBasis:
