@@ -3,6 +3,7 @@
 Without a GPU every Triton kernel runs through the interpreter on the CPU (that is how CI tests them); with a
 GPU the kernels run natively unless the caller already set TRITON_INTERPRET.
 """
+import logging
 import os
 import zlib
 
@@ -42,6 +43,16 @@ def pytest_configure(config):
     SPECTRALKERN_SEED replays those too."""
     if config.getoption("hypothesis_seed", default=None) is None and hasattr(config.option, "hypothesis_seed"):
         config.option.hypothesis_seed = str(_BASE_SEED)
+
+
+@pytest.fixture(autouse=True)
+def clean_logger():
+    """Every test leaves the ``spectralkern`` logger as it found it (``spectralkern.cli.main`` installs a handler)."""
+    logger = logging.getLogger("spectralkern")
+    handlers, level = list(logger.handlers), logger.level
+    yield logger
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
 
 
 @pytest.fixture

@@ -14,16 +14,6 @@ from spectralkern import _logging
 from spectralkern.cli import main
 
 
-@pytest.fixture
-def clean_logger():
-    """Restores the ``spectralkern`` logger's handlers and level after a test that configures it."""
-    logger = logging.getLogger("spectralkern")
-    handlers, level = list(logger.handlers), logger.level
-    yield logger
-    logger.handlers[:] = handlers
-    logger.setLevel(level)
-
-
 class TwoAttentionLayers(torch.nn.Module):
     def __init__(self):
         super().__init__()

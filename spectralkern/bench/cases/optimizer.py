@@ -250,11 +250,15 @@ def _prepare(cfg: _Config, dtype: torch.dtype, device: torch.device) -> Prepared
                               lambda: (plain_opt.step(), plain_probe.detach())[1]))
 
     unfused, unfused_filt = _zeroed_copy(cfg, weights, filtered=True)
-    _attach(unfused, grads, own=True)  # filt.step() overwrites .grad; low-pass gains make that idempotent
+    _attach(unfused, grads, own=True)  # filt.step() overwrites .grad in place
     unfused_opt = torch.optim.AdamW(unfused.parameters(), lr=_LR, weight_decay=_WD, **fused_kw)
     unfused_probe = unfused.layers[0].q_proj.weight
+    unfused_grads = [p.grad for p in unfused.parameters()]
 
     def filter_then_adamw() -> torch.Tensor:
+        # Each step starts from the raw gradient, as after a backward (the filter refuses to filter its own output
+        # again); the copy stands in for backward's write of .grad.
+        torch._foreach_copy_(unfused_grads, grads)
         unfused_filt.step()
         unfused_opt.step()
         return unfused_probe.detach()
