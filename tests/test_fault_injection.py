@@ -1,10 +1,13 @@
 """Fault injection for the training loop's filter: a non-finite gradient at a random step, a state dict from another
-model, and a fuzzed filter state (hypothesis mutations of a valid one) — each must give a clear error or a correct
-result and never leave the filter half-loaded or poisoned."""
+model, a fuzzed filter state (hypothesis mutations of a valid one), and an exception in the middle of a checkpoint
+write — each must give a clear error or a correct result and never leave the filter half-loaded, poisoned, or its
+previous checkpoint file damaged."""
 from __future__ import annotations
 
 import copy
+import io
 import math
+import os
 
 import pytest
 import torch
@@ -131,3 +134,55 @@ def test_fuzzed_filter_state_gives_a_clear_error_and_changes_nothing(mutation, w
         assert value.shape == before[name].shape and value.dtype == before[name].dtype, name
         if value.is_floating_point():
             assert bool(torch.isfinite(value).all()), name
+
+
+# ------------------------------------------------------------------ an exception in the middle of a checkpoint write
+def _torn_torch_save(real_save):
+    """A torch.save that writes half of the file, then fails like a full disk."""
+    def torn(obj, f, *args, **kwargs):
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        with open(f, "wb") as handle:
+            handle.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+        raise OSError(28, "No space left on device")
+    return torn
+
+
+def test_a_filter_state_write_failing_half_way_keeps_the_previous_file(tmp_path, monkeypatch):
+    from spectralkern.integrations.filter_checkpoint import read_filter_state, save_filter_state
+
+    _, filt = _filter()
+    path = save_filter_state(filt, str(tmp_path), global_step=1)
+    saved = open(path, "rb").read()
+    monkeypatch.setattr(torch, "save", _torn_torch_save(torch.save))
+    with pytest.raises(OSError, match="No space left"):
+        save_filter_state(filt, str(tmp_path), global_step=2)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == [os.path.basename(path)], "a partial file was left behind"
+    assert open(path, "rb").read() == saved
+    state = read_filter_state(filt, str(tmp_path), global_step=1)   # intact and loadable
+    assert _same(_tensors(state), _tensors(filt.state_dict()))
+
+
+def test_an_adapter_config_write_failing_half_way_keeps_the_previous_config(tmp_path, monkeypatch):
+    peft = pytest.importorskip("peft")
+    import spectralkern as sk
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
+    model = peft.get_peft_model(base, sk.peft.SMoAConfig(r=2, alpha=4, num_blocks=2, target_modules=["0"]))
+    model.save_pretrained(tmp_path)
+    previous = (tmp_path / "adapter_config.json").read_bytes()
+    config = model.peft_config["default"]
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr("peft.config.json.dumps", fail)   # peft opens the file for writing, then serialises
+    with pytest.raises(OSError, match="No space left"):
+        config.save_pretrained(str(tmp_path))
+    monkeypatch.undo()
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")], "a partial file was left behind"
+    assert (tmp_path / "adapter_config.json").read_bytes() == previous
+    torch.manual_seed(0)
+    fresh = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
+    sk.peft.load(fresh, tmp_path)   # intact and loadable

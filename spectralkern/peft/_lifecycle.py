@@ -28,6 +28,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -38,6 +40,7 @@ from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
+from .._atomic import write_atomically
 from .._targets import check_target_modules, find_modules
 from ._patching import BaseWeightMismatchError, fingerprint_tensors
 
@@ -110,6 +113,16 @@ class SpectralPeftConfig(PeftConfig):
             raise ValueError(f"the {cls.__name__} adapter config has fields this spectralkern does not know: "
                              f"{unknown} (written by a newer version?); refusing to load it partly")
         return cls(**kwargs)
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """peft's ``adapter_config.json``, replaced atomically: a failure half-way leaves the previous config (and
+        the weights digest it records) as it was, never a truncated file."""
+        os.makedirs(save_directory, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=save_directory, prefix=".adapter_config.") as staging:
+            super().save_pretrained(staging, **kwargs)
+            written = os.path.join(staging, ADAPTER_CONFIG_NAME)
+            write_atomically(os.path.join(save_directory, ADAPTER_CONFIG_NAME),
+                             lambda temp: shutil.copyfile(written, temp))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None,
