@@ -52,6 +52,10 @@ PEFT_PREFIX = "base_model.model."
 
 
 # ------------------------------------------------------------------------------------------ config
+def _is_sha256(value: str) -> bool:
+    return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
 @dataclass
 class SpectralPeftConfig(PeftConfig):
     """Fields every spectralkern method has (subclasses add their hyper-parameters).
@@ -95,8 +99,16 @@ class SpectralPeftConfig(PeftConfig):
                 raise TypeError("base_fingerprints must map module names to sha256 hex strings, got "
                                 f"{self.base_fingerprints!r}")
             self.base_fingerprints = dict(self.base_fingerprints)
+            damaged = {k: v for k, v in self.base_fingerprints.items() if not _is_sha256(v)}
+            if damaged:
+                name, value = next(iter(damaged.items()))
+                raise ValueError(f"base_fingerprints[{name!r}] = {value!r} is not a sha256 digest (64 lowercase hex "
+                                 "digits): damaged or edited adapter config")
         if self.weights_sha256 is not None and not isinstance(self.weights_sha256, str):
             raise TypeError(f"weights_sha256 must be a hex string or None, got {self.weights_sha256!r}")
+        if self.weights_sha256 is not None and not _is_sha256(self.weights_sha256):
+            raise ValueError(f"weights_sha256 = {self.weights_sha256!r} is not a sha256 digest (64 lowercase hex "
+                             "digits): damaged or edited adapter config")
         if self.progress is not None and not isinstance(self.progress, bool):
             raise TypeError(f"progress must be True, False or None, got {self.progress!r}")
 
