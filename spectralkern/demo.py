@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))
     from .finetune.report import budget_lines, markdown_table, write_report
-    from .finetune.run import run_comparison
+    from .finetune.run import ComparisonFailed, run_comparison
 
     start = time.perf_counter()
     try:
@@ -101,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ModuleNotFoundError, FileNotFoundError) as exc:
         print(f"spectralkern demo: {exc}", file=sys.stderr)
         return 2
+    except ComparisonFailed as failed:
+        write_report(failed.results, args.out)
+        print(f"spectralkern demo: {failed}; what finished is in {args.out}/results.json", file=sys.stderr)
+        return 1
     results["timing"]["demo_wall_seconds"] = time.perf_counter() - start
     notes = write_report(results, args.out)
     print()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import time
 
 import pytest
@@ -186,3 +187,20 @@ def test_quick_run_writes_complete_records(tmp_path, capsys):
     assert (tmp_path / "spectral_filter.png").stat().st_size > 0
     assert len((tmp_path / "ceilings.jsonl").read_text().splitlines()) == 1
     assert "vs torch_bmm" in out
+    # every provider a case timed or skipped is declared in its module's PROVIDERS (what --providers is checked by)
+    from spectralkern.bench import cases as case_modules
+    for op in case_modules.OPS:
+        declared = set(case_modules.load(op).PROVIDERS)
+        timed = {r.provider for r in read_records(tmp_path / f"{op}.jsonl")} if (tmp_path / f"{op}.jsonl").exists() \
+            else set()
+        assert timed <= declared, (op, timed - declared)
+    skipped = set(re.findall(r"^  (\S+): not run", out, re.M))
+    assert skipped <= {name for op in case_modules.OPS for name in case_modules.load(op).PROVIDERS}, skipped
+
+
+def test_every_op_declares_its_provider_names_without_preparing_a_case():
+    from spectralkern.bench import cases as case_modules
+    for op in case_modules.OPS:
+        declared = case_modules.load(op).PROVIDERS
+        assert isinstance(declared, tuple) and declared and all(isinstance(n, str) for n in declared), (op, declared)
+        assert len(set(declared)) == len(declared), op

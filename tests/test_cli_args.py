@@ -54,3 +54,26 @@ def test_demo_data_dir_is_checked_before_any_work(capsys, tmp_path):
 @pytest.mark.parametrize("device", ["bogus", "meta"])
 def test_bench_rejects_a_bad_device_in_one_line(capsys, device):
     assert "argument --device" in _error_line(capsys, ["bench", "--device", device])
+
+
+def test_bench_rejects_an_unknown_provider_before_any_work(capsys, monkeypatch):
+    from spectralkern.bench import runner
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before --providers was checked")
+    monkeypatch.setattr(runner, "measure_ceilings", no_work)
+    monkeypatch.setattr(runner, "run_case", no_work)
+    monkeypatch.setattr("spectralkern.bench.cases.load", lambda op, _load=runner.case_modules.load: _Unprepared(
+        _load(op)))
+    line = _error_line(capsys, ["bench", "--device", "cpu", "--providers", "nope", "torch_loop"])
+    assert "argument --providers: no case of" in line and "provider called nope (known:" in line
+
+
+class _Unprepared:
+    """A case module whose cases may not be built: only its static declarations can be read."""
+
+    def __init__(self, module):
+        self.OP, self.PROVIDERS = module.OP, module.PROVIDERS
+
+    def cases(self, *args, **kwargs):
+        raise AssertionError("a case was built before --providers was checked")

@@ -273,6 +273,30 @@ def test_a_registered_method_joins_the_comparison(pretrained, tiny_tokens, bbc):
         del METHODS["head_only_test"]
 
 
+def test_a_failing_method_leaves_what_finished_in_results_json(tmp_path, capsys):
+    """`demo --methods full,<one that raises>`: full's run is written, with which method failed and why; exit 1."""
+    from spectralkern.demo import main
+
+    def build_broken(model, config):
+        raise ValueError("broken on purpose")
+
+    register_method(Method("broken_test", "Broken", build_broken, "raises when built"))
+    try:
+        status = main(["--out", str(tmp_path), "--methods", "full,broken_test", "--train-size", "5", "--eval-size",
+                       "5", "--max-length", "16", "--batch-size", "5", "--no-figure2", "--no-figure3",
+                       "--no-progress"])
+    finally:
+        del METHODS["broken_test"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1
+    assert err[-1] == (f"spectralkern demo: method 'broken_test' failed (seed 0, fraction 1): ValueError: broken on "
+                       f"purpose; what finished is in {tmp_path}/results.json")
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["failed"] == {"broken_test": "ValueError: broken on purpose"}
+    assert [r["method"] for r in saved["runs"]] == ["full"] and set(saved["table1"]) == {"full"}
+    assert "| Full FT (AdamW) |" in (tmp_path / "table.md").read_text()
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 def test_unknown_method_and_bad_fractions_are_clear_errors():
     with pytest.raises(ValueError, match=r"unknown method 'smoa_typo'; known methods: full, lora, .*spectral_reg"):

@@ -154,7 +154,8 @@ def run_case(case: Case, device: torch.device, budget: TimerBudget, ceilings: Ce
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmarks; returns the process exit status (0: every provider ran and was right)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.plan:
         from .plan import main as plan_main
         return plan_main(args.ops, args.out or default_out_dir())
@@ -168,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out_dir = args.out or default_out_dir()
     only = set(args.providers) if args.providers else None
+    if only:  # before any case is built or any ceiling measured
+        known = {name for op in args.ops for name in case_modules.load(op).PROVIDERS}
+        unknown = sorted(only - known)
+        if unknown:
+            parser.error(f"argument --providers: no case of {', '.join(args.ops)} has a provider called "
+                         f"{', '.join(unknown)} (known: {', '.join(sorted(known))})")
 
     op_cases = {op: case_modules.load(op).cases(device, args.quick)[:args.max_cases] for op in args.ops}
     env = environment(device)

@@ -23,7 +23,7 @@ from .methods import METHODS, MethodConfig, TrainSetup, get_method
 from .metrics import classification_metrics, confusion_matrix, mean_std
 from .model import SentenceClassifier, load_encoder
 
-__all__ = ["RunConfig", "evaluate", "run_comparison", "train"]
+__all__ = ["ComparisonFailed", "RunConfig", "evaluate", "run_comparison", "train"]
 
 FIGURE3_METHODS = ("spectral", "spectral_reg_only", "spectral_reg")
 
@@ -99,6 +99,16 @@ class RunConfig:
         out = {name: (list(v) if isinstance(v, tuple) else v) for name, v in self.__dict__.items() if name != "method"}
         out["method"] = self.method.to_dict()
         return out
+
+
+class ComparisonFailed(RuntimeError):
+    """One run of a comparison raised. ``results``: what finished before it, as ``run_comparison`` returns it,
+    plus ``"failed": {method: "ExceptionType: message"}``; the original exception is the ``__cause__``."""
+
+    def __init__(self, method: str, seed: int, fraction: float, error: BaseException) -> None:
+        self.method, self.error, self.reason = method, error, f"{type(error).__name__}: {error}"
+        self.results: dict = {}
+        super().__init__(f"method {method!r} failed (seed {seed}, fraction {fraction:g}): {self.reason}")
 
 
 def _schedule(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
@@ -277,33 +287,38 @@ def run_comparison(config: RunConfig, *, progress: bool = True, log: Callable[[s
     runs = []
     from tqdm.auto import tqdm
     outer = tqdm(jobs, desc="runs", disable=not progress, dynamic_ncols=True)
-    for seed, method_name, fraction in outer:
-        method = METHODS[method_name]
-        outer.set_postfix_str(f"{method_name} seed={seed} fraction={fraction:g}")
-        torch.manual_seed(seed)
-        # On the device before the method is built: filters and adapters allocate next to the weights.
-        model = SentenceClassifier(copy.deepcopy(base_encoder), num_classes).to(device)
-        t0 = time.perf_counter()
-        setup = method.build(model, config.method)
-        setup_seconds = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        torch.manual_seed(seed)  # dropout masks: the same stream for every method
-        curve = train(setup, tokens, dataset.labels, subsets[fraction], epochs=config.epochs,
-                      batch_size=config.batch_size, seed=seed, device=device,
-                      warmup_fraction=config.warmup_fraction, progress=progress,
-                      description=f"{method_name} s{seed} f{fraction:g}")
-        train_seconds = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        confusion = evaluate(setup.model, tokens, dataset.labels, held_out, num_classes,
-                             batch_size=config.eval_batch_size, device=device)
-        eval_seconds = time.perf_counter() - t0
-        runs.append({"method": method_name, "label": method.label, "seed": seed, "fraction": fraction,
-                     "train_documents": subsets[fraction].numel(), "steps": len(curve["step"]),
-                     "trainable_parameters": setup.trainable_parameters(), "notes": setup.notes,
-                     "metrics": classification_metrics(confusion), "confusion": confusion.tolist(),
-                     "setup_seconds": setup_seconds, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-                     "curve": curve})
-        del setup, model
+    failure = None
+    try:
+        for seed, method_name, fraction in outer:
+            method = METHODS[method_name]
+            outer.set_postfix_str(f"{method_name} seed={seed} fraction={fraction:g}")
+            torch.manual_seed(seed)
+            # On the device before the method is built: filters and adapters allocate next to the weights.
+            model = SentenceClassifier(copy.deepcopy(base_encoder), num_classes).to(device)
+            t0 = time.perf_counter()
+            setup = method.build(model, config.method)
+            setup_seconds = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            torch.manual_seed(seed)  # dropout masks: the same stream for every method
+            curve = train(setup, tokens, dataset.labels, subsets[fraction], epochs=config.epochs,
+                          batch_size=config.batch_size, seed=seed, device=device,
+                          warmup_fraction=config.warmup_fraction, progress=progress,
+                          description=f"{method_name} s{seed} f{fraction:g}")
+            train_seconds = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            confusion = evaluate(setup.model, tokens, dataset.labels, held_out, num_classes,
+                                 batch_size=config.eval_batch_size, device=device)
+            eval_seconds = time.perf_counter() - t0
+            runs.append({"method": method_name, "label": method.label, "seed": seed, "fraction": fraction,
+                         "train_documents": subsets[fraction].numel(), "steps": len(curve["step"]),
+                         "trainable_parameters": setup.trainable_parameters(), "notes": setup.notes,
+                         "metrics": classification_metrics(confusion), "confusion": confusion.tolist(),
+                         "setup_seconds": setup_seconds, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+                         "curve": curve})
+            del setup, model
+    except Exception as exc:  # keep what finished; the caller writes it and says which run failed and why
+        failure = ComparisonFailed(method_name, seed, fraction, exc)
+
     outer.close()
 
     results = {"config": config.to_dict(), "environment": _environment(device),
@@ -323,6 +338,10 @@ def run_comparison(config: RunConfig, *, progress: bool = True, log: Callable[[s
     results["timing"]["wall_seconds"] = time.perf_counter() - start_wall
     # CPU time of all threads: on a shared machine it shows how much of the wall time was this run's own work.
     results["timing"]["cpu_seconds"] = time.process_time() - start_cpu
+    if failure is not None:
+        results["failed"] = {failure.method: failure.reason}
+        failure.results = results
+        raise failure from failure.error
     return results
 
 

@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from .._atomic import write_atomically
 from ..distributed.shards import local_tensor, row_shard
 from ..optim import SpectralGradientFilter
 
@@ -54,7 +55,8 @@ def weight_fingerprints(spectral_filter: SpectralGradientFilter) -> dict[str, st
 def save_filter_state(spectral_filter: SpectralGradientFilter, folder: str, *, global_step: int, rank: int = 0,
                       world_size: int = 1) -> str:
     """Write the filter's state and the fingerprints of its weights into ``folder`` (which must exist); returns the
-    file's path. Written to a temporary name first, so a crash never leaves a truncated file under the real name."""
+    file's path. Written atomically (a temporary file in ``folder``, fsync, rename): a failure half-way leaves the
+    previous file, if any, as it was and nothing partial under the real name."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"checkpoint folder {folder!r} does not exist; the filter state goes beside the "
                                 "model's weights in the folder the Trainer has just written")
@@ -62,9 +64,7 @@ def save_filter_state(spectral_filter: SpectralGradientFilter, folder: str, *, g
     path = filter_state_path(folder, spectral_filter, rank, world_size)
     payload = {"format": _FORMAT, "global_step": int(global_step),
                "fingerprints": weight_fingerprints(spectral_filter), "filter": spectral_filter.state_dict()}
-    partial = path + ".partial"
-    torch.save(payload, partial)
-    os.replace(partial, path)
+    write_atomically(path, lambda temp: torch.save(payload, temp))
     logger.info("saved the spectral filter's state (%d steps) to %s in %.2f s", spectral_filter.steps, path,
                 time.perf_counter() - started)
     return path

@@ -28,6 +28,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -38,6 +40,7 @@ from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
+from .._atomic import write_atomically
 from .._targets import check_target_modules, find_modules
 from ._patching import BaseWeightMismatchError, fingerprint_tensors
 
@@ -49,6 +52,10 @@ PEFT_PREFIX = "base_model.model."
 
 
 # ------------------------------------------------------------------------------------------ config
+def _is_sha256(value: str) -> bool:
+    return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
 @dataclass
 class SpectralPeftConfig(PeftConfig):
     """Fields every spectralkern method has (subclasses add their hyper-parameters).
@@ -92,8 +99,16 @@ class SpectralPeftConfig(PeftConfig):
                 raise TypeError("base_fingerprints must map module names to sha256 hex strings, got "
                                 f"{self.base_fingerprints!r}")
             self.base_fingerprints = dict(self.base_fingerprints)
+            damaged = {k: v for k, v in self.base_fingerprints.items() if not _is_sha256(v)}
+            if damaged:
+                name, value = next(iter(damaged.items()))
+                raise ValueError(f"base_fingerprints[{name!r}] = {value!r} is not a sha256 digest (64 lowercase hex "
+                                 "digits): damaged or edited adapter config")
         if self.weights_sha256 is not None and not isinstance(self.weights_sha256, str):
             raise TypeError(f"weights_sha256 must be a hex string or None, got {self.weights_sha256!r}")
+        if self.weights_sha256 is not None and not _is_sha256(self.weights_sha256):
+            raise ValueError(f"weights_sha256 = {self.weights_sha256!r} is not a sha256 digest (64 lowercase hex "
+                             "digits): damaged or edited adapter config")
         if self.progress is not None and not isinstance(self.progress, bool):
             raise TypeError(f"progress must be True, False or None, got {self.progress!r}")
 
@@ -110,6 +125,16 @@ class SpectralPeftConfig(PeftConfig):
             raise ValueError(f"the {cls.__name__} adapter config has fields this spectralkern does not know: "
                              f"{unknown} (written by a newer version?); refusing to load it partly")
         return cls(**kwargs)
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """peft's ``adapter_config.json``, replaced atomically: a failure half-way leaves the previous config (and
+        the weights digest it records) as it was, never a truncated file."""
+        os.makedirs(save_directory, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=save_directory, prefix=".adapter_config.") as staging:
+            super().save_pretrained(staging, **kwargs)
+            written = os.path.join(staging, ADAPTER_CONFIG_NAME)
+            write_atomically(os.path.join(save_directory, ADAPTER_CONFIG_NAME),
+                             lambda temp: shutil.copyfile(written, temp))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None,

@@ -1,5 +1,6 @@
-"""Benchmark cases, one module per op. Each module defines ``OP`` (its name) and
-``cases(device, quick) -> list[Case]``; the runner imports a module only when its op is asked for."""
+"""Benchmark cases, one module per op. Each module defines ``OP`` (its name), ``PROVIDERS`` (every provider name
+its cases can time or skip, known without preparing a case) and ``cases(device, quick) -> list[Case]``; the runner imports a module only when
+its op is asked for."""
 from __future__ import annotations
 
 import importlib

@@ -36,6 +36,8 @@ from ..case import Case, Prepared, Provider
 from ..inputs import ragged_block_ptr, uniform_block_ptr
 
 OP = "chebyshev_filter"
+#: every provider name a case of this op can time or skip (``--providers`` is checked against it up front)
+PROVIDERS = ("spectralkern", "torch_sparse_eager", "spectral_filter+eigh", "spectral_filter(cached)")
 
 # ‖out − ref‖ / ‖ref‖ against the float64 recursion on the same rounded inputs. The eigh route adds the fp32
 # eigensolver's error (~1e-6 relative on these blocks); bf16 rounds the output.

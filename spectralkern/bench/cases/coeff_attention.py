@@ -31,6 +31,8 @@ from ...ops.coeff_attention import coeff_attention, coeff_attention_backend, coe
 from ..case import Case, Prepared, Provider
 
 OP = "coeff_attention"
+#: every provider name a case of this op can time or skip (``--providers`` is checked against it up front)
+PROVIDERS = ("spectralkern", "coeff_eager", "coeff_reference", "sdpa")
 _TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 _SEED = 0
 

@@ -48,6 +48,9 @@ from ...graph import GraphLaplacian, ParameterGraph
 from ..case import Case, Prepared, Provider
 
 OP = "eigensolver"
+#: every provider name a case of this op can time or skip (``--providers`` is checked against it up front)
+PROVIDERS = ("auto", "lanczos", "dense", "torch_eigh", "native", "scipy_eigsh", "scipy_eigsh_sa", "torch_lobpcg",
+             "lanczos_warm", "auto_warm", "scipy_eigsh_warm", "cupy_eigsh")
 TOL = 1e-8            # common relative residual tolerance (‖L‖ ≤ 2)
 _SEED = 0
 _NEIGHBOURS = 10

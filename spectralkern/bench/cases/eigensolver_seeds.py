@@ -27,6 +27,8 @@ from ...graph import ParameterGraph
 from ..case import Case, Prepared, Provider
 
 OP = "eigensolver_seeds"
+#: every provider name a case of this op can time or skip (``--providers`` is checked against it up front)
+PROVIDERS = ("auto",)
 TOL = 1e-6
 SWEEPS: dict[str, dict[str, float]] = {}   # case name -> the sweep's statistics (see the module docstring)
 

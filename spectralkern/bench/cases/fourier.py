@@ -47,6 +47,9 @@ from ...peft.fourier_moe import FourierMoEConfig, FourierMoELinear, from_peft_fo
 from ..case import Case, Prepared, Provider
 
 OP = "fourier"
+#: every provider name a case of this op can time or skip (``--providers`` is checked against it up front)
+PROVIDERS = ("spectralkern", "fourier_fft", "fourier_dense", "fourier_per_frequency", "fourier_eager",
+             "fourierft_peft", "lora_peft")
 _TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 _SEED = 0
 _SCALE = 150.0

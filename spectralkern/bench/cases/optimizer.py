@@ -49,6 +49,9 @@ from ...optim import SpectralAdamW, SpectralGradientFilter
 from ..case import Case, Prepared, Provider
 
 OP = "optimizer"
+#: every provider name a case of this op can time or skip (``--providers`` is checked against it up front)
+PROVIDERS = ("spectralkern", "spectralkern_bf16_states", "spectralkern_triton", "torch_adamw_fused",
+             "filter_then_adamw", "galore")
 _SEED = 0
 _LR, _WD, _BETAS, _EPS = 1e-3, 0.01, (0.9, 0.999), 1e-8
 _TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -34,6 +34,8 @@ from ...peft.smoa import SMoAConfig, SMoALinear
 from ..case import Case, Prepared, Provider
 
 OP = "smoa"
+#: every provider name a case of this op can time or skip (``--providers`` is checked against it up front)
+PROVIDERS = ("spectralkern", "smoa_eager", "lora_peft", "lora_peft_nocast")
 _TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 _SEED = 0
 

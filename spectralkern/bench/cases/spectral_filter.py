@@ -31,6 +31,8 @@ from ..case import Case, Prepared, Provider
 from ..inputs import ragged_block_ptr, random_basis, uniform_block_ptr
 
 OP = "spectral_filter"
+#: every provider name a case of this op can time or skip (``--providers`` is checked against it up front)
+PROVIDERS = ("spectralkern", "spectralkern_triton", "torch_loop", "torch_bmm", "torch_compile")
 
 # ‖out − ref‖ / ‖ref‖ allowed against the float64 answer on the same rounded inputs. fp32 sits far under 1e-4
 # (tf32x3 too); plain tf32 (~3e-4) would fail it on purpose. bf16/fp16 round the output and, in torch eager,
