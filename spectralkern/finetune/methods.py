@@ -73,13 +73,13 @@ class MethodConfig:
     lowpass_update: bool = True            # SpectralAdamW filters its Adam direction again (update stays low-pass)
     # The paper's update rule (SpectralSGD): plain gradient descent, its own learning rates (picked, like the
     # others, from short training losses only).
-    sgd_lr: float = 0.1
-    sgd_head_lr: float = 0.1
+    sgd_lr: float = 0.1                    # 10-step training losses: 0.03/0.1/0.3/1 × head 0.3/1/3 (docs/demo.md)
+    sgd_head_lr: float = 1.0
     sgd_momentum: float = 0.0
     reg_only_perturbation: float = 0.01    # Figure 3's regulariser-only run starts at Δ = this · rms(W) · N(0, 1)
     # The Adapter baseline: bottleneck m = 8 gives 2 adapters × 6 layers × (2·8·384 + 392) ≈ LoRA r = 8's budget.
     adapter_bottleneck: int = 8
-    adapter_lr: float = 1e-3
+    adapter_lr: float = 1e-2               # 10-step training losses: 1e-3, 3e-3, 1e-2 → 1e-2 (docs/demo.md)
     # FourierFT / FourierMoE (paper 003). fourier_n None: LoRA's budget, 2n reals = lora_r·(in + out) per layer.
     # scale and lr follow the FourierFT paper's RoBERTa settings (scaling 150, spectrum lr ~5e-2); untuned here.
     fourier_n: int | None = None
