@@ -73,7 +73,7 @@ class MethodConfig:
     lowpass_update: bool = True            # SpectralAdamW filters its Adam direction again (update stays low-pass)
     # The paper's update rule (SpectralSGD): plain gradient descent, its own learning rates (picked, like the
     # others, from short training losses only).
-    sgd_lr: float = 0.1                    # 10-step training losses: 0.03/0.1/0.3/1 × head 0.3/1/3 (docs/demo.md)
+    sgd_lr: float = 0.03                   # from the default budget's 25-step training losses (docs/demo.md)
     sgd_head_lr: float = 1.0
     sgd_momentum: float = 0.0
     reg_only_perturbation: float = 0.01    # Figure 3's regulariser-only run starts at Δ = this · rms(W) · N(0, 1)
