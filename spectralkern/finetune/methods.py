@@ -4,16 +4,23 @@ A method turns a fresh ``SentenceClassifier`` into a ``TrainSetup``: the model t
 its optimizer, and the objective. Built in:
 
     full               full fine-tuning with torch.optim.AdamW (word-embedding table frozen, see MethodConfig)
+    adapter            paper 001's Adapter baseline: Houlsby bottleneck adapters after every attention-output and
+                       feed-forward-output projection (adapter.py) + LayerNorms + head; encoder frozen
     lora               LoRA adapters (peft) on the attention query/value projections + the classification head
     smoa               SMoA adapters (spectralkern.peft, paper 002) on the same targets with LoRA's budget + head
     fourierft          FourierFT (spectralkern.peft, paper 003, one expert) on the same targets, LoRA's budget + head
     fourier_moe        FourierMoE (paper 003): radial-band experts, top-k router, load-balancing loss in the objective
     coeff_tuning       Coeff-Tuning (paper 004): an H × H head-mixing ΔC per attention layer (dropout on ΔC) + head
     coeff_tuning_lora  Coeff-Tuning + LoRA (the paper's plug-in use): LoRA on query/value, then ΔC on every layer
-    spectral           ours: full fine-tuning whose encoder Linear weights get the spectral gradient filter
-                       (paper 001's U g(Λ) Uᵀ ∇), fused into SpectralAdamW; objective = task loss
-    spectral_reg       ours: the same plus the Laplacian regulariser, joint loss L_task + λ·tr(ΔᵀLΔ)
-    spectral_reg_only  ablation for Figure 3 (not in Table 1): the filter with the regulariser alone as objective
+    spectral_sgd       ours as paper 001 writes it: joint loss L_task + λ·tr(Δᵀ L Δ) (L = D − W), the task gradient
+                       filtered by g(L) on the whole spectrum, the regulariser's gradient unfiltered, plain gradient
+                       descent (SpectralSGD)
+    spectral_reg       ours with AdamW: the same filter and joint loss, SpectralAdamW (lowpass_update: the applied
+                       Adam direction filtered again)
+    spectral           ours with AdamW, task loss only
+    spectral_sgd_task      Figure 3 ablation (not in Table 1): spectral_sgd with the task loss only
+    spectral_sgd_reg_only  Figure 3 ablation: spectral_sgd with the regulariser alone, from a perturbed Δ (a Δ = 0
+                           start has zero regulariser gradient, so it would never move)
 
 Register another with ``register_method(Method(name, label, build, description))``; ``build(model, config)``
 returns a TrainSetup. The runner seeds torch before calling it, so random initialisations are reproducible.
@@ -57,9 +64,22 @@ class MethodConfig:
     knn: int = 8
     heat: float = 2.0
     passthrough: float = 0.0
-    refresh_every: int = 200
+    filter_method: str = "chebyshev"       # g(L) on the whole spectrum (paper 001); "basis": U g(Λ) Uᵀ, k lowest only
+    chebyshev_order: int = 16
+    refresh_every: int = 10                # graphs and bases rebuilt from the current weights (2 refreshes in 25 steps)
     reg_weight: float = 0.1
+    reg_normalized: bool = False           # the regulariser's L: the paper's D − W
     fused: bool = True                     # SpectralAdamW (filter inside the step) vs filt.step() + AdamW
+    lowpass_update: bool = True            # SpectralAdamW filters its Adam direction again (update stays low-pass)
+    # The paper's update rule (SpectralSGD): plain gradient descent, its own learning rates (picked, like the
+    # others, from short training losses only).
+    sgd_lr: float = 0.03                   # from the default budget's 25-step training losses (docs/demo.md)
+    sgd_head_lr: float = 1.0
+    sgd_momentum: float = 0.0
+    reg_only_perturbation: float = 0.01    # Figure 3's regulariser-only run starts at Δ = this · rms(W) · N(0, 1)
+    # The Adapter baseline: bottleneck m = 8 gives 2 adapters × 6 layers × (2·8·384 + 392) ≈ LoRA r = 8's budget.
+    adapter_bottleneck: int = 8
+    adapter_lr: float = 1e-2               # 10-step training losses: 1e-3, 3e-3, 1e-2 → 1e-2 (docs/demo.md)
     # FourierFT / FourierMoE (paper 003). fourier_n None: LoRA's budget, 2n reals = lora_r·(in + out) per layer.
     # scale and lr follow the FourierFT paper's RoBERTa settings (scaling 150, spectrum lr ~5e-2); untuned here.
     fourier_n: int | None = None
@@ -188,6 +208,21 @@ def build_full(model: SentenceClassifier, config: MethodConfig) -> TrainSetup:
     return TrainSetup(model, optimizer)
 
 
+def build_adapter(model: SentenceClassifier, config: MethodConfig) -> TrainSetup:
+    """Bottleneck adapters (adapter.py) + every LayerNorm + the head train; the rest of the encoder is frozen."""
+    from .adapter import add_adapters
+    for name, p in model.encoder.named_parameters():
+        p.requires_grad_("LayerNorm" in name or "layer_norm" in name)
+    model.adapters = add_adapters(model.encoder, config.adapter_bottleneck)
+    head = [p for p in model.head.parameters() if p.requires_grad]
+    adapters = list(model.adapters.parameters())
+    norms = [p for p in model.encoder.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": head, "lr": config.head_lr, "weight_decay": config.weight_decay},
+                                   {"params": adapters, "lr": config.adapter_lr, "weight_decay": config.weight_decay},
+                                   {"params": norms, "lr": config.adapter_lr, "weight_decay": 0.0}])
+    return TrainSetup(model, optimizer, notes={"adapter_parameters": sum(p.numel() for p in adapters)})
+
+
 def build_lora(model: SentenceClassifier, config: MethodConfig) -> TrainSetup:
     try:
         from peft import LoraConfig, get_peft_model
@@ -286,7 +321,9 @@ def make_spectral_filter(model: nn.Module, config: MethodConfig, target_modules:
     return SpectralGradientFilter(model, target_modules=list(target_modules or config.spectral_targets),
                                   graph=config.graph, block_size=config.block_size, k=config.k,
                                   gains=heat(config.heat), passthrough=config.passthrough,
-                                  refresh_every=config.refresh_every, reg_weight=config.reg_weight, knn=config.knn)
+                                  filter_method=config.filter_method, chebyshev_order=config.chebyshev_order,
+                                  refresh_every=config.refresh_every, reg_weight=config.reg_weight, knn=config.knn,
+                                  reg_normalized=config.reg_normalized)
 
 
 def _build_spectral(model: SentenceClassifier, config: MethodConfig, *, task_weight: float,
@@ -296,13 +333,51 @@ def _build_spectral(model: SentenceClassifier, config: MethodConfig, *, task_wei
     filt = make_spectral_filter(model, config)
     groups = _param_groups(model, config.lr, config)
     if config.fused:
-        optimizer = SpectralAdamW(groups, spectral_filter=filt)
+        optimizer = SpectralAdamW(groups, spectral_filter=filt, lowpass_update=config.lowpass_update)
     else:
+        if config.lowpass_update:
+            raise ValueError("lowpass_update needs the fused SpectralAdamW (fused=True): filt.step() + torch AdamW "
+                             "cannot filter the Adam direction")
         optimizer = torch.optim.AdamW(groups)
-    targeted = sum(p.numel() for _, p in filt.targets)
     return TrainSetup(model, optimizer, spectral_filter=filt, filter_in_optimizer=config.fused,
-                      task_weight=task_weight, use_regularizer=use_regularizer,
-                      notes={"filtered_weights": len(filt.targets), "filtered_parameters": targeted})
+                      task_weight=task_weight, use_regularizer=use_regularizer, notes=_filter_notes(filt))
+
+
+def _filter_notes(filt) -> dict:
+    return {"filtered_weights": len(filt.targets), "filtered_parameters": sum(p.numel() for _, p in filt.targets)}
+
+
+def _build_spectral_sgd(model: SentenceClassifier, config: MethodConfig, *, task_weight: float,
+                        use_regularizer: bool, perturb: float = 0.0) -> TrainSetup:
+    """Paper 001's update: θ ← θ − η·(F(∇L_task) + 2λ L_reg Δ) (SpectralSGD, no weight decay). ``perturb`` > 0
+    moves every targeted weight by perturb · rms(W) · N(0, 1) after the filter is built (W₀ stays the pretrained
+    weight), so the run starts at Δ ≠ 0."""
+    from ..optim import SpectralSGD
+    _freeze_word_embeddings(model, config)
+    filt = make_spectral_filter(model, config)
+    if perturb > 0:
+        with torch.no_grad():
+            for _, p in filt.targets:
+                p.add_(torch.randn_like(p) * (perturb * float(p.square().mean().sqrt())))
+    head = [p for p in model.head.parameters() if p.requires_grad]
+    encoder = [p for p in model.encoder.parameters() if p.requires_grad]
+    optimizer = SpectralSGD([{"params": head, "lr": config.sgd_head_lr}, {"params": encoder, "lr": config.sgd_lr}],
+                            momentum=config.sgd_momentum, spectral_filter=filt)
+    return TrainSetup(model, optimizer, spectral_filter=filt, filter_in_optimizer=True, task_weight=task_weight,
+                      use_regularizer=use_regularizer, notes=_filter_notes(filt))
+
+
+def build_spectral_sgd(model: SentenceClassifier, config: MethodConfig) -> TrainSetup:
+    return _build_spectral_sgd(model, config, task_weight=1.0, use_regularizer=True)
+
+
+def build_spectral_sgd_task(model: SentenceClassifier, config: MethodConfig) -> TrainSetup:
+    return _build_spectral_sgd(model, config, task_weight=1.0, use_regularizer=False)
+
+
+def build_spectral_sgd_reg_only(model: SentenceClassifier, config: MethodConfig) -> TrainSetup:
+    return _build_spectral_sgd(model, config, task_weight=0.0, use_regularizer=True,
+                               perturb=config.reg_only_perturbation)
 
 
 def build_spectral(model: SentenceClassifier, config: MethodConfig) -> TrainSetup:
@@ -313,22 +388,24 @@ def build_spectral_reg(model: SentenceClassifier, config: MethodConfig) -> Train
     return _build_spectral(model, config, task_weight=1.0, use_regularizer=True)
 
 
-def build_spectral_reg_only(model: SentenceClassifier, config: MethodConfig) -> TrainSetup:
-    return _build_spectral(model, config, task_weight=0.0, use_regularizer=True)
-
-
 register_method(Method("full", "Full FT (AdamW)", build_full,
                        "all encoder weights (word-embedding table frozen) + head, torch.optim.AdamW"))
+register_method(Method("adapter", "Adapter (Houlsby bottleneck)", build_adapter,
+                       "bottleneck adapters after attention-output and FFN-output projections + LayerNorms + head"))
 register_method(Method("lora", "LoRA (peft)", build_lora,
                        "LoRA r=8 on query/value (peft) + head; encoder frozen"))
 register_method(Method("smoa", "SMoA (fused)", build_smoa,
                        "SMoA, K=2 spectral blocks, rank 2·lora_r on query/value (LoRA's budget) + head"))
-register_method(Method("spectral", "Spectral filter (ours)", build_spectral,
-                       "full FT with the spectral gradient filter on the encoder Linear weights (SpectralAdamW)"))
-register_method(Method("spectral_reg", "Spectral filter + reg. (ours)", build_spectral_reg,
-                       "spectral filter + joint loss L_task + λ·tr(ΔᵀLΔ)"))
-register_method(Method("spectral_reg_only", "Regulariser only (ablation)", build_spectral_reg_only,
-                       "Figure 3 ablation: the filter with λ·tr(ΔᵀLΔ) alone as the objective", in_table=False))
+register_method(Method("spectral_sgd", "Ours, paper's rule (SpectralSGD)", build_spectral_sgd,
+                       "filtered task gradient + unfiltered regulariser gradient, plain gradient descent"))
+register_method(Method("spectral_reg", "Ours, AdamW (SpectralAdamW)", build_spectral_reg,
+                       "the same filter and joint loss, SpectralAdamW (lowpass_update per config)"))
+register_method(Method("spectral", "Ours, AdamW, task loss only", build_spectral,
+                       "the spectral filter with SpectralAdamW, objective = task loss (no regulariser)"))
+register_method(Method("spectral_sgd_task", "Paper's rule, task loss only", build_spectral_sgd_task,
+                       "Figure 3 ablation: spectral_sgd without the regulariser in the objective", in_table=False))
+register_method(Method("spectral_sgd_reg_only", "Paper's rule, regulariser only", build_spectral_sgd_reg_only,
+                       "Figure 3 ablation: spectral_sgd with λ·tr(ΔᵀLΔ) alone, from a perturbed Δ", in_table=False))
 register_method(Method("fourierft", "FourierFT (fused)", build_fourierft,
                        "FourierFT: complex conjugate-symmetric spectrum on query/value (LoRA's budget) + head"))
 register_method(Method("fourier_moe", "FourierMoE (fused)", build_fourier_moe,

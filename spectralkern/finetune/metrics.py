@@ -1,4 +1,5 @@
-"""Table 1's metrics from a confusion matrix: accuracy, macro precision, macro recall (and macro F1).
+"""Table 1's metrics from a confusion matrix (accuracy, macro precision, macro recall, macro F1), and what an
+update Δ = W − W₀ looks like in the graph's spectrum (energy outside span(U), Dirichlet energy).
 
 Conventions (those of scikit-learn's ``zero_division=0``): a class never predicted has precision 0, a class
 absent from the labels has recall 0; macro averages weigh every class equally, absent ones included.
@@ -10,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["classification_metrics", "confusion_matrix", "mean_std"]
+__all__ = ["band_energy", "classification_metrics", "confusion_matrix", "dirichlet_energy", "mean_std", "update_metrics"]
 
 
 def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -53,3 +54,46 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     if len(values) == 1:
         return mean, 0.0
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def band_energy(delta: torch.Tensor, basis) -> tuple[float, float]:
+    """(‖Δ − U Uᵀ Δ‖², ‖Δ‖²) of one weight's update Δ (N, d), per block of ``basis`` (a SpectralBasis: U (N, k),
+    block_ptr (B + 1,)), in float64. U's columns are orthonormal within each block (zero-padded columns add 0)."""
+    x = delta.detach().to(torch.float64)
+    U = basis.U.detach().to(device=x.device, dtype=torch.float64)
+    if U.shape[0] != x.shape[0]:
+        raise ValueError(f"delta has {x.shape[0]} rows, the basis {U.shape[0]}")
+    ptr = basis.block_ptr.tolist()
+    outside = 0.0
+    for start, stop in zip(ptr[:-1], ptr[1:]):
+        block, Ub = x[start:stop], U[start:stop]
+        outside += float((block - Ub @ (Ub.T @ block)).square().sum())
+    return outside, float(x.square().sum())
+
+
+def dirichlet_energy(delta: torch.Tensor, laplacian) -> tuple[float, float]:
+    """(tr(Δᵀ L Δ), ‖Δ‖²) of one weight's update Δ (N, d) for a GraphLaplacian L (sk.laplacian_quadratic), float64."""
+    from ..ops.laplacian_quadratic import laplacian_quadratic
+    x = delta.detach().to(torch.float64)
+    return float(laplacian_quadratic(x, laplacian)), float(x.square().sum())
+
+
+def update_metrics(deltas: dict[str, torch.Tensor], bases: dict, laplacians: dict) -> dict[str, float]:
+    """Over the weights named in ``bases`` (a filter's ``bases()`` / ``laplacians()``), with Δ from ``deltas``
+    (a missing name: Δ = 0, e.g. a weight the method freezes):
+
+        outside_span  Σ‖Δ − U Uᵀ Δ‖² / Σ‖Δ‖²   share of the update's energy outside span(U)
+        dirichlet     Σ tr(Δᵀ L Δ) / Σ‖Δ‖²     Dirichlet energy per unit of update energy (normalized L: in [0, 2])
+        delta_norm    (Σ‖Δ‖²)^½
+    Both ratios are NaN when no weight moved."""
+    outside = dirichlet = total = 0.0
+    for name, basis in bases.items():
+        delta = deltas.get(name)
+        if delta is None:
+            continue
+        out, norm2 = band_energy(delta, basis)
+        quad, _ = dirichlet_energy(delta, laplacians[name])
+        outside, dirichlet, total = outside + out, dirichlet + quad, total + norm2
+    nan = float("nan")
+    return {"outside_span": outside / total if total > 0 else nan,
+            "dirichlet": dirichlet / total if total > 0 else nan, "delta_norm": math.sqrt(total)}

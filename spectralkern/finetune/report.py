@@ -17,6 +17,11 @@ def _pm(value: tuple[float, float], seeds: int, scale: float = 100.0, digits: in
     return f"{text} ± {std * scale:.{digits}f}" if seeds > 1 else text
 
 
+def _pm_or_dash(value, seeds: int, scale: float, digits: int) -> str:
+    """As _pm; '—' when the metric is undefined (NaN: the method did not change the filtered weights)."""
+    return "—" if value[0] != value[0] else _pm(tuple(value), seeds, scale, digits)
+
+
 def budget_lines(results: dict) -> list[str]:
     """The budget choices of the run, in words (printed, and written at the top of table.md)."""
     cfg, data = results["config"], results["data"]
@@ -31,18 +36,29 @@ def budget_lines(results: dict) -> list[str]:
         f"Budget (same for every method): max_length {cfg['max_length']} tokens "
         f"({data['truncated_share']:.0%} of documents truncated), batch {cfg['batch_size']}, {cfg['epochs']} epoch(s) "
         f"= {any_steps} steps, linear warm-up {cfg['warmup_fraction']:.0%} then linear decay; seeds {cfg['seeds']}.",
-        f"Optimiser: AdamW, encoder lr {m['lr']:g} (full FT and ours), LoRA lr {m['lora_lr']:g}, head lr "
-        f"{m['head_lr']:g}, weight decay {m['weight_decay']:g}; word-embedding table "
-        f"{'frozen' if m['freeze_word_embeddings'] else 'trained'} in every method.",
+        f"Optimiser: AdamW, encoder lr {m['lr']:g} (full FT and ours with AdamW), LoRA lr {m['lora_lr']:g}, adapter "
+        f"lr {m['adapter_lr']:g}, head lr {m['head_lr']:g}, weight decay {m['weight_decay']:g}; the paper's rule "
+        f"(SpectralSGD): lr {m['sgd_lr']:g}, head lr {m['sgd_head_lr']:g}, momentum {m['sgd_momentum']:g}, no weight "
+        f"decay; word-embedding table {'frozen' if m['freeze_word_embeddings'] else 'trained'} in every method.",
         f"Ours: {m['graph']} graph ({m['knn']} neighbours) over the rows of every {', '.join(m['spectral_targets'])} "
-        f"weight, blocks of {m['block_size']} rows, k = {m['k']} lowest frequencies per block, heat gains "
-        f"exp(-{m['heat']:g} λ), passthrough {m['passthrough']:g}, refresh every {m['refresh_every']} steps; "
-        f"regulariser weight λ = {m['reg_weight']:g}; {'fused SpectralAdamW' if m['fused'] else 'filt.step() + AdamW'}.",
+        f"weight, blocks of {m['block_size']} rows, heat gains g(λ) = exp(-{m['heat']:g} λ) of the normalized L, "
+        + (f"applied to the whole spectrum (Chebyshev order {m['chebyshev_order']})"
+           if m['filter_method'] == 'chebyshev' else
+           f"k = {m['k']} lowest frequencies per block, passthrough {m['passthrough']:g}")
+        + f"; only the task gradient is filtered; regulariser λ·tr(ΔᵀLΔ), λ = {m['reg_weight']:g}, L = "
+        f"{'normalized' if m['reg_normalized'] else 'D − W'}, its gradient unfiltered; graphs and bases refreshed "
+        f"every {m['refresh_every']} steps; AdamW variant: "
+        f"{'SpectralAdamW' if m['fused'] else 'filt.step() + AdamW'}"
+        f"{', lowpass_update (the Adam direction filtered again)' if m['lowpass_update'] else ''}.",
+        f"Adapter: bottleneck m = {m['adapter_bottleneck']} after every attention-output and FFN-output projection.",
         f"LoRA: r = {m['lora_r']}, alpha = {m['lora_alpha']}, dropout {m['lora_dropout']:g}, on "
         f"{', '.join(m['lora_targets'])}.",
     ]
     timing, env = results.get("timing", {}), results.get("environment", {})
     if "wall_seconds" in timing:
+        lines.append(f"Update metrics: Δ = W − W₀ of the filtered weights, in the spectrum of the pretrained weights' "
+                     f"graphs (the same U₀, k = {m['k']}, and normalized L for every method); train time as CPU "
+                     f"time per step, relative to full FT.")
         lines.append(f"Time: {timing['wall_seconds']:.0f} s wall, {timing.get('cpu_seconds', float('nan')):.0f} s CPU "
                      f"(all threads) on {env.get('device', '?')} with {env.get('torch_threads', '?')} torch threads; "
                      f"{len(results['runs'])} runs.")
@@ -52,13 +68,18 @@ def budget_lines(results: dict) -> list[str]:
 def markdown_table(results: dict) -> str:
     """Table 1 (accuracy, macro precision, macro recall in %, mean ± std over seeds) and Figure 2's numbers."""
     table, methods = results["table1"], results["methods"]
-    lines = ["| Method | Accuracy (%) | Macro precision (%) | Macro recall (%) | Trainable params | Train time (s) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| Method | Accuracy (%) | Macro precision (%) | Macro recall (%) | Trainable params "
+             "| Energy outside span(U₀) (%) | tr(ΔᵀLΔ)/‖Δ‖² | CPU s / step | Step cost vs full FT |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, row in table.items():
         seeds = row["seeds"]
+        cost = row.get("step_cost_vs_full")
         lines.append(f"| {methods[name]['label']} | {_pm(row['accuracy'], seeds)} | "
                      f"{_pm(row['macro_precision'], seeds)} | {_pm(row['macro_recall'], seeds)} | "
-                     f"{row['trainable_parameters'] / 1e6:.2f} M | {_pm(row['train_seconds'], seeds, 1.0, 0)} |")
+                     f"{row['trainable_parameters'] / 1e6:.2f} M | {_pm_or_dash(row['outside_span'], seeds, 100.0, 1)} | "
+                     f"{_pm_or_dash(row['dirichlet'], seeds, 1.0, 3)} | "
+                     f"{_pm(row['cpu_seconds_per_step'], seeds, 1.0, 2)} | "
+                     f"{_pm(tuple(cost), seeds, 1.0, 2) + '×' if cost else '—'} |")
     figure2 = {name: points for name, points in results["figure2"].items() if len(points) > 1}
     if figure2:
         fractions = sorted({float(f) for points in figure2.values() for f in points})
@@ -112,7 +133,8 @@ def _plot_figure3(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     curves = results["figure3"]
-    labels = {"spectral": "task loss only", "spectral_reg_only": "regulariser only", "spectral_reg": "joint loss"}
+    labels = {"spectral_sgd_task": "task loss only", "spectral_sgd_reg_only": "regulariser only (from a perturbed Δ)",
+              "spectral_sgd": "joint loss"}
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.0))
     window = max(1, len(next(iter(curves.values()))["step"]) // 10) if curves else 1
     for name, curve in curves.items():
@@ -128,7 +150,7 @@ def _plot_figure3(results: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     right.set_yscale("symlog", linthresh=1e-6)
-    fig.suptitle("Training objective: task only vs regulariser only vs joint (all with the spectral filter)")
+    fig.suptitle("Objective: task only vs regulariser only vs joint (the paper's update rule, SpectralSGD)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

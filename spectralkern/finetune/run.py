@@ -4,12 +4,19 @@
 
 For each seed, every method trains on the same documents in the same order for the same number of steps with
 the same schedule (linear warm-up then linear decay), and is scored on the same held-out documents. Table 1 is
-the fraction-1.0 runs; Figure 2 adds the smaller nested fractions; Figure 3 adds, per seed, one run whose
-objective is the regulariser alone (the task-only and joint curves are the `spectral` and `spectral_reg` runs).
+the fraction-1.0 runs; Figure 2 adds the smaller nested fractions; Figure 3 adds, per seed, the paper's update rule
+with the task loss only and with the regulariser only (from a perturbed Δ); the joint curve is the `spectral_sgd` run.
+
+Every run also reports what its update Δ = W − W₀ of the filtered weights looks like in the spectrum of the graphs
+built from the pretrained weights (one reference filter, the same U₀ and L for every method): the share of its
+energy outside span(U₀) and its Dirichlet energy tr(ΔᵀLΔ)/‖Δ‖² (metrics.update_metrics); spectral runs add the same
+against their own filter's final (refreshed) bases. Train time is measured as CPU time of this process, so that
+the per-step cost relative to full fine-tuning means something on a shared machine.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import platform
 import time
@@ -19,13 +26,13 @@ from dataclasses import dataclass, field
 import torch
 
 from . import data as data_mod
-from .methods import METHODS, MethodConfig, TrainSetup, get_method
-from .metrics import classification_metrics, confusion_matrix, mean_std
+from .methods import METHODS, MethodConfig, TrainSetup, get_method, make_spectral_filter
+from .metrics import classification_metrics, confusion_matrix, mean_std, update_metrics
 from .model import SentenceClassifier, load_encoder
 
 __all__ = ["ComparisonFailed", "RunConfig", "evaluate", "run_comparison", "train"]
 
-FIGURE3_METHODS = ("spectral", "spectral_reg_only", "spectral_reg")
+FIGURE3_METHODS = ("spectral_sgd_task", "spectral_sgd_reg_only", "spectral_sgd")
 
 
 @dataclass
@@ -35,9 +42,9 @@ class RunConfig:
     train_size caps the training pool (stratified) used at fraction 1.0; eval_size caps the held-out split
     (stratified, fixed by split_seed; None: all of it). Fractions are of the capped training set and nested.
     """
-    methods: tuple[str, ...] = ("full", "lora", "spectral", "spectral_reg")
+    methods: tuple[str, ...] = ("full", "adapter", "lora", "spectral_sgd", "spectral_reg")
     seeds: tuple[int, ...] = (0,)
-    fractions: tuple[float, ...] = (0.2, 0.4, 0.6, 1.0)
+    fractions: tuple[float, ...] = (0.2, 1.0)
     train_size: int | None = 400
     eval_size: int | None = None
     held_out_fraction: float = 0.2
@@ -199,6 +206,14 @@ def _aggregate(runs: list[dict], methods: Sequence[str], fractions: Sequence[flo
         for metric in ("accuracy", "macro_precision", "macro_recall", "macro_f1"):
             row[metric] = mean_std([r["metrics"][metric] for r in chosen])
         row["train_seconds"] = mean_std([r["train_seconds"] for r in chosen])
+        for metric in ("outside_span", "dirichlet"):
+            row[metric] = mean_std([r["update"][metric] for r in chosen])
+        row["cpu_seconds_per_step"] = mean_std([r["train_cpu_seconds"] / r["steps"] for r in chosen])
+        full = pick("full", 1.0)
+        if full:  # per seed: this method's CPU time per step over full fine-tuning's, same seed
+            per_step = {r["seed"]: r["train_cpu_seconds"] / r["steps"] for r in full}
+            row["step_cost_vs_full"] = mean_std([r["train_cpu_seconds"] / r["steps"] / per_step[r["seed"]]
+                                                 for r in chosen if r["seed"] in per_step])
         row["trainable_parameters"] = chosen[0]["trainable_parameters"]
         row["seeds"] = len(chosen)
         table[method] = row
@@ -272,7 +287,8 @@ def run_comparison(config: RunConfig, *, progress: bool = True, log: Callable[[s
 
     jobs = [(seed, method, f) for seed in config.seeds for method in config.methods for f in fractions]
     if config.figure3:
-        jobs += [(seed, "spectral_reg_only", 1.0) for seed in config.seeds]
+        jobs += [(seed, method, 1.0) for seed in config.seeds for method in FIGURE3_METHODS
+                 if method not in config.methods]
     log(f"data     {dataset_name(config)}: {len(dataset)} documents, {num_classes} classes "
         f"({', '.join(dataset.classes)}); held-out {held_out.numel()} (fixed, split_seed={config.split_seed}); "
         f"training set {subsets[1.0].numel()} of a pool of {train_pool.numel()}"
@@ -283,6 +299,14 @@ def run_comparison(config: RunConfig, *, progress: bool = True, log: Callable[[s
     log(f"budget   {len(jobs)} runs: batch {config.batch_size}, {config.epochs} epoch(s), "
         f"{config.epochs * math.ceil(subsets[1.0].numel() / config.batch_size)} steps at fraction 1.0; "
         f"seeds {list(config.seeds)}; device {device}, {torch.get_num_threads()} threads")
+
+    # The reference spectrum every run's update is measured in: the filter's graphs and bases of the pretrained
+    # weights (no regulariser state, never refreshed; it only reads the weights).
+    reference = make_spectral_filter(SentenceClassifier(base_encoder, num_classes),
+                                     dataclasses.replace(config.method, reg_weight=0.0, refresh_every=0))
+    reference_bases, reference_laplacians = reference.bases(), reference.laplacians()
+    pretrained = {name: p.detach().clone() for name, p in reference.targets}
+    del reference
 
     runs = []
     from tqdm.auto import tqdm
@@ -298,13 +322,21 @@ def run_comparison(config: RunConfig, *, progress: bool = True, log: Callable[[s
             t0 = time.perf_counter()
             setup = method.build(model, config.method)
             setup_seconds = time.perf_counter() - t0
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             torch.manual_seed(seed)  # dropout masks: the same stream for every method
             curve = train(setup, tokens, dataset.labels, subsets[fraction], epochs=config.epochs,
                           batch_size=config.batch_size, seed=seed, device=device,
                           warmup_fraction=config.warmup_fraction, progress=progress,
                           description=f"{method_name} s{seed} f{fraction:g}")
-            train_seconds = time.perf_counter() - t0
+            train_seconds, train_cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
+            deltas = {name: weight.cpu() - pretrained[name]
+                      for name, weight in trained_weights(setup.model, pretrained).items()}
+            update = update_metrics(deltas, reference_bases, reference_laplacians)
+            if setup.spectral_filter is not None:
+                filt = setup.spectral_filter
+                final = update_metrics(deltas, filt.bases(), filt.laplacians())
+                refreshes = filt.steps // filt.refresh_every if filt.refresh_every else 0
+                update.update(outside_span_final_basis=final["outside_span"], refreshes=refreshes)
             t0 = time.perf_counter()
             confusion = evaluate(setup.model, tokens, dataset.labels, held_out, num_classes,
                                  batch_size=config.eval_batch_size, device=device)
@@ -313,7 +345,8 @@ def run_comparison(config: RunConfig, *, progress: bool = True, log: Callable[[s
                          "train_documents": subsets[fraction].numel(), "steps": len(curve["step"]),
                          "trainable_parameters": setup.trainable_parameters(), "notes": setup.notes,
                          "metrics": classification_metrics(confusion), "confusion": confusion.tolist(),
-                         "setup_seconds": setup_seconds, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+                         "update": update, "setup_seconds": setup_seconds, "train_seconds": train_seconds,
+                         "train_cpu_seconds": train_cpu_seconds, "eval_seconds": eval_seconds,
                          "curve": curve})
             del setup, model
     except Exception as exc:  # keep what finished; the caller writes it and says which run failed and why
@@ -343,6 +376,16 @@ def run_comparison(config: RunConfig, *, progress: bool = True, log: Callable[[s
         failure.results = results
         raise failure from failure.error
     return results
+
+
+def trained_weights(model: SentenceClassifier, names) -> dict[str, torch.Tensor]:
+    """The effective weights of the parameters ``names`` (as named in a SentenceClassifier) after training: LoRA's
+    B·A·scale merged into its base weight (on a copy); a name the method renamed or removed is left out."""
+    encoder = model.encoder
+    if hasattr(encoder, "merge_and_unload"):
+        encoder = copy.deepcopy(encoder).merge_and_unload()
+    params = dict(encoder.named_parameters(prefix="encoder"))
+    return {name: params[name].detach() for name in names if name in params}
 
 
 def dataset_name(config: RunConfig) -> str:
