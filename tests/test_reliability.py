@@ -150,3 +150,29 @@ def test_eigensolver_seed_sweep_case_reports_the_spread():
     torch.testing.assert_close(out, prepared.reference, rtol=0, atol=1e-8)
     stats = eigensolver_seeds.SWEEPS[case.name]
     assert stats["products_max_over_median"] <= 2 and stats["seeds_with_a_block_over_2x"] == 0
+
+
+def test_coeff_attention_of_an_empty_sequence_is_empty(monkeypatch):
+    """N = 0 used to raise IndexError inside amax; the maps of an empty sequence are empty, and so are the grads."""
+    monkeypatch.setenv("SPECTRALKERN_BACKEND", "torch")
+    from spectralkern.ops.coeff_attention import coeff_attention
+    q, k, v = (torch.randn(2, 4, 0, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    coeff = torch.eye(4, dtype=torch.float64, requires_grad=True)
+    out = coeff_attention(q, k, v, coeff)
+    assert out.shape == (2, 4, 0, 8)
+    out.sum().backward()
+    assert q.grad.shape == q.shape and coeff.grad is not None and torch.equal(coeff.grad, torch.zeros_like(coeff))
+
+
+def test_refresh_with_a_nan_weight_names_the_target_and_changes_nothing():
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(16, 32), "b": torch.nn.Linear(16, 32)})
+    filt = sk.SpectralGradientFilter(model, target_modules=["a", "b"], block_size=16, k=4)
+    before = {name: basis.U.clone() for name, basis in filt.bases().items()}
+    generator_before = filt.state_dict()["generator"].clone()
+    with torch.no_grad():
+        model["a"].weight.mul_(1.5)  # target a alone would refresh fine
+        model["b"].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"target b\.weight: .*NaN"):
+        filt.refresh()
+    assert all(torch.equal(filt.bases()[name].U, U) for name, U in before.items())
+    assert torch.equal(filt.state_dict()["generator"], generator_before)

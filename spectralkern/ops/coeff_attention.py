@@ -63,6 +63,8 @@ def attention_probabilities(q: torch.Tensor, k: torch.Tensor, kv_mask: torch.Ten
             scores = scores + attn_mask.to(acc)
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
+    if scores.shape[-1] == 0:  # no keys: every map is empty (amax of an empty row is undefined)
+        return torch.zeros_like(scores)
     row_max = scores.amax(dim=-1, keepdim=True)
     seen = torch.isfinite(row_max)  # False: every key of the row is masked
     probs = torch.softmax(torch.where(seen, scores, torch.zeros_like(scores)), dim=-1)

@@ -610,16 +610,23 @@ class SpectralGradientFilter:
         Warns, as construction does, about graphs that come out without edges (e.g. a gradient-correlation EMA of
         all-zero gradients)."""
         start = time.perf_counter()
-        edgeless = []
+        edgeless, staged = [], []
+        generator_state = self._generator.get_state()
         with torch.no_grad():
-            for t in self._targets:
-                graph = self._correlation_graph(t) if t.correlation is not None else self._knn_graph(t.param,
-                                                                                                     t.block_ptr)
-                laplacian = graph.laplacian(normalized=self.normalized)
-                state = TargetState(graph, self._basis(laplacian, t.basis), t.theta0, t.correlation)
-                self._assign(t, self._staged(t, state, laplacian))
+            for t in self._targets:  # every target is rebuilt before any is replaced: a failure changes nothing
+                try:
+                    graph = (self._correlation_graph(t) if t.correlation is not None
+                             else self._knn_graph(t.param, t.block_ptr))
+                    laplacian = graph.laplacian(normalized=self.normalized)
+                    state = TargetState(graph, self._basis(laplacian, t.basis), t.theta0, t.correlation)
+                    staged.append((t, self._staged(t, state, laplacian)))
+                except ValueError as exc:
+                    self._generator.set_state(generator_state)  # the failed attempt's draws never happened
+                    raise ValueError(f"refresh at step {self.steps}, target {t.name}: {exc}") from exc
                 if graph.num_edges == 0 and graph.num_nodes > 1:
                     edgeless.append(t.name)
+            for t, new_state in staged:
+                self._assign(t, new_state)
         if edgeless:
             source = ("gradient-correlation EMAs (no two rows of a block with a non-zero gradient correlation yet, "
                       "e.g. all-zero gradients)" if self.graph_kind == "gradient_correlation"
