@@ -173,6 +173,11 @@ class SpectralTunerLayer(nn.Module, BaseTunerLayer):
     def units(self) -> nn.ModuleDict:
         return getattr(self, self.adapter_attr)
 
+    @property
+    def active_unit(self) -> nn.Module:
+        """The first active adapter's unit: the one piece single-adapter users (benchmarks, tests) reach into."""
+        return self.units[self.active_adapters[0]]
+
     def add_unit(self, adapter_name: str, unit: nn.Module) -> None:
         if adapter_name in self.units:
             raise ValueError(f"adapter {adapter_name!r} already exists on this layer")

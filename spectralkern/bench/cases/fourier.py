@@ -37,11 +37,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 
+from ..._backend import forced
 from ...ops.fourier_adapter import fourier_adapter_backend
 from ...peft.fourier_moe import FourierMoEConfig, FourierMoELinear, from_peft_fourierft, sample_frequencies
 from ..case import Case, Prepared, Provider
@@ -119,19 +119,6 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     return out
 
 
-@contextlib.contextmanager
-def _forced_backend(name: str):
-    previous = os.environ.get("SPECTRALKERN_BACKEND")
-    os.environ["SPECTRALKERN_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("SPECTRALKERN_BACKEND", None)
-        else:
-            os.environ["SPECTRALKERN_BACKEND"] = previous
-
-
 class _Holder(torch.nn.Module):
     """A one-layer model for peft's get_peft_model."""
 
@@ -145,7 +132,7 @@ class _Holder(torch.nn.Module):
 
 def _runner(module: torch.nn.Module, x: torch.Tensor, grad_y: torch.Tensor | None, backend: str | None = None):
     params = [p for p in module.parameters() if p.requires_grad]
-    context = (lambda: _forced_backend(backend)) if backend is not None else contextlib.nullcontext
+    context = (lambda: forced(backend)) if backend is not None else contextlib.nullcontext
 
     def forward() -> torch.Tensor:
         with torch.no_grad(), context():
@@ -173,11 +160,11 @@ def _form_runner(layer: FourierMoELinear, x: torch.Tensor, grad_y: torch.Tensor 
                                                       gates, base, unit.out_features, form)
 
     def forward_backward() -> torch.Tensor:
-        with _forced_backend("torch"):
+        with forced("torch"):
             return torch.autograd.grad(forward(), [x, *params], grad_y)[0]
 
     def forward_no_grad() -> torch.Tensor:
-        with torch.no_grad(), _forced_backend("torch"):
+        with torch.no_grad(), forced("torch"):
             return forward()
     return forward_no_grad if grad_y is None else forward_backward
 
@@ -192,7 +179,7 @@ def _float64_answer(layer: FourierMoELinear, x: torch.Tensor, grad_y: torch.Tens
     twin.active_unit.amplitude = twin.active_unit.amplitude.double()
     twin.active_unit.impl = "fused"
     x64 = x.detach().double().requires_grad_(grad_y is not None)
-    with _forced_backend("torch"):
+    with forced("torch"):
         y = twin(x64)
         if grad_y is None:
             return y.detach()

@@ -209,10 +209,6 @@ class FourierMoELinear(SpectralTunerLayer):
 
     # the active adapter's pieces, for single-adapter users (benchmarks, tests)
     @property
-    def active_unit(self) -> FourierAdapter:
-        return self.units[self.active_adapters[0]]
-
-    @property
     def coef_re(self) -> nn.Parameter:
         return self.active_unit.coef_re
 

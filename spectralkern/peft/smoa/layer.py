@@ -146,10 +146,6 @@ class SMoALinear(SpectralTunerLayer):
 
     # the active adapter's pieces, for single-adapter users (benchmarks)
     @property
-    def active_unit(self) -> SMoAAdapter:
-        return self.units[self.active_adapters[0]]
-
-    @property
     def lora_A(self) -> nn.ParameterList:
         return self.active_unit.lora_A
 
