@@ -326,10 +326,10 @@ def test_demo_cli_rejects_bad_input_before_loading_anything(capsys):
     assert "unknown method 'nope'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--fractions", "0.2,1.5"])
-    assert "--fractions: expected each share in (0, 1], got 1.5" in capsys.readouterr().err
+    assert "argument --fractions: fractions must lie in (0, 1], got 1.5" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--fractions", "0.2,half"])
-    assert "--fractions: expected a number, got 'half'" in capsys.readouterr().err
+    assert "argument --fractions: expected comma-separated numbers in (0, 1], got '0.2,half'" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ update metrics
