@@ -62,8 +62,15 @@ def arch(request):
 
 
 def outputs(model, ids):
-    with torch.no_grad():
-        out = model(input_ids=ids)
+    """Eval-mode outputs: peft 0.22's get_peft_model hands the model back in train mode, where Coeff-Tuning's ΔC
+    dropout draws fresh masks on every call."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids)
+    finally:
+        model.train(was_training)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
