@@ -41,7 +41,6 @@ import torch
 
 from ..distributed.shards import local_tensor
 from ..ops.adamw_update import AdamWHyper, GroupHyper, SpectralTarget, adamw_update_group_, state_dtype
-from .amp import prepare_scaled_step
 from .filtering_optimizer import FilteringOptimizer
 from .gradient_filter import FilterTarget, SpectralGradientFilter
 
@@ -82,14 +81,10 @@ class SpectralAdamW(FilteringOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One AdamW step (filtered for the targeted weights); advances the spectral filter by one step."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        filt = self.spectral_filter
-        targets = self._step_targets()  # before unscaling (see FilteringOptimizer._step_targets)
-        if not prepare_scaled_step(self, filt):
+        loss, targets = self._begin_step(closure)
+        if targets is None:
             return loss
+        filt = self.spectral_filter
         for group in self.param_groups:
             if group.get("amsgrad", False):
                 raise ValueError("SpectralAdamW does not implement amsgrad; the param group has amsgrad=True")

@@ -2,8 +2,11 @@
 forgetting the regulariser's recorded share on ``zero_grad``, and the targets of one step."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from .amp import prepare_scaled_step
 from .attach import check_filter_attachable, check_param_dtypes, check_targets_updated
 from .gradient_filter import FilterTarget, SpectralGradientFilter
 
@@ -42,6 +45,16 @@ class FilteringOptimizer(torch.optim.Optimizer):
         super().zero_grad(set_to_none)
         if self.spectral_filter is not None:
             self.spectral_filter.skip_step()
+
+    def _begin_step(self, closure: Callable[[], float] | None) -> tuple[float | None, dict[int, FilterTarget] | None]:
+        """The closure's loss, and {id(parameter): FilterTarget} for this step — None when GradScaler found inf
+        gradients and the step is skipped."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        targets = self._step_targets()
+        return loss, (targets if prepare_scaled_step(self, self.spectral_filter) else None)
 
     def _step_targets(self) -> dict[int, FilterTarget]:
         """{id(parameter): its FilterTarget} for this step (empty without a filter). Call before GradScaler's

@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterable
 import torch
 
 from ..distributed.shards import local_tensor
-from .amp import prepare_scaled_step
 from .filtering_optimizer import FilteringOptimizer
 from .gradient_filter import SpectralGradientFilter
 
@@ -58,14 +57,10 @@ class SpectralSGD(FilteringOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One step; advances the spectral filter by one step."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        filt = self.spectral_filter
-        targets = self._step_targets()  # before unscaling (see FilteringOptimizer._step_targets)
-        if not prepare_scaled_step(self, filt):
+        loss, targets = self._begin_step(closure)
+        if targets is None:
             return loss
+        filt = self.spectral_filter
         for group in self.param_groups:
             lr, momentum, weight_decay = float(group["lr"]), float(group["momentum"]), float(group["weight_decay"])
             for p in group["params"]:
