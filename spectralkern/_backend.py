@@ -40,6 +40,7 @@ CUDA_MAX_K = 128            # the widest basis csrc/ instantiates (csrc/spectral
 TRITON_MAX_RANK = 64        # smoa: the kernels keep (R_PAD × BLOCK) factor tiles in registers
 TRITON_MAX_HEAD_DIM = 256   # coeff_attention: one head's (BLOCK × D_PAD) tiles in registers
 TRITON_MAX_DIM = 46000      # fourier: the phase index·frequency mod dim is int32, (dim + 64)·dim < 2^31
+NATIVE_LANCZOS_MAX_NODES = 16384  # eigensolver: the unrestarted Krylov basis of one component (eigen/_auto.py)
 
 TRITON_DTYPES = FLOAT_DTYPES
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -99,12 +100,14 @@ class Algorithm:
 
 @dataclass(frozen=True)
 class OpSpec:
-    """An op's entry: its backends (auto's order) and algorithms."""
+    """An op's entry: its backends (auto's order) and algorithms. ``follows_env``: SPECTRALKERN_BACKEND forces this
+    op's backend (False: only the op's own ``backend=`` argument does — the eigensolver, which has its own)."""
 
     name: str
     backends: tuple[Backend, ...]
     algorithms: tuple[Algorithm, ...] = ()
     doc: str = ""
+    follows_env: bool = True
 
     def __post_init__(self):
         names = [b.name for b in self.backends]
@@ -202,6 +205,15 @@ def _fourier_cost(form: str) -> Callable[[Mapping[str, object]], float]:
     return cost
 
 
+def _eigen_cost(solver: str, backend: str) -> Callable[[Mapping[str, object]], float]:
+    """The eigensolver's cost model (``eigen/_auto.py``: a ranking of the solvers for one item, from its tables)."""
+    def cost(facts: Mapping[str, object]) -> float:
+        from .eigen._auto import solver_cost  # imported on use: eigen/ imports this module
+
+        return solver_cost(solver, backend, facts)
+    return cost
+
+
 # ------------------------------------------------------------------------------------------ the table
 _FOURIER = ("tokens", "in_features", "out_features", "n", "slots", "gated", "backward", "need_x", "need_params",
             "device_type", "acc")
@@ -212,6 +224,9 @@ _SPECTRAL_ADAMW_STATES = {torch.float32: (torch.float32,), torch.float16: (torch
 _GROUPED = {"grouped": "a whole param group in one call (adamw_update_group_)"}
 _SAME_DTYPE = {"same_dtype": "param, grad and moments share one dtype, float32 or float64"}
 _DENSE_STATE = {"dense_state": "exp_avg and exp_avg_sq share one dtype and param's strides; param is contiguous"}
+_EIGEN = ("nodes", "k", "device_type")  # per item: a block, a connected component or a group of components
+_KRYLOV_FITS = {"krylov_fits": "the item has more nodes than the Krylov basis (ncv + block size)"}
+_DENSE_EIGH = "batched torch.linalg.eigh of the padded items (exact, multiplicities included)"
 
 OPS: dict[str, OpSpec] = {spec.name: spec for spec in (
     OpSpec("spectral_filter", (
@@ -280,6 +295,22 @@ OPS: dict[str, OpSpec] = {spec.name: spec for spec in (
         Algorithm("per_frequency", ("triton", "torch"), {}, _fourier_cost("per_frequency"),
                   "the DFT at the n frequencies: twiddle GEMMs (torch) or on-chip twiddles (triton)", _FOURIER),
     ), doc="FourierFT / FourierMoE: the sparse-spectrum ΔW applied to x"),
+    OpSpec("lowest_eigenpairs", (
+        Backend("native", NATIVE_DTYPES, {"nodes": NATIVE_LANCZOS_MAX_NODES}),
+        Backend("torch", NATIVE_DTYPES),
+    ), algorithms=(
+        Algorithm("dense", ("native",), {}, _eigen_cost("dense", "native"), _DENSE_EIGH, _EIGEN),
+        Algorithm("dense", ("torch",), {}, _eigen_cost("dense", "torch"), _DENSE_EIGH, _EIGEN),
+        Algorithm("native", ("native",), {}, _eigen_cost("native", "native"),
+                  "compiled single-vector Lanczos, never restarted, items split across CPU threads", _EIGEN),
+        Algorithm("lanczos", ("torch",), _KRYLOV_FITS, _eigen_cost("lanczos", "torch"),
+                  "batched block Lanczos in torch, all items at once", _EIGEN),
+        Algorithm("scipy", ("torch",), _KRYLOV_FITS, _eigen_cost("scipy", "torch"),
+                  "ARPACK (scipy eigsh) per item on the host", _EIGEN),
+        Algorithm("cupy", ("torch",), _KRYLOV_FITS, _eigen_cost("cupy", "torch"),
+                  "cupyx eigsh per item on the GPU (only when asked for: untuned)", _EIGEN),
+    ), doc="the k lowest eigenpairs of a Laplacian, per item (block or component); backend= of lowest_eigenpairs "
+           "forces it, not SPECTRALKERN_BACKEND", follows_env=False),
 )}
 
 
@@ -420,7 +451,8 @@ def _spec(op: str) -> OpSpec:
     return OPS[op]
 
 
-def _pick_algorithm(spec: OpSpec, backend: str, facts: Mapping[str, object], forced: str | None) -> str | None:
+def _pick_algorithm(spec: OpSpec, backend: str, facts: Mapping[str, object],
+                    forced: str | tuple[str, ...] | None) -> str | None:
     candidates = [a for a in spec.algorithms if backend in a.backends]
     if not candidates:
         if forced is not None:
@@ -430,18 +462,32 @@ def _pick_algorithm(spec: OpSpec, backend: str, facts: Mapping[str, object], for
         return None  # the caller asked which backend only
     runnable = [a for a in candidates if all(facts.get(f, False) for f in a.requires)]
     if forced is not None:
-        match = next((a for a in candidates if a.name == forced), None)
-        if match is None:
-            raise BackendUnavailable(f"{spec.name} has no algorithm {forced!r} on the {backend} backend (it has "
-                                     f"{', '.join(a.name for a in candidates)})")
-        if match not in runnable:
-            missing = [f"{f} ({m})" for f, m in match.requires.items() if not facts.get(f, False)]
-            raise BackendUnavailable(f"{spec.name}: algorithm {forced!r} cannot run here: needs {', '.join(missing)}")
-        return forced
+        return _first_runnable(spec, backend, (forced,) if isinstance(forced, str) else forced, candidates, runnable,
+                               facts)
     if not runnable:  # the table lists an unconditional algorithm for every backend that has any
         raise RuntimeError(f"{spec.name}: no algorithm of the {backend} backend applies to {dict(facts)}")
     costs = [(a.cost(facts) if a.cost is not None else 0.0, i) for i, a in enumerate(runnable)]
     return runnable[min(costs)[1]].name
+
+
+def _first_runnable(spec: OpSpec, backend: str, names: tuple[str, ...], candidates: list[Algorithm],
+                    runnable: list[Algorithm], facts: Mapping[str, object]) -> str:
+    """The first of the forced ``names`` that can run (a preference order: "lanczos, else dense"), or
+    BackendUnavailable naming what each one needs."""
+    matches = []
+    for name in names:
+        match = next((a for a in candidates if a.name == name), None)
+        if match is None:
+            raise BackendUnavailable(f"{spec.name} has no algorithm {name!r} on the {backend} backend (it has "
+                                     f"{', '.join(a.name for a in candidates)})")
+        if match in runnable:
+            return name
+        matches.append(match)
+    missing = ["; ".join(f"{f} ({m})" for f, m in a.requires.items() if not facts.get(f, False)) for a in matches]
+    if len(matches) == 1:
+        raise BackendUnavailable(f"{spec.name}: algorithm {names[0]!r} cannot run here: needs {missing[0]}")
+    raise BackendUnavailable(f"{spec.name}: none of the algorithms {', '.join(map(repr, names))} can run here: "
+                             + "; ".join(f"{a.name} needs {why}" for a, why in zip(matches, missing)))
 
 
 def algorithm_of(op: str, backend: str, **facts: object) -> str | None:
@@ -450,7 +496,8 @@ def algorithm_of(op: str, backend: str, **facts: object) -> str | None:
     return _pick_algorithm(_spec(op), backend, facts, None)
 
 
-def backend_of(op: str, *tensors: torch.Tensor | None, backend: str | None = None, algorithm: str | None = None,
+def backend_of(op: str, *tensors: torch.Tensor | None, backend: str | None = None,
+               algorithm: str | tuple[str, ...] | None = None,
                dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                **facts: object) -> Choice:
     """Which backend (and algorithm) runs ``op`` on these inputs, and why not the others.
@@ -459,8 +506,10 @@ def backend_of(op: str, *tensors: torch.Tensor | None, backend: str | None = Non
         op: a name in ``OPS`` ("spectral_filter", "adamw_update", ...).
         tensors: the op's main input first (x, the parameter, the query); its dtype and device decide unless
             ``dtype`` / ``device`` are given. None entries are skipped.
-        backend: force one ("cuda", "triton", "native", "torch"); None or "auto": SPECTRALKERN_BACKEND, else auto.
-        algorithm: force one of the op's algorithms on the chosen backend.
+        backend: force one ("cuda", "triton", "native", "torch"); None or "auto": SPECTRALKERN_BACKEND (for the ops
+            that follow it, ``OpSpec.follows_env``), else auto.
+        algorithm: force one of the op's algorithms on the chosen backend, or a tuple of them in order of preference:
+            the first that can run (BackendUnavailable when none can).
         facts: the size and layout facts the table's entries test (k, rank, head_dim, dim, state_dtype,
             dense_state, uniform, blocks, max_block, rows, ...; see ``OPS``); hashable values.
     Returns:
@@ -477,7 +526,8 @@ def backend_of(op: str, *tensors: torch.Tensor | None, backend: str | None = Non
         device = first.device if device is None else device
     if not isinstance(device, torch.device):
         device = torch.device(device)
-    forced = (backend.strip().lower() if backend is not None else requested_backend())
+    forced = (backend.strip().lower() if backend is not None
+              else requested_backend() if OPS[op].follows_env else "auto")
     if forced not in BACKENDS and forced != "auto":
         raise ValueError(f"backend must be one of auto, {', '.join(BACKENDS)}; got {backend!r}")
     source = "backend=" if backend is not None and forced != "auto" else f"{ENV_VAR}="
@@ -491,7 +541,8 @@ def _runtimes() -> tuple[object, ...]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _decide(op: str, dtype: torch.dtype, device: torch.device, forced: str, source: str, algorithm: str | None,
+def _decide(op: str, dtype: torch.dtype, device: torch.device, forced: str, source: str,
+            algorithm: str | tuple[str, ...] | None,
             facts_items: tuple[tuple[str, object], ...], runtimes: tuple[object, ...]) -> Choice:
     """backend_of's decision (cached: an op asks on every call, and the answer is a few µs from the cache)."""
     spec = OPS[op]

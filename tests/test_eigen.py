@@ -332,7 +332,8 @@ def test_many_big_components_in_one_block_are_all_krylov_items(seed, backend):
     L = laplacian_of(adjacency + adjacency.T, ptr)
     k = 3
     dense_max = _auto.default_ncv(k, 2) + 2
-    plan = _plan.make_plan(_problem.prepare("L", L), dense_max, 2 if backend == "lanczos" else None)
+    plan = _plan.make_plan(_problem.prepare("L", L), lambda sizes: sizes <= dense_max,
+                           2 if backend == "lanczos" else None)
     assert plan.dense is None or int(plan.dense.sizes.max()) <= dense_max
     expected = [70 + 60, 55 + 50, 45] if backend == "lanczos" else sizes
     assert sorted(plan.krylov.sizes.tolist()) == sorted(expected)

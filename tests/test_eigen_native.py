@@ -3,6 +3,8 @@ shared contract tests in test_eigen.py do not reach — the kernel called direct
 multiplicities inside one component, float32, threads, repeatability, step budgets and a missing module."""
 from __future__ import annotations
 
+import dataclasses
+
 import networkx as nx
 import numpy as np
 import pytest
@@ -11,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import spectralkern as sk
-from spectralkern import _extensions
+from spectralkern import _backend, _extensions
+from spectralkern._backend import BackendUnavailable
 from spectralkern.eigen import _auto, _native_csr, _native_lanczos
 from spectralkern.eigen._plan import make_plan
 from spectralkern.eigen._problem import prepare, rounding_floor
@@ -22,14 +25,14 @@ from test_eigen import (DTYPES, check_basis, dense_of, laplacian_of, networkx_la
 
 def test_the_module_is_built():
     """CI installs with a C++ compiler: a build that silently fell back to pure Python would skip the backend."""
-    assert _native_csr.native_available(), _extensions.status("native").reason
+    assert _backend.runtime_status("native").live, _extensions.status("native").reason
 
 
 def kernel_pairs(L: sk.GraphLaplacian, k: int, *, threads: int = 1, maxiter: int | None = None, seed: int = 0,
                  tol: float = 1e-10, semi_orthogonality: float | None = None):
     """The kernel on every connected component of L as its own item (no dense routing): (items, Candidates)."""
     problem = prepare("L", L)
-    plan = make_plan(problem, 0, None)       # dense_max = 0: every component is a Krylov item
+    plan = make_plan(problem, lambda sizes: sizes <= 0, None)     # every component is a Krylov item
     tol_abs = max(tol, rounding_floor(problem)) * problem.norm   # as lowest_eigenpairs: never below rounding
     part = _native_lanczos.native_solve(problem, plan.krylov, k, tol_abs, maxiter, None,
                                 torch.Generator().manual_seed(seed), threads,
@@ -186,15 +189,22 @@ def test_step_budget_gives_the_partial_result(seed):
 
 
 def test_auto_routes_by_size(monkeypatch, seed):
-    """auto on the CPU: dense up to max(48, 2k) nodes, native up to NATIVE_MAX_NODES (16384; lowered here to keep
-    the test small), ARPACK above."""
+    """auto on the CPU: dense up to max(48, 2k) nodes, native up to the registry's node limit (16384; lowered here to
+    keep the test small), ARPACK above."""
     rng = np.random.default_rng(seed)
     k = 4
-    monkeypatch.setattr(_auto, "NATIVE_MAX_NODES", 400)
-    small, middle, big = _auto.native_dense_max(k), 300, 430
+    native = _backend.OPS["lowest_eigenpairs"].backend("native")
+    lowered = dataclasses.replace(_backend.OPS["lowest_eigenpairs"], backends=(
+        dataclasses.replace(native, limits={"nodes": 400}), _backend.OPS["lowest_eigenpairs"].backend("torch")))
+    monkeypatch.setitem(_backend.OPS, "lowest_eigenpairs", lowered)
+    _backend._decide.cache_clear()   # decisions cached under the real table
+    small, middle, big = _auto.dense_crossover("native", "cpu", k), 300, 430
     ptr = sizes_to_ptr([small, middle, big])
     L = laplacian_of(random_adjacency(rng, ptr, 0.02, isolated=0.0), ptr)
-    basis = sk.lowest_eigenpairs(L, k, tol=1e-9)
+    try:
+        basis = sk.lowest_eigenpairs(L, k, tol=1e-9)
+    finally:
+        _backend._decide.cache_clear()
     assert basis.info.backend == "native+scipy+dense", basis.info
     assert int(basis.info.matvecs[0]) == 0 and int(basis.info.matvecs[1]) > 0 and int(basis.info.matvecs[2]) > 0
     check_basis(basis, dense_of(L), ptr, k, torch.float64)
@@ -213,8 +223,7 @@ def test_missing_module_is_a_clear_error(monkeypatch, seed):
     off = _extensions.ExtensionStatus(False, "No module named 'spectralkern._native'")
     monkeypatch.setattr(_extensions, "status", lambda name: off)
     L = networkx_laplacian(nx.karate_club_graph())
-    with pytest.raises(RuntimeError, match=r"backend='native' needs the compiled module spectralkern\._native.*"
-                                           r"No module named"):
+    with pytest.raises(BackendUnavailable, match=r"lowest_eigenpairs: backend=native cannot run here: No module named"):
         sk.lowest_eigenpairs(L, 3, backend="native")
     basis = sk.lowest_eigenpairs(L, 3)       # auto falls back to dense / ARPACK
     assert basis.info.backend == "dense"
@@ -241,8 +250,8 @@ def test_hypothesis_layouts(sizes, k, density, normalized, seed):
 def test_refuses_huge_components():
     n = 16385
     L = networkx_laplacian(nx.path_graph(n))
-    with pytest.raises(ValueError, match=r"backend='native' keeps the whole Krylov basis.*limited to components of "
-                                         r"16384 nodes; L has one of 16385"):
+    with pytest.raises(BackendUnavailable, match=r"lowest_eigenpairs: backend=native cannot run here: "
+                                                 r"nodes = 16385 > 16384"):
         sk.lowest_eigenpairs(L, 2, backend="native")
 
 

@@ -9,7 +9,7 @@ import scipy.sparse
 import torch
 
 import spectralkern as sk
-from spectralkern.eigen._native_csr import native_available
+from spectralkern._backend import runtime_status
 
 
 @pytest.mark.parametrize("scale", [1e20, 1e30, 1e-23, 1e-30])
@@ -92,7 +92,7 @@ def test_nan_gains_in_padding_columns_have_no_effect():
 
 
 @pytest.mark.parametrize("backend, maxiter", [("scipy", 2), pytest.param("native", 12, marks=pytest.mark.skipif(
-    not native_available(), reason="needs the compiled module"))])
+    not runtime_status("native").live, reason="needs the compiled module"))])
 def test_failed_solve_carries_ritz_approximations(backend, maxiter):
     """ARPACK returns only its converged pairs on failure (here none): the basis was all zeros with "worst residual
     0". Now every column is a unit Ritz vector, its eigenvalue an upper bound of the true one, its residual real."""
@@ -126,7 +126,7 @@ def test_generator_owns_every_random_draw(backend):
         sk.lowest_eigenpairs(L, 5, generator=7)
 
 
-@pytest.mark.skipif(not native_available(), reason="needs the compiled module")
+@pytest.mark.skipif(not runtime_status("native").live, reason="needs the compiled module")
 def test_native_partial_reorthogonalisation_has_no_cliff():
     """A 4096-node cosine kNN block (k = 32, tol 1e-6) on which the omega estimates fell 10-20x behind the true
     loss of orthogonality for this start: the basis broke down, no check passed until it spanned the block, and

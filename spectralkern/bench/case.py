@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..ops._interpreter import half_operands_ok
+
 
 @dataclass(frozen=True)
 class Provider:
@@ -61,3 +63,12 @@ class Case:
     @property
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
+
+
+def interpreter_skip(backend: str, dtype: torch.dtype) -> str | None:
+    """Why spectralkern's provider of a 16-bit case is left out, or None: its ``backend`` (the registry's label) is a
+    Triton kernel, and Triton's interpreter here computes on 16-bit bit patterns (``ops/_interpreter.py``)."""
+    if backend.startswith("triton") and dtype in (torch.bfloat16, torch.float16) and not half_operands_ok():
+        return (f"the Triton interpreter computes {str(dtype).removeprefix('torch.')} wrongly (no value-correct "
+                "16-bit interpreter installed); run it on a GPU")
+    return None

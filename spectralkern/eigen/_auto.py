@@ -1,4 +1,5 @@
-"""Tuning constants of the eigensolver and the ``auto`` backend's choices, with the measurements behind them.
+"""Tuning constants of the eigensolver and the cost model by which the registry (``spectralkern._backend``, op
+``lowest_eigenpairs``) picks each item's solver, with the measurements behind them.
 
 Measured on the development machine: 2 cores of an AMD EPYC (AVX2), torch 2.13 with MKL 2024.2, float64,
 with other processes keeping both cores busy (load 6–9), so every number is relative. kNN Laplacians of
@@ -7,7 +8,8 @@ synthetic rows (10 neighbours, rows on an 8-dim latent manifold), tol 1e-8 unles
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -77,13 +79,14 @@ def default_ncv(k: int, block: int) -> int:
 # MKL's skinny GEMMs on this AMD part gain little from the block rows (see block_size), while ARPACK works on
 # one block's basis in cache with one compiled loop. Batching pays where kernel launches and memory traffic
 # are shared across blocks: on a GPU.
-def dense_max(device: torch.device, k: int) -> int:
-    """Largest block ``auto`` solves with dense eigh.
-
-    CPU: max(160, 4k), from the table above. CUDA: 32 — torch's batched eigh runs a batched Jacobi solver only
-    up to 32 × 32 and one solver call per matrix above; untuned, no GPU was available.
-    """
-    return max(160, 4 * k) if device.type != "cuda" else 32
+DENSE_MIN_NODES = 160        # the CPU crossover dense eigh / ARPACK: max(DENSE_MIN_NODES, DENSE_NODES_PER_PAIR·k)
+DENSE_NODES_PER_PAIR = 4
+LANCZOS_VS_ARPACK_CPU = 2.0  # the batched Lanczos's time per block over ARPACK's on the CPU (1.6–2.4× above)
+# On a GPU: dense up to 32 nodes — torch's batched eigh runs a batched Jacobi solver only up to 32 × 32 and one
+# solver call per matrix above — and the batched Lanczos above; ARPACK there copies every item to the host.
+# Untuned: no GPU was available.
+GPU_DENSE_MAX_NODES = 32
+ARPACK_VS_LANCZOS_GPU = 2.0
 
 
 # ``auto`` on the CPU when the compiled ``native`` backend is built (same machine, graphs and settings as the table
@@ -107,20 +110,16 @@ def dense_max(device: torch.device, k: int) -> int:
 #                                (355/300)     (687/617)    (1079/1024)
 #
 # (blocks of ≤ 50 nodes at k = 16 go dense whatever the backend: 0.18 ms at 32 nodes.) So with the module:
-# dense up to max(48, 2k) nodes, native up to NATIVE_MAX_NODES, ARPACK above. Native is 1.8–4× faster than ARPACK
-# at every size measured and also splits its items across threads (≈ 1.9× on this machine's 2 cores), which these
-# one-thread numbers do not show. Above 16384 nodes its unrestarted basis (steps × n values: 1079 × 16384 doubles =
-# 141 MB at k = 64) is what stops it, not speed; ARPACK restarts in O(k·n).
-NATIVE_MAX_NODES = 16384
+# dense up to max(48, 2k) nodes, native up to 16384 (the registry's NATIVE_LANCZOS_MAX_NODES), ARPACK above. Native
+# is 1.8–4× faster than ARPACK at every size measured and also splits its items across threads (≈ 1.9× on this
+# machine's 2 cores), which these one-thread numbers do not show. Above 16384 nodes its unrestarted basis (steps × n
+# values: 1079 × 16384 doubles = 141 MB at k = 64) is what stops it, not speed; ARPACK restarts in O(k·n).
+NATIVE_DENSE_MIN_NODES = 48     # the CPU crossover dense eigh / native:
+NATIVE_DENSE_NODES_PER_PAIR = 2  # max(NATIVE_DENSE_MIN_NODES, NATIVE_DENSE_NODES_PER_PAIR·k)
 
 # Worst-case bytes of the native bases held at once (each thread's basis may grow to n × n values): the threads
 # are cut to fit, so a many-core machine solving 16384-node components keeps to a few GB.
 NATIVE_MEMORY_BUDGET = 8 * 2**30
-
-
-def native_dense_max(k: int) -> int:
-    """Largest block the CPU solves densely when the native backend is available (table above)."""
-    return max(48, 2 * k)
 
 
 def native_threads(threads: int, n_max: int, itemsize: int) -> int:
@@ -129,10 +128,34 @@ def native_threads(threads: int, n_max: int, itemsize: int) -> int:
     return max(1, min(threads, NATIVE_MEMORY_BUDGET // max(1, n_max * n_max * itemsize)))
 
 
-def iterative_backend(device: torch.device) -> str:
-    """The Krylov backend ``auto`` uses for blocks above ``dense_max``: ARPACK on the CPU (table above), the
-    batched Lanczos on a GPU."""
-    return "lanczos" if device.type == "cuda" else "scipy"
+def dense_crossover(backend: str, device_type: str, k: int) -> int:
+    """The largest item dense eigh beats the preferred Krylov solver of ``backend`` on (the tables above)."""
+    if backend == "native":
+        return max(NATIVE_DENSE_MIN_NODES, NATIVE_DENSE_NODES_PER_PAIR * k)
+    if device_type == "cuda":
+        return GPU_DENSE_MAX_NODES
+    return max(DENSE_MIN_NODES, DENSE_NODES_PER_PAIR * k)
+
+
+def solver_cost(solver: str, backend: str, facts: Mapping[str, object]) -> float:
+    """The registry's cost of ``solver`` on one item (facts: nodes, k, device_type), a ranking rather than a time:
+    1 is the backend's preferred Krylov solver on this device, the other Krylov solvers cost their measured time
+    ratio to it, and dense costs nodes / crossover, so that it wins up to the crossover measured above (ties go to
+    dense, listed first). The Krylov solvers that need a basis smaller than the item say so in the table's
+    ``krylov_fits``; an item too small for them is solved densely, whatever the cost."""
+    device_type = str(facts["device_type"])
+    if solver == "dense":
+        return float(facts["nodes"]) / dense_crossover(backend, device_type, int(facts["k"]))
+    on_gpu = device_type == "cuda"
+    if solver == "native":
+        return 1.0
+    if solver == "lanczos":
+        return 1.0 if on_gpu else LANCZOS_VS_ARPACK_CPU
+    if solver == "scipy":
+        return ARPACK_VS_LANCZOS_GPU if on_gpu else 1.0
+    if solver == "cupy":
+        return math.inf  # only when asked for: never measured (no GPU)
+    raise ValueError(f"solver must be one of dense, native, lanczos, scipy, cupy; got {solver!r}")
 
 
 def operator_kind(device: torch.device, n_pad: int) -> str:

@@ -22,11 +22,6 @@ def _loaded() -> ModuleType | None:
     return _extensions.status("native").module
 
 
-def native_available() -> bool:
-    """Whether the compiled module is loaded."""
-    return _extensions.status("native").live
-
-
 def require_native(device: torch.device) -> ModuleType:
     """The compiled module, or a clear error: it is missing (pure-Python install) or L is not on the CPU."""
     status = _extensions.status("native")

@@ -5,17 +5,19 @@ Connected components of L's sparsity graph are invariant subspaces, so a block s
 problems. That is how repeated eigenvalues *across* components are handled — the zero eigenvalue of a graph
 Laplacian has one eigenvector per component, and identical components share their whole spectrum — without
 hoping that rounding reveals the multiplicity:
-  - blocks of at most ``dense_max`` nodes are solved whole by dense eigh (exact, multiplicities included);
-  - in a larger block, its components, largest first, are grouped ``max_components`` at a time into Krylov
+  - blocks that ``dense`` (the registry's choice per item size, see _choice) marks are solved whole by dense eigh
+    (exact, multiplicities included);
+  - in another block, its components, largest first, are grouped ``max_components`` at a time into Krylov
     items (a block Lanczos with block size ≥ the number of its components sees each repeated eigenvalue across
-    them in exact arithmetic) as long as a group is too big for dense, or each large component is its own item
-    (``max_components=None``: the per-component scipy/cupy loops); no component above ``dense_max`` nodes is
+    them in exact arithmetic) as long as ``dense`` rejects a group, or each component ``dense`` rejects is its own
+    item (``max_components=None``: the per-component scipy/cupy/native loops); no component ``dense`` rejects is
     ever solved densely;
   - every other component of that block (isolated nodes, small islands) is solved densely on its own.
 Each output block then takes its k lowest pairs among all its items' pairs.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,13 +88,14 @@ def _components(problem: Problem) -> np.ndarray:
     return scipy.sparse.csgraph.connected_components(structure, directed=False)[1]
 
 
-def make_plan(problem: Problem, dense_max: int, max_components: int | None) -> Plan:
-    """Route blocks and components to the dense or the Krylov solver (see the module docstring)."""
+def make_plan(problem: Problem, dense: Callable[[torch.Tensor], torch.Tensor], max_components: int | None) -> Plan:
+    """Route blocks and components to the dense or the Krylov solver (see the module docstring); ``dense`` maps item
+    sizes (G,) int64 to (G,) bool: solved densely."""
     sizes = problem.sizes
     device = problem.device
     node_block = problem.node_block()
     n = problem.num_nodes
-    big_block = sizes > dense_max
+    big_block = ~dense(sizes)
     dense_of = torch.full((n,), -1, dtype=torch.int64)
     krylov_of = torch.full((n,), -1, dtype=torch.int64)
     dense_owner: list[torch.Tensor] = []
@@ -123,7 +126,7 @@ def make_plan(problem: Problem, dense_max: int, max_components: int | None) -> P
         rank = torch.empty_like(order)
         rank[order] = torch.arange(order.numel()) - starts[comp_block[order]]
         if max_components is None:   # one Krylov item per component that is too big for dense
-            to_krylov = comp_size > dense_max
+            to_krylov = ~dense(comp_size)
             krylov_item = torch.cumsum(to_krylov.to(torch.int64), 0) - 1
         else:   # Krylov items of up to max_components components (a block's largest first), while too big
             group = rank // max_components      # for dense; the rest of the block's components go dense one by one
@@ -131,7 +134,7 @@ def make_plan(problem: Problem, dense_max: int, max_components: int | None) -> P
             _, group_of_comp = torch.unique(key, return_inverse=True)
             group_nodes = torch.zeros(int(group_of_comp.max()) + 1, dtype=torch.int64).index_add_(
                 0, group_of_comp, comp_size)
-            to_krylov = group_nodes[group_of_comp] > dense_max
+            to_krylov = ~dense(group_nodes)[group_of_comp]
             groups_used = torch.unique(group_of_comp[to_krylov])
             group_item = torch.full((group_nodes.numel(),), -1, dtype=torch.int64)
             group_item[groups_used] = torch.arange(groups_used.numel())

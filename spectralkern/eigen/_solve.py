@@ -9,11 +9,11 @@ import torch
 from .._checks import check_positive_int
 from ..basis import SpectralBasis
 from . import _auto
+from ._choice import BACKENDS, SolverChoice
 from ._cupy import cupy_solve
 from ._dense import dense_lowest, size_buckets
 from ._info import EigenInfo, NoConvergence
 from ._lanczos import block_lanczos, default_keep
-from ._native_csr import native_available, require_native
 from ._native_lanczos import native_solve
 from ._operator import PaddedOperator
 from ._plan import Candidates, Items, make_plan, merge
@@ -21,7 +21,7 @@ from ._problem import Problem, prepare, rounding_floor
 from ._scipy import scipy_solve
 from ._warm import check_start
 
-BACKENDS = ("auto", "lanczos", "dense", "scipy", "cupy", "native")
+SOLVER_ORDER = ("native", "lanczos", "scipy", "cupy")  # the order Krylov parts run in, and EigenInfo.backend names them
 # Dense eigh is O(n³) per block; past this many nodes in one block the dense backend refuses.
 MAX_DENSE_GLOBAL_NODES = 8192
 
@@ -62,10 +62,13 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
             "scipy" (ARPACK per component, CPU), "cupy" (cupyx eigsh per component; needs cupy and a GPU),
             "native" (compiled single-vector Lanczos with partial reorthogonalisation per component, never
             restarted, components split across CPU threads; CPU only, components up to 16384 nodes; needs the
-            compiled module ``spectralkern._native`` that a normal install builds), or "auto": on the CPU dense
-            for blocks up to max(48, 2k) nodes, native up to 16384 and ARPACK above (without the compiled module: dense up to max(160, 4k), ARPACK
-            above); on a GPU dense up to 32 nodes and Lanczos above (thresholds and the measurements behind them in
-            ``eigen/_auto.py``).
+            compiled module ``spectralkern._native`` that a normal install builds), or "auto": the registry's
+            choice per block or component (``spectralkern info`` lists it; SPECTRALKERN_BACKEND does not force it):
+            on the CPU dense up to max(48, 2k) nodes, native up to 16384 and ARPACK above (without the compiled
+            module: dense up to max(160, 4k), ARPACK above); on a GPU dense up to 32 nodes and Lanczos above
+            (its cost model and the measurements behind it in ``eigen/_auto.py``). A forced backend that cannot
+            run raises ``BackendUnavailable`` with the reason (native: the module missing, L off the CPU, or a
+            component above 16384 nodes).
         progress: show a tqdm progress bar (pairs converged for Lanczos, components done for scipy/cupy/native).
         generator: where every random number of the solve comes from (start vectors, refills, the warm-start
             check): a CPU ``torch.Generator`` (or one on L's device). None (default): torch's global RNG, so
@@ -111,8 +114,6 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
     if backend == "cupy":
         from ._cupy import import_cupy
         import_cupy(problem.device)  # fail before any work when cupy or the GPU is missing
-    elif backend == "native":
-        require_native(problem.device)  # likewise when the compiled module is missing or L is not on the CPU
     floor = rounding_floor(problem)
     tol_abs = max(tol, floor) * problem.norm
 
@@ -122,33 +123,20 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
     if ncv is not None:
         block = max(1, min(block, ncv - k))
     m = ncv if ncv is not None else _auto.default_ncv(k, block)
-    if backend == "dense":
-        dense_max = n_max
-        if n_max > MAX_DENSE_GLOBAL_NODES:
-            where = (" (L has entries across its graph's blocks, so the basis is global: one block of all nodes)"
-                     if problem.num_blocks == 1 and _given_blocks(L) > 1 else "")
-            raise ValueError(f"backend='dense' would run a dense eigh on a {n_max}-node block{where} (O(n³)); it is "
-                             f"limited to {MAX_DENSE_GLOBAL_NODES} nodes per block — use backend='lanczos' or 'auto'")
-        krylov = "lanczos"
-    elif backend == "auto" and problem.device.type == "cpu" and native_available():
-        krylov = "native"   # items above _auto.NATIVE_MAX_NODES go to ARPACK (see _krylov_parts)
-        dense_max = _auto.native_dense_max(k)
-    elif backend == "auto":
-        krylov = _auto.iterative_backend(problem.device)
-        dense_max = max(m + block, _auto.dense_max(problem.device, k))
-    elif backend == "native":
-        dense_max = _auto.native_dense_max(k)
-        krylov = backend
-    else:
-        krylov = backend
-        dense_max = m + block  # no room for a Krylov space: a dense solve is exact and as cheap
-    max_components = block if krylov == "lanczos" else None
-    plan = make_plan(problem, dense_max, max_components)
+    if backend == "dense" and n_max > MAX_DENSE_GLOBAL_NODES:
+        where = (" (L has entries across its graph's blocks, so the basis is global: one block of all nodes)"
+                 if problem.num_blocks == 1 and _given_blocks(L) > 1 else "")
+        raise ValueError(f"backend='dense' would run a dense eigh on a {n_max}-node block{where} (O(n³)); it is "
+                         f"limited to {MAX_DENSE_GLOBAL_NODES} nodes per block — use backend='lanczos' or 'auto'")
+    choice = SolverChoice(backend, problem.dtype, problem.device, k, krylov_basis=m + block)
+    choice.check()  # a forced backend that cannot run here at all raises with the reason, before any work
+    # the batched Lanczos groups a block's components into one item (the largest block's solver is the call's)
+    max_components = block if choice.solver(n_max) == "lanczos" else None
+    plan = make_plan(problem, choice.dense, max_components)
+    krylov_solvers = choice.solvers(plan.krylov.sizes) if plan.krylov is not None else []
+    # the batched Lanczos runs alone (the torch backend's preferred or forced solver); the others go item by item
+    krylov = min(krylov_solvers, key=SOLVER_ORDER.index) if krylov_solvers else None
 
-    if backend == "native" and plan.krylov is not None and int(plan.krylov.sizes.max()) > _auto.NATIVE_MAX_NODES:
-        raise ValueError(f"backend='native' keeps the whole Krylov basis of a connected component (it never "
-                         f"restarts) and is limited to components of {_auto.NATIVE_MAX_NODES} nodes; L has one of "
-                         f"{int(plan.krylov.sizes.max())} — use backend='auto', 'scipy' or 'lanczos'")
     parts: list[Candidates] = []
     ran: list[str] = []   # the Krylov solvers that ran
     workers = torch.get_num_threads()  # before cpu_threads() below may pin torch to one: dense eigh splits its batch
@@ -169,7 +157,7 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
                     if bar is not None:
                         bar.update(settled.items.num_items if krylov != "lanczos" else int(settled.count.sum()))
             if krylov_items is not None:
-                for solver, index in _krylov_parts(krylov, krylov_items, backend == "auto"):
+                for solver, index in _krylov_parts(choice, krylov_items):
                     items = krylov_items if index is None else krylov_items.subset(index)
                     update = bar.update if bar is not None else None
                     if solver == "lanczos":
@@ -199,7 +187,7 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
     # the in-solver residual came from stored products; the fresh one may differ by one product's rounding
     converged = merged.converged & valid & (residuals <= tol_abs + floor * problem.norm)
     if plan.krylov is not None and not ran:   # a warm-start check settled every Krylov item
-        ran.append(krylov)
+        ran += sorted(set(krylov_solvers), key=SOLVER_ORDER.index)
     used = "+".join(ran + (["dense"] if plan.dense is not None else []))
     lanczos_ran = plan.krylov is not None and krylov == "lanczos"
     info = EigenInfo(backend=used, iterations=merged.iterations, matvecs=merged.matvecs, residuals=residuals,
@@ -273,17 +261,15 @@ def _solve_dense(problem: Problem, items: Items, k: int, workers: int) -> list[C
     return parts
 
 
-def _krylov_parts(krylov: str, items: Items, auto: bool) -> list[tuple[str, torch.Tensor | None]]:
-    """(solver, item indices or None for all) for the Krylov items: ``auto``'s native backend hands the items above
-    ``_auto.NATIVE_MAX_NODES`` nodes to ARPACK."""
-    if krylov != "native" or not auto:
-        return [(krylov, None)]
-    big = items.sizes > _auto.NATIVE_MAX_NODES
-    if not bool(big.any()):
-        return [("native", None)]
-    if bool(big.all()):
-        return [("scipy", None)]
-    return [("native", torch.nonzero(~big).flatten()), ("scipy", torch.nonzero(big).flatten())]
+def _krylov_parts(choice: SolverChoice, items: Items) -> list[tuple[str, torch.Tensor | None]]:
+    """(solver, item indices or None for all) for the Krylov items, by the registry's choice per item (``auto`` on
+    the native backend hands the items above its node limit to ARPACK), in SOLVER_ORDER."""
+    solvers = choice.solvers(items.sizes)
+    used = sorted(set(solvers), key=SOLVER_ORDER.index)
+    if len(used) == 1:
+        return [(used[0], None)]
+    return [(name, torch.tensor([i for i, s in enumerate(solvers) if s == name], dtype=torch.int64))
+            for name in used]
 
 
 def _item_start(start: torch.Tensor, items: Items, columns: int) -> torch.Tensor:

@@ -32,7 +32,7 @@ from ...lambda_max import estimate_lambda_max
 from ...ops.chebyshev_filter import (chebyshev_filter, chebyshev_filter_path, chebyshev_filter_reference,
                                      chebyshev_recursion_reference)
 from ...ops.spectral_filter import spectral_filter
-from ..case import Case, Prepared, Provider
+from ..case import Case, Prepared, Provider, interpreter_skip
 from ..inputs import ragged_block_ptr, uniform_block_ptr
 
 OP = "chebyshev_filter"
@@ -136,8 +136,8 @@ def _prepare(cfg: _Config, dtype: torch.dtype, device: torch.device) -> Prepared
     providers, skipped = [], {}
 
     path = chebyshev_filter_path(x, L, cfg.order)
-    if path.startswith("triton") and device.type == "cpu" and dtype == torch.bfloat16:
-        skipped["spectralkern"] = "the Triton interpreter computes bf16 wrongly (no numpy bf16); run bf16 on a GPU"
+    if interpreter_skip(path, dtype):
+        skipped["spectralkern"] = interpreter_skip(path, dtype)
     else:
         providers.append(Provider("spectralkern", path, lambda: chebyshev_filter(x, L, coeffs, lambda_max=lam)))
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ...ops.coeff_attention import coeff_attention, coeff_attention_backend, coeff_attention_reference
-from ..case import Case, Prepared, Provider
+from ..case import Case, Prepared, Provider, interpreter_skip
 
 OP = "coeff_attention"
 #: every provider name a case of this op can time or skip (``--providers`` is checked against it up front)
@@ -130,8 +130,8 @@ def _prepare(cfg: _Config, dtype: torch.dtype, device: torch.device) -> Prepared
 
     providers, skipped = [], {}
     backend = coeff_attention_backend(q).backend
-    if backend == "triton" and device.type == "cpu" and dtype == torch.bfloat16:
-        skipped["spectralkern"] = "the Triton interpreter computes bf16 wrongly; run bf16 on a GPU"
+    if interpreter_skip(backend, dtype):
+        skipped["spectralkern"] = interpreter_skip(backend, dtype)
     else:
         providers.append(Provider("spectralkern", backend,
                                   _runner(lambda *t: coeff_attention(*t, causal=cfg.causal), [q, k, v, coeff],

@@ -41,9 +41,8 @@ import scipy.sparse.linalg
 import scipy.spatial
 import torch
 
+from ..._backend import why_not
 from ...eigen import lowest_eigenpairs
-from ...eigen._auto import NATIVE_MAX_NODES
-from ...eigen._native_csr import native_available
 from ...graph import GraphLaplacian, ParameterGraph
 from ..case import Case, Prepared, Provider
 
@@ -335,12 +334,9 @@ def _prepare(cfg: _Config, device: torch.device) -> Prepared:
     else:
         for name in ("dense", "torch_eigh"):
             skipped[name] = f"dense eigh of {cfg.n}-node blocks is O(n³): left out above {_DENSE_MAX} nodes"
-    if device.type != "cpu":
-        skipped["native"] = "CPU only"
-    elif not native_available():
-        skipped["native"] = "the compiled module spectralkern._native is not built"
-    elif cfg.n > NATIVE_MAX_NODES:
-        skipped["native"] = f"blocks of {cfg.n} nodes are above the native range ({NATIVE_MAX_NODES} nodes)"
+    native = why_not("lowest_eigenpairs", "native", L.matrix.dtype, device, nodes=cfg.n)
+    if native is not None:
+        skipped["native"] = native
     else:
         add("native", "spectralkern", _ours(L, cfg, "native"))
     if device.type == "cpu":

@@ -21,8 +21,8 @@ import numpy as np
 import scipy.sparse.linalg
 import torch
 
+from ..._backend import backend_of
 from ...eigen import lowest_eigenpairs
-from ...eigen._native_csr import native_available
 from ...graph import ParameterGraph
 from ..case import Case, Prepared, Provider
 
@@ -61,7 +61,9 @@ def _prepare(name: str, blocks: int, n: int, k: int, seeds: int, device: torch.d
             print("    " + ", ".join(f"{key} {value:g}" for key, value in SWEEPS[name].items()), flush=True)
         return torch.stack(values)
 
-    backend = "native" if device.type == "cpu" and native_available() else "lanczos"
+    # the label: the registry's solver for one block under auto (blocks of 1024+ nodes hold any Krylov basis here)
+    backend = backend_of("lowest_eigenpairs", L.matrix, nodes=int(L.block_ptr.diff().max()), k=k,
+                         device_type=device.type, krylov_fits=True).algorithm
     return Prepared(providers=[Provider("auto", backend, sweep)], reference=reference.double(),
                     tolerance=1e-6)
 

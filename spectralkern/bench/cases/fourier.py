@@ -44,7 +44,7 @@ import torch
 from ..._backend import forced
 from ...ops.fourier_adapter import fourier_adapter_backend
 from ...peft.fourier_moe import FourierMoEConfig, FourierMoELinear, from_peft_fourierft, sample_frequencies
-from ..case import Case, Prepared, Provider
+from ..case import Case, Prepared, Provider, interpreter_skip
 
 OP = "fourier"
 #: every provider name a case of this op can time or skip (``--providers`` is checked against it up front)
@@ -216,8 +216,8 @@ def _prepare(cfg: _Config, dtype: torch.dtype, device: torch.device) -> Prepared
 
     providers, skipped, references = [], {}, {}
     choice = fourier_adapter_backend(x, i, o, n=cfg.n)  # the forward's choice labels the row
-    if choice.backend == "triton" and device.type == "cpu" and dtype == torch.bfloat16:
-        skipped["spectralkern"] = "the Triton interpreter computes bf16 wrongly; run bf16 on a GPU"
+    if interpreter_skip(choice.backend, dtype):
+        skipped["spectralkern"] = interpreter_skip(choice.backend, dtype)
     else:
         label = choice.backend + (f"-{choice.algorithm}" if choice.algorithm else "")
         providers.append(Provider("spectralkern", label, _runner(fused, x, grad_y)))

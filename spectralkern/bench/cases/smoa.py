@@ -31,7 +31,7 @@ import torch
 
 from ...ops.smoa_linear import SMoALayout, smoa_delta_weight, smoa_linear_backend
 from ...peft.smoa import SMoAConfig, SMoALinear
-from ..case import Case, Prepared, Provider
+from ..case import Case, Prepared, Provider, interpreter_skip
 
 OP = "smoa"
 #: every provider name a case of this op can time or skip (``--providers`` is checked against it up front)
@@ -161,8 +161,8 @@ def _prepare(cfg: _Config, dtype: torch.dtype, device: torch.device) -> Prepared
 
     providers, skipped = [], {}
     backend = smoa_linear_backend(x, cfg.rank).backend
-    if backend == "triton" and device.type == "cpu" and dtype == torch.bfloat16:
-        skipped["spectralkern"] = "the Triton interpreter computes bf16 wrongly; run bf16 on a GPU"
+    if interpreter_skip(backend, dtype):
+        skipped["spectralkern"] = interpreter_skip(backend, dtype)
     else:
         providers.append(Provider("spectralkern", backend, _runner(fused, x, grad_y)))
     providers.append(Provider("smoa_eager", "torch", _runner(eager, x, grad_y)))
