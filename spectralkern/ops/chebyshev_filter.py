@@ -28,13 +28,10 @@ from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ..filters import chebyshev_coefficients
 from ..graph import GraphLaplacian
 from ..lambda_max import check_lambda_max, estimate_lambda_max
+from ._accumulation import accumulation_dtype as _acc_dtype
 
 _PREPARED_ATTR = "_chebyshev_prepared"
 _PREPARED_KEEP = 4  # (λ_max, dtype, layout) entries kept per Laplacian
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ------------------------------------------------------------------------------------------ torch reference

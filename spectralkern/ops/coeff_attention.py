@@ -25,10 +25,11 @@ import torch
 from .._backend import Choice, backend_of, triton_interpreter_on
 from ._interpreter import half_operands_ok
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from ._accumulation import accumulation_dtype
 
 # ------------------------------------------------------------------------------------------ torch reference
 def _accumulation_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+    return accumulation_dtype(*(t.dtype for t in tensors if t is not None))
 
 
 def _keep_mask(batch: int, seq_q: int, seq_k: int, kv_mask: torch.Tensor | None, causal: bool,

@@ -39,14 +39,11 @@ import torch
 
 from .._backend import Choice, backend_of, triton_interpreter_on
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from ._accumulation import accumulation_dtype as _acc_dtype
 # The forms the registry chooses among (``_backend.OPS["fourier_adapter"]``; the Triton backend has per_frequency).
 ALGORITHMS = ("fft", "dense", "per_frequency")
 # Upper bound for the per-chunk workspace (the T × n complex spectrum, or the FFT buffers of the torch path).
 WORKSPACE_BYTES = 32 * 2**20
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _chunks(num_tokens: int, bytes_per_token: int, multiple: int) -> list[tuple[int, int]]:

@@ -31,14 +31,11 @@ import torch
 from .._backend import Choice, backend_of
 from .._checks import FLOAT_DTYPES, check_tensor
 from ..graph import GraphLaplacian
+from ._accumulation import accumulation_dtype
 
 # Largest diagonal block kept dense in the Triton plan: a row tile then reads n_b/BLOCK_C chunks of L_b and of Δ
 # (both L2-resident for n_b ≤ 256). Untuned: chosen from the byte count, no GPU measurement yet.
 DENSE_MAX_BLOCK = 256
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ------------------------------------------------------------------------------------------ torch reference
@@ -46,7 +43,7 @@ def laplacian_quadratic_reference(delta: torch.Tensor, laplacian: GraphLaplacian
     """Plain torch tr(Δᵀ L Δ) = Σ (Δ ⊙ LΔ), differentiable through torch.sparse.mm.
 
     delta (N, d) or (N,); returns a 0-dim tensor in fp32 (fp64 for fp64 inputs)."""
-    acc = _acc_dtype(delta.dtype)
+    acc = accumulation_dtype(delta.dtype)
     x = delta.to(acc)
     x2 = x.unsqueeze(1) if x.dim() == 1 else x
     lx = torch.sparse.mm(laplacian.matrix.to(acc), x2)
@@ -307,7 +304,7 @@ def _plan_tensors(L: GraphLaplacian, shape: tuple[int, ...], device: torch.devic
         raise ValueError(f"delta must have {L.num_nodes} rows (L has {L.num_nodes} nodes), got shape {shape}")
     if device != L.device:
         raise ValueError(f"delta is on {device} but L is on {L.device}; move L with L.to(delta.device)")
-    plan = _plan_for(L, device, _acc_dtype(dtype), laplacian_quadratic_backend(dtype=dtype, device=device).backend)
+    plan = _plan_for(L, device, accumulation_dtype(dtype), laplacian_quadratic_backend(dtype=dtype, device=device).backend)
     return plan.crow, plan.col, plan.val, plan.dense, plan.tiles
 
 
