@@ -21,7 +21,7 @@ from torch import nn
 
 import spectralkern as sk
 from spectralkern.distributed import (StraddlingBlockError, aligned_block_ptr, check_block_alignment,
-                                      local_block_ptr, row_shard, shard_bounds)
+                                      local_block_ptr, row_shard, shard_bounds, sharded_laplacian_quadratic)
 from spectralkern.optim.checkpoint import load_checkpoint, save_checkpoint
 
 WORLD = 2
@@ -165,11 +165,37 @@ def _worker(rank: int, world: int, port: int, workdir: str) -> None:
         results["ddp_params"] = params_of(model)
         results["ddp_reg"] = filt.regularization().item()
         results["ddp_zero_task"] = zero_task_step(model, filt, opt, rank, world)
+        results["sharded_quadratic"] = _sharded_quadratic(mesh, rank)
         if rank == 0:
             torch.save(results, os.path.join(workdir, "results.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+QUADRATIC_ROWS, QUADRATIC_BLOCK = 16, 4
+
+
+def quadratic_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """Δ (16, 3) float64 and the rows its kNN graph is built from (blocks of 4: two per rank on 2 ranks)."""
+    gen = torch.Generator().manual_seed(7)
+    return (torch.randn(QUADRATIC_ROWS, 3, generator=gen, dtype=torch.float64),
+            torch.randn(QUADRATIC_ROWS, 5, generator=gen, dtype=torch.float64))
+
+
+def _sharded_quadratic(mesh, rank: int) -> dict[str, object]:
+    """The sharded regulariser on its own: its value on a row-sharded DTensor Δ with this rank's Laplacian, and the
+    gradient this rank's rows receive."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    full_delta, rows = quadratic_inputs()
+    delta = distribute_tensor(full_delta, mesh, [Shard(0)]).requires_grad_(True)
+    bounds = shard_bounds(QUADRATIC_ROWS, mesh.size())
+    mine = slice(bounds[rank], bounds[rank + 1])
+    L_local = sk.ParameterGraph.knn(rows[mine], 2, block_size=QUADRATIC_BLOCK).laplacian()
+    value = sharded_laplacian_quadratic(delta, L_local)
+    value.backward()
+    return {"value": value.item(), "grad": delta.grad.to_local().clone(), "rows": (mine.start, mine.stop)}
 
 
 def _fsdp2_errors(model: nn.Module, filt: sk.SpectralGradientFilter, rank: int, world: int) -> dict[str, str]:
@@ -311,6 +337,16 @@ def test_fsdp2_and_ddp_match_one_process(tmp_path):
     assert "the gradient of 2.weight holds 17 rows with placements (Replicate(), Shard(dim=0))" in message
     assert "built for rows 0:17 of 33 ((Shard(dim=0),) on mesh" in message and "rank 0 of 2" in message
     assert "build the filter on the mesh that trains the model, after fully_shard" in message
+
+    # The sharded regulariser on its own equals sk.laplacian_quadratic of the whole Δ; rank 0's rows get 2 L Δ.
+    full_delta, rows = quadratic_inputs()
+    L = sk.ParameterGraph.knn(rows, 2, block_size=QUADRATIC_BLOCK).laplacian()
+    expected = sk.laplacian_quadratic(full_delta, L).item()
+    quadratic = results["sharded_quadratic"]
+    assert expected > 0 and abs(quadratic["value"] - expected) <= 1e-12 * expected
+    grad = 2 * L.to_dense() @ full_delta
+    torch.testing.assert_close(quadratic["grad"], grad[slice(*quadratic["rows"])], rtol=1e-12, atol=1e-12)
+    assert sharded_laplacian_quadratic(full_delta, L).item() == expected   # a plain tensor: the global value
 
     message = results["straddle_error"]
     assert message is not None and "2.weight" in message and "rows 16:24" in message and "row 17" in message

@@ -38,7 +38,7 @@ def sum_over_shards(partial: torch.Tensor, group: dist.ProcessGroup) -> torch.Te
     return _SumOverShards.apply(partial, group)
 
 
-def laplacian_quadratic(delta: torch.Tensor, L: GraphLaplacian) -> torch.Tensor:
+def sharded_laplacian_quadratic(delta: torch.Tensor, L: GraphLaplacian) -> torch.Tensor:
     """tr(Δᵀ L Δ) of a row-sharded Δ: ``delta`` a DTensor (N, d) sharded on dim 0 (FSDP2) and ``L`` the Laplacian
     of this rank's rows only (N_r × N_r, blocks aligned with the shard); a plain tensor with the global L works
     as ``sk.laplacian_quadratic``. Returns a 0-dim fp32 tensor (fp64 for fp64 Δ), the same on every rank."""
@@ -53,4 +53,4 @@ def laplacian_quadratic(delta: torch.Tensor, L: GraphLaplacian) -> torch.Tensor:
     return sum_over_shards(_local_quadratic(local, L), shard.group)
 
 
-__all__ = ["laplacian_quadratic", "sum_over_shards"]
+__all__ = ["sharded_laplacian_quadratic", "sum_over_shards"]
