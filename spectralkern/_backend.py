@@ -311,6 +311,17 @@ OPS: dict[str, OpSpec] = {spec.name: spec for spec in (
                   "cupyx eigsh per item on the GPU (only when asked for: untuned)", _EIGEN),
     ), doc="the k lowest eigenpairs of a Laplacian, per item (block or component); backend= of lowest_eigenpairs "
            "forces it, not SPECTRALKERN_BACKEND", follows_env=False),
+    # The eigensolver's scans of L (no backend= of their own; SPECTRALKERN_BACKEND forces the kernels, not these):
+    OpSpec("connected_components", (
+        Backend("native", NATIVE_DTYPES),
+        Backend("torch", NATIVE_DTYPES),
+    ), doc="component labels of L's sparsity pattern: the compiled union-find, else scipy's csgraph on the host",
+        follows_env=False),
+    OpSpec("csr_summary", (
+        Backend("native", NATIVE_DTYPES),
+        Backend("torch", NATIVE_DTYPES),
+    ), doc="lowest_eigenpairs' input checks of L (finite, symmetry probe, bounds) in one compiled pass, else torch "
+           "ops", follows_env=False),
 )}
 
 

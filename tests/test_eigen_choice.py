@@ -120,3 +120,26 @@ def test_forced_native_that_cannot_run_raises_with_the_reason(monkeypatch):
     monkeypatch.setattr(_extensions, "status", lambda name: off)
     with pytest.raises(BackendUnavailable, match="backend=native cannot run here: No module named"):
         sk.lowest_eigenpairs(networkx_laplacian(nx.path_graph(60)), 3, backend="native")
+
+
+@pytest.mark.parametrize("live", [True, False], ids=["native-live", "native-off"])
+def test_the_scans_of_L_run_where_the_registry_says(monkeypatch, live):
+    """prepare's one-pass summary and the plan's union-find run compiled exactly when the registry picks native."""
+    from spectralkern.eigen import _native_csr, _plan, _problem
+
+    if live and not _extensions.status("native").live:
+        pytest.skip("the compiled module is not built here")
+    if not live:
+        off = _extensions.ExtensionStatus(False, "switched off by the test")
+        real = _extensions.status
+        monkeypatch.setattr(_extensions, "status", lambda name: off if name == "native" else real(name))
+    ran: list[str] = []
+    for module, name in ((_problem, "csr_summary"), (_plan, "connected_components")):
+        compiled = getattr(_native_csr, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=compiled, _n=name: ran.append(_n) or _f(*a))
+    L = networkx_laplacian(nx.disjoint_union(nx.path_graph(150), nx.cycle_graph(120)))   # one 270-node block
+    for op in ("csr_summary", "connected_components"):
+        assert backend_of(op, L.matrix.values()) == ("native" if live else "torch")
+    basis = sk.lowest_eigenpairs(L, 3, tol=1e-9)
+    assert ran == (["csr_summary", "connected_components"] if live else [])
+    assert basis.info.num_converged == 3 and float(basis.eigenvalues[0, 1]) < 1e-8   # two components: λ = 0 twice

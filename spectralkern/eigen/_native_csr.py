@@ -3,8 +3,8 @@ the plan's connected components and the one-pass summary behind ``prepare``'s in
 solvers' gate on the module (``require_native``). The module is loaded by ``spectralkern._extensions``; the Lanczos
 solver it also holds is driven from ``_native_lanczos``.
 
-setup.py builds the module with the host C++ compiler (no CUDA needed); a pure-Python install lacks it, and every
-caller here then has a torch / scipy path.
+setup.py builds the module with the host C++ compiler (no CUDA needed); a pure-Python install lacks it. Whether a
+scan runs here or on its torch / scipy path is the registry's answer (ops ``connected_components``, ``csr_summary``).
 """
 from __future__ import annotations
 
@@ -16,10 +16,6 @@ import torch
 from .. import _extensions
 
 PROBE_SEED = 20240613   # the symmetry probe's vectors: fixed, so a solve's checks repeat
-
-
-def _loaded() -> ModuleType | None:
-    return _extensions.status("native").module
 
 
 def require_native(device: torch.device) -> ModuleType:
@@ -34,12 +30,9 @@ def require_native(device: torch.device) -> ModuleType:
     return status.module
 
 
-def connected_components(matrix: torch.Tensor) -> np.ndarray | None:
-    """Component labels (N,) int64 of a CSR matrix's pattern by the compiled union-find, or None without the module
-    or off the CPU."""
-    module = _loaded()
-    if module is None or matrix.device.type != "cpu":
-        return None
+def connected_components(matrix: torch.Tensor) -> np.ndarray:
+    """Component labels (N,) int64 of a CPU CSR matrix's pattern by the compiled union-find."""
+    module = require_native(matrix.device)
     crow = matrix.crow_indices().to(torch.int64).contiguous()
     col = matrix.col_indices().to(torch.int64).contiguous()
     labels = np.empty(matrix.shape[0], dtype=np.int64)
@@ -51,10 +44,8 @@ def csr_summary(matrix: torch.Tensor, block_ptr: torch.Tensor | None) -> dict | 
     """One compiled pass over a CPU CSR matrix (N × N, float32/float64): ``nonfinite`` (count), ``max_row_nnz``,
     ``max_abs_row_sum`` (max_r Σ_c |L_rc|), ``max_gershgorin_upper`` (max_r L_rr + Σ_{c≠r} |L_rc|),
     ``crosses_blocks`` (an entry joins two blocks of ``block_ptr`` (B+1,); False for None) and the symmetry probe
-    ``ytLx``, ``xtLy`` (two pseudo-random unit vectors, PROBE_SEED). None without the module or off the CPU."""
-    module = _loaded()
-    if module is None or matrix.device.type != "cpu":
-        return None
+    ``ytLx``, ``xtLy`` (two pseudo-random unit vectors, PROBE_SEED)."""
+    module = require_native(matrix.device)
     crow = matrix.crow_indices().to(torch.int64).contiguous()
     col = matrix.col_indices().to(torch.int64).contiguous()
     values = matrix.values().contiguous()

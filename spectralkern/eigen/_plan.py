@@ -25,6 +25,7 @@ import scipy.sparse
 import scipy.sparse.csgraph
 import torch
 
+from .._backend import backend_of
 from ._native_csr import connected_components
 from ._problem import Problem
 
@@ -75,13 +76,12 @@ class Plan:
 
 def _components(problem: Problem) -> np.ndarray:
     """Connected-component label of every node (isolated nodes are their own component): the compiled module's
-    union-find when it is built (4× faster here than scipy, which first adds the pattern's transpose), else
-    scipy's."""
+    union-find where the registry picks it (4× faster here than scipy, which first adds the pattern's transpose),
+    else scipy's."""
     m = problem.matrix
     n = problem.num_nodes
-    labels = connected_components(m)
-    if labels is not None:
-        return labels
+    if backend_of("connected_components", m.values()) == "native":
+        return connected_components(m)
     structure = scipy.sparse.csr_array(
         (np.ones(m.col_indices().numel(), dtype=np.int8), m.col_indices().cpu().numpy(),
          m.crow_indices().cpu().numpy()), shape=(n, n))

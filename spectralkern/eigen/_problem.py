@@ -2,8 +2,8 @@
 
 Accepted: a ``GraphLaplacian`` (its blocks, or one global block when entries cross blocks), a torch tensor
 (dense, COO or CSR) or a scipy sparse matrix / numpy array (one global block). Checks: square, real float,
-finite, symmetric (a cheap probe, see ``_check_symmetric``); on the CPU one compiled pass over the entries gathers
-what they need (``_native_csr.csr_summary``), elsewhere torch ops do.
+finite, symmetric (a cheap probe, see ``_check_symmetric``); one compiled pass over the entries gathers what they
+need (``_native_csr.csr_summary``) where the registry picks it (the CPU, the module built), elsewhere torch ops do.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import numpy as np
 import scipy.sparse
 import torch
 
+from .._backend import backend_of
 from .._checks import check_has_data
 from ..graph import GraphLaplacian
 from ._native_csr import PROBE_SEED, csr_summary
@@ -154,8 +155,9 @@ def prepare(name: str, L: object) -> Problem:
             raise ValueError(f"{name}.block_ptr must end at the number of nodes ({n}), got "
                              f"{L.block_ptr.tolist()[-1:] or L.block_ptr.tolist()}")
         given_ptr = L.block_ptr.to("cpu", torch.int64)
-    summary = csr_summary(matrix, given_ptr)
-    if summary is None:
+    if backend_of("csr_summary", matrix.values()) == "native":
+        summary = csr_summary(matrix, given_ptr)
+    else:
         summary = _summary_torch(matrix, given_ptr)
     if summary["nonfinite"]:
         raise ValueError(f"{name} contains {summary['nonfinite']} NaN/Inf value(s); expected finite numbers")
