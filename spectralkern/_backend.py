@@ -40,7 +40,7 @@ CUDA_MAX_K = 128            # the widest basis csrc/ instantiates (csrc/spectral
 TRITON_MAX_RANK = 64        # smoa: the kernels keep (R_PAD × BLOCK) factor tiles in registers
 TRITON_MAX_HEAD_DIM = 256   # coeff_attention: one head's (BLOCK × D_PAD) tiles in registers
 TRITON_MAX_DIM = 46000      # fourier: the phase index·frequency mod dim is int32, (dim + 64)·dim < 2^31
-NATIVE_LANCZOS_MAX_NODES = 16384  # eigensolver: the unrestarted Krylov basis of one component (eigen/_auto.py)
+NATIVE_LANCZOS_MAX_NODES = 16384  # eigensolver: the unrestarted Krylov basis of one component (eigen/_tuning.py)
 
 TRITON_DTYPES = FLOAT_DTYPES
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -206,9 +206,9 @@ def _fourier_cost(form: str) -> Callable[[Mapping[str, object]], float]:
 
 
 def _eigen_cost(solver: str, backend: str) -> Callable[[Mapping[str, object]], float]:
-    """The eigensolver's cost model (``eigen/_auto.py``: a ranking of the solvers for one item, from its tables)."""
+    """The eigensolver's cost model (``eigen/_tuning.py``: a ranking of the solvers for one item, from its tables)."""
     def cost(facts: Mapping[str, object]) -> float:
-        from .eigen._auto import solver_cost  # imported on use: eigen/ imports this module
+        from .eigen._tuning import solver_cost  # imported on use: eigen/ imports this module
 
         return solver_cost(solver, backend, facts)
     return cost

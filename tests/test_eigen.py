@@ -18,7 +18,7 @@ from scipy.sparse.csgraph import laplacian as scipy_laplacian
 
 import spectralkern as sk
 from spectralkern import _extensions
-from spectralkern.eigen import _auto, _dense, _lanczos
+from spectralkern.eigen import _dense, _lanczos, _tuning
 
 DTYPES = [torch.float64, torch.float32]
 # the accuracy bar: eigenvalues within this fraction of ‖L‖ of the float64 reference
@@ -331,7 +331,7 @@ def test_many_big_components_in_one_block_are_all_krylov_items(seed, backend):
     adjacency = np.triu(adjacency + adjacency.T, 1)
     L = laplacian_of(adjacency + adjacency.T, ptr)
     k = 3
-    dense_max = _auto.default_ncv(k, 2) + 2
+    dense_max = _tuning.default_ncv(k, 2) + 2
     plan = _plan.make_plan(_problem.prepare("L", L), lambda sizes: sizes <= dense_max,
                            2 if backend == "lanczos" else None)
     assert plan.dense is None or int(plan.dense.sizes.max()) <= dense_max

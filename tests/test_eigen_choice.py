@@ -1,5 +1,6 @@
 """The eigensolver's choice of solver per item is the registry's (op ``lowest_eigenpairs``), and it picks what the
-rule it replaced picked (eigen/_auto.py and eigen/_solve.py before the registry took the decision, commit e192b81)."""
+rule it replaced picked (eigen/_auto.py, now _tuning.py, and eigen/_solve.py before the registry took the decision,
+commit e192b81)."""
 from __future__ import annotations
 
 import itertools
@@ -11,7 +12,7 @@ import torch
 import spectralkern as sk
 from spectralkern import _backend, _extensions
 from spectralkern._backend import BackendUnavailable, backend_of
-from spectralkern.eigen import _auto
+from spectralkern.eigen import _tuning
 from spectralkern.eigen._choice import BACKENDS, SolverChoice
 from test_eigen import networkx_laplacian
 
@@ -42,10 +43,10 @@ def old_rule(method: str, n: int, k: int, device: str, native_live: bool, ncv: i
 
 def new_rule(method: str, n: int, k: int, device: str, ncv: int | None, dtype: torch.dtype) -> str:
     torch_device = torch.device(device)
-    block = _auto.block_size(k, torch_device)
+    block = _tuning.block_size(k, torch_device)
     if ncv is not None:
         block = max(1, min(block, ncv - k))
-    m = ncv if ncv is not None else _auto.default_ncv(k, block)
+    m = ncv if ncv is not None else _tuning.default_ncv(k, block)
     choice = SolverChoice(method, dtype, torch_device, k, krylov_basis=m + block)
     try:
         choice.check()

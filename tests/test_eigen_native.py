@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import spectralkern as sk
 from spectralkern import _backend, _extensions
 from spectralkern._backend import BackendUnavailable
-from spectralkern.eigen import _auto, _native_csr, _native_lanczos
+from spectralkern.eigen import _native_csr, _native_lanczos, _tuning
 from spectralkern.eigen._plan import make_plan
 from spectralkern.eigen._problem import prepare, rounding_floor
 from spectralkern.eigen._scipy import GUARD_PAIRS
@@ -198,7 +198,7 @@ def test_auto_routes_by_size(monkeypatch, seed):
         dataclasses.replace(native, limits={"nodes": 400}), _backend.OPS["lowest_eigenpairs"].backend("torch")))
     monkeypatch.setitem(_backend.OPS, "lowest_eigenpairs", lowered)
     _backend._decide.cache_clear()   # decisions cached under the real table
-    small, middle, big = _auto.dense_crossover("native", "cpu", k), 300, 430
+    small, middle, big = _tuning.dense_crossover("native", "cpu", k), 300, 430
     ptr = sizes_to_ptr([small, middle, big])
     L = laplacian_of(random_adjacency(rng, ptr, 0.02, isolated=0.0), ptr)
     try:
@@ -214,9 +214,9 @@ def test_threads_are_cut_to_the_memory_budget():
     """Each native thread's basis may grow to n × n values: 16384-node items get budget / 2 GiB threads."""
     itemsize = 8
     per_thread = 16384 * 16384 * itemsize
-    assert _auto.native_threads(64, 16384, itemsize) == _auto.NATIVE_MEMORY_BUDGET // per_thread
-    assert _auto.native_threads(2, 4096, itemsize) == 2
-    assert _auto.native_threads(64, 10**6, itemsize) == 1
+    assert _tuning.native_threads(64, 16384, itemsize) == _tuning.NATIVE_MEMORY_BUDGET // per_thread
+    assert _tuning.native_threads(2, 4096, itemsize) == 2
+    assert _tuning.native_threads(64, 10**6, itemsize) == 1
 
 
 def test_missing_module_is_a_clear_error(monkeypatch, seed):

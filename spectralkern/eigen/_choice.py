@@ -1,5 +1,5 @@
 """Which solver runs each item of a solve (a block, a connected component or a group of them): the registry's answer
-(``spectralkern._backend``, op ``lowest_eigenpairs``; its cost model is in ``_auto``) for the item's size.
+(``spectralkern._backend``, op ``lowest_eigenpairs``; its cost model is in ``_tuning``) for the item's size.
 
 ``lowest_eigenpairs(backend=...)`` maps onto the registry as:
     auto                      the registry's choice per item: the native backend (CPU, compiled module built, items up

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from ._auto import one_thread
+from ._tuning import one_thread
 
 # On the CPU, torch's batched eigh calls LAPACK once per matrix, in a loop on one thread, and MKL's threading of
 # one small matrix costs more than it brings. Measured here (2 cores, torch 2.13, MKL 2024.2, float64, 256

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from ._auto import native_threads
+from ._tuning import native_threads
 from ._native_csr import require_native
 from ._plan import Candidates, Items
 from ._problem import Problem
@@ -34,7 +34,7 @@ def native_solve(problem: Problem, items: Items, k: int, tol_abs: float, maxiter
             backend does), a random vector where that sum is zero.
         maxiter: Lanczos steps per item at most (default: the item's size, where the method is exact).
         threads: CPU threads to split the items across (the caller's torch setting before any one-thread pinning;
-            fewer when their bases could outgrow ``_auto.NATIVE_MEMORY_BUDGET``).
+            fewer when their bases could outgrow ``_tuning.NATIVE_MEMORY_BUDGET``).
         on_done: called with the number of items finished, chunk by chunk (a progress bar).
         semi_orthogonality: the estimated |q_iᵀq_k| at which a Gram–Schmidt pass against the whole basis runs
             (default √u, u the dtype's unit roundoff: partial reorthogonalisation); 0 runs one every step.

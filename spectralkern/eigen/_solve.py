@@ -8,7 +8,7 @@ import torch
 
 from .._checks import check_positive_int
 from ..basis import SpectralBasis
-from . import _auto
+from . import _tuning
 from ._choice import BACKENDS, SolverChoice
 from ._cupy import cupy_solve
 from ._dense import dense_lowest, size_buckets
@@ -66,7 +66,7 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
             choice per block or component (``spectralkern info`` lists it; SPECTRALKERN_BACKEND does not force it):
             on the CPU dense up to max(48, 2k) nodes, native up to 16384 and ARPACK above (without the compiled
             module: dense up to max(160, 4k), ARPACK above); on a GPU dense up to 32 nodes and Lanczos above
-            (its cost model and the measurements behind it in ``eigen/_auto.py``). A forced backend that cannot
+            (its cost model and the measurements behind it in ``eigen/_tuning.py``). A forced backend that cannot
             run raises ``BackendUnavailable`` with the reason (native: the module missing, L off the CPU, or a
             component above 16384 nodes).
         progress: show a tqdm progress bar (pairs converged for Lanczos, components done for scipy/cupy/native).
@@ -86,7 +86,7 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
     densely), so repeated eigenvalues across components — the zero eigenvalue of a disconnected graph, equal
     spectra of identical components — are always found; see ``eigen/_plan.py``. Eigenvectors are unique only up
     to sign, and up to rotation inside a repeated eigenvalue: compare eigenvalues, residuals and projectors U Uᵀ,
-    not raw vectors. On the CPU a Lanczos solve with a basis under 64 MB runs on one thread (``_auto``).
+    not raw vectors. On the CPU a Lanczos solve with a basis under 64 MB runs on one thread (``_tuning``).
 
     The scipy, cupy and native backends track k + 2 pairs, and scipy and cupy ask ARPACK for each to a relative
     tolerance of at most 1e-5: ARPACK asked for exactly k at a loose tolerance misses an eigenvalue of the wanted
@@ -119,10 +119,10 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
 
     sizes = problem.sizes
     n_max = int(sizes.max()) if sizes.numel() else 0
-    block = _auto.block_size(k, problem.device)
+    block = _tuning.block_size(k, problem.device)
     if ncv is not None:
         block = max(1, min(block, ncv - k))
-    m = ncv if ncv is not None else _auto.default_ncv(k, block)
+    m = ncv if ncv is not None else _tuning.default_ncv(k, block)
     if backend == "dense" and n_max > MAX_DENSE_GLOBAL_NODES:
         where = (" (L has entries across its graph's blocks, so the basis is global: one block of all nodes)"
                  if problem.num_blocks == 1 and _given_blocks(L) > 1 else "")
@@ -144,7 +144,7 @@ def lowest_eigenpairs(L: object, k: int, *, tol: float = 0.0, maxiter: int | Non
     basis_bytes = 0 if plan.krylov is None or krylov != "lanczos" else (
         plan.krylov.num_items * plan.krylov.node_map.shape[1] * m * problem.matrix.values().element_size())
     try:
-        with _auto.cpu_threads(problem.device, basis_bytes):
+        with _tuning.cpu_threads(problem.device, basis_bytes):
             if plan.dense is not None:
                 parts += _solve_dense(problem, plan.dense, k, workers)
             krylov_items, check_cost, op = plan.krylov, None, None
@@ -298,7 +298,7 @@ def _check_warm_start(problem: Problem, items: Items, k: int, tol_abs: float, st
     when ``keep_operator`` (Lanczos reuses it; ARPACK builds its own per item)."""
     valid = items.valid()
     op = PaddedOperator.build(problem.matrix, items.node_map, problem.shift,
-                              _auto.operator_kind(problem.device, items.node_map.shape[1]))
+                              _tuning.operator_kind(problem.device, items.node_map.shape[1]))
     want = items.sizes.clamp(max=k)
     columns = int(want.max())
     old = _item_start(start, items, columns)
@@ -323,7 +323,7 @@ def _check_warm_start(problem: Problem, items: Items, k: int, tol_abs: float, st
     index = torch.nonzero(~passed).flatten()
     remaining = items.subset(index)
     n_pad = remaining.node_map.shape[1]
-    remaining_op = op.restrict(index, n_pad, _auto.operator_kind(problem.device, n_pad)) if keep_operator else None
+    remaining_op = op.restrict(index, n_pad, _tuning.operator_kind(problem.device, n_pad)) if keep_operator else None
     return settled, remaining, check.products[index], remaining_op
 
 
@@ -333,7 +333,7 @@ def _solve_lanczos(problem: Problem, items: Items, k: int, tol_abs: float, maxit
     """Batched Lanczos over ``items``; ``op``: their operator when the warm-start check already built it."""
     valid = items.valid()
     if op is None:
-        kind = _auto.operator_kind(problem.device, items.node_map.shape[1])
+        kind = _tuning.operator_kind(problem.device, items.node_map.shape[1])
         op = PaddedOperator.build(problem.matrix, items.node_map, problem.shift, kind)
     want = items.sizes.clamp(max=k)
     kw = int(want.max())
