@@ -214,6 +214,15 @@ def _eigen_cost(solver: str, backend: str) -> Callable[[Mapping[str, object]], f
     return cost
 
 
+def _products_cost(storage: str) -> Callable[[Mapping[str, object]], float]:
+    """The batched Lanczos's product storage by ``eigen/_tuning.py``'s threshold."""
+    def cost(facts: Mapping[str, object]) -> float:
+        from .eigen._tuning import products_cost  # imported on use: eigen/ imports this module
+
+        return products_cost(storage, facts)
+    return cost
+
+
 # ------------------------------------------------------------------------------------------ the table
 _FOURIER = ("tokens", "in_features", "out_features", "n", "slots", "gated", "backward", "need_x", "need_params",
             "device_type", "acc")
@@ -322,6 +331,12 @@ OPS: dict[str, OpSpec] = {spec.name: spec for spec in (
         Backend("torch", NATIVE_DTYPES),
     ), doc="lowest_eigenpairs' input checks of L (finite, symmetry probe, bounds) in one compiled pass, else torch "
            "ops", follows_env=False),
+    OpSpec("lanczos_products", (
+        Backend("torch", NATIVE_DTYPES),
+    ), algorithms=(
+        Algorithm("dense", ("torch",), {}, _products_cost("dense"), "padded dense blocks: one baddbmm", ("n_pad",)),
+        Algorithm("csr", ("torch",), {}, _products_cost("csr"), "one padded CSR: one sparse matmul", ("n_pad",)),
+    ), doc="the batched Lanczos's products with the flipped operator c·I − L", follows_env=False),
 )}
 
 

@@ -144,3 +144,24 @@ def test_the_scans_of_L_run_where_the_registry_says(monkeypatch, live):
     basis = sk.lowest_eigenpairs(L, 3, tol=1e-9)
     assert ran == (["csr_summary", "connected_components"] if live else [])
     assert basis.info.num_converged == 3 and float(basis.eigenvalues[0, 1]) < 1e-8   # two components: λ = 0 twice
+
+
+def test_lanczos_products_storage_is_the_registrys_and_the_old_threshold(monkeypatch):
+    """Dense padded blocks up to 256 rows per item, one CSR above (the old operator_kind), on every device; the
+    batched Lanczos builds its operator with the registry's answer."""
+    from spectralkern.eigen import _operator
+
+    for device in ("cpu", "cuda"):
+        for n_pad in (1, 2, 255, 256, 257, 4096):
+            choice = backend_of("lanczos_products", dtype=torch.float64, device=device, n_pad=n_pad)
+            assert choice.algorithm == ("dense" if n_pad <= 256 else "csr"), (device, n_pad)
+    built: list[tuple[int, str]] = []
+    real = _operator.PaddedOperator.build.__func__
+    monkeypatch.setattr(_operator.PaddedOperator, "build", classmethod(
+        lambda cls, matrix, node_map, shift, kind: built.append((node_map.shape[1], kind))
+        or real(cls, matrix, node_map, shift, kind)))
+    for n, storage in ((100, "dense"), (300, "csr")):   # two blocks of n nodes: one batch of items of n rows
+        L = networkx_laplacian(nx.disjoint_union(nx.path_graph(n), nx.cycle_graph(n)), [0, n, 2 * n])
+        sk.lowest_eigenpairs(L, 2, tol=1e-8, backend="lanczos")
+        assert built == [(n, storage)]
+        built.clear()

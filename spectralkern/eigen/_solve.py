@@ -6,6 +6,7 @@ import warnings
 
 import torch
 
+from .._backend import backend_of
 from .._checks import check_positive_int
 from ..basis import SpectralBasis
 from . import _tuning
@@ -290,6 +291,11 @@ def _generator(device: torch.device, source: torch.Generator | None) -> torch.Ge
                                                                         device=source.device if source is not None else "cpu")))
 
 
+def _products_storage(problem: Problem, n_pad: int) -> str:
+    """The registry's storage ("dense" or "csr") of the operator for items of ``n_pad`` rows."""
+    return backend_of("lanczos_products", problem.matrix.values(), n_pad=n_pad).algorithm
+
+
 def _check_warm_start(problem: Problem, items: Items, k: int, tol_abs: float, start: torch.Tensor, *,
                       keep_operator: bool, source: torch.Generator | None
                       ) -> tuple[Candidates | None, Items | None, torch.Tensor | None, PaddedOperator | None]:
@@ -298,7 +304,7 @@ def _check_warm_start(problem: Problem, items: Items, k: int, tol_abs: float, st
     when ``keep_operator`` (Lanczos reuses it; ARPACK builds its own per item)."""
     valid = items.valid()
     op = PaddedOperator.build(problem.matrix, items.node_map, problem.shift,
-                              _tuning.operator_kind(problem.device, items.node_map.shape[1]))
+                              _products_storage(problem, items.node_map.shape[1]))
     want = items.sizes.clamp(max=k)
     columns = int(want.max())
     old = _item_start(start, items, columns)
@@ -323,7 +329,7 @@ def _check_warm_start(problem: Problem, items: Items, k: int, tol_abs: float, st
     index = torch.nonzero(~passed).flatten()
     remaining = items.subset(index)
     n_pad = remaining.node_map.shape[1]
-    remaining_op = op.restrict(index, n_pad, _tuning.operator_kind(problem.device, n_pad)) if keep_operator else None
+    remaining_op = op.restrict(index, n_pad, _products_storage(problem, n_pad)) if keep_operator else None
     return settled, remaining, check.products[index], remaining_op
 
 
@@ -333,8 +339,8 @@ def _solve_lanczos(problem: Problem, items: Items, k: int, tol_abs: float, maxit
     """Batched Lanczos over ``items``; ``op``: their operator when the warm-start check already built it."""
     valid = items.valid()
     if op is None:
-        kind = _tuning.operator_kind(problem.device, items.node_map.shape[1])
-        op = PaddedOperator.build(problem.matrix, items.node_map, problem.shift, kind)
+        op = PaddedOperator.build(problem.matrix, items.node_map, problem.shift,
+                                  _products_storage(problem, items.node_map.shape[1]))
     want = items.sizes.clamp(max=k)
     kw = int(want.max())
     keep_gain = m - default_keep(m, block, kw)

@@ -158,6 +158,16 @@ def solver_cost(solver: str, backend: str, facts: Mapping[str, object]) -> float
     raise ValueError(f"solver must be one of dense, native, lanczos, scipy, cupy; got {solver!r}")
 
 
-def operator_kind(device: torch.device, n_pad: int) -> str:
-    """Dense padded blocks (one baddbmm) or one padded CSR (one sparse matmul) for the Lanczos products."""
-    return "dense" if n_pad <= 256 else "csr"
+# The batched Lanczos's products (``_operator``): dense padded blocks (one baddbmm, n_pad² values per item) up to
+# this many rows per item, one padded CSR (one sparse matmul, nnz values) above.
+DENSE_PRODUCTS_MAX_PAD = 256
+
+
+def products_cost(storage: str, facts: Mapping[str, object]) -> float:
+    """The registry's cost of a storage for the Lanczos products (facts: n_pad), a ranking: the CSR costs 1, the
+    dense blocks n_pad / DENSE_PRODUCTS_MAX_PAD (ties go to dense, listed first)."""
+    if storage == "dense":
+        return float(facts["n_pad"]) / DENSE_PRODUCTS_MAX_PAD
+    if storage == "csr":
+        return 1.0
+    raise ValueError(f"storage must be dense or csr; got {storage!r}")
