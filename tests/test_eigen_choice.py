@@ -165,3 +165,31 @@ def test_lanczos_products_storage_is_the_registrys_and_the_old_threshold(monkeyp
         sk.lowest_eigenpairs(L, 2, tol=1e-8, backend="lanczos")
         assert built == [(n, storage)]
         built.clear()
+
+
+@pytest.mark.parametrize("method", ["auto", "native", "lanczos", "scipy", "dense"])
+def test_each_block_is_solved_by_the_solver_the_registry_names(native_live, method):
+    """Blocks of 10, 100 and 300 nodes (paths) (k = 4): the solvers that ran (EigenInfo.backend) are the ones the
+    registry names for their sizes, and the basis is right."""
+    from spectralkern.eigen._solve import SOLVER_ORDER
+    from test_eigen import check_basis, dense_of
+
+    if method == "native" and not native_live:
+        pytest.skip("covered by test_forced_native_that_cannot_run_raises_with_the_reason")
+    sizes = [10, 100, 300]
+    graphs = [nx.path_graph(n) for n in sizes]   # simple spectra: single-vector Lanczos needs no multiplicity
+    ptr = [0, 10, 110, 410]
+    L = networkx_laplacian(nx.disjoint_union_all(graphs), ptr)
+    k = 4
+    block = _tuning.block_size(k, torch.device("cpu"))
+    choice = SolverChoice(method, torch.float64, torch.device("cpu"), k, _tuning.default_ncv(k, block) + block)
+    named = [choice.solver(n) for n in sizes]
+    krylov = sorted({s for s in named if s != "dense"}, key=SOLVER_ORDER.index)
+    torch.manual_seed(0)
+    basis = sk.lowest_eigenpairs(L, k, tol=1e-9, backend=method)
+    assert basis.info.backend == "+".join(krylov + (["dense"] if "dense" in named else []))
+    expected = {"auto": ["dense", "native", "native"] if native_live else ["dense", "dense", "scipy"],
+                "native": ["dense", "native", "native"], "lanczos": ["dense", "lanczos", "lanczos"],
+                "scipy": ["dense", "scipy", "scipy"], "dense": ["dense"] * 3}
+    assert named == expected[method]
+    check_basis(basis, dense_of(L), ptr, k, torch.float64)
