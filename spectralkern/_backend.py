@@ -557,13 +557,14 @@ def backend_of(op: str, *tensors: torch.Tensor | None, backend: str | None = Non
     if forced not in BACKENDS and forced != "auto":
         raise ValueError(f"backend must be one of auto, {', '.join(BACKENDS)}; got {backend!r}")
     source = "backend=" if backend is not None and forced != "auto" else f"{ENV_VAR}="
-    return _decide(op, dtype, device, forced, source, algorithm, tuple(facts.items()), _runtimes())
+    return _decide(op, dtype, device, forced, source, algorithm, tuple(facts.items()), _runtimes(OPS[op]))
 
 
-def _runtimes() -> tuple[object, ...]:
-    """What the decision reads besides its arguments: the runtimes' statuses (in the cache key, so a test that swaps
-    a status gets fresh answers)."""
-    return _extensions.status("cuda"), _extensions.status("native"), triton_status()
+def _runtimes(spec: OpSpec) -> tuple[object, ...]:
+    """What the decision reads besides its arguments: the statuses of the op's runtimes (in the cache key, so a test
+    that swaps a status gets fresh answers). Only the op's own: asking the eigensolver does not import triton."""
+    return tuple(triton_status() if entry.name == "triton" else _extensions.status(entry.name)
+                 for entry in spec.backends if entry.name != "torch")
 
 
 @functools.lru_cache(maxsize=4096)

@@ -4,6 +4,9 @@ commit e192b81)."""
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 
 import networkx as nx
 import pytest
@@ -193,3 +196,16 @@ def test_each_block_is_solved_by_the_solver_the_registry_names(native_live, meth
                 "scipy": ["dense", "scipy", "scipy"], "dense": ["dense"] * 3}
     assert named == expected[method]
     check_basis(basis, dense_of(L), ptr, k, torch.float64)
+
+
+def test_asking_the_eigensolver_entry_imports_no_other_runtime():
+    """The decision reads the statuses of the op's own backends only: an eigensolver-only process never imports
+    triton (≈ 70 MB and a few hundred ms) or probes the CUDA extension."""
+    code = ("import sys, torch, spectralkern as sk\n"
+            "L = sk.ParameterGraph.knn(torch.randn(400, 8, dtype=torch.float64), 8, block_size=200).laplacian()\n"
+            "sk.lowest_eigenpairs(L, 4)\n"
+            "print(sorted(m for m in ('triton', 'spectralkern._C') if m in sys.modules))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                         check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
