@@ -304,7 +304,8 @@ def _plan_tensors(L: GraphLaplacian, shape: tuple[int, ...], device: torch.devic
         raise ValueError(f"delta must have {L.num_nodes} rows (L has {L.num_nodes} nodes), got shape {shape}")
     if device != L.device:
         raise ValueError(f"delta is on {device} but L is on {L.device}; move L with L.to(delta.device)")
-    plan = _plan_for(L, device, accumulation_dtype(dtype), laplacian_quadratic_backend(dtype=dtype, device=device).backend)
+    backend = laplacian_quadratic_backend(dtype=dtype, device=device).backend
+    plan = _plan_for(L, device, accumulation_dtype(dtype), backend)
     return plan.crow, plan.col, plan.val, plan.dense, plan.tiles
 
 
