@@ -20,10 +20,11 @@ DENSE_MAX_BYTES = 64 * 2**20
 
 
 def bucket(size: int) -> int:
-    """The padded size of a block of ``size`` nodes: exact up to 16, then rounded up to a multiple of an eighth of
-    its power-of-two octave (≤ 25 % padding per side), so ragged blocks share few groups."""
-    if size <= 16:
-        return size
+    """The padded size of a block of ``size`` nodes: the next power of two up to 32 (small products cost their
+    call, not their FLOPs, so few groups matter more than padding), then rounded up to a multiple of an eighth of
+    its power-of-two octave (≤ 25 % padding per side)."""
+    if size <= 32:
+        return 1 << max(size - 1, 0).bit_length()
     step = 1 << (size.bit_length() - 3)
     return -(-size // step) * step
 
@@ -37,8 +38,9 @@ def group_shapes(block_sizes: list[int]) -> tuple[tuple[int, int], ...]:
     return tuple((counts[n], n) for n in sorted(counts))
 
 
-def dense_fits(block_sizes: list[int], element_size: int) -> bool:
-    return sum(g * n * n for g, n in group_shapes(block_sizes)) * element_size <= DENSE_MAX_BYTES
+def fits(shapes: tuple[tuple[int, int], ...], element_size: int) -> bool:
+    """Whether the dense Ã of groups of these shapes stays within ``DENSE_MAX_BYTES``."""
+    return sum(g * n * n for g, n in shapes) * element_size <= DENSE_MAX_BYTES
 
 
 def dense_groups(block_ptr: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
