@@ -5,11 +5,12 @@ cheaper. Terms, for order K, x of N × d, nnz stored entries of L, and the block
 ``_chebyshev_dense.group_shapes``:
 
     recursion      K steps, each one CSR product (nnz·d multiply-adds, plus a cost per stored entry whatever d)
-                   and ~5 elementwise passes over N × d (recurrence and accumulation), plus a fixed cost per step
-                   (op dispatches) and one per call
+                   and ~3 elementwise passes over N × d (the recurrence's sum, the accumulation), plus a fixed cost
+                   per step (op dispatches) and one per call
     materialized   build: K − 1 batched products per group (G·n³ multiply-adds, plus a cost per matrix element and
                    per call); apply: one batched product (G·n²·d) per group, plus the gather of x and scatter of y
-                   (G·n·d each) when the blocks are not every node in order, plus a fixed cost per group
+                   (G·n·d each, plus a fixed cost per group) when the blocks are not every node in order, plus a
+                   fixed cost per group
 
 Each constant is seconds per unit on one thread (``torch.set_num_threads(1)``), fitted by :func:`calibrate`
 (non-negative least squares on relative error over a sweep of K, n, d and block counts); ``MEASURED`` holds the
@@ -43,14 +44,16 @@ class CostConstants:
     apply_mac: float      # materialized: one multiply-add of the apply product (G·n²·d)
     gather_element: float  # materialized: one element of the gather of x and the scatter of y (ragged groups)
     group_call: float     # materialized: fixed cost per group (allocation, Clenshaw's setup, the apply call)
+    gather_call: float    # materialized: fixed cost per group of the gather and scatter (ragged groups)
 
 
-# Measured with ``calibrate()`` on the 2-core dev machine (Xeon @ 2.8 GHz, AVX-512, torch 2.13 CPU), one thread.
+# Measured with ``python -m spectralkern.ops._chebyshev_cost`` (``calibrate()``, 7 rounds) on the 2-core dev machine
+# (Xeon @ 2.8 GHz, AVX-512, torch 2.13 CPU), one thread; the sweep's rows: benchmarks/results/chebyshev-cpu-cost.json.
 MEASURED: dict[tuple[str, torch.dtype], CostConstants] = {
-    ("cpu", torch.float32): CostConstants(sparse_mac=6.2e-11, sparse_entry=1.7e-9, step_element=1.27e-9,
-                                          step_call=1.64e-5, recursion_call=6.1e-5, build_mac=1.34e-11,
-                                          dense_element=3.2e-10, build_call=1.14e-5, apply_mac=1.17e-11,
-                                          gather_element=1.29e-9, group_call=5.5e-5),
+    ("cpu", torch.float32): CostConstants(sparse_mac=5.89e-11, sparse_entry=1.58e-09, step_element=5.24e-10,
+                                          step_call=1.09e-05, recursion_call=4.39e-05, build_mac=1.38e-11,
+                                          dense_element=2.98e-10, build_call=1.08e-05, apply_mac=1.3e-11,
+                                          gather_element=5.13e-10, group_call=5.3e-05, gather_call=5.3e-05),
 }
 
 
@@ -63,7 +66,7 @@ def _features(algorithm: str, facts: Mapping[str, object]) -> list[float]:
     order, d, nodes = int(facts["order"]), float(facts["d"]), float(facts["nodes"])
     if algorithm == "recursion":
         nnz = float(facts["nnz"])
-        return [order * nnz * d, order * nnz, order * nodes * d, float(order), 1.0, 0, 0, 0, 0, 0, 0]
+        return [order * nnz * d, order * nnz, order * nodes * d, float(order), 1.0, 0, 0, 0, 0, 0, 0, 0]
     groups = facts["groups"]
     products = max(order - 1, 0)
     cubes = sum(g * n ** 3 for g, n in groups)
@@ -71,7 +74,7 @@ def _features(algorithm: str, facts: Mapping[str, object]) -> list[float]:
     in_order = len(groups) == 1 and groups[0][0] * groups[0][1] == nodes
     padded = sum(g * n for g, n in groups)
     return [0, 0, 0, 0, 0, products * cubes, (products + 3) * squares, products * len(groups), squares * d,
-            0.0 if in_order else 2.0 * padded * d, float(len(groups))]
+            0.0 if in_order else 2.0 * padded * d, float(len(groups)), 0.0 if in_order else float(len(groups))]
 
 
 def seconds(algorithm: str, facts: Mapping[str, object]) -> float:
@@ -105,7 +108,7 @@ def calibrate(rounds: int = 5, progress: bool = False) -> tuple[CostConstants, l
 
     from ..graph import ParameterGraph
     from . import _chebyshev_dense as dense
-    from .chebyshev_filter import chebyshev_recursion_reference
+    from .chebyshev_filter import _torch_recursion
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -126,7 +129,7 @@ def calibrate(rounds: int = 5, progress: bool = False) -> tuple[CostConstants, l
         coeffs = torch.randn(order + 1, generator=gen)
         facts = {"order": order, "d": d, "nodes": ptr[-1], "nnz": val.numel(),
                  "groups": dense.group_shapes(sizes)}
-        runs = {"recursion": lambda x=x, c=coeffs, a=(crow, col, val): chebyshev_recursion_reference(x, c, *a),
+        runs = {"recursion": lambda x=x, c=coeffs, a=(crow, col, val): _torch_recursion(x, c, *a, None, True),
                 "materialized": lambda x=x, c=coeffs, g=groups, i=index: dense.apply(x, g, i, c)}
         cases.append((facts, runs, {name: float("inf") for name in runs}))
     try:
@@ -157,3 +160,25 @@ def calibrate(rounds: int = 5, progress: bool = False) -> tuple[CostConstants, l
             row[f"{name}_predicted"] = sum(w * f for w, f in zip(solution, _features(name, facts)))
         report.append(row)
     return constants, report
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m spectralkern.ops._chebyshev_cost [--rounds R] [--out FILE.json]``: calibrate here and print the
+    constants (paste them into ``MEASURED``); ``--out`` keeps every row (facts, measured, predicted)."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    constants, rows = calibrate(args.rounds)
+    print(constants)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"constants": {f.name: getattr(constants, f.name) for f in fields(CostConstants)},
+                       "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
