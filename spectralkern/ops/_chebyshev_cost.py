@@ -12,6 +12,11 @@ cheaper. Terms, for order K, x of N × d, nnz stored entries of L, and the block
                    (G·n·d each, plus a fixed cost per group) when the blocks are not every node in order, plus a
                    fixed cost per group
 
+Both have a second price for the elements they stream once their working set (recursion: T_{m−1}, T_m, T_{m+1}
+and y, 4·N·d elements; materialized: x and y plus the gathered copies) outgrows the cache: each streamed unit
+costs extra in proportion to max(0, 1 − cache_bytes / working set) (measured: 3.5× the in-cache time of the
+recursion at N·d = 16M).
+
 Each constant is seconds per unit on one thread (``torch.set_num_threads(1)``), fitted by :func:`calibrate`
 (non-negative least squares on relative error over a sweep of K, n, d and block counts); ``MEASURED`` holds the
 values measured on the CPU this package was tuned on (benchmarks/NOTES.md, "Chebyshev filter on the CPU"). Other
@@ -45,15 +50,24 @@ class CostConstants:
     gather_element: float  # materialized: one element of the gather of x and the scatter of y (ragged groups)
     group_call: float     # materialized: fixed cost per group (allocation, Clenshaw's setup, the apply call)
     gather_call: float    # materialized: fixed cost per group of the gather and scatter (ragged groups)
+    sparse_mac_dram: float     # recursion: extra per CSR multiply-add, × the out-of-cache fraction
+    step_element_dram: float   # recursion: extra per element pass, × the out-of-cache fraction
+    stream_element_dram: float  # materialized: extra per element of x, y and the gathered copies, × that fraction
+    cache_bytes: float = 8 * 2**20  # the working set that still runs at in-cache speed (not a linear term)
 
 
-# Measured with ``python -m spectralkern.ops._chebyshev_cost`` (``calibrate()``, 7 rounds) on the 2-core dev machine
+_LINEAR = [f.name for f in fields(CostConstants) if f.name != "cache_bytes"]
+
+
+# Measured with ``python -m spectralkern.ops._chebyshev_cost`` (``calibrate()``, 5 rounds) on the 2-core dev machine
 # (Xeon @ 2.8 GHz, AVX-512, torch 2.13 CPU), one thread; the sweep's rows: benchmarks/results/chebyshev-cpu-cost.json.
 MEASURED: dict[tuple[str, torch.dtype], CostConstants] = {
-    ("cpu", torch.float32): CostConstants(sparse_mac=5.89e-11, sparse_entry=1.58e-09, step_element=5.24e-10,
-                                          step_call=1.09e-05, recursion_call=4.39e-05, build_mac=1.38e-11,
-                                          dense_element=2.98e-10, build_call=1.08e-05, apply_mac=1.3e-11,
-                                          gather_element=5.13e-10, group_call=5.3e-05, gather_call=5.3e-05),
+    ("cpu", torch.float32): CostConstants(sparse_mac=6.03e-11, sparse_entry=1.78e-09, step_element=6.38e-10,
+                                          step_call=1.07e-05, recursion_call=4.89e-05, build_mac=1.35e-11,
+                                          dense_element=3.2e-10, build_call=1.06e-05, apply_mac=1.59e-11,
+                                          gather_element=5.36e-10, group_call=6.27e-05, gather_call=5.77e-05,
+                                          sparse_mac_dram=7.49e-11, step_element_dram=1.55e-09,
+                                          stream_element_dram=2.78e-10, cache_bytes=16 * 2**20),
 }
 
 
@@ -61,33 +75,46 @@ def constants_for(device_type: str, acc: torch.dtype) -> CostConstants:
     return MEASURED.get((device_type, acc), MEASURED[("cpu", torch.float32)])
 
 
-def _features(algorithm: str, facts: Mapping[str, object]) -> list[float]:
-    """The work of ``algorithm`` in the units of ``CostConstants`` (same order as its fields; zero where unused)."""
+def _features(algorithm: str, facts: Mapping[str, object], cache_bytes: float) -> list[float]:
+    """The work of ``algorithm`` in the linear units of ``CostConstants`` (the order of ``_LINEAR``; zero where
+    unused)."""
     order, d, nodes = int(facts["order"]), float(facts["d"]), float(facts["nodes"])
+    element = torch.empty(0, dtype=facts.get("acc", torch.float32)).element_size()
+
+    def out_of_cache(elements: float) -> float:
+        return max(0.0, 1.0 - cache_bytes / max(elements * element, 1.0))
     if algorithm == "recursion":
         nnz = float(facts["nnz"])
-        return [order * nnz * d, order * nnz, order * nodes * d, float(order), 1.0, 0, 0, 0, 0, 0, 0, 0]
+        dram = out_of_cache(4 * nodes * d)
+        return [order * nnz * d, order * nnz, order * nodes * d, float(order), 1.0, 0, 0, 0, 0, 0, 0, 0,
+                dram * order * nnz * d, dram * order * nodes * d, 0]
     groups = facts["groups"]
     products = max(order - 1, 0)
     cubes = sum(g * n ** 3 for g, n in groups)
     squares = sum(g * n * n for g, n in groups)
     in_order = len(groups) == 1 and groups[0][0] * groups[0][1] == nodes
     padded = sum(g * n for g, n in groups)
+    streamed = 2 * nodes * d + (0.0 if in_order else 2.0 * padded * d)
     return [0, 0, 0, 0, 0, products * cubes, (products + 3) * squares, products * len(groups), squares * d,
-            0.0 if in_order else 2.0 * padded * d, float(len(groups)), 0.0 if in_order else float(len(groups))]
+            0.0 if in_order else 2.0 * padded * d, float(len(groups)), 0.0 if in_order else float(len(groups)),
+            0, 0, out_of_cache(streamed) * streamed]
 
 
-def seconds(algorithm: str, facts: Mapping[str, object]) -> float:
+def seconds(algorithm: str, facts: Mapping[str, object], constants: CostConstants | None = None) -> float:
     """Predicted seconds of one pass of ``algorithm`` ("recursion" or "materialized") for the facts order, d,
-    nodes, nnz, groups ((G, n), ...), device_type and acc (the accumulation dtype)."""
-    c = constants_for(str(facts.get("device_type", "cpu")), facts.get("acc", torch.float32))
-    return sum(getattr(c, f.name) * w for f, w in zip(fields(CostConstants), _features(algorithm, facts)))
+    nodes, nnz, groups ((G, n), ...), device_type and acc (the accumulation dtype); ``constants`` default to the
+    measured ones of that device and dtype."""
+    c = constants or constants_for(str(facts.get("device_type", "cpu")), facts.get("acc", torch.float32))
+    return sum(getattr(c, name) * w for name, w in zip(_LINEAR, _features(algorithm, facts, c.cache_bytes)))
 
 
 # ------------------------------------------------------------------------------------------ calibration
 def _sweep() -> list[tuple[int, int, int, int, bool]]:
-    """(order K, block size n, d, blocks B, ragged) points around the crossover, each a few ms at most."""
-    points = []
+    """(order K, block size n, d, blocks B, ragged) points around the crossover, each a few ms at most, plus a few
+    with x of 4M–16M elements (out of cache; up to ~0.5 s)."""
+    points = [(order, n, d, blocks, False) for order in (2, 8)
+              for n, d, blocks in ((16, 4096, 64), (32, 2048, 64), (64, 512, 256), (128, 4096, 32), (256, 1024, 16))]
+    points += [(8, 128, 2048, 32, True), (8, 256, 1024, 32, True)]
     for n in (1, 4, 8, 16, 48, 128, 256):
         for d in (1, 16, 128, 1024):
             for order in (2, 4, 8, 16):
@@ -136,7 +163,8 @@ def calibrate(rounds: int = 5, progress: bool = False) -> tuple[CostConstants, l
         for r in range(rounds):
             for facts, runs, best in cases:
                 for name, run in runs.items():
-                    run()  # warm (first round) / keep caches comparable
+                    if r == 0:
+                        run()  # warm: first-call allocations
                     start = time.thread_time()
                     run()
                     best[name] = min(best[name], time.thread_time() - start)
@@ -144,20 +172,20 @@ def calibrate(rounds: int = 5, progress: bool = False) -> tuple[CostConstants, l
                 print(f"round {r + 1}/{rounds}")
     finally:
         torch.set_num_threads(threads)
-    matrix, target = [], []
-    for facts, _, best in cases:
-        for name in ALGORITHMS:
-            features = _features(name, facts)
-            matrix.append([f / best[name] for f in features])  # relative error: each row scaled by 1/measured
-            target.append(1.0)
-    solution, _ = scipy.optimize.nnls(np.asarray(matrix), np.asarray(target))
-    constants = CostConstants(*map(float, solution))
+    fits = []
+    for cache_bytes in (2**20 * m for m in (1, 2, 4, 8, 16, 32)):  # the cache size: the best fit of a few
+        matrix = [[f / best[name] for f in _features(name, facts, cache_bytes)]  # relative error: rows / measured
+                  for facts, _, best in cases for name in ALGORITHMS]
+        solution, residual = scipy.optimize.nnls(np.asarray(matrix), np.ones(len(matrix)))
+        fits.append((residual, cache_bytes, solution))
+    _, cache_bytes, solution = min(fits, key=lambda fit: fit[0])
+    constants = CostConstants(*map(float, solution), cache_bytes=float(cache_bytes))
     report = []
     for facts, _, best in cases:
         row = dict(facts)
         for name in ALGORITHMS:
             row[name] = best[name]
-            row[f"{name}_predicted"] = sum(w * f for w, f in zip(solution, _features(name, facts)))
+            row[f"{name}_predicted"] = seconds(name, facts, constants)
         report.append(row)
     return constants, report
 
