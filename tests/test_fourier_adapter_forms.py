@@ -113,6 +113,29 @@ def test_opcheck_with_a_forced_algorithm(seed):
     torch.library.opcheck(torch.ops.spectralkern.fourier_adapter.default, args)
 
 
+@pytest.mark.parametrize("form", ALGORITHMS)
+def test_eager_entry_equals_the_custom_op_and_compile_uses_the_op(form, seed, monkeypatch):
+    """Eager calls skip the dispatcher (``_eager.eager_autograd``); they must compute exactly what the custom op
+    computes, gradients included, and torch.compile must still see the op."""
+    gen = torch.Generator().manual_seed(seed)
+    x, rows, cols, coef_re, coef_im, expert_ptr, gates, base = problem(9, 8, 11, 3, 5, True, torch.float64, gen)
+    rows, cols, expert_ptr = rows.int(), cols.int(), expert_ptr.int()
+    grad_y = torch.randn(5, 9, generator=gen, dtype=torch.float64)
+    results = []
+    for call in (op_module.fourier_adapter_unchecked, torch.ops.spectralkern.fourier_adapter):
+        leaves = [t.clone().requires_grad_() for t in (x, coef_re, coef_im, gates, base)]
+        y = call(leaves[0], rows, cols, leaves[1], leaves[2], expert_ptr, leaves[3], leaves[4], 9, form)
+        results.append((y, *torch.autograd.grad(y, leaves, grad_y)))
+    for eager, dispatched in zip(*results):
+        assert torch.equal(eager, dispatched)
+    monkeypatch.setattr(op_module, "_eager_fourier_adapter", lambda *a: pytest.fail("eager entry under compile"))
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def compiled(x):
+        return op_module.fourier_adapter_unchecked(x, rows, cols, coef_re, coef_im, expert_ptr, gates, base, 9, form)
+    assert relative_error(compiled(x), results[0][0]) <= 1e-12
+
+
 # ------------------------------------------------------------------------------------------ the choice
 def facts(tokens, size_out, size_in, n, **extra):
     return {**dict(tokens=tokens, in_features=size_in, out_features=size_out, n=n, slots=1, gated=False,

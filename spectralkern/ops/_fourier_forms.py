@@ -25,27 +25,51 @@ from .fourier_adapter import _acc_dtype, expert_of_frequency, spectral_backward,
 
 
 # ------------------------------------------------------------------------------------------ dense ΔW
-def _folded(rows, cols, coef, out_features, in_features):
-    """(row, column ≤ in/2, value) of every term of ΔW = Σ_j Re(C_j e^{2πi(u_j p/out + v_j q/in)}) on the half
-    spectrum irfft2 reads: a column above in/2 becomes the conjugate at (−u, in − v); interior columns get half
-    the coefficient (irfft doubles them), columns 0 and in/2 all of it (their imaginary part is dropped)."""
-    rows, cols = rows.long(), cols.long()
-    upper = cols > in_features // 2
-    half_cols = torch.where(upper, in_features - cols, cols)
-    half_rows = torch.where(upper, (out_features - rows) % out_features, rows)
-    values = torch.where(upper, coef.conj().resolve_conj(), coef)
-    edge = (half_cols == 0) | (2 * half_cols == in_features)
-    return half_rows, half_cols, values * torch.where(edge, 1.0, 0.5).to(values.real.dtype)
+class _Folding:
+    """Where every term of ΔW_s = Σ_{j: slot_j = s} Re(C_j e^{2πi(u_j p/out + v_j q/in)}) lands on the half spectrum
+    irfft2 reads (slots × out × (in/2 + 1), flattened): ``index`` (n,). A column above in/2 becomes the conjugate
+    at (−u, in − v); interior columns get half the coefficient (irfft doubles them), columns 0 and in/2 all of it
+    (their imaginary part is dropped). ``build`` (n, 2): the factors of (Re C, Im C) that put C there (weight, and
+    the conjugation as a sign); ``gather`` (n, 2): the signs that read dL/dC back from rfft2 of the Gram at the same
+    bins. Depends only on the frequencies and shapes, so it is built once per layer (``_folding``)."""
+
+    def __init__(self, rows, cols, slot, out_features, in_features, acc):
+        rows, cols = rows.long(), cols.long()
+        upper = cols > in_features // 2
+        half_cols = torch.where(upper, in_features - cols, cols)
+        half_rows = torch.where(upper, (out_features - rows) % out_features, rows)
+        self.index = (slot * out_features + half_rows) * (in_features // 2 + 1) + half_cols
+        weight = torch.where((half_cols == 0) | (2 * half_cols == in_features), 1.0, 0.5).to(acc)
+        sign = torch.where(upper, -1.0, 1.0).to(acc)
+        self.build = torch.stack([weight, weight * sign], dim=-1)
+        self.gather = torch.stack([torch.ones_like(sign), sign], dim=-1)
 
 
-def dense_delta_weights(rows, cols, coef, slot, num_slots, out_features, in_features) -> torch.Tensor:
+# Foldings, kept while the row-frequency tensor lives (a layer's buffer): validated on every use by the identity and
+# version of the companion tensors and the shapes.
+_FOLDINGS = WeakTensorKeyDictionary()
+
+
+def _folding(rows, cols, expert_ptr, gated, num_slots, out_features, in_features, acc) -> _Folding:
+    key = (gated, num_slots, out_features, in_features, acc, rows._version, cols._version, expert_ptr._version)
+    entry = _FOLDINGS.get(rows)
+    if entry is not None and entry[0] == key and entry[1]() is cols and entry[2]() is expert_ptr:
+        return entry[3]
+    slot = (expert_of_frequency(expert_ptr, rows.numel()) if gated
+            else torch.zeros(rows.numel(), dtype=torch.int64, device=rows.device))
+    folding = _Folding(rows, cols, slot, out_features, in_features, acc)
+    _FOLDINGS[rows] = (key, weakref.ref(cols), weakref.ref(expert_ptr), folding)
+    return folding
+
+
+def dense_delta_weights(coef_re, coef_im, folding, num_slots, out_features, in_features) -> torch.Tensor:
     """(num_slots, out, in) real ΔW_s = Σ_{j: slot_j = s} Re(C_j e^{2πi(u_j p/out + v_j q/in)}), one batched irfft2."""
-    half_rows, half_cols, values = _folded(rows, cols, coef, out_features, in_features)
     width = in_features // 2 + 1
-    spectrum = torch.zeros(num_slots * out_features * width, dtype=coef.dtype, device=coef.device)
-    spectrum.index_add_(0, (slot * out_features + half_rows) * width + half_cols, values)
-    return torch.fft.irfft2(spectrum.view(num_slots, out_features, width), s=(out_features, in_features),
-                            norm="forward")
+    values = torch.stack([coef_re, coef_im], dim=-1).to(folding.build.dtype).mul_(folding.build)
+    spectrum = torch.zeros(num_slots * out_features * width, 2, dtype=values.dtype, device=values.device)
+    spectrum.index_add_(0, folding.index, values)
+    return torch.fft.irfft2(torch.view_as_complex(spectrum).view(num_slots, out_features, width),
+                            s=(out_features, in_features), norm="forward")
 
 
 # The dense form's ΔW, kept while the coefficient tensor it was built from lives: autograd keeps the (effective)
@@ -79,44 +103,38 @@ def cached_delta(rows, cols, coef_re, coef_im, expert_ptr, num_slots, out_featur
 
 
 def _delta_for(rows, cols, coef_re, coef_im, expert_ptr, gates, out_features, in_features, acc):
-    slot, num_slots = _slots(expert_ptr, rows.numel(), gates)
+    """(folding, slots, ΔW (slots, out, in)): without gates every expert has weight 1, so one ΔW serves them all."""
+    num_slots = 1 if gates is None else gates.shape[1]
+    folding = _folding(rows, cols, expert_ptr, gates is not None, num_slots, out_features, in_features, acc)
     delta = cached_delta(rows, cols, coef_re, coef_im, expert_ptr, num_slots, out_features, in_features, acc)
     if delta is None:
-        coef = torch.complex(coef_re.to(acc), coef_im.to(acc))
-        delta = dense_delta_weights(rows, cols, coef, slot, num_slots, out_features, in_features)
+        delta = dense_delta_weights(coef_re, coef_im, folding, num_slots, out_features, in_features)
         companions, stamp = _delta_stamp(rows, cols, coef_re, coef_im, expert_ptr, num_slots, out_features,
                                          in_features, acc)
         _DELTAS[coef_re] = (tuple(weakref.ref(t) for t in companions), stamp,
                             (coef_re.detach().clone(), coef_im.detach().clone()), delta)
-    return slot, num_slots, delta
-
-
-def _slots(expert_ptr, n, gates):
-    """Without gates every expert has weight 1: one ΔW for all of them (slot 0); else one per expert."""
-    if gates is None:
-        return torch.zeros(n, dtype=torch.int64, device=expert_ptr.device), 1
-    return expert_of_frequency(expert_ptr, n), gates.shape[1]
+    return folding, num_slots, delta
 
 
 def dense_forward(x, rows, cols, coef_re, coef_im, expert_ptr, out_features, gates=None, base=None):
     acc = _acc_dtype(x.dtype)
     num_tokens, in_features = x.shape
     _, num_slots, delta = _delta_for(rows, cols, coef_re, coef_im, expert_ptr, gates, out_features, in_features, acc)
-    per_slot = x.to(acc) @ delta.view(num_slots * out_features, in_features).T
-    if gates is None:
-        y = per_slot
-    else:
+    weight = delta.view(num_slots * out_features, in_features).T
+    if gates is not None:
+        per_slot = x.to(acc) @ weight
         y = torch.einsum("tso,ts->to", per_slot.view(num_tokens, num_slots, out_features), gates.to(acc))
-    if base is not None:
-        y += base.to(acc)
-    return y.to(x.dtype)
+        return (y if base is None else y.add_(base.to(acc))).to(x.dtype)
+    if base is None:
+        return (x.to(acc) @ weight).to(x.dtype)
+    return torch.addmm(base.to(acc), x.to(acc), weight).to(x.dtype)
 
 
 def dense_backward(grad_y, x, in_features, rows, cols, coef_re, coef_im, expert_ptr, gates, need_x, need_params):
     acc = _acc_dtype(grad_y.dtype)
     num_tokens, out_features = grad_y.shape
-    slot, num_slots, delta = _delta_for(rows, cols, coef_re, coef_im, expert_ptr, gates, out_features, in_features,
-                                        acc)
+    folding, num_slots, delta = _delta_for(rows, cols, coef_re, coef_im, expert_ptr, gates, out_features,
+                                           in_features, acc)
     delta = delta.view(num_slots * out_features, in_features)
     g = grad_y.to(acc)
     # (T, slots · out): grad_y weighted by each token's gate of each expert
@@ -126,20 +144,15 @@ def dense_backward(grad_y, x, in_features, rows, cols, coef_re, coef_im, expert_
         return grad_x, None, None, None
     xa = x.to(acc)
     # dL/dC_j = Σ_{p,q} P[p, q] e^{+2πi(u_j p/out + v_j q/in)} with P = (G·gate)ᵀ x: the conjugate of rfft2(P)
-    # at (u, v), so grad_re = Re F, grad_im = Im F; columns above in/2 read F's Hermitian mirror.
-    gram = (g_slots.T @ xa).view(num_slots, out_features, in_features)
-    spectrum = torch.fft.rfft2(gram)
-    rows64, cols64 = rows.long(), cols.long()
-    upper = cols64 > in_features // 2
-    picked = spectrum[slot, torch.where(upper, (out_features - rows64) % out_features, rows64),
-                      torch.where(upper, in_features - cols64, cols64)]
-    picked = torch.where(upper, picked.conj().resolve_conj(), picked)
+    # at (u, v), so grad_re = Re F, grad_im = Im F; columns above in/2 read F's Hermitian mirror (the folding's bins).
+    spectrum = torch.fft.rfft2((g_slots.T @ xa).view(num_slots, out_features, in_features))
+    picked = torch.view_as_real(spectrum).view(-1, 2).index_select(0, folding.index).mul_(folding.gather)
     grad_gates = None
     if gates is not None:
         per_slot = (xa @ delta.T).view(num_tokens, num_slots, out_features)
         grad_gates = torch.einsum("tso,to->ts", per_slot, g)
         grad_gates = torch.where(gates != 0, grad_gates, 0.0).to(gates.dtype)
-    return grad_x, picked.real.to(coef_re.dtype), picked.imag.to(coef_im.dtype), grad_gates
+    return grad_x, picked[:, 0].to(coef_re.dtype), picked[:, 1].to(coef_im.dtype), grad_gates
 
 
 # ------------------------------------------------------------------------------------------ per-frequency GEMMs

@@ -39,6 +39,7 @@ import torch
 
 from .._backend import Choice, backend_of, triton_interpreter_on
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from ._eager import eager_autograd
 # The forms the registry chooses among (``_backend.OPS["fourier_adapter"]``; the Triton backend has per_frequency).
 ALGORITHMS = ("fft", "dense", "per_frequency")
 # Upper bound for the per-chunk workspace (the T × n complex spectrum, or the FFT buffers of the torch path).
@@ -361,8 +362,7 @@ def _torch_form(algorithm: str):
     return _fourier_forms.per_frequency_forward, _fourier_forms.per_frequency_backward
 
 
-@torch.library.custom_op("spectralkern::fourier_adapter", mutates_args=())
-def _fourier_adapter_op(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, coef_re: torch.Tensor,
+def _forward(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, coef_re: torch.Tensor,
                         coef_im: torch.Tensor, expert_ptr: torch.Tensor, gates: Optional[torch.Tensor],
                         base: Optional[torch.Tensor], out_features: int,
                         algorithm: Optional[str] = None) -> torch.Tensor:
@@ -379,13 +379,15 @@ def _fourier_adapter_op(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
     return forward(x, rows, cols, coef_re, coef_im, expert_ptr, out_features, gates, base)
 
 
+_fourier_adapter_op = torch.library.custom_op("spectralkern::fourier_adapter", _forward, mutates_args=())
+
+
 @_fourier_adapter_op.register_fake
 def _(x, rows, cols, coef_re, coef_im, expert_ptr, gates, base, out_features, algorithm=None):
     return x.new_empty(x.shape[0], out_features)
 
 
-@torch.library.custom_op("spectralkern::fourier_adapter_backward", mutates_args=())
-def _fourier_adapter_backward_op(grad_y: torch.Tensor, x: torch.Tensor, in_features: int, rows: torch.Tensor,
+def _backward_outputs(grad_y: torch.Tensor, x: torch.Tensor, in_features: int, rows: torch.Tensor,
                                  cols: torch.Tensor, coef_re: torch.Tensor, coef_im: torch.Tensor,
                                  expert_ptr: torch.Tensor, gates: Optional[torch.Tensor], need_x: bool,
                                  need_params: bool, algorithm: Optional[str] = None
@@ -411,6 +413,10 @@ def _fourier_adapter_backward_op(grad_y: torch.Tensor, x: torch.Tensor, in_featu
     return tuple(r.contiguous() if r is not None else grad_y.new_empty(0) for r in results)
 
 
+_fourier_adapter_backward_op = torch.library.custom_op("spectralkern::fourier_adapter_backward", _backward_outputs,
+                                                       mutates_args=())
+
+
 @_fourier_adapter_backward_op.register_fake
 def _(grad_y, x, in_features, rows, cols, coef_re, coef_im, expert_ptr, gates, need_x, need_params, algorithm=None):
     empty = grad_y.new_empty(0)
@@ -431,12 +437,12 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x if ctx.need_params else None, rows, cols, coef_re, coef_im, expert_ptr, gates)
 
 
-def _backward(ctx, grad_y):
+def _backward(ctx, grad_y, run_backward=torch.ops.spectralkern.fourier_adapter_backward):
     x, rows, cols, coef_re, coef_im, expert_ptr, gates = ctx.saved_tensors
     grad_base = grad_y if ctx.need_base else None
     if not (ctx.need_x or ctx.need_params):
         return None, None, None, None, None, None, None, grad_base, None, None
-    grad_x, grad_re, grad_im, grad_gates = torch.ops.spectralkern.fourier_adapter_backward(
+    grad_x, grad_re, grad_im, grad_gates = run_backward(
         grad_y.contiguous(), x if x is not None else grad_y.new_empty(0), ctx.in_features, rows, cols, coef_re,
         coef_im, expert_ptr, gates, ctx.need_x, ctx.need_params, ctx.algorithm)
     return (grad_x if ctx.need_x else None, None, None,
@@ -445,6 +451,24 @@ def _backward(ctx, grad_y):
 
 
 _fourier_adapter_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# the eager entry (see ``_eager.eager_autograd``); under torch.compile the custom op runs, opaque to the compiler
+_eager_fourier_adapter = eager_autograd(
+    "EagerFourierAdapter", _forward, _setup_context,
+    lambda ctx, grad_y: _backward(ctx, grad_y, run_backward=_backward_outputs))
+
+
+def fourier_adapter_unchecked(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, coef_re: torch.Tensor,
+                              coef_im: torch.Tensor, expert_ptr: torch.Tensor, gates: torch.Tensor | None,
+                              base: torch.Tensor | None, out_features: int,
+                              algorithm: str | None = None) -> torch.Tensor:
+    """The op on inputs already in its canonical form (x (T, in); rows, cols int32 (n,); expert_ptr int32 (E+1,);
+    gates (T, E) or None; base (T, out) in x's dtype or None), without :func:`fourier_adapter`'s checks: for
+    modules that validated their frequencies once. The custom op under torch.compile, the same functions through
+    an autograd.Function in eager mode."""
+    op = torch.ops.spectralkern.fourier_adapter if torch.compiler.is_compiling() else _eager_fourier_adapter
+    return op(x, rows, cols, coef_re, coef_im, expert_ptr, gates, base, out_features, algorithm)
 
 
 # ------------------------------------------------------------------------------------------ public API
@@ -484,7 +508,7 @@ def fourier_adapter(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, coe
             backend, which has only "per_frequency").
     Returns:
         (..., out) in x's dtype. Accumulation in fp32 (fp64 for fp64 inputs). This function validates the index
-        ranges (one device sync); modules that validated them once call the custom op directly.
+        ranges (one device sync); modules that validated them once call :func:`fourier_adapter_unchecked`.
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     if x.dim() == 0:
@@ -528,6 +552,6 @@ def fourier_adapter(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, coe
             raise ValueError(f"base must have shape {(*lead, out_features)}, got {tuple(base.shape)}")
         check_same_device("base", base, "x", x)
         base = base.reshape(-1, out_features).to(x.dtype)
-    y = torch.ops.spectralkern.fourier_adapter(x2, rows, cols, coef_re, coef_im, expert_ptr, gates, base,
-                                               out_features, algorithm)
+    y = fourier_adapter_unchecked(x2, rows, cols, coef_re, coef_im, expert_ptr, gates, base, out_features,
+                                  algorithm)
     return y.reshape(*lead, out_features)

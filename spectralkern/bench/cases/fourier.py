@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from ..._backend import forced
-from ...ops.fourier_adapter import fourier_adapter_backend
+from ...ops.fourier_adapter import fourier_adapter_backend, fourier_adapter_unchecked
 from ...peft.fourier_moe import FourierMoEConfig, FourierMoELinear, from_peft_fourierft, sample_frequencies
 from ..case import Case, Prepared, Provider
 
@@ -156,8 +156,8 @@ def _form_runner(layer: FourierMoELinear, x: torch.Tensor, grad_y: torch.Tensor 
         base = layer.base_layer(x)
         gates, _ = unit.route(x)
         coef_re, coef_im = unit.effective_coefficients()
-        return torch.ops.spectralkern.fourier_adapter(x, unit.rows, unit.cols, coef_re, coef_im, unit.expert_ptr,
-                                                      gates, base, unit.out_features, form)
+        return fourier_adapter_unchecked(x, unit.rows, unit.cols, coef_re, coef_im, unit.expert_ptr, gates, base,
+                                         unit.out_features, form)
 
     def forward_backward() -> torch.Tensor:
         with forced("torch"):

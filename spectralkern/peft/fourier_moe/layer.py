@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ...ops.fourier_adapter import fourier_adapter_backend
+from ...ops.fourier_adapter import fourier_adapter_backend, fourier_adapter_unchecked
 from .._lifecycle import SpectralTunerLayer
 from .._patching import is_linear_like, linear_features, linear_weight
 from .frequencies import FrequencyLayout, band_energy_features
@@ -154,8 +154,8 @@ class FourierAdapter(nn.Module):
         order = self._expert_order(gates, x2)
         if order is not None:
             x2, gates, base2 = x2[order], gates[order], base2[order]
-        y = torch.ops.spectralkern.fourier_adapter(x2, self.rows, self.cols, coef_re, coef_im, self.expert_ptr,
-                                                   gates, base2, self.out_features)
+        y = fourier_adapter_unchecked(x2, self.rows, self.cols, coef_re, coef_im, self.expert_ptr, gates, base2,
+                                      self.out_features)
         if order is not None:
             y = torch.empty_like(y).index_copy(0, order, y)  # back to the tokens' order (differentiable)
         return y.reshape(base.shape).to(base.dtype)
