@@ -3,7 +3,8 @@
 Three layers, as for spectral_filter: the plain-torch reference (the eager recursion with ``torch.sparse.mm``),
 the torch backend's two algorithms and the two Triton launchers, and the custom ops
 ``spectralkern::chebyshev_filter`` / ``spectralkern::chebyshev_filter_backward`` with fake and autograd
-registrations.
+registrations (what torch.compile traces; eager calls run the same functions through a plain autograd.Function,
+``_eager.eager_autograd``, without the dispatcher's Python layers).
 
 Which algorithm runs on the torch backend (the registry's cost model, ``_chebyshev_cost``):
     recursion       K CSR products over all of x (any graph; every pass that needs the coefficients' gradient)
@@ -35,6 +36,7 @@ from ..filters import chebyshev_coefficients
 from ..graph import GraphLaplacian
 from ..lambda_max import check_lambda_max, estimate_lambda_max
 from . import _chebyshev_dense
+from ._eager import eager_autograd
 
 _PREPARED_ATTR = "_chebyshev_prepared"
 _GROUPS_ATTR = "_chebyshev_groups"
@@ -313,11 +315,9 @@ def _forward(x: torch.Tensor, coeffs: torch.Tensor, crow: torch.Tensor, col: tor
     return _torch_recursion(x, c, crow, col, val.to(acc), saved, write_y)
 
 
-@torch.library.custom_op("spectralkern::chebyshev_filter", mutates_args=())
-def _chebyshev_filter_op(x: torch.Tensor, coeffs: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
-                         val: torch.Tensor, block_ptr: torch.Tensor, blocks: torch.Tensor,
-                         dense_blocks: list[torch.Tensor], dense_rows: list[torch.Tensor],
-                         algorithm: str) -> torch.Tensor:
+def _filter_output(x: torch.Tensor, coeffs: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
+                   val: torch.Tensor, block_ptr: torch.Tensor, blocks: torch.Tensor,
+                   dense_blocks: list[torch.Tensor], dense_rows: list[torch.Tensor], algorithm: str) -> torch.Tensor:
     """y (N, d). dense_blocks / dense_rows: the materialised form's groups (``_chebyshev_dense.dense_groups``;
     empty lists when the graph has none); algorithm: "" (the registry's cost model) or one to force. (A required
     str, not Optional[str] = None: torch 2.13's autograd of ops with tensor-list inputs compares the backward's
@@ -327,23 +327,28 @@ def _chebyshev_filter_op(x: torch.Tensor, coeffs: torch.Tensor, crow: torch.Tens
     return y.contiguous()
 
 
+_chebyshev_filter_op = torch.library.custom_op("spectralkern::chebyshev_filter", _filter_output, mutates_args=())
+
+
 @_chebyshev_filter_op.register_fake
 def _(x, coeffs, crow, col, val, block_ptr, blocks, dense_blocks, dense_rows, algorithm):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("spectralkern::chebyshev_filter_backward", mutates_args=())
-def _chebyshev_filter_backward_op(grad_y: torch.Tensor, x: torch.Tensor, coeffs: torch.Tensor, crow: torch.Tensor,
-                                  col: torch.Tensor, val: torch.Tensor, block_ptr: torch.Tensor,
-                                  blocks: torch.Tensor, dense_blocks: list[torch.Tensor],
-                                  dense_rows: list[torch.Tensor], need_x_grad: bool, need_coeffs_grad: bool,
-                                  algorithm: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _backward_outputs(grad_y: torch.Tensor, x: torch.Tensor, coeffs: torch.Tensor, crow: torch.Tensor,
+                      col: torch.Tensor, val: torch.Tensor, block_ptr: torch.Tensor, blocks: torch.Tensor,
+                      dense_blocks: list[torch.Tensor], dense_rows: list[torch.Tensor], need_x_grad: bool,
+                      need_coeffs_grad: bool, algorithm: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_x (N, d) or empty, grad_coeffs (K+1,) or empty). ``x`` is only read when need_coeffs_grad."""
     grad_x, grad_c = _forward(grad_y, coeffs, crow, col, val, block_ptr, blocks, dense_blocks, dense_rows,
                               algorithm or None, x if need_coeffs_grad else None, need_x_grad)
     grad_x = grad_x.contiguous() if need_x_grad else grad_y.new_empty(0)
     grad_c = grad_c.to(coeffs.dtype).contiguous() if need_coeffs_grad else coeffs.new_empty(0)
     return grad_x, grad_c
+
+
+_chebyshev_filter_backward_op = torch.library.custom_op("spectralkern::chebyshev_filter_backward", _backward_outputs,
+                                                        mutates_args=())
 
 
 @_chebyshev_filter_backward_op.register_fake
@@ -364,17 +369,23 @@ def _setup_context(ctx, inputs, output):
                           *dense_blocks, *dense_rows)
 
 
-def _backward(ctx, grad_y):
+def _backward(ctx, grad_y, run_backward=torch.ops.spectralkern.chebyshev_filter_backward, list_grads: bool = True):
     x, coeffs, crow, col, val, block_ptr, blocks, *dense = ctx.saved_tensors
-    grad_x, grad_c = torch.ops.spectralkern.chebyshev_filter_backward(
+    grad_x, grad_c = run_backward(
         grad_y, x if x is not None else grad_y.new_empty(0), coeffs, crow, col, val, block_ptr, blocks,
         dense[:ctx.num_groups], dense[ctx.num_groups:], ctx.need_x_grad, ctx.need_coeffs_grad, ctx.algorithm)
-    no_grads = [None] * ctx.num_groups  # one per dense group tensor (the lists' structure must come back)
+    # The custom op's autograd wants the lists' structure back, one None per tensor; a plain Function one None.
+    no_grads = [None] * ctx.num_groups if list_grads else None
     return (grad_x if ctx.need_x_grad else None, grad_c if ctx.need_coeffs_grad else None,
-            None, None, None, None, None, no_grads, list(no_grads), None)
+            None, None, None, None, None, no_grads, list(no_grads) if list_grads else None, None)
 
 
 _chebyshev_filter_op.register_autograd(_backward, setup_context=_setup_context)
+
+# the eager entry (see ``_eager.eager_autograd``); under torch.compile the custom op runs, opaque to the compiler
+_eager_chebyshev_filter = eager_autograd(
+    "EagerChebyshevFilter", _filter_output, _setup_context,
+    lambda ctx, grad_y: _backward(ctx, grad_y, run_backward=_backward_outputs, list_grads=False))
 
 
 # ------------------------------------------------------------------------------------------ graph preparation
@@ -570,6 +581,7 @@ def chebyshev_filter(x: torch.Tensor, L: GraphLaplacian, coeffs: torch.Tensor | 
         L, tuple(x.shape), x.device, x.dtype, lambda_max, gain, degree, algorithm)
     vector = x.dim() == 1
     x2 = x.unsqueeze(1) if vector else x
-    y = torch.ops.spectralkern.chebyshev_filter(x2, coeffs if gain is None else gain_coeffs, crow, col, val,
-                                                block_ptr, blocks, dense_blocks, dense_rows, algorithm or "")
+    op = torch.ops.spectralkern.chebyshev_filter if torch.compiler.is_compiling() else _eager_chebyshev_filter
+    y = op(x2, coeffs if gain is None else gain_coeffs, crow, col, val, block_ptr, blocks, dense_blocks, dense_rows,
+           algorithm or "")
     return y.squeeze(1) if vector else y
