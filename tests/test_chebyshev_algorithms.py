@@ -207,6 +207,13 @@ def test_cost_model_is_linear_in_its_units():
     assert all(base[n] < doubled[n] < 2 * base[n] for n in ALGORITHMS)  # fixed costs + work linear in d
 
 
+def test_cost_constants_per_accumulation_dtype():
+    measured = _chebyshev_cost.MEASURED
+    assert _chebyshev_cost.constants_for("cpu", torch.float64) is measured[("cpu", torch.float64)]
+    assert _chebyshev_cost.constants_for("cuda", torch.float64) is measured[("cpu", torch.float64)]
+    assert _chebyshev_cost.constants_for("cuda", torch.float32) is measured[("cpu", torch.float32)]
+
+
 # ------------------------------------------------------------------------------------------ forcing
 def test_forced_algorithm_that_cannot_run_raises(seed, monkeypatch):
     x = torch.randn(18, 4)

@@ -19,8 +19,9 @@ recursion at N·d = 16M).
 
 Each constant is seconds per unit on one thread (``torch.set_num_threads(1)``), fitted by :func:`calibrate`
 (non-negative least squares on relative error over a sweep of K, n, d and block counts); ``MEASURED`` holds the
-values measured on the CPU this package was tuned on (benchmarks/NOTES.md, "Chebyshev filter on the CPU"). Other
-devices and dtypes reuse the CPU fp32 row: only the ratio between the two forms matters to the choice.
+values measured on the CPU this package was tuned on (benchmarks/NOTES.md, "Chebyshev filter", "On the CPU"), for
+float32 and float64 accumulation. Other devices reuse the CPU row of the dtype: only the ratio between the two
+forms matters to the choice.
 """
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ _LINEAR = [f.name for f in fields(CostConstants) if f.name != "cache_bytes"]
 
 
 # Measured with ``python -m spectralkern.ops._chebyshev_cost`` (``calibrate()``, 5 rounds) on the 2-core dev machine
-# (Xeon @ 2.8 GHz, AVX-512, torch 2.13 CPU), one thread; the sweep's rows: benchmarks/results/chebyshev-cpu-cost.json.
+# (Xeon @ 2.8 GHz, AVX-512, torch 2.13 CPU), one thread, ``--dtype float32`` / ``float64``; the sweeps' rows:
+# benchmarks/results/chebyshev-cpu-cost.json and chebyshev-cpu-cost-float64.json.
 MEASURED: dict[tuple[str, torch.dtype], CostConstants] = {
     ("cpu", torch.float32): CostConstants(sparse_mac=6.03e-11, sparse_entry=1.78e-09, step_element=6.38e-10,
                                           step_call=1.07e-05, recursion_call=4.89e-05, build_mac=1.35e-11,
@@ -68,11 +70,17 @@ MEASURED: dict[tuple[str, torch.dtype], CostConstants] = {
                                           gather_element=5.36e-10, group_call=6.27e-05, gather_call=5.77e-05,
                                           sparse_mac_dram=7.49e-11, step_element_dram=1.55e-09,
                                           stream_element_dram=2.78e-10, cache_bytes=16 * 2**20),
+    ("cpu", torch.float64): CostConstants(sparse_mac=1.08e-10, sparse_entry=1.78e-09, step_element=1.58e-09,
+                                          step_call=7.67e-06, recursion_call=5.2e-05, build_mac=2.83e-11,
+                                          dense_element=4.64e-10, build_call=1.07e-05, apply_mac=3.2e-11,
+                                          gather_element=1.15e-09, group_call=6.37e-05, gather_call=5.01e-05,
+                                          sparse_mac_dram=3.39e-11, step_element_dram=5.5e-09,
+                                          stream_element_dram=6.31e-10, cache_bytes=32 * 2**20),
 }
 
 
 def constants_for(device_type: str, acc: torch.dtype) -> CostConstants:
-    return MEASURED.get((device_type, acc), MEASURED[("cpu", torch.float32)])
+    return MEASURED.get((device_type, acc), MEASURED.get(("cpu", acc), MEASURED[("cpu", torch.float32)]))
 
 
 def _features(algorithm: str, facts: Mapping[str, object], cache_bytes: float) -> list[float]:
@@ -127,9 +135,11 @@ def _sweep() -> list[tuple[int, int, int, int, bool]]:
     return points
 
 
-def calibrate(rounds: int = 5, progress: bool = False) -> tuple[CostConstants, list[dict[str, object]]]:
-    """Time both forms over ``_sweep()`` (thread CPU time, min of ``rounds`` interleaved rounds, one thread) and
-    fit ``CostConstants``. Returns the constants and the rows (facts, measured and predicted seconds)."""
+def calibrate(rounds: int = 5, progress: bool = False,
+              dtype: torch.dtype = torch.float32) -> tuple[CostConstants, list[dict[str, object]]]:
+    """Time both forms over ``_sweep()`` in ``dtype`` (the accumulation dtype: float32 or float64; thread CPU time,
+    min of ``rounds`` interleaved rounds, one thread) and fit ``CostConstants``. Returns the constants and the rows
+    (facts, measured and predicted seconds)."""
     import numpy as np
     import scipy.optimize
 
@@ -150,12 +160,12 @@ def calibrate(rounds: int = 5, progress: bool = False) -> tuple[CostConstants, l
         rows = torch.randn(ptr[-1], 16, generator=gen)
         L = ParameterGraph.knn(rows, k=min(8, max(n - 1, 1)), block_ptr=ptr).laplacian()
         m = L.matrix
-        crow, col, val = m.crow_indices(), m.col_indices(), m.values().float()
+        crow, col, val = m.crow_indices(), m.col_indices(), m.values().to(dtype)
         groups, index = dense.dense_groups(L.block_ptr, crow, col, val)
-        x = torch.randn(ptr[-1], d, generator=gen)
-        coeffs = torch.randn(order + 1, generator=gen)
+        x = torch.randn(ptr[-1], d, generator=gen, dtype=dtype)
+        coeffs = torch.randn(order + 1, generator=gen, dtype=dtype)
         facts = {"order": order, "d": d, "nodes": ptr[-1], "nnz": val.numel(),
-                 "groups": dense.group_shapes(sizes)}
+                 "groups": dense.group_shapes(sizes), "acc": dtype}
         runs = {"recursion": lambda x=x, c=coeffs, a=(crow, col, val): _torch_recursion(x, c, *a, None, True),
                 "materialized": lambda x=x, c=coeffs, g=groups, i=index: dense.apply(x, g, i, c)}
         cases.append((facts, runs, {name: float("inf") for name in runs}))
@@ -199,13 +209,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     args = parser.parse_args(argv)
-    constants, rows = calibrate(args.rounds)
+    constants, rows = calibrate(args.rounds, dtype=getattr(torch, args.dtype))
     print(constants)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"constants": {f.name: getattr(constants, f.name) for f in fields(CostConstants)},
-                       "rows": rows}, f, indent=1)
+                       "rows": [{**row, "acc": str(row["acc"])} for row in rows]}, f, indent=1)
 
 
 if __name__ == "__main__":
