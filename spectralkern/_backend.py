@@ -196,6 +196,15 @@ def _recursion_cost(facts: Mapping[str, object]) -> float:
     return float(facts["order"]) * float(facts["d"])
 
 
+def _chebyshev_torch_cost(algorithm: str) -> Callable[[Mapping[str, object]], float]:
+    """The torch Chebyshev forms' measured cost model (``ops/_chebyshev_cost.py``: predicted seconds of one pass)."""
+    def cost(facts: Mapping[str, object]) -> float:
+        from .ops._chebyshev_cost import seconds  # imported on use: ops/ imports this module
+
+        return seconds(algorithm, facts)
+    return cost
+
+
 def _fourier_cost(form: str) -> Callable[[Mapping[str, object]], float]:
     """The Fourier adapter's measured cost model (``ops/_fourier_cost.py``: predicted seconds of one call)."""
     def cost(facts: Mapping[str, object]) -> float:
@@ -228,6 +237,7 @@ _FOURIER = ("tokens", "in_features", "out_features", "n", "slots", "gated", "bac
             "device_type", "acc")
 _LAYOUT = ("uniform", "rows", "blocks", "max_block", "d", "k")
 _CHEBYSHEV = ("order", "block_n", "d")
+_CHEBYSHEV_TORCH = ("order", "d", "nodes", "nnz", "groups", "device_type", "acc")
 _SPECTRAL_ADAMW_STATES = {torch.float32: (torch.float32,), torch.float16: (torch.float32,),
                           torch.bfloat16: (torch.float32, torch.bfloat16)}
 _GROUPED = {"grouped": "a whole param group in one call (adamw_update_group_)"}
@@ -279,7 +289,14 @@ OPS: dict[str, OpSpec] = {spec.name: spec for spec in (
                   "the recursion per (block, column tile) on chip", _CHEBYSHEV),
         Algorithm("csr", ("triton",), {}, lambda facts: float("inf"), "K launches over the CSR matrix",
                   _CHEBYSHEV),
-        Algorithm("recursion", ("torch",), {}, None, "the recursion with torch.sparse products"),
+        Algorithm("recursion", ("torch",), {}, _chebyshev_torch_cost("recursion"),
+                  "K torch.sparse products over all of x", _CHEBYSHEV_TORCH),
+        Algorithm("materialized", ("torch",),
+                  {"dense_blocks": "no cross-block edges, and the dense blocks within _chebyshev_dense.DENSE_MAX_BYTES",
+                   "forward": "no coefficients' gradient in this pass (it needs every T_m·grad_y: the recursion)"},
+                  _chebyshev_torch_cost("materialized"),
+                  "P_b = p(Ã_b) per block by Clenshaw (batched per padded size), then one bmm per group",
+                  _CHEBYSHEV_TORCH),
     ), doc="y = Σ_m c_m T_m(2L/λ_max − I) x"),
     OpSpec("laplacian_quadratic", (
         Backend("triton", TRITON_DTYPES),

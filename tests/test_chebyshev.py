@@ -303,7 +303,7 @@ def test_opcheck(backend, seed):
     x = torch.randn(8, 4, requires_grad=True)
     coeffs = torch.randn(4, requires_grad=True)
     torch.library.opcheck(torch.ops.spectralkern.chebyshev_filter.default,
-                          (x, coeffs, crow, col, val, block_ptr, blocks))
+                          (x, coeffs, crow, col, val, block_ptr, blocks, [], [], ""))
 
 
 def test_torch_compile_fullgraph_with_backward(backend, seed):

@@ -1,8 +1,15 @@
 """chebyshev_filter: y = g(L) x ≈ Σ_{m=0..K} c_m T_m(L̃) x with L̃ = 2L/λ_max − I, no eigendecomposition.
 
-Three layers, as for spectral_filter: the plain-torch reference (the eager recursion with ``torch.sparse.mm``;
-also the CPU backend), two Triton launchers, and the custom ops ``spectralkern::chebyshev_filter`` /
-``spectralkern::chebyshev_filter_backward`` with fake and autograd registrations.
+Three layers, as for spectral_filter: the plain-torch reference (the eager recursion with ``torch.sparse.mm``),
+the torch backend's two algorithms and the two Triton launchers, and the custom ops
+``spectralkern::chebyshev_filter`` / ``spectralkern::chebyshev_filter_backward`` with fake and autograd
+registrations (what torch.compile traces; eager calls run the same functions through a plain autograd.Function,
+``_eager.eager_autograd``, without the dispatcher's Python layers).
+
+Which algorithm runs on the torch backend (the registry's cost model, ``_chebyshev_cost``):
+    recursion       K CSR products over all of x (any graph; every pass that needs the coefficients' gradient)
+    materialized    block-diagonal graphs: P_b = p(Ã_b) per block, then y_b = P_b x_b (``_chebyshev_dense``);
+                    wins when d is large next to K·n_b²/(nnz/N)
 
 Which kernel runs (triton backend; the registry's algorithms of ``chebyshev_filter``, ``_backend.OPS``):
     block-diagonal graph, blocks of ≤ 256 nodes   kernel 1 (``_triton_chebyshev_block``): all K steps per
@@ -23,15 +30,20 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .._backend import Choice, algorithm_of, backend_of
+from .._backend import OPS, Choice, algorithm_of, backend_of
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ..filters import chebyshev_coefficients
 from ..graph import GraphLaplacian
 from ..lambda_max import check_lambda_max, estimate_lambda_max
+from . import _chebyshev_dense
 from ._accumulation import accumulation_dtype as _acc_dtype
+from ._eager import eager_autograd
 
 _PREPARED_ATTR = "_chebyshev_prepared"
+_GROUPS_ATTR = "_chebyshev_groups"
 _PREPARED_KEEP = 4  # (λ_max, dtype, layout) entries kept per Laplacian
+#: every algorithm ``chebyshev_filter(algorithm=)`` may force (which backend has which: ``_backend.OPS``)
+ALGORITHMS = tuple(a.name for a in OPS["chebyshev_filter"].algorithms)
 
 
 # ------------------------------------------------------------------------------------------ torch reference
@@ -89,6 +101,32 @@ def chebyshev_filter_reference(x: torch.Tensor, L: GraphLaplacian, coeffs: torch
     matrix = L.matrix
     val = matrix.values().to(acc) * (2.0 / lambda_max)
     return chebyshev_recursion_reference(x, coeffs, matrix.crow_indices(), matrix.col_indices(), val)
+
+
+def _torch_recursion(x: torch.Tensor, coeffs: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor,
+                     saved: torch.Tensor | None, write_y: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The torch backend's recursion: y = Σ c_m T_m x (when ``write_y``) and, with ``saved``, the coefficients'
+    gradient ⟨T_m x, saved⟩ from the same T_m (one pass for both). coeffs (K+1,) and val in the accumulation
+    dtype, K ≥ 1. Each step is two ops: T_{m+1} = 2·L̂·T_m − (2·T_m + T_{m−1}) as one ``addmm_`` of the CSR L̂
+    into (2·T_m + T_{m−1}), and y += c_m·T_m as one ``addcmul_`` (the reference's five passes cost ~1.5–2.5×)."""
+    acc = coeffs.dtype
+    order = coeffs.numel() - 1
+    scaled = _csr(crow, col, val, x.shape[0])
+    t_prev = x.to(acc).contiguous()
+    t_cur = torch.addmm(t_prev, scaled, t_prev, beta=-1.0)  # T_1 = L̂x − x
+    y = coeffs[0] * t_prev if write_y else None
+    grad = torch.empty(order + 1, dtype=acc, device=x.device) if saved is not None else None
+    other = saved.to(acc).reshape(-1) if saved is not None else None
+    for m in range(order + 1):
+        t = t_prev if m == 0 else t_cur
+        if m > 1:
+            t_prev, t_cur = t_cur, torch.add(t_prev, t_cur, alpha=2.0).addmm_(scaled, t_cur, beta=-1.0, alpha=2.0)
+            t = t_cur
+        if y is not None and m > 0:
+            y.addcmul_(t, coeffs[m])
+        if grad is not None:
+            grad[m] = torch.dot(t.reshape(-1), other)
+    return (y.to(x.dtype) if y is not None else None), grad
 
 
 # ------------------------------------------------------------------------------------------ triton launchers
@@ -217,21 +255,39 @@ def _launch_csr(x: torch.Tensor, coeffs: torch.Tensor, crow: torch.Tensor, col: 
 
 # ------------------------------------------------------------------------------------------ custom ops
 def chebyshev_filter_backend(x: torch.Tensor | None = None, order: int | None = None, block_n: int = 0, *,
-                             forward: bool = True, backend: str | None = None, dtype: torch.dtype | None = None,
-                             device: torch.device | None = None) -> Choice:
-    """The registry's choice for an input like ``x`` (or of this dtype on this device); with ``order`` also the
-    algorithm: ``block_n`` is the packed blocks' padded size (0: no block layout, the CSR kernel)."""
+                             forward: bool = True, backend: str | None = None, algorithm: str | None = None,
+                             dtype: torch.dtype | None = None, device: torch.device | None = None,
+                             shape: tuple[int, ...] | None = None, nnz: int = 0,
+                             groups: tuple[tuple[int, int], ...] | None = None) -> Choice:
+    """The registry's choice for an input like ``x`` (or of this ``shape``, dtype and device); with ``order`` also
+    the algorithm. Triton: ``block_n`` is the packed blocks' padded size (0: no block layout, the CSR kernel).
+    Torch: ``nnz`` is L's stored entries, ``groups`` the ((G, n), ...) of the materialised form's dense block
+    groups (None: the graph has none: cross-block edges, or over ``_chebyshev_dense.DENSE_MAX_BYTES``).
+    ``forward``: no coefficient gradient in this pass. ``algorithm`` forces one (BackendUnavailable if it cannot
+    run)."""
     facts = {}
     if order is not None:
-        d = x.shape[1] if x is not None and x.dim() == 2 else 1
-        facts = {"order": order, "block_n": block_n, "d": d, "block_layout": block_n > 0, "forward": forward}
-    return backend_of("chebyshev_filter", x, backend=backend, dtype=dtype, device=device, **facts)
+        shape = tuple(x.shape) if x is not None else shape
+        dtype_ = x.dtype if x is not None else dtype
+        device_ = x.device if x is not None else torch.device(device)
+        d = shape[1] if len(shape) == 2 else 1
+        facts = {"order": order, "block_n": block_n, "d": d, "block_layout": block_n > 0, "forward": forward,
+                 "nodes": shape[0], "nnz": nnz, "groups": groups or (), "dense_blocks": groups is not None,
+                 "device_type": device_.type, "acc": _acc_dtype(dtype_)}
+    return backend_of("chebyshev_filter", x, backend=backend, algorithm=algorithm, dtype=dtype, device=device,
+                      **facts)
+
+
+def _group_shapes(dense_blocks: list[torch.Tensor]) -> tuple[tuple[int, int], ...] | None:
+    return tuple((int(b.shape[0]), int(b.shape[1])) for b in dense_blocks) if dense_blocks else None
 
 
 def _forward(x: torch.Tensor, coeffs: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor,
-             block_ptr: torch.Tensor, blocks: torch.Tensor, saved: torch.Tensor | None,
+             block_ptr: torch.Tensor, blocks: torch.Tensor, dense_blocks: list[torch.Tensor],
+             dense_rows: list[torch.Tensor], algorithm: str | None, saved: torch.Tensor | None,
              write_y: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Filter x; with ``saved`` also return the coefficients' gradient ⟨T_m x, saved⟩ (x is grad_y then)."""
+    """Filter x; with ``saved`` also return the coefficients' gradient ⟨T_m x, saved⟩ (x is grad_y then; the
+    recursion runs, whatever ``algorithm`` forces)."""
     order = coeffs.numel() - 1
     acc = _acc_dtype(x.dtype)
     c = coeffs.to(acc).contiguous()
@@ -243,67 +299,90 @@ def _forward(x: torch.Tensor, coeffs: torch.Tensor, crow: torch.Tensor, col: tor
             if x.numel():
                 grad[0] = (x.to(acc) * saved.to(acc)).sum()
         return y, grad
-    choice = chebyshev_filter_backend(x, order, blocks.shape[1] if blocks.numel() else 0, forward=saved is None)
+    choice = chebyshev_filter_backend(x, order, blocks.shape[1] if blocks.numel() else 0, forward=saved is None,
+                                      algorithm=algorithm if saved is None else None, nnz=val.numel(),
+                                      groups=_group_shapes(dense_blocks))
     if choice.backend == "triton":
         if choice.algorithm == "csr":
             return _launch_csr(x, c, crow, col, val.to(acc), saved=saved, write_y=write_y)
         return _launch_block(x, c, blocks, block_ptr, saved=saved, write_y=write_y,
                              materialize=choice.algorithm == "block-materialized")
-    y = chebyshev_recursion_reference(x, c, crow, col, val) if write_y else None
-    grad = chebyshev_coeffs_grad_reference(x, saved, order, crow, col, val) if saved is not None else None
-    return y, grad
+    if choice.algorithm == "materialized":  # only chosen without ``saved``: the x-only backward reuses P (= Pᵀ)
+        return (_chebyshev_dense.apply(x, dense_blocks, dense_rows, c).to(x.dtype) if write_y else None), None
+    return _torch_recursion(x, c, crow, col, val.to(acc), saved, write_y)
 
 
-@torch.library.custom_op("spectralkern::chebyshev_filter", mutates_args=())
-def _chebyshev_filter_op(x: torch.Tensor, coeffs: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
-                         val: torch.Tensor, block_ptr: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    y, _ = _forward(x, coeffs, crow, col, val, block_ptr, blocks, None, True)
+def _filter_output(x: torch.Tensor, coeffs: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
+                   val: torch.Tensor, block_ptr: torch.Tensor, blocks: torch.Tensor,
+                   dense_blocks: list[torch.Tensor], dense_rows: list[torch.Tensor], algorithm: str) -> torch.Tensor:
+    """y (N, d). dense_blocks / dense_rows: the materialised form's groups (``_chebyshev_dense.dense_groups``;
+    empty lists when the graph has none); algorithm: "" (the registry's cost model) or one to force. (A required
+    str, not Optional[str] = None: torch 2.13's autograd of ops with tensor-list inputs compares the backward's
+    gradients against the arguments as passed, and the dispatcher drops a trailing default.)"""
+    y, _ = _forward(x, coeffs, crow, col, val, block_ptr, blocks, dense_blocks, dense_rows, algorithm or None, None,
+                    True)
     return y.contiguous()
 
 
+_chebyshev_filter_op = torch.library.custom_op("spectralkern::chebyshev_filter", _filter_output, mutates_args=())
+
+
 @_chebyshev_filter_op.register_fake
-def _(x, coeffs, crow, col, val, block_ptr, blocks):
+def _(x, coeffs, crow, col, val, block_ptr, blocks, dense_blocks, dense_rows, algorithm):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("spectralkern::chebyshev_filter_backward", mutates_args=())
-def _chebyshev_filter_backward_op(grad_y: torch.Tensor, x: torch.Tensor, coeffs: torch.Tensor, crow: torch.Tensor,
-                                  col: torch.Tensor, val: torch.Tensor, block_ptr: torch.Tensor,
-                                  blocks: torch.Tensor, need_x_grad: bool,
-                                  need_coeffs_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _backward_outputs(grad_y: torch.Tensor, x: torch.Tensor, coeffs: torch.Tensor, crow: torch.Tensor,
+                      col: torch.Tensor, val: torch.Tensor, block_ptr: torch.Tensor, blocks: torch.Tensor,
+                      dense_blocks: list[torch.Tensor], dense_rows: list[torch.Tensor], need_x_grad: bool,
+                      need_coeffs_grad: bool, algorithm: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_x (N, d) or empty, grad_coeffs (K+1,) or empty). ``x`` is only read when need_coeffs_grad."""
-    grad_x, grad_c = _forward(grad_y, coeffs, crow, col, val, block_ptr, blocks,
-                              x if need_coeffs_grad else None, need_x_grad)
+    grad_x, grad_c = _forward(grad_y, coeffs, crow, col, val, block_ptr, blocks, dense_blocks, dense_rows,
+                              algorithm or None, x if need_coeffs_grad else None, need_x_grad)
     grad_x = grad_x.contiguous() if need_x_grad else grad_y.new_empty(0)
     grad_c = grad_c.to(coeffs.dtype).contiguous() if need_coeffs_grad else coeffs.new_empty(0)
     return grad_x, grad_c
 
 
+_chebyshev_filter_backward_op = torch.library.custom_op("spectralkern::chebyshev_filter_backward", _backward_outputs,
+                                                        mutates_args=())
+
+
 @_chebyshev_filter_backward_op.register_fake
-def _(grad_y, x, coeffs, crow, col, val, block_ptr, blocks, need_x_grad, need_coeffs_grad):
+def _(grad_y, x, coeffs, crow, col, val, block_ptr, blocks, dense_blocks, dense_rows, need_x_grad, need_coeffs_grad,
+      algorithm):
     grad_x = torch.empty_like(grad_y, memory_format=torch.contiguous_format) if need_x_grad else grad_y.new_empty(0)
     grad_c = coeffs.new_empty(coeffs.shape) if need_coeffs_grad else coeffs.new_empty(0)
     return grad_x, grad_c
 
 
 def _setup_context(ctx, inputs, output):
-    x, coeffs, crow, col, val, block_ptr, blocks = inputs
+    x, coeffs, crow, col, val, block_ptr, blocks, dense_blocks, dense_rows, ctx.algorithm = inputs
     ctx.need_x_grad = ctx.needs_input_grad[0]
     ctx.need_coeffs_grad = ctx.needs_input_grad[1]
+    ctx.num_groups = len(dense_blocks)
     # x is only needed for the coefficients' gradient.
-    ctx.save_for_backward(x if ctx.need_coeffs_grad else None, coeffs, crow, col, val, block_ptr, blocks)
+    ctx.save_for_backward(x if ctx.need_coeffs_grad else None, coeffs, crow, col, val, block_ptr, blocks,
+                          *dense_blocks, *dense_rows)
 
 
-def _backward(ctx, grad_y):
-    x, coeffs, crow, col, val, block_ptr, blocks = ctx.saved_tensors
-    grad_x, grad_c = torch.ops.spectralkern.chebyshev_filter_backward(
+def _backward(ctx, grad_y, run_backward=torch.ops.spectralkern.chebyshev_filter_backward, list_grads: bool = True):
+    x, coeffs, crow, col, val, block_ptr, blocks, *dense = ctx.saved_tensors
+    grad_x, grad_c = run_backward(
         grad_y, x if x is not None else grad_y.new_empty(0), coeffs, crow, col, val, block_ptr, blocks,
-        ctx.need_x_grad, ctx.need_coeffs_grad)
+        dense[:ctx.num_groups], dense[ctx.num_groups:], ctx.need_x_grad, ctx.need_coeffs_grad, ctx.algorithm)
+    # The custom op's autograd wants the lists' structure back, one None per tensor; a plain Function one None.
+    no_grads = [None] * ctx.num_groups if list_grads else None
     return (grad_x if ctx.need_x_grad else None, grad_c if ctx.need_coeffs_grad else None,
-            None, None, None, None, None)
+            None, None, None, None, None, no_grads, list(no_grads) if list_grads else None, None)
 
 
 _chebyshev_filter_op.register_autograd(_backward, setup_context=_setup_context)
+
+# the eager entry (see ``_eager.eager_autograd``); under torch.compile the custom op runs, opaque to the compiler
+_eager_chebyshev_filter = eager_autograd(
+    "EagerChebyshevFilter", _filter_output, _setup_context,
+    lambda ctx, grad_y: _backward(ctx, grad_y, run_backward=_backward_outputs, list_grads=False))
 
 
 # ------------------------------------------------------------------------------------------ graph preparation
@@ -315,15 +394,38 @@ def block_layout_fits(L: GraphLaplacian) -> bool:
     return not L.has_cross_block_edges and (sizes.numel() == 0 or int(sizes.max()) <= MAX_BLOCK_NODES)
 
 
+def chebyshev_filter_choice(x: torch.Tensor, L: GraphLaplacian, order: int, *,
+                            algorithm: str | None = None) -> Choice:
+    """The registry's answer for the forward of ``chebyshev_filter(x, L, ...)`` of this order: the backend, the
+    algorithm (by its cost model, or ``algorithm`` forced: BackendUnavailable when it cannot run here) and why not
+    the other backends."""
+    backend = chebyshev_filter_backend(dtype=x.dtype, device=x.device).backend
+    block_n = _padded_block_size(L) if backend == "triton" and block_layout_fits(L) else 0
+    return chebyshev_filter_backend(order=order, block_n=block_n, algorithm=algorithm, dtype=x.dtype,
+                                    device=x.device, shape=tuple(x.shape), nnz=L.matrix.values().numel(),
+                                    groups=_dense_layout(L, _acc_dtype(x.dtype)))
+
+
 def chebyshev_filter_path(x: torch.Tensor, L: GraphLaplacian, order: int) -> str:
-    """Which implementation ``chebyshev_filter(x, L, ...)`` of this order runs: "torch", "triton-csr" (kernel 2),
-    "triton-block" (kernel 1, recursion per tile) or "triton-block-materialized" (kernel 1 builds p(Ã_b), then
-    applies it). For benchmark labels and logs."""
-    if order == 0:  # c_0·x, plain torch
+    """Which implementation ``chebyshev_filter(x, L, ...)`` of this order runs: "torch-recursion",
+    "torch-materialized" (p(Ã_b) per block, then one product), "triton-csr" (kernel 2), "triton-block" (kernel 1,
+    recursion per tile) or "triton-block-materialized" (kernel 1 builds p(Ã_b), then applies it); "torch" for
+    order 0 (c_0·x). For benchmark labels and logs."""
+    if order == 0:
         return "torch"
-    block_n = _padded_block_size(L) if block_layout_fits(L) else 0
-    choice = chebyshev_filter_backend(x, order, block_n)
-    return choice.backend if choice.backend == "torch" else f"triton-{choice.algorithm}"
+    choice = chebyshev_filter_choice(x, L, order)
+    return f"{choice.backend}-{choice.algorithm}"
+
+
+def _dense_layout(L: GraphLaplacian, acc: torch.dtype) -> tuple[tuple[int, int], ...] | None:
+    """The materialised form's groups ((G, n), ...) for L (cached on L), or None when L has cross-block edges or
+    its dense blocks would exceed ``_chebyshev_dense.DENSE_MAX_BYTES``."""
+    if L.has_cross_block_edges:
+        return None
+    if _GROUPS_ATTR not in L.__dict__:
+        L.__dict__[_GROUPS_ATTR] = _chebyshev_dense.group_shapes((L.block_ptr[1:] - L.block_ptr[:-1]).tolist())
+    shapes = L.__dict__[_GROUPS_ATTR]
+    return shapes if _chebyshev_dense.fits(shapes, torch.empty(0, dtype=acc).element_size()) else None
 
 
 def _padded_block_size(L: GraphLaplacian) -> int:
@@ -364,6 +466,21 @@ def _prepared(L: GraphLaplacian, lambda_max: float, acc: torch.dtype,
     return cache[key]
 
 
+def _prepared_dense(L: GraphLaplacian, lambda_max: float,
+                    acc: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The materialised form's (dense Ã per group, rows per group) of ``_chebyshev_dense.dense_groups``, cached on
+    L (built only when that form is chosen)."""
+    cache = L.__dict__.setdefault(_PREPARED_ATTR, {})
+    key = (lambda_max, acc, "dense")
+    if key not in cache:
+        crow, col, val, _, _ = _prepared(L, lambda_max, acc, with_blocks=False)
+        groups = _chebyshev_dense.dense_groups(L.block_ptr, crow, col, val)
+        if len(cache) >= _PREPARED_KEEP:
+            cache.pop(next(iter(cache)))
+        cache[key] = groups
+    return cache[key]
+
+
 # ------------------------------------------------------------------------------------------ public API
 def _check_order(order: object) -> int:
     if isinstance(order, bool) or not isinstance(order, int):
@@ -375,10 +492,11 @@ def _check_order(order: object) -> int:
 
 def _graph_plan(L: GraphLaplacian, x_shape: tuple[int, ...], x_device: torch.device, x_dtype: torch.dtype,
                 lambda_max: float | None, gain: Callable[[torch.Tensor], torch.Tensor] | None,
-                order: int | None) -> tuple[torch.Tensor, ...]:
-    """Checks x against L, settles λ_max, and returns the op's graph tensors (cached on L) plus the gain's
-    coefficients (or an empty tensor). Runs eagerly even under torch.compile — the CSR matrix and the caches are
-    not traceable — and the compiled graph holds its results as constants."""
+                order: int, algorithm: str | None) -> tuple[object, ...]:
+    """Checks x against L, settles λ_max, asks the registry (raising when a forced ``algorithm`` cannot run), and
+    returns the op's graph tensors (cached on L; the dense block groups only when the materialised form runs) plus
+    the gain's coefficients (or an empty tensor). Runs eagerly even under torch.compile — the CSR matrix and the
+    caches are not traceable — and the compiled graph holds its results as constants."""
     if not isinstance(L, GraphLaplacian):
         raise TypeError(f"L must be a GraphLaplacian (from ParameterGraph.laplacian()), got {type(L).__name__}")
     if x_shape[0] != L.num_nodes:
@@ -391,9 +509,14 @@ def _graph_plan(L: GraphLaplacian, x_shape: tuple[int, ...], x_device: torch.dev
     with_blocks = (chebyshev_filter_backend(dtype=x_dtype, device=x_device).backend == "triton"
                    and block_layout_fits(L))
     tensors = _prepared(L, lam, acc, with_blocks)
+    choice = chebyshev_filter_backend(order=order, block_n=tensors[4].shape[1] if with_blocks else 0,
+                                      algorithm=algorithm, dtype=x_dtype, device=x_device, shape=x_shape,
+                                      nnz=tensors[2].numel(), groups=_dense_layout(L, acc))
+    materialized = order > 0 and (choice.backend, choice.algorithm) == ("torch", "materialized")
+    dense = _prepared_dense(L, lam, acc) if materialized else ([], [])
     coeffs = (chebyshev_coefficients(gain, order, lam).to(device=x_device, dtype=acc) if gain is not None
               else torch.empty(0, dtype=acc, device=x_device))
-    return (*tensors, coeffs)
+    return (*tensors, *dense, coeffs)
 
 
 # What torch.compiler.assume_constant_result(_graph_plan) does, minus its import of torch._dynamo at import time.
@@ -402,7 +525,7 @@ _graph_plan._dynamo_marked_constant = True
 
 def chebyshev_filter(x: torch.Tensor, L: GraphLaplacian, coeffs: torch.Tensor | Sequence[float] | None = None, *,
                      gain: Callable[[torch.Tensor], torch.Tensor] | None = None, order: int | None = None,
-                     lambda_max: float | None = None) -> torch.Tensor:
+                     lambda_max: float | None = None, algorithm: str | None = None) -> torch.Tensor:
     """Filter x along its node dimension by a polynomial of the graph Laplacian, without eigenvectors.
 
         y = Σ_{m=0..K} c_m T_m(L̃) x,    L̃ = 2L/λ_max − I,    T_0 = 1, T_1 = t, T_{m+1} = 2t T_m − T_{m−1}
@@ -420,11 +543,17 @@ def chebyshev_filter(x: torch.Tensor, L: GraphLaplacian, coeffs: torch.Tensor | 
         order: K ≥ 0; with ``coeffs`` optional, and then it must equal len(coeffs) − 1.
         lambda_max: the end of the interval; None: ``estimate_lambda_max(L)`` (a few Lanczos steps, cached on
             L). A value below L's spectrum raises ValueError (the polynomials blow up outside [−1, 1]).
+        algorithm: None lets the registry choose by its cost model (``spectralkern info`` lists them); one of
+            the backend's algorithms forces it — torch: "recursion" or "materialized" (block-diagonal L only),
+            triton: "block", "block-materialized" or "csr". One that cannot run raises BackendUnavailable with
+            the reason. A backward pass that needs the coefficients' gradient runs the recursion.
     Returns:
         y with x's shape and dtype (contiguous). Differentiable w.r.t. x and ``coeffs``; fp32 accumulation
         (fp64 for fp64 inputs).
     """
     check_tensor("x", x, ndim=(1, 2), dtypes=FLOAT_DTYPES)
+    if algorithm is not None and algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be None or one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
     if (coeffs is None) == (gain is None):
         raise ValueError("give exactly one of coeffs (explicit Chebyshev coefficients) and gain (a function g(λ) "
                          f"plus an order); got {'both' if gain is not None else 'neither'}")
@@ -444,10 +573,12 @@ def chebyshev_filter(x: torch.Tensor, L: GraphLaplacian, coeffs: torch.Tensor | 
         if order is not None and coeffs.numel() != order + 1:
             raise ValueError(f"coeffs must have order + 1 = {order + 1} entries, got shape {tuple(coeffs.shape)}")
         check_same_device("coeffs", coeffs, "x", x)
-    crow, col, val, block_ptr, blocks, gain_coeffs = _graph_plan(L, tuple(x.shape), x.device, x.dtype, lambda_max,
-                                                                 gain, order)
+    degree = order if gain is not None else coeffs.numel() - 1
+    crow, col, val, block_ptr, blocks, dense_blocks, dense_rows, gain_coeffs = _graph_plan(
+        L, tuple(x.shape), x.device, x.dtype, lambda_max, gain, degree, algorithm)
     vector = x.dim() == 1
     x2 = x.unsqueeze(1) if vector else x
-    y = torch.ops.spectralkern.chebyshev_filter(x2, coeffs if gain is None else gain_coeffs, crow, col, val,
-                                                block_ptr, blocks)
+    op = torch.ops.spectralkern.chebyshev_filter if torch.compiler.is_compiling() else _eager_chebyshev_filter
+    y = op(x2, coeffs if gain is None else gain_coeffs, crow, col, val, block_ptr, blocks, dense_blocks, dense_rows,
+           algorithm or "")
     return y.squeeze(1) if vector else y

@@ -2,7 +2,11 @@
 
 Providers:
     spectralkern            ``spectralkern.chebyshev_filter`` with precomputed coefficients and the cached λ_max
-                            (label: the path that ran — triton-block, triton-block-materialized, triton-csr, torch)
+                            (label: the path that ran — triton-block, triton-block-materialized, triton-csr,
+                            torch-recursion, torch-materialized)
+    torch_recursion         the same call on the torch backend with ``algorithm="recursion"`` forced: K CSR
+    torch_materialized      products over x, or P_b = p(Ã_b) per block and one product (block-diagonal cases only)
+                            — the registry's two CPU forms side by side, to check its choice
     torch_sparse_eager      the eager recursion: one ``torch.sparse.mm`` (CSR) plus the recurrence and the
                             accumulation as separate torch ops per step, in fp32 (bf16 inputs upcast once) —
                             what PyG's ChebConv and PyGSP do, on the device
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..._backend import forced
 from ...basis import SpectralBasis
 from ...filters import chebyshev_coefficients, heat
 from ...graph import GraphLaplacian, ParameterGraph
@@ -37,7 +42,8 @@ from ..inputs import ragged_block_ptr, uniform_block_ptr
 
 OP = "chebyshev_filter"
 #: every provider name a case of this op can time or skip (``--providers`` is checked against it up front)
-PROVIDERS = ("spectralkern", "torch_sparse_eager", "spectral_filter+eigh", "spectral_filter(cached)")
+PROVIDERS = ("spectralkern", "torch_recursion", "torch_materialized", "torch_sparse_eager", "spectral_filter+eigh",
+             "spectral_filter(cached)")
 
 # ‖out − ref‖ / ‖ref‖ against the float64 recursion on the same rounded inputs. The eigh route adds the fp32
 # eigensolver's error (~1e-6 relative on these blocks); bf16 rounds the output.
@@ -125,6 +131,14 @@ def _eigh_route(x: torch.Tensor, L: GraphLaplacian, k: int, coeffs: torch.Tensor
     return spectral_filter(x, basis, _polynomial_gains(basis.eigenvalues, coeffs, lambda_max))
 
 
+def _forced_torch(x: torch.Tensor, L: GraphLaplacian, coeffs: torch.Tensor, lambda_max: float, algorithm: str):
+    """``chebyshev_filter`` on the torch backend with ``algorithm`` forced (the registry's forced() and algorithm=)."""
+    def run() -> torch.Tensor:
+        with forced("torch"):
+            return chebyshev_filter(x, L, coeffs, lambda_max=lambda_max, algorithm=algorithm)
+    return run
+
+
 def _prepare(cfg: _Config, dtype: torch.dtype, device: torch.device) -> Prepared:
     L = _graph(cfg, device)
     lam = estimate_lambda_max(L)  # once per graph, as in training; cached on L
@@ -140,6 +154,13 @@ def _prepare(cfg: _Config, dtype: torch.dtype, device: torch.device) -> Prepared
         skipped["spectralkern"] = interpreter_skip(path, dtype)
     else:
         providers.append(Provider("spectralkern", path, lambda: chebyshev_filter(x, L, coeffs, lambda_max=lam)))
+
+    for algorithm in ("recursion", "materialized"):
+        name = f"torch_{algorithm}"
+        if algorithm == "materialized" and L.has_cross_block_edges:
+            skipped[name] = "needs a block-diagonal Laplacian (this graph has cross-block edges)"
+        else:
+            providers.append(Provider(name, f"torch-{algorithm}", _forced_torch(x, L, coeffs, lam, algorithm)))
 
     matrix = L.matrix
     crow, col = matrix.crow_indices(), matrix.col_indices()
