@@ -45,6 +45,7 @@ class SpectralBasis:
         self.info = info
         self._device_ptr: dict[torch.device, torch.Tensor] = {}
         self._device_held: dict[torch.device, torch.Tensor] = {}
+        self._every_column_held = self._columns_held()  # here, not on first use: op calls may be traced
 
     @classmethod
     def from_laplacian(cls, laplacian: GraphLaplacian, k: int) -> SpectralBasis:
@@ -123,6 +124,18 @@ class SpectralBasis:
         if device not in self._device_ptr:
             self._device_ptr[device] = self.block_ptr.to(device)
         return self._device_ptr[device]
+
+    @property
+    def holds_every_column(self) -> bool:
+        """Every block has at least k nodes, so all k columns of every block are frequencies (no padding to mask)."""
+        if self._every_column_held[0] != self.k:  # U was replaced by one of another width
+            if torch.compiler.is_compiling():  # a data-dependent answer cannot be traced; masking is always right
+                return False
+            self._every_column_held = self._columns_held()
+        return self._every_column_held[1]
+
+    def _columns_held(self) -> tuple[int, bool]:
+        return self.k, bool((self.block_sizes >= self.k).all())
 
     def held_on(self, device: torch.device) -> torch.Tensor:
         """(B, k) bool on ``device``: column j of block b is one of its k_b = min(k, n_b) frequencies (cached).

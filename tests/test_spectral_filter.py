@@ -325,3 +325,28 @@ def test_large_k_leaves_the_triton_backend(monkeypatch, seed):
     x = torch.randn(basis.num_nodes, 2)
     gains = torch.rand(basis.k)
     assert relative_error(sk.spectral_filter(x, basis, gains), dense_reference(x, basis, gains, 0.0)) <= 1e-5
+
+
+def test_padding_columns_are_masked_only_where_a_block_is_narrower_than_k():
+    """NaN gains in padding columns (a block with fewer than k nodes) never reach y; bases whose blocks all hold k
+    columns skip the mask (``holds_every_column``), and replacing U by a narrower one re-derives it."""
+    gen = torch.Generator().manual_seed(5)
+    narrow = sk.SpectralBasis(torch.linalg.qr(torch.randn(8, 4, generator=gen, dtype=torch.float64))[0],
+                              torch.rand(2, 4, dtype=torch.float64), torch.tensor([0, 3, 8]))
+    narrow.U[:3, 3] = 0.0  # block 0 holds 3 columns
+    assert not narrow.holds_every_column
+    gains = torch.rand(2, 4, generator=gen, dtype=torch.float64)
+    gains[0, 3] = float("nan")
+    x = torch.randn(8, 5, generator=gen, dtype=torch.float64)
+    y = sk.spectral_filter(x, narrow, gains)
+    masked = gains.clone()
+    masked[0, 3] = 0.0
+    expected = spectral_filter_ops.spectral_filter_reference(x, narrow.U, narrow.block_ptr, masked, 0.0)
+    assert torch.isfinite(y).all() and torch.allclose(y, expected, rtol=1e-12, atol=1e-12)
+    wide = sk.SpectralBasis(narrow.U, narrow.eigenvalues, torch.tensor([0, 4, 8]))
+    assert wide.holds_every_column
+    wide.U = wide.U[:, :2].contiguous()
+    wide.eigenvalues = wide.eigenvalues[:, :2].contiguous()
+    assert wide.holds_every_column and wide.k == 2
+    wide.U = torch.zeros(8, 5, dtype=torch.float64)
+    assert not wide.holds_every_column  # 5 columns, blocks of 4 nodes

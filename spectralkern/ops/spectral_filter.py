@@ -407,7 +407,8 @@ def spectral_filter(x: torch.Tensor, basis: SpectralBasis, gains: torch.Tensor,
     vector = x.dim() == 1
     x2 = x.unsqueeze(1) if vector else x
     gains2 = gains.expand(num_blocks, k) if gains.dim() == 1 else gains  # autograd sums a (k,)'s gradient back
-    gains2 = gains2.where(basis.held_on(x.device), 0)  # padding columns: no effect, even NaN (U is 0 there)
+    if not basis.holds_every_column:  # padding columns: no effect, even NaN (U is 0 there)
+        gains2 = gains2.where(basis.held_on(x.device), 0)
     block_ptr = basis.block_ptr_on(x.device)
     if plain_eager_call(x2, gains2, basis.U):  # the custom op's dispatch costs as much as a small filter
         y = _forward(x2, basis.U, block_ptr, gains2, float(passthrough))
