@@ -261,9 +261,10 @@ def _backward_torch(grad_y, x, weight, b_packed, a_packed, index, block_sizes, s
         if need_x:
             dx = g @ _effective_weight(weight, modulation, scale, include_base)
     if need_factors and whole_gram:
-        # H = s·(Gᵀx) ⊙ W on the blocks; dB̃ = H Ãᵀ, dÃ = B̃ᵀ H in original order, then back to the packed order.
+        # H = s·(Gᵀx) ⊙ W on the blocks; dB̃ = H Ãᵀ (as (Ã Hᵀ)ᵀ: 2× faster than H @ Ãᵀ on the CPU), dÃ = B̃ᵀ H in
+        # original order, then back to the packed order.
         h = torch.mul(gx, weight.to(acc)).mul_(mask)
-        db = (h @ at.T).index_select(0, parts.row_perm).mul_(scale)
+        db = torch.mm(at, h.T).T.index_select(0, parts.row_perm).mul_(scale)
         da = (bt.T @ h).index_select(1, parts.col_perm).mul_(scale)
     elif need_factors:
         db, da = _factor_grads_by_block(g, x.to(acc), weight, b_packed.to(acc), a_packed.to(acc), parts,
