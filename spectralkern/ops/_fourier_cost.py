@@ -61,7 +61,8 @@ def _log2(size: float) -> float:
 def form_seconds(form: str, facts: Mapping[str, object]) -> float:
     """Predicted seconds of ``form`` for one call described by ``facts``: tokens, in_features, out_features, n,
     slots (experts when gated, else 1), gated, backward (False: the forward), need_x, need_params, device_type,
-    acc (the accumulation dtype), and optionally dense_cached (the dense ΔW of these coefficients exists)."""
+    acc (the accumulation dtype), and optionally dense_cached (the dense ΔW of these coefficients exists) and
+    spectrum_kept (the FFT form's forward kept x's gathered spectrum for this backward)."""
     t, i, o, n = (float(facts[k]) for k in ("tokens", "in_features", "out_features", "n"))
     slots = float(facts["slots"])
     backward, gated = bool(facts["backward"]), bool(facts["gated"])
@@ -75,7 +76,9 @@ def form_seconds(form: str, facts: Mapping[str, object]) -> float:
         else:
             work = t * fft_out + c.elementwise * t * 2 * n
             work += need_x * (t * fft_in + c.elementwise * t * (4 * n + i / 2))
-            work += need_params * (t * fft_in + c.elementwise * t * 4 * n)
+            # x's transform and gather: skipped when the forward kept them (``spectrum_kept``)
+            work += need_params * ((0.0 if facts.get("spectrum_kept") else t * fft_in + c.elementwise * t * 2 * n)
+                                   + c.elementwise * t * 2 * n)
     elif form == "dense":
         product = c.gemm_flop * 2 * t * o * i * slots
         transform = c.fft2_point * slots * o * i * _log2(o * i)
