@@ -585,8 +585,8 @@ class _EagerFourierAdapter(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        spectrum, ctx.x_spectrum = ctx.x_spectrum, None
-        return _backward(ctx, grad_y, run_backward=functools.partial(_backward_outputs, x_spectrum=spectrum))
+        # kept on ctx (freed with the graph): a second backward (retain_graph) must decide and compute as the first
+        return _backward(ctx, grad_y, run_backward=functools.partial(_backward_outputs, x_spectrum=ctx.x_spectrum))
 
 
 _eager_fourier_adapter = _EagerFourierAdapter.apply
