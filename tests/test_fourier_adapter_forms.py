@@ -278,3 +278,16 @@ def test_fft_folds_follow_frequencies_changed_in_place(seed):
     got = fourier_adapter(x, rows, cols, coef_re, coef_im, 12, algorithm="fft")
     expected = fourier_adapter(x, rows, cols, coef_re, coef_im, 12, algorithm="per_frequency")
     assert relative_error(got, expected) <= 1e-12
+
+
+def test_inference_runs_the_forward_directly(seed, monkeypatch):
+    """Without gradients to record, the eager entry calls the forward itself: no autograd.Function, and so no
+    spectrum kept for a backward that never comes."""
+    gen = torch.Generator().manual_seed(seed)
+    x, rows, cols, coef_re, coef_im, expert_ptr, gates, base = problem(9, 8, 11, 3, 5, True, torch.float32, gen)
+    args = (rows.int(), cols.int(), coef_re.requires_grad_(), coef_im.requires_grad_(), expert_ptr.int(), gates,
+            base, 9, "fft")
+    expected = op_module.fourier_adapter_unchecked(x, *args).detach()
+    monkeypatch.setattr(op_module, "_eager_fourier_adapter", lambda *a: pytest.fail("Function under no_grad"))
+    with torch.no_grad():
+        assert torch.equal(op_module.fourier_adapter_unchecked(x, *args), expected)

@@ -43,6 +43,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from .._backend import Choice, backend_of, triton_interpreter_on
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ._accumulation import accumulation_dtype as _acc_dtype
+from ._eager import plain_eager_call
 # The forms the registry chooses among (``_backend.OPS["fourier_adapter"]``; the Triton backend has per_frequency).
 ALGORITHMS = ("fft", "dense", "per_frequency")
 # Upper bound for the per-chunk workspace (the T × n complex spectrum, or the FFT buffers of the torch path).
@@ -599,8 +600,13 @@ def fourier_adapter_unchecked(x: torch.Tensor, rows: torch.Tensor, cols: torch.T
     """The op on inputs already in its canonical form (x (T, in); rows, cols int32 (n,); expert_ptr int32 (E+1,);
     gates (T, E) or None; base (T, out) in x's dtype or None), without :func:`fourier_adapter`'s checks: for
     modules that validated their frequencies once. The custom op under torch.compile, the same functions through
-    an autograd.Function in eager mode."""
-    op = torch.ops.spectralkern.fourier_adapter if torch.compiler.is_compiling() else _eager_fourier_adapter
+    an autograd.Function in eager mode (called directly when nothing needs a gradient)."""
+    if torch.compiler.is_compiling():
+        op = torch.ops.spectralkern.fourier_adapter
+    elif plain_eager_call(*(t for t in (x, coef_re, coef_im, gates, base) if t is not None)):
+        op = _forward  # nothing for autograd to record (inference): no Function, no kept spectrum
+    else:
+        op = _eager_fourier_adapter
     return op(x, rows, cols, coef_re, coef_im, expert_ptr, gates, base, out_features, algorithm)
 
 
