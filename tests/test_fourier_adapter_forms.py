@@ -105,11 +105,12 @@ def test_hypothesis_shapes_every_form_agrees(out_features, in_features, n, exper
         assert relative_error(y, expected) <= 1e-12, form
 
 
-def test_opcheck_with_a_forced_algorithm(seed):
+@pytest.mark.parametrize("form", ["dense", "fft"])
+def test_opcheck_with_a_forced_algorithm(form, seed):
     gen = torch.Generator().manual_seed(seed)
     x, rows, cols, coef_re, coef_im, expert_ptr, gates, base = problem(6, 8, 5, 2, 4, True, torch.float32, gen)
     args = (x.requires_grad_(), rows.int(), cols.int(), coef_re.requires_grad_(), coef_im.requires_grad_(),
-            expert_ptr.int(), gates.requires_grad_(), base, 6, "dense")
+            expert_ptr.int(), gates.requires_grad_(), base, 6, form)
     torch.library.opcheck(torch.ops.spectralkern.fourier_adapter.default, args)
 
 
