@@ -105,11 +105,12 @@ def test_hypothesis_shapes_every_form_agrees(out_features, in_features, n, exper
         assert relative_error(y, expected) <= 1e-12, form
 
 
-def test_opcheck_with_a_forced_algorithm(seed):
+@pytest.mark.parametrize("form", ["dense", "fft"])
+def test_opcheck_with_a_forced_algorithm(form, seed):
     gen = torch.Generator().manual_seed(seed)
     x, rows, cols, coef_re, coef_im, expert_ptr, gates, base = problem(6, 8, 5, 2, 4, True, torch.float32, gen)
     args = (x.requires_grad_(), rows.int(), cols.int(), coef_re.requires_grad_(), coef_im.requires_grad_(),
-            expert_ptr.int(), gates.requires_grad_(), base, 6, "dense")
+            expert_ptr.int(), gates.requires_grad_(), base, 6, form)
     torch.library.opcheck(torch.ops.spectralkern.fourier_adapter.default, args)
 
 
@@ -238,3 +239,56 @@ def test_bench_case_forced_forms_agree_with_the_float64_answer(seed):
     for provider in forms:
         assert relative_error(provider.fn(), prepared.reference_for(provider.name)) <= prepared.tolerance, \
             provider.name
+
+
+# ------------------------------------------------------------------------------------------ the FFT form's reuse
+def test_fft_eager_backward_reuses_the_forwards_spectrum_in_chunks(seed, monkeypatch):
+    """The eager entry keeps x's gathered spectrum for the coefficients' gradient: one rfft of x per step (the custom
+    op, which cannot keep it, transforms x again), the same gradients, also when the tokens run in chunks."""
+    gen = torch.Generator().manual_seed(seed)
+    x, rows, cols, coef_re, coef_im, expert_ptr, gates, base = problem(9, 8, 11, 3, 5, True, torch.float64, gen)
+    rows, cols, expert_ptr = rows.int(), cols.int(), expert_ptr.int()
+    grad_y = torch.randn(5, 9, generator=gen, dtype=torch.float64)
+    calls = []
+    real_rfft = torch.fft.rfft
+    monkeypatch.setattr(torch.fft, "rfft", lambda *a, **k: calls.append(a[0].shape[0]) or real_rfft(*a, **k))
+    results = {}
+    for name, call, workspace in (("eager", op_module.fourier_adapter_unchecked, op_module.WORKSPACE_BYTES),
+                                  ("op", torch.ops.spectralkern.fourier_adapter, op_module.WORKSPACE_BYTES),
+                                  ("eager, 1-token chunks", op_module.fourier_adapter_unchecked, 1)):
+        monkeypatch.setattr(op_module, "WORKSPACE_BYTES", workspace)
+        calls.clear()
+        leaves = [t.clone().requires_grad_() for t in (x, coef_re, coef_im, gates)]
+        y = call(leaves[0], rows, cols, leaves[1], leaves[2], expert_ptr, leaves[3], base, 9, "fft")
+        results[name] = (y, *torch.autograd.grad(y, leaves, grad_y))
+        assert sum(calls) == (2 if name.startswith("eager") else 3) * 5, name  # token rows transformed
+    for got, want in zip(results["eager"], results["op"]):
+        assert torch.equal(got, want)
+    for got, want in zip(results["eager, 1-token chunks"], results["eager"]):
+        assert relative_error(got, want) <= 1e-12
+
+
+def test_fft_folds_follow_frequencies_changed_in_place(seed):
+    """The FFT form's bins are cached per frequency tensor; writing new frequencies into it rebuilds them."""
+    gen = torch.Generator().manual_seed(seed)
+    x, rows, cols, coef_re, coef_im, expert_ptr, _, _ = problem(12, 10, 7, 1, 6, False, torch.float64, gen)
+    rows, cols = rows.int(), cols.int()
+    fourier_adapter(x, rows, cols, coef_re, coef_im, 12, algorithm="fft")
+    rows.copy_(torch.randint(0, 12, (7,), generator=gen))
+    cols.copy_(torch.randint(0, 10, (7,), generator=gen))
+    got = fourier_adapter(x, rows, cols, coef_re, coef_im, 12, algorithm="fft")
+    expected = fourier_adapter(x, rows, cols, coef_re, coef_im, 12, algorithm="per_frequency")
+    assert relative_error(got, expected) <= 1e-12
+
+
+def test_inference_runs_the_forward_directly(seed, monkeypatch):
+    """Without gradients to record, the eager entry calls the forward itself: no autograd.Function, and so no
+    spectrum kept for a backward that never comes."""
+    gen = torch.Generator().manual_seed(seed)
+    x, rows, cols, coef_re, coef_im, expert_ptr, gates, base = problem(9, 8, 11, 3, 5, True, torch.float32, gen)
+    args = (rows.int(), cols.int(), coef_re.requires_grad_(), coef_im.requires_grad_(), expert_ptr.int(), gates,
+            base, 9, "fft")
+    expected = op_module.fourier_adapter_unchecked(x, *args).detach()
+    monkeypatch.setattr(op_module, "_eager_fourier_adapter", lambda *a: pytest.fail("Function under no_grad"))
+    with torch.no_grad():
+        assert torch.equal(op_module.fourier_adapter_unchecked(x, *args), expected)

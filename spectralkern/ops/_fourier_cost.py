@@ -4,7 +4,8 @@ The registry (``_backend.OPS["fourier_adapter"]``) calls :func:`form_seconds` fo
 cheapest; this module only predicts. Terms (T tokens, layer out × in, n frequencies, S = E experts when gated, else 1):
 
     fft            1-D real FFTs of every token's row: T·(in·log₂in + out·log₂out) points·log, plus the
-                   gather / scale / scatter of T·n complex values and the zeroed T·(out/2+1) half spectrum
+                   gather / scale / scatter of T·n complex values and the zeroed T·(out/2+1) half spectrum (the
+                   backward's transform of x is skipped when the forward kept it: ``spectrum_kept``)
     dense          one batched 2-D FFT of S out × in spectra (S·out·in·log₂(out·in)) and GEMMs:
                    2·T·out·in·S FLOPs per product (forward 1; backward grad_x, the Gram, and with gates the per-expert
                    outputs again)
@@ -61,7 +62,8 @@ def _log2(size: float) -> float:
 def form_seconds(form: str, facts: Mapping[str, object]) -> float:
     """Predicted seconds of ``form`` for one call described by ``facts``: tokens, in_features, out_features, n,
     slots (experts when gated, else 1), gated, backward (False: the forward), need_x, need_params, device_type,
-    acc (the accumulation dtype), and optionally dense_cached (the dense ΔW of these coefficients exists)."""
+    acc (the accumulation dtype), and optionally dense_cached (the dense ΔW of these coefficients exists) and
+    spectrum_kept (the FFT form's forward kept x's gathered spectrum for this backward)."""
     t, i, o, n = (float(facts[k]) for k in ("tokens", "in_features", "out_features", "n"))
     slots = float(facts["slots"])
     backward, gated = bool(facts["backward"]), bool(facts["gated"])
@@ -69,13 +71,18 @@ def form_seconds(form: str, facts: Mapping[str, object]) -> float:
     c = constants_for(str(facts["device_type"]), facts["acc"])
     fft_in, fft_out = c.fft_point * i * _log2(i), c.fft_point * o * _log2(o)
     if form == "fft":
-        # gather, fold, scale and scatter: ≈ 6 passes over the T × n complex values per direction
+        # Passes over the T × n complex values (gather, sign, factor, scatter; the backward's product and sum) and
+        # over T × out / T × in (zeroed half spectra, the base add), in units of ``elementwise``: counts fitted to
+        # the form's measured fwd + bwd at 10 shapes (benchmarks/NOTES.md, session "fft2"; within ≈ 15 %) — one
+        # in-place pass costs ≈ 0.4 of the calibration's gather-and-multiply element.
         if not backward:
-            work = t * (fft_in + fft_out) + c.elementwise * t * (6 * n + o / 2)
+            work = t * (fft_in + fft_out) + c.elementwise * t * (1.5 * n + o / 2)
         else:
-            work = t * fft_out + c.elementwise * t * 2 * n
-            work += need_x * (t * fft_in + c.elementwise * t * (4 * n + i / 2))
-            work += need_params * (t * fft_in + c.elementwise * t * 4 * n)
+            work = t * fft_out + c.elementwise * t * n / 2
+            work += need_x * (t * fft_in + c.elementwise * t * (n + 0.4 * i))
+            # x's transform and gather: skipped when the forward kept them (``spectrum_kept``)
+            work += need_params * ((0.0 if facts.get("spectrum_kept") else t * fft_in + c.elementwise * t * n / 2)
+                                   + c.elementwise * t * n)
     elif form == "dense":
         product = c.gemm_flop * 2 * t * o * i * slots
         transform = c.fft2_point * slots * o * i * _log2(o * i)

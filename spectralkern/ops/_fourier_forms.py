@@ -157,7 +157,7 @@ def dense_backward(grad_y, x, in_features, rows, cols, coef_re, coef_im, expert_
 
 # ------------------------------------------------------------------------------------------ per-frequency GEMMs
 class TwiddleTransforms:
-    """``analysis`` / ``synthesis`` with the signature of ``spectral_analysis`` / ``spectral_synthesis``, as real
+    """``analysis`` / ``synthesis`` for ``spectral_forward`` / ``spectral_backward`` (their contract), as real
     GEMMs against (size × 2n) [cos | sin] twiddle matrices; each matrix is built once per op call (the instance
     lives for one call) with the phase f·q reduced exactly in integers before the trigonometry."""
 

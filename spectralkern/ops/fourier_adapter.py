@@ -33,14 +33,17 @@ fake and autograd registrations (torch.compile-clean). Public entry point: :func
 """
 from __future__ import annotations
 
+import functools
+import weakref
 from typing import Optional
 
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from .._backend import Choice, backend_of, triton_interpreter_on
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ._accumulation import accumulation_dtype as _acc_dtype
-from ._eager import eager_autograd
+from ._eager import plain_eager_call
 # The forms the registry chooses among (``_backend.OPS["fourier_adapter"]``; the Triton backend has per_frequency).
 ALGORITHMS = ("fft", "dense", "per_frequency")
 # Upper bound for the per-chunk workspace (the T × n complex spectrum, or the FFT buffers of the torch path).
@@ -60,49 +63,81 @@ def expert_of_frequency(expert_ptr: torch.Tensor, num_freqs: int) -> torch.Tenso
 
 
 # ------------------------------------------------------------------------------------------ torch backend (FFT)
-def _gather_columns(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """values[:, index] for a complex (T, F) tensor. complex64 moves as one 8-byte word through ``torch.gather``
-    (measured 2.5–3× faster than ``index_select`` on a complex tensor along dim 1, one thread)."""
+def _gather_columns(values: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """values[:, index] for a complex (T, F) tensor, into ``out`` (T, n) when given. complex64 moves as one 8-byte
+    word through ``torch.gather`` (measured 2.5–3× faster than ``index_select`` on a complex tensor along dim 1,
+    one thread)."""
     if values.dtype != torch.complex64:
-        return values.index_select(1, index)
-    words = values.view(torch.float64)
-    return torch.gather(words, 1, index.expand(values.shape[0], -1)).view(torch.complex64)
+        return torch.index_select(values, 1, index, out=out) if out is not None else values.index_select(1, index)
+    words, index = values.view(torch.float64), index.expand(values.shape[0], -1)
+    if out is None:
+        return torch.gather(words, 1, index).view(torch.complex64)
+    torch.gather(words, 1, index, out=out.view(torch.float64))
+    return out
 
 
-def spectral_analysis(signal: torch.Tensor, freqs: torch.Tensor, size: int) -> torch.Tensor:
-    """z[t, j] = Σ_q signal[t, q] e^{+2πi f_j q / size} for real ``signal`` (T, size) -> complex (T, n).
+def _conj_where(values: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """values with the entries where ``flip`` conjugated (n-sized factors). Explicit: a lazily conjugated operand of
+    ``torch.where`` loses its conjugation inside a compiled graph (measured, torch 2.13 aot_eager)."""
+    return torch.complex(values.real, torch.where(flip, -values.imag, values.imag))
 
-    One rfft per row: rfft gives X_k = Σ_q s_q e^{−2πi k q/size} for k ≤ size/2; z at f is conj(X_f) there and
-    X_{size − f} above (the spectrum of a real signal is Hermitian). Returns a fresh tensor (callers may scale it
-    in place).
+
+class _Folds:
+    """The FFT form's bins and per-frequency factors for n frequencies on an (out × in) layer.
+
+    rfft of x read at the column bins c_j (v_j, or in − v_j above in/2) gives X_j with z_j = conj^{¬cu_j}(X_j),
+    cu_j = v_j > in/2; grad_y's at the row bins r_j gives Y_j with y_j = conj^{¬ru_j}(Y_j). The synthesis of a value
+    s_j at frequency f is s_j times the irfft's bin weight (½ inside, 1 at bins 0 and size/2, whose imaginary part
+    irfft drops) at bin f, conjugated at size − f above size/2. With conj^a(C·conj^b(w)) = conj^a(C)·conj^{a⊕b}(w),
+    every conjugation and weight folds into signs (m = ru ⊕ cu) and one complex factor per frequency and direction:
+
+        forward   row bins ← conj^{¬m}(X) · w_r·conj^{ru}(C)
+        backward  Y' = conj^{m}(Y);  z·y = conj^{¬cu}(X · Y');  column bins ← conj(Y') · w_c·conj^{cu}(C)
+
+    (a conjugation is a sign on the imaginary parts: one real pass over T × n).
     """
-    spectrum = torch.fft.rfft(signal, dim=-1)
-    upper = freqs > size // 2
-    picked = _gather_columns(spectrum, torch.where(upper, size - freqs, freqs).long())
-    # conj at and below size/2 as a sign on the imaginary parts: one real multiply (a complex where is ~4× slower)
-    ones = torch.ones(freqs.shape, dtype=picked.real.dtype, device=freqs.device)
-    torch.view_as_real(picked).mul_(torch.stack([ones, torch.where(upper, ones, -ones)], dim=-1))
-    return picked
+
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, out_features: int, in_features: int,
+                 acc: torch.dtype) -> None:
+        rows, cols = rows.long(), cols.long()
+        self.row_upper, self.col_upper = rows > out_features // 2, cols > in_features // 2
+        self.row_bins = torch.where(self.row_upper, out_features - rows, rows)
+        self.col_bins = torch.where(self.col_upper, in_features - cols, cols)
+        self.row_weight, self.col_weight = (torch.where((bins == 0) | (2 * bins == size), 1.0, 0.5).to(acc)
+                                            for bins, size in ((self.row_bins, out_features),
+                                                               (self.col_bins, in_features)))
+        mixed = self.row_upper ^ self.col_upper
+        ones = torch.ones(rows.shape, dtype=acc, device=rows.device)
+        self.conj_unmixed = torch.stack([ones, torch.where(mixed, ones, -ones)], dim=-1)  # (n, 2) signs
+        self.conj_mixed = torch.stack([ones, torch.where(mixed, -ones, ones)], dim=-1)
+        self.conj_all = torch.tensor([1.0, -1.0], dtype=acc, device=rows.device)
+
+    def forward_factor(self, coef: torch.Tensor) -> torch.Tensor:
+        return _conj_where(coef, self.row_upper) * self.row_weight
+
+    def backward_factor(self, coef: torch.Tensor) -> torch.Tensor:
+        return _conj_where(coef, self.col_upper) * self.col_weight
 
 
-def spectral_synthesis(coeffs: torch.Tensor, freqs: torch.Tensor, size: int) -> torch.Tensor:
-    """y[t, p] = Re Σ_j coeffs[t, j] e^{+2πi f_j p / size} -> real (T, size), through one irfft per row.
+# Folds, kept while the row-frequency tensor lives (a layer's buffer; building them is ≈ 0.4 ms of small ops, as much
+# as a pass over the T × n spectrum): validated on every use by the identity and version of both frequency tensors.
+_FOLDS = WeakTensorKeyDictionary()
 
-    Each term is folded into the half spectrum irfft reads: a frequency above size/2 becomes the conjugate at
-    size − f; irfft doubles the interior bins, so those get half the coefficient (the 0 and size/2 bins, read once
-    and with their imaginary part dropped, get all of it — Re(a·(±1)) = ±Re a is exactly their term).
-    ``coeffs`` (T, n) is the workspace: it is overwritten (no T × n allocation; every caller passes a temporary).
-    """
-    upper = freqs > size // 2
-    folded = torch.where(upper, size - freqs, freqs)
-    edge = (folded == 0) | (2 * folded == size)
-    weight = torch.where(edge, 1.0, 0.5).to(coeffs.real.dtype)
-    # (real, imaginary) factors per frequency: the bin weight, and the conjugation as a sign (one real multiply)
-    factors = torch.stack([weight, torch.where(upper, -weight, weight)], dim=-1)
-    values = coeffs.resolve_conj()
-    torch.view_as_real(values).mul_(factors)
-    half = torch.zeros(coeffs.shape[0], size // 2 + 1, dtype=coeffs.dtype, device=coeffs.device)
-    half.index_add_(1, folded, values)
+
+def _folds(rows: torch.Tensor, cols: torch.Tensor, out_features: int, in_features: int, acc: torch.dtype) -> _Folds:
+    key = (out_features, in_features, acc, rows._version, cols._version)
+    entry = _FOLDS.get(rows)
+    if entry is not None and entry[0] == key and entry[1]() is cols:
+        return entry[2]
+    folds = _Folds(rows, cols, out_features, in_features, acc)
+    _FOLDS[rows] = (key, weakref.ref(cols), folds)
+    return folds
+
+
+def _synthesis(values: torch.Tensor, bins: torch.Tensor, size: int) -> torch.Tensor:
+    """irfft (norm "forward", length ``size``) of the half spectrum holding the folded ``values`` (T, n) at ``bins``."""
+    half = torch.zeros(values.shape[0], size // 2 + 1, dtype=values.dtype, device=values.device)
+    half.index_add_(1, bins, values)
     return torch.fft.irfft(half, n=size, dim=-1, norm="forward")
 
 
@@ -112,18 +147,99 @@ def _token_gates(gates: torch.Tensor | None, expert_of: torch.Tensor, acc: torch
 
 def fourier_adapter_reference(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, coef_re: torch.Tensor,
                               coef_im: torch.Tensor, expert_ptr: torch.Tensor, out_features: int,
-                              gates: torch.Tensor | None = None, base: torch.Tensor | None = None) -> torch.Tensor:
+                              gates: torch.Tensor | None = None, base: torch.Tensor | None = None, *,
+                              x_spectrum: torch.Tensor | None = None) -> torch.Tensor:
     """Plain-torch forward through torch.fft (the torch backend's "fft" form). x (T, in) -> y (T, out) in x's dtype.
 
-    Computes in fp32 (fp64 for fp64 inputs), chunked over tokens; see the module docstring for the formula.
+    Computes in fp32 (fp64 for fp64 inputs), chunked over tokens; see the module docstring for the formula and
+    ``_Folds`` for the bins. ``x_spectrum``: an empty (T, n) complex tensor (complex64, complex128 for fp64 x) to
+    receive x's gathered spectrum, which :func:`fourier_adapter_backward_reference` then reuses instead of
+    transforming x again.
     """
-    return spectral_forward(spectral_analysis, spectral_synthesis, x, rows, cols, coef_re, coef_im, expert_ptr,
-                            out_features, gates, base)
+    acc, num_tokens, in_features = _acc_dtype(x.dtype), x.shape[0], x.shape[1]
+    folds = _folds(rows, cols, out_features, in_features, acc)
+    factor = folds.forward_factor(torch.complex(coef_re.to(acc), coef_im.to(acc)))
+    token_gates = _token_gates(gates, expert_of_frequency(expert_ptr, rows.numel()), acc)
+    per_token = 8 * (in_features + out_features + 4 * rows.numel()) * (2 if acc == torch.float64 else 1)
+    chunks = _chunks(num_tokens, per_token, 1)
+    y = None if len(chunks) == 1 else torch.empty(num_tokens, out_features, dtype=x.dtype, device=x.device)
+    for a, b in chunks:
+        picked = _gather_columns(torch.fft.rfft(x[a:b].to(acc), dim=-1), folds.col_bins,
+                                 None if x_spectrum is None else x_spectrum[a:b])
+        # the signs into a fresh tensor (``picked`` may be kept), then every scaling in place
+        values = torch.view_as_complex(torch.view_as_real(picked) * folds.conj_unmixed).mul_(factor)
+        if token_gates is not None:
+            values.mul_(token_gates[a:b])
+        out = _synthesis(values, folds.row_bins, out_features)
+        if base is not None:  # the sum in acc, rounded once; in place on the fresh irfft output (an add into a
+            out.add_(base[a:b].to(acc))  # fresh y measured 2-5x slower than in place, one thread)
+        if y is None:
+            return out.to(x.dtype)
+        y[a:b] = out
+    return y
 
 
+def fourier_adapter_backward_reference(grad_y: torch.Tensor, x: torch.Tensor | None, in_features: int,
+                                       rows: torch.Tensor, cols: torch.Tensor, coef_re: torch.Tensor,
+                                       coef_im: torch.Tensor, expert_ptr: torch.Tensor, gates: torch.Tensor | None,
+                                       need_x: bool, need_params: bool, *,
+                                       x_spectrum: torch.Tensor | None = None) -> tuple:
+    """Plain-torch backward: (grad_x or None, grad_coef_re or None, grad_coef_im or None, grad_gates or None).
+
+    With y = the analysis of grad_y at the row frequencies and z that of x at the column frequencies:
+    grad_x = synthesis of G·C·y at the column frequencies; grad_C_re = Σ_t G Re(z y), grad_C_im = −Σ_t G Im(z y);
+    grad_G[t, e] = Σ_{j∈e} Re(C z y), zero where G is zero. ``x`` (T, in) is read only when need_params and
+    ``x_spectrum`` (the forward's, see :func:`fourier_adapter_reference`) is not given.
+    """
+    acc = _acc_dtype(grad_y.dtype)
+    num_tokens, out_features = grad_y.shape
+    n = rows.numel()
+    folds = _folds(rows, cols, out_features, in_features, acc)
+    coef = torch.complex(coef_re.to(acc), coef_im.to(acc))
+    factor = folds.backward_factor(coef) if need_x else None
+    expert_of = expert_of_frequency(expert_ptr, n)
+    token_gates = _token_gates(gates, expert_of, acc)
+    grad_x_chunks = []
+    grad_sum = torch.zeros(n, dtype=coef.dtype, device=grad_y.device) if need_params else None
+    grad_gates = (torch.zeros(num_tokens, gates.shape[1], dtype=acc, device=grad_y.device)
+                  if need_params and gates is not None else None)
+    gate_coef = _conj_where(coef, ~folds.col_upper) if grad_gates is not None else None
+    per_token = 8 * (in_features + out_features + 6 * n) * (2 if acc == torch.float64 else 1)
+    for a, b in _chunks(num_tokens, per_token, 1):
+        spec_gy = torch.view_as_real(_gather_columns(torch.fft.rfft(grad_y[a:b].to(acc), dim=-1), folds.row_bins))
+        if need_params:  # Y' = conj^m(Y): z·y = conj^{¬cu}(X·Y')
+            picked = torch.view_as_complex(spec_gy.mul_(folds.conj_mixed))
+            if x_spectrum is not None:
+                product = x_spectrum[a:b] * picked
+            else:
+                product = _gather_columns(torch.fft.rfft(x[a:b].to(acc), dim=-1), folds.col_bins).mul_(picked)
+            if grad_gates is not None:
+                grad_gates[a:b].index_add_(1, expert_of, (gate_coef * product).real)
+                product.mul_(token_gates[a:b])
+            grad_sum += product.sum(dim=0)
+        if need_x:  # conj(Y') = conj^{¬m}(Y)
+            values = torch.view_as_complex(spec_gy.mul_(folds.conj_all if need_params else folds.conj_unmixed))
+            values.mul_(factor)
+            if token_gates is not None:
+                values.mul_(token_gates[a:b])
+            grad_x_chunks.append(_synthesis(values, folds.col_bins, in_features))
+    grad_x = None
+    if need_x:  # one chunk (the usual case): no copy
+        grad_x = (grad_x_chunks[0] if len(grad_x_chunks) == 1 else torch.cat(grad_x_chunks)).to(grad_y.dtype)
+    if grad_gates is not None:
+        grad_gates = torch.where(gates != 0, grad_gates, 0.0).to(gates.dtype)
+    if grad_sum is None:
+        return grad_x, None, None, None
+    # Σ_t G z y = conj^{¬cu}(grad_sum): grad_re is its real part, grad_im minus its imaginary part
+    grad_im = torch.where(folds.col_upper, -grad_sum.imag, grad_sum.imag)
+    return grad_x, grad_sum.real.to(coef_re.dtype), grad_im.to(coef_im.dtype), grad_gates
+
+
+# ------------------------------------------------------------------------------------------ generic token loop
 def spectral_forward(analysis, synthesis, x, rows, cols, coef_re, coef_im, expert_ptr, out_features, gates, base):
-    """The forward with the given transforms ``analysis(signal, freqs, size)`` / ``synthesis(coeffs, freqs,
-    size)`` (the FFT ones above, or the twiddle GEMMs of the per-frequency form)."""
+    """The forward with the given transforms ``analysis(signal, freqs, size)`` -> z (T, n) complex, a fresh tensor,
+    and ``synthesis(coeffs, freqs, size)`` -> Re Σ_j coeffs e^{2πi f_j p / size} (T, size), which may overwrite
+    ``coeffs`` (the per-frequency form's twiddle GEMMs, ``_fourier_forms``)."""
     acc, num_tokens, in_features = _acc_dtype(x.dtype), x.shape[0], x.shape[1]
     coef = torch.complex(coef_re.to(acc), coef_im.to(acc))
     token_gates = _token_gates(gates, expert_of_frequency(expert_ptr, rows.numel()), acc)
@@ -139,20 +255,6 @@ def spectral_forward(analysis, synthesis, x, rows, cols, coef_re, coef_im, exper
         else:  # the sum in acc, rounded once into y: one pass over T × out instead of an add and a copy
             torch.add(out, base[a:b].to(acc), out=y[a:b])
     return y
-
-
-def fourier_adapter_backward_reference(grad_y: torch.Tensor, x: torch.Tensor | None, in_features: int,
-                                       rows: torch.Tensor, cols: torch.Tensor, coef_re: torch.Tensor,
-                                       coef_im: torch.Tensor, expert_ptr: torch.Tensor, gates: torch.Tensor | None,
-                                       need_x: bool, need_params: bool) -> tuple:
-    """Plain-torch backward: (grad_x or None, grad_coef_re or None, grad_coef_im or None, grad_gates or None).
-
-    With Y = analysis of grad_y at the row frequencies and Z = analysis of x at the column frequencies:
-    grad_x = synthesis of G·C·Y at the column frequencies; grad_C_re = Σ_t G Re(ZY), grad_C_im = −Σ_t G Im(ZY);
-    grad_G[t, e] = Σ_{j∈e} Re(C Z Y), zero where G is zero. ``x`` (T, in) is read only when need_params.
-    """
-    return spectral_backward(spectral_analysis, spectral_synthesis, grad_y, x, in_features, rows, cols, coef_re,
-                             coef_im, expert_ptr, gates, need_x, need_params)
 
 
 def spectral_backward(analysis, synthesis, grad_y, x, in_features, rows, cols, coef_re, coef_im, expert_ptr, gates,
@@ -321,12 +423,13 @@ def _triton_backward(grad_y, x, in_features, rows, cols, coef_re, coef_im, exper
 def fourier_adapter_backend(x: torch.Tensor, in_features: int, out_features: int, backend: str | None = None, *,
                             algorithm: str | None = None, n: int | None = None, gates: torch.Tensor | None = None,
                             backward: bool = False, need_x: bool = True, need_params: bool = False,
-                            dense_cached: bool = False) -> Choice:
+                            dense_cached: bool = False, spectrum_kept: bool = False) -> Choice:
     """The registry's choice for an input like ``x`` (tokens × in) on a layer of this shape; with ``n`` (the number
     of frequencies) also the algorithm, by the measured cost model (``_fourier_cost``) for this call: the forward,
     or the backward with its ``need_x`` / ``need_params``; ``dense_cached``: the dense form's ΔW for these
-    coefficients is already built (by the forward). ``algorithm`` forces one (BackendUnavailable with the reason
-    when it cannot run)."""
+    coefficients is already built (by the forward); ``spectrum_kept``: the FFT form's forward kept x's gathered
+    spectrum for this backward. ``algorithm`` forces one (BackendUnavailable with the reason when it cannot
+    run)."""
     facts: dict[str, object] = {"dim": max(in_features, out_features)}
     if n is not None:
         from ._fourier_cost import dense_fits
@@ -335,7 +438,7 @@ def fourier_adapter_backend(x: torch.Tensor, in_features: int, out_features: int
         slots = gates.shape[1] if gates is not None else 1
         facts.update(tokens=x.shape[0], in_features=in_features, out_features=out_features, n=n, slots=slots,
                      gated=gates is not None, backward=backward, need_x=need_x, need_params=need_params,
-                     device_type=x.device.type, acc=acc, dense_cached=dense_cached,
+                     device_type=x.device.type, acc=acc, dense_cached=dense_cached, spectrum_kept=spectrum_kept,
                      dense_fits=dense_fits(out_features, in_features, slots, acc))
     return backend_of("fourier_adapter", x, backend=backend, algorithm=algorithm, **facts)
 
@@ -359,21 +462,32 @@ def _torch_form(algorithm: str):
     return _fourier_forms.per_frequency_forward, _fourier_forms.per_frequency_backward
 
 
-def _forward(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, coef_re: torch.Tensor,
-                        coef_im: torch.Tensor, expert_ptr: torch.Tensor, gates: Optional[torch.Tensor],
-                        base: Optional[torch.Tensor], out_features: int,
-                        algorithm: Optional[str] = None) -> torch.Tensor:
+def _run_forward(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, coef_re: torch.Tensor,
+                 coef_im: torch.Tensor, expert_ptr: torch.Tensor, gates: Optional[torch.Tensor],
+                 base: Optional[torch.Tensor], out_features: int, algorithm: Optional[str] = None,
+                 keep_spectrum: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(y, x's gathered spectrum or None): the spectrum when ``keep_spectrum`` and the FFT form runs."""
     if x.shape[0] == 0 or rows.numel() == 0:
         if base is not None:
-            return base.clone(memory_format=torch.contiguous_format)
-        return x.new_zeros(x.shape[0], out_features)
+            return base.clone(memory_format=torch.contiguous_format), None
+        return x.new_zeros(x.shape[0], out_features), None
     cached = _dense_cached(x, rows, cols, coef_re, coef_im, expert_ptr, gates, out_features, x.shape[1])
     choice = fourier_adapter_backend(x, x.shape[1], out_features, algorithm=algorithm, n=rows.numel(), gates=gates,
                                      dense_cached=cached)
     if choice.backend == "triton":
-        return _triton_forward(x, rows, cols, coef_re, coef_im, expert_ptr, gates, base, out_features)
+        return _triton_forward(x, rows, cols, coef_re, coef_im, expert_ptr, gates, base, out_features), None
     forward, _ = _torch_form(choice.algorithm)
-    return forward(x, rows, cols, coef_re, coef_im, expert_ptr, out_features, gates, base)
+    if choice.algorithm == "fft" and keep_spectrum:
+        spectrum = torch.empty(x.shape[0], rows.numel(), dtype=_acc_dtype(x.dtype).to_complex(), device=x.device)
+        return forward(x, rows, cols, coef_re, coef_im, expert_ptr, out_features, gates, base,
+                       x_spectrum=spectrum), spectrum
+    return forward(x, rows, cols, coef_re, coef_im, expert_ptr, out_features, gates, base), None
+
+
+def _forward(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, coef_re: torch.Tensor,
+             coef_im: torch.Tensor, expert_ptr: torch.Tensor, gates: Optional[torch.Tensor],
+             base: Optional[torch.Tensor], out_features: int, algorithm: Optional[str] = None) -> torch.Tensor:
+    return _run_forward(x, rows, cols, coef_re, coef_im, expert_ptr, gates, base, out_features, algorithm)[0]
 
 
 _fourier_adapter_op = torch.library.custom_op("spectralkern::fourier_adapter", _forward, mutates_args=())
@@ -387,11 +501,13 @@ def _(x, rows, cols, coef_re, coef_im, expert_ptr, gates, base, out_features, al
 def _backward_outputs(grad_y: torch.Tensor, x: torch.Tensor, in_features: int, rows: torch.Tensor,
                                  cols: torch.Tensor, coef_re: torch.Tensor, coef_im: torch.Tensor,
                                  expert_ptr: torch.Tensor, gates: Optional[torch.Tensor], need_x: bool,
-                                 need_params: bool, algorithm: Optional[str] = None
+                                 need_params: bool, algorithm: Optional[str] = None,
+                                 x_spectrum: Optional[torch.Tensor] = None
                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x (T, in) or empty, grad_coef_re (n,), grad_coef_im (n,), grad_gates (T, E)); the last three are
     empty unless need_params (grad_gates also when there are no gates). ``x`` (T, in) is read only when
-    need_params; otherwise it may be an empty tensor."""
+    need_params; otherwise it may be an empty tensor. ``x_spectrum``: what the FFT form's forward kept (eager
+    entry only), used when the FFT form runs the backward."""
     num_tokens, n = grad_y.shape[0], rows.numel()
     x_in = x if need_params else None
     if num_tokens == 0 or n == 0:
@@ -401,11 +517,14 @@ def _backward_outputs(grad_y: torch.Tensor, x: torch.Tensor, in_features: int, r
                    torch.zeros_like(gates) if need_params and gates is not None else None)
     else:
         cached = _dense_cached(grad_y, rows, cols, coef_re, coef_im, expert_ptr, gates, grad_y.shape[1], in_features)
+        kept = x_spectrum is not None and need_params
         choice = fourier_adapter_backend(grad_y, in_features, grad_y.shape[1], algorithm=algorithm, n=n, gates=gates,
-                                         backward=True, need_x=need_x, need_params=need_params, dense_cached=cached)
+                                         backward=True, need_x=need_x, need_params=need_params, dense_cached=cached,
+                                         spectrum_kept=kept)
         run = _triton_backward if choice.backend == "triton" else _torch_form(choice.algorithm)[1]
+        extra = {"x_spectrum": x_spectrum} if kept and choice.backend == "torch" and choice.algorithm == "fft" else {}
         results = run(grad_y, x_in, in_features, rows, cols, coef_re, coef_im, expert_ptr, gates, need_x,
-                      need_params)
+                      need_params, **extra)
     # A fresh empty tensor per missing gradient: outputs of a custom op must not alias one another.
     return tuple(r.contiguous() if r is not None else grad_y.new_empty(0) for r in results)
 
@@ -450,10 +569,28 @@ def _backward(ctx, grad_y, run_backward=torch.ops.spectralkern.fourier_adapter_b
 _fourier_adapter_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-# the eager entry (see ``_eager.eager_autograd``); under torch.compile the custom op runs, opaque to the compiler
-_eager_fourier_adapter = eager_autograd(
-    "EagerFourierAdapter", _forward, _setup_context,
-    lambda ctx, grad_y: _backward(ctx, grad_y, run_backward=_backward_outputs))
+class _EagerFourierAdapter(torch.autograd.Function):
+    """The eager entry (old-style, as ``_eager.eager_autograd`` builds them; under torch.compile the custom op runs,
+    opaque to the compiler). One thing more than the custom op: when the coefficients or gates need gradients and
+    the FFT form runs, the forward keeps x's gathered spectrum (T × n complex, besides x) on ctx, and the backward
+    reuses it instead of a second rfft of x and its gather. The custom op, which can only keep its inputs and
+    outputs, recomputes it (same values)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        keep = any(ctx.needs_input_grad[i] for i in (3, 4, 6))
+        y, ctx.x_spectrum = _run_forward(*inputs, keep_spectrum=keep)
+        _setup_context(ctx, inputs, y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        # kept on ctx (freed with the graph): a second backward (retain_graph) must decide and compute as the first
+        return _backward(ctx, grad_y, run_backward=functools.partial(_backward_outputs, x_spectrum=ctx.x_spectrum))
+
+
+_eager_fourier_adapter = _EagerFourierAdapter.apply
 
 
 def fourier_adapter_unchecked(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, coef_re: torch.Tensor,
@@ -463,8 +600,13 @@ def fourier_adapter_unchecked(x: torch.Tensor, rows: torch.Tensor, cols: torch.T
     """The op on inputs already in its canonical form (x (T, in); rows, cols int32 (n,); expert_ptr int32 (E+1,);
     gates (T, E) or None; base (T, out) in x's dtype or None), without :func:`fourier_adapter`'s checks: for
     modules that validated their frequencies once. The custom op under torch.compile, the same functions through
-    an autograd.Function in eager mode."""
-    op = torch.ops.spectralkern.fourier_adapter if torch.compiler.is_compiling() else _eager_fourier_adapter
+    an autograd.Function in eager mode (called directly when nothing needs a gradient)."""
+    if torch.compiler.is_compiling():
+        op = torch.ops.spectralkern.fourier_adapter
+    elif plain_eager_call(*(t for t in (x, coef_re, coef_im, gates, base) if t is not None)):
+        op = _forward  # nothing for autograd to record (inference): no Function, no kept spectrum
+    else:
+        op = _eager_fourier_adapter
     return op(x, rows, cols, coef_re, coef_im, expert_ptr, gates, base, out_features, algorithm)
 
 
