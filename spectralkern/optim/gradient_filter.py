@@ -138,7 +138,9 @@ class FilterTarget:
 
     def __init__(self, owner: SpectralGradientFilter, name: str, param: nn.Parameter, shard: RowShard | None,
                  block_ptr: torch.Tensor | None):
-        self._owner = owner
+        # weak: a strong reference back would put every target in a cycle with its filter, keeping a dropped filter
+        # (its weights' copy, graphs, bases, block operators) alive until the cycle collector runs
+        self._owner_ref = weakref.ref(owner)
         self.name = name
         self.param = param
         self.shard = shard
@@ -157,6 +159,14 @@ class FilterTarget:
         # place: a gradient still equal to that (same tensor, no write since) must not be filtered again
         self._written: tuple[weakref.ref, int] | None = None
         self._stepped = False  # hook mode: step() already ran on the gradient the hook last filtered
+
+    @property
+    def _owner(self) -> SpectralGradientFilter:
+        owner = self._owner_ref()
+        if owner is None:
+            raise RuntimeError(f"the SpectralGradientFilter of target {self.name!r} no longer exists; keep the filter "
+                               "alive while its targets are used")
+        return owner
 
     @property
     def filter_method(self) -> str:
