@@ -56,6 +56,16 @@ def clean_logger():
 
 
 @pytest.fixture
+def torch_backend_one_thread(monkeypatch):
+    """The torch backend on one CPU thread for the test (CPU-path tests whose timing-sensitive choices assume it)."""
+    monkeypatch.setenv("SPECTRALKERN_BACKEND", "torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def seed(request) -> int:
     """A per-test seed derived from the run's base seed and the test's id; torch's RNG is seeded with it."""
     value = (zlib.crc32(request.node.nodeid.encode()) + _BASE_SEED) % (2**31)

@@ -14,6 +14,7 @@ from spectralkern.filters import chebyshev_coefficients
 from spectralkern.ops.chebyshev_filter import (_launch_block, _launch_csr, _prepared, block_layout_fits,
                                                chebyshev_coeffs_grad_reference, chebyshev_filter_reference,
                                                should_materialize)
+from _numerics import relative_error  # noqa: E402
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -63,10 +64,6 @@ def dense_chebyshev(x: torch.Tensor, L: sk.GraphLaplacian, coeffs: torch.Tensor,
         t_prev, t_cur = t_cur, 2.0 * scaled @ t_cur - t_prev
         y = y + coeffs[m] * t_cur
     return y
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return (actual.double() - expected.double()).norm().item() / max(expected.double().norm().item(), 1e-30)
 
 
 # ------------------------------------------------------------------------------------------- coefficients

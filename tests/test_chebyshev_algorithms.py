@@ -13,6 +13,7 @@ from spectralkern import _backend
 from spectralkern.ops import _chebyshev_cost, _chebyshev_dense
 from spectralkern.ops import chebyshev_filter as cheb_module
 from spectralkern.ops.chebyshev_filter import chebyshev_filter_choice, chebyshev_filter_reference
+from _numerics import relative_error  # noqa: E402
 
 ALGORITHMS = ("recursion", "materialized")
 RAGGED = [5, 1, 0, 23, 2, 17, 0, 1, 40]  # one-node and empty blocks, sizes padded to 8, 32, 2 and 40
@@ -36,10 +37,6 @@ def laplacian(sizes: list[int], *, cross_block: bool = False, dtype: torch.dtype
         links = sk.ParameterGraph.chain(ptr[-1], block_ptr=ptr, link_blocks=True, dtype=torch.float64)
         graph = sk.ParameterGraph.from_scipy(graph.to_scipy() + links.to_scipy(), block_ptr=ptr)
     return graph.to(dtype=dtype).laplacian(normalized=normalized)
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return (actual.double() - expected.double()).norm().item() / max(expected.double().norm().item(), 1e-30)
 
 
 class Spy:

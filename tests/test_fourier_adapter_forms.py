@@ -14,21 +14,12 @@ from spectralkern.ops import _fourier_cost, _fourier_forms
 from spectralkern.ops import fourier_adapter as op_module
 from spectralkern.ops.fourier_adapter import (ALGORITHMS, fourier_adapter, fourier_adapter_backend,
                                               fourier_adapter_backward_reference, fourier_adapter_reference)
+from _numerics import relative_error  # noqa: E402
 
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}
 
 
-@pytest.fixture(autouse=True)
-def torch_backend_one_thread(monkeypatch):
-    monkeypatch.setenv("SPECTRALKERN_BACKEND", "torch")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def relative_error(actual, expected) -> float:
-    return (actual.double() - expected.double()).norm().item() / max(expected.double().norm().item(), 1e-30)
+pytestmark = pytest.mark.usefixtures("torch_backend_one_thread")
 
 
 def problem(out_features, in_features, n, experts, tokens, gated, dtype, generator):

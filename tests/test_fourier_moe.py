@@ -22,6 +22,7 @@ from spectralkern.peft.fourier_moe import (FourierFTConfig, FourierFTLinear, Fou
                                            fourier_delta_weights, fourier_moe_aux_loss, fourier_moe_layers,
                                            from_peft_fourierft, from_peft_fourierft_model, radial_band_of,
                                            sample_frequencies)
+from _numerics import relative_error  # noqa: E402
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -47,10 +48,6 @@ def torch_backend(monkeypatch) -> None:
 def backend(request, monkeypatch) -> str:
     monkeypatch.setenv("SPECTRALKERN_BACKEND", request.param)
     return request.param
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return (actual.double() - expected.double()).norm().item() / max(expected.double().norm().item(), 1e-30)
 
 
 def dense_deltas(rows, cols, coef_re, coef_im, expert_ptr, out_features, in_features) -> torch.Tensor:

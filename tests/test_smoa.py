@@ -17,6 +17,7 @@ from spectralkern.ops.smoa_linear import (SMoALayout, _launch_modulated_gemm, sm
 from spectralkern.peft import (SMoAConfig, SMoALinear, apply_smoa, layers_of, linear_features, linear_weight,
                                parameter_count, trainable_parameters)
 from spectralkern.peft.smoa import spectral_layout, spectral_order
+from _numerics import relative_error  # noqa: E402
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -36,10 +37,6 @@ def one_thread():
 def backend(request, monkeypatch) -> str:
     monkeypatch.setenv("SPECTRALKERN_BACKEND", request.param)
     return request.param
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return (actual.double() - expected.double()).norm().item() / max(expected.double().norm().item(), 1e-30)
 
 
 def random_blocks(out: int, inn: int, sizes_out: list[int], sizes_in: list[int]):

@@ -10,19 +10,9 @@ from hypothesis import strategies as st
 
 from spectralkern.ops import smoa_linear as op_module
 from spectralkern.ops.smoa_linear import SMoALayout, smoa_linear, smoa_linear_reference
+from _numerics import relative_error  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def torch_backend_one_thread(monkeypatch):
-    monkeypatch.setenv("SPECTRALKERN_BACKEND", "torch")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def relative_error(actual, expected) -> float:
-    return (actual.double() - expected.double()).norm().item() / max(expected.double().norm().item(), 1e-30)
+pytestmark = pytest.mark.usefixtures("torch_backend_one_thread")
 
 
 def layout_of(sizes_out, sizes_in, generator) -> SMoALayout:
